@@ -1,0 +1,12 @@
+"""Which click commands make up the ``ringplan`` group (one import line per command module)."""
+
+from __future__ import annotations
+
+import click
+
+
+def all_commands() -> list[click.Command]:
+    commands: list[click.Command] = []
+    # Planner core (capacity, gpus, fit), time model (simulate, overlap) and runtime commands
+    # (profile, validate) each add their import here.
+    return commands

@@ -1,0 +1,177 @@
+"""What is being planned: the attention workload and the ring it runs on.
+
+One frozen dataclass per concept (STYLE.md). Sizes are in tokens and bytes; every
+constructor validates its inputs and raises ``ValueError`` naming the offending values,
+so the CLI can turn bad input into a one-line error with exit code 2.
+
+Shared vocabulary with ``ringplan_runtime``: tensors are laid out ``[B, S, H, D]``
+(batch, tokens, heads, head dim); ``seq_len_tokens`` is the global sequence length S;
+``ring_size`` P is the size of the context-parallel group; ``tokens_per_rank`` is S / P.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
+LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag")
+BACKENDS: tuple[str, ...] = ("auto", "cudnn", "flash", "efficient", "math", "cpu")
+
+
+def _require_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttentionShape:
+    """Tensor shape of one attention layer: batch B, heads H, KV heads H_kv, head dim D.
+
+    ``n_kv_heads`` defaults to ``n_heads`` (multi-head); fewer KV heads is GQA/MQA.
+    ``embed_dim`` is the model width E seen by the QKV/out projections; it defaults to H·D.
+    """
+
+    n_heads: int
+    head_dim: int
+    n_kv_heads: int | None = None
+    batch: int = 1
+    embed_dim: int | None = None
+    dtype: str = "bf16"
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.embed_dim is None:
+            object.__setattr__(self, "embed_dim", self.n_heads * self.head_dim)
+        _require_positive(n_heads=self.n_heads, head_dim=self.head_dim, n_kv_heads=self.n_kv_heads,
+                          batch=self.batch, embed_dim=self.embed_dim)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttentionPattern:
+    """Which (query, key) pairs interact: causal or not, and optional LongNet dilation.
+
+    Dilated attention (LongNet; microsoft/torchscale semantics): branch i splits the sequence
+    into segments of ``segment_lengths_tokens[i]`` tokens and, inside each segment, keeps every
+    ``dilation_rates[i]``-th token; head group g (of ``dilation_rates[i]`` equal groups) starts at
+    offset g. Branches are merged by their log-sum-exp. Empty tuples mean dense attention.
+    """
+
+    causal: bool = False
+    segment_lengths_tokens: tuple[int, ...] = ()
+    dilation_rates: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "segment_lengths_tokens", tuple(self.segment_lengths_tokens))
+        object.__setattr__(self, "dilation_rates", tuple(self.dilation_rates))
+        if len(self.segment_lengths_tokens) != len(self.dilation_rates):
+            raise ValueError(
+                f"segment lengths {list(self.segment_lengths_tokens)} and dilation rates "
+                f"{list(self.dilation_rates)} must have the same length")
+        for w, r in zip(self.segment_lengths_tokens, self.dilation_rates):
+            _require_positive(segment_length_tokens=w, dilation_rate=r)
+            if w % r:
+                raise ValueError(f"segment length {w} is not a multiple of its dilation rate {r}")
+
+    @property
+    def dilated(self) -> bool:
+        return bool(self.segment_lengths_tokens)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Workload:
+    """One attention layer run over ``seq_len_tokens`` tokens, forward-only or training (fwd+bwd).
+
+    ``projections`` includes the QKV and output projections of the seed's module
+    (``RingDilatedAttention``): weights E×(H+2·H_kv)·D and H·D×E, applied to local tokens only.
+    """
+
+    seq_len_tokens: int
+    shape: AttentionShape
+    pattern: AttentionPattern = field(default_factory=AttentionPattern)
+    training: bool = False
+    projections: bool = False
+
+    def __post_init__(self) -> None:
+        _require_positive(seq_len_tokens=self.seq_len_tokens)
+        for w in self.pattern.segment_lengths_tokens:
+            if self.seq_len_tokens % w:
+                raise ValueError(
+                    f"sequence of {self.seq_len_tokens} tokens is not a multiple of segment length {w}; "
+                    f"nearest valid lengths: {_nearest_multiples(self.seq_len_tokens, max(self.pattern.segment_lengths_tokens))}")
+
+    def with_seq_len(self, seq_len_tokens: int) -> "Workload":
+        return Workload(seq_len_tokens=seq_len_tokens, shape=self.shape, pattern=self.pattern,
+                        training=self.training, projections=self.projections)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RingLayout:
+    """How the sequence is spread over the context-parallel group of ``ring_size`` ranks.
+
+    ``contiguous``: rank p holds tokens [p·S/P, (p+1)·S/P). ``zigzag``: the sequence is cut into
+    2P chunks and rank p holds chunks p and 2P-1-p (balances causal work). ``backend`` is the
+    local block kernel (``auto`` lets the runtime choose the fastest one that returns the LSE).
+    """
+
+    ring_size: int
+    layout: str = "contiguous"
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require_positive(ring_size=self.ring_size)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout {self.layout!r} is not one of {list(LAYOUTS)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} is not one of {list(BACKENDS)}")
+
+    @property
+    def chunks_per_rank(self) -> int:
+        return 2 if self.layout == "zigzag" else 1
+
+
+def _nearest_multiples(value: int, step: int) -> str:
+    below = (value // step) * step
+    above = below + step
+    return f"{below:,} or {above:,}" if below > 0 else f"{above:,}"
+
+
+def tokens_per_rank(workload: Workload, layout: RingLayout) -> int:
+    """Tokens each rank holds: S / P. Raises when S does not split as the layout requires."""
+    check_layout_fits(workload, layout)
+    return workload.seq_len_tokens // layout.ring_size
+
+
+def check_layout_fits(workload: Workload, layout: RingLayout) -> None:
+    """Raise ``ValueError`` (with lengths that would work) unless S splits over the ring.
+
+    Contiguous needs S divisible by P; zigzag by 2P. Dilated patterns also need each segment
+    either to fit whole ranks (S/P a multiple of the segment) or to span whole ranks (the
+    segment a multiple of S/P), and S/P a multiple of every dilation rate.
+    """
+    s, p = workload.seq_len_tokens, layout.ring_size
+    step = p * layout.chunks_per_rank
+    if s % step:
+        raise ValueError(
+            f"sequence of {s:,} tokens does not split over {p} ranks with the {layout.layout} layout "
+            f"(needs a multiple of {step}); nearest valid lengths: {_nearest_multiples(s, step)}")
+    if not workload.pattern.dilated:
+        return
+    if layout.layout != "contiguous" and p > 1:
+        raise ValueError("dilated attention supports the contiguous layout only")
+    local = s // p
+    for w, r in zip(workload.pattern.segment_lengths_tokens, workload.pattern.dilation_rates):
+        if local % w and w % local:
+            raise ValueError(
+                f"segment length {w} and {local} tokens per rank do not nest (one must divide the other)")
+        if local % r:
+            raise ValueError(f"{local} tokens per rank is not a multiple of dilation rate {r}")
