@@ -22,7 +22,7 @@ from ringplan.comm_model import AffineFit, TimeCurve, fit_time_curve
 from ringplan.timing_profiles import KernelRow
 
 BACKWARD_FLOPS_PER_FORWARD = 2.5  # FlashAttention-2 paper (Dao 2023), section 4 / benchmark script
-H100_BF16_PEAK_FLOPS_PER_S = 989.4e12  # NVIDIA H100 SXM5 datasheet, bf16 dense (no sparsity)
+H100_BF16_PEAK_FLOPS_PER_S = 989.5e12  # NVIDIA H100 SXM5 datasheet: 1,979 TFLOP/s bf16 with sparsity / 2
 PASSES = ("forward", "backward")
 _REFERENCE_GPU = "h100"
 
@@ -89,6 +89,16 @@ def merge_bytes(*, batch: int, n_heads: int, head_dim: int, q_tokens: int, dtype
     """
     rows = batch * n_heads * q_tokens
     return float(rows * head_dim * (8 + dtype_bytes) + rows * 12)
+
+
+def gradient_accumulate_bytes(*, batch: int, n_heads: int, n_kv_heads: int, head_dim: int, q_tokens: int,
+                              kv_tokens: int, dtype_bytes: int) -> float:
+    """HBM bytes of adding one block's dQ, dK, dV into fp32 accumulators (backward ring step).
+
+    B·D·(n_q·H + 2·n_k·H_kv)·(4 + 4 + e): read and write the fp32 accumulator, read the block
+    gradient. Ignores the dO·O row sums the backward kernel computes itself.
+    """
+    return float(batch * head_dim * (q_tokens * n_heads + 2 * kv_tokens * n_kv_heads) * (8 + dtype_bytes))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

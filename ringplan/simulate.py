@@ -37,8 +37,9 @@ import numpy as np
 
 from ringplan.comm_model import previous_ranks
 
-SKIP, FULL, DIAGONAL, HALF = 0, 1, 2, 3
-BLOCK_KIND_NAMES = {SKIP: "skip", FULL: "full", DIAGONAL: "diagonal", HALF: "half"}
+SKIP, FULL, DIAGONAL, HALF_KEYS, HALF_QUERIES = 0, 1, 2, 3, 4
+BLOCK_KIND_NAMES = {SKIP: "skip", FULL: "full", DIAGONAL: "diagonal", HALF_KEYS: "half (n x n/2)",
+                    HALF_QUERIES: "half (n/2 x n)"}
 
 
 def block_kinds(ring_size: int, group_size: int, *, causal: bool, layout: str) -> np.ndarray:
@@ -46,8 +47,9 @@ def block_kinds(ring_size: int, group_size: int, *, causal: bool, layout: str) -
 
     Rank r sits at index i = r mod k of its group; at step s it holds the K/V of group index
     j = (i − s) mod k. Non-causal: FULL. Causal contiguous: DIAGONAL at s = 0, FULL when j < i,
-    SKIP when j > i. Causal zigzag: DIAGONAL at s = 0 (causal over its two chunks), HALF after
-    (n×n/2 when j < i: all queries, first K/V chunk; n/2×n when j > i: second query chunk, all K/V).
+    SKIP when j > i. Causal zigzag: DIAGONAL at s = 0 (causal over its two chunks), then
+    HALF_KEYS when j < i (all n queries × the first K/V chunk of n/2) and HALF_QUERIES when j > i
+    (the second query chunk of n/2 × all n K/V): every step after the first is half a block.
     """
     if layout not in ("contiguous", "zigzag"):
         raise ValueError(f"layout {layout!r} is not contiguous or zigzag")
@@ -58,7 +60,7 @@ def block_kinds(ring_size: int, group_size: int, *, causal: bool, layout: str) -
     if not causal:
         return np.full((ring_size, group_size), FULL, dtype=np.int8)
     if layout == "zigzag":
-        kinds = np.where(step == 0, DIAGONAL, HALF)
+        kinds = np.where(step == 0, DIAGONAL, np.where(source < index, HALF_KEYS, HALF_QUERIES))
     else:
         kinds = np.where(step == 0, DIAGONAL, np.where(source < index, FULL, SKIP))
     return np.broadcast_to(kinds, (ring_size, group_size)).astype(np.int8)

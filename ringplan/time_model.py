@@ -1,0 +1,427 @@
+"""Step time of one attention layer on a ring: the one-call API (``step_time_prediction``).
+
+It builds the passes the runtime runs — QKV projections (optional), one ring pass per attention
+branch (dense: one; dilated: one per (segment, dilation) pair, ringing only inside the segment's
+group of ranks, or local when the segment fits a rank's chunk), the backward passes in training,
+and the output projection — costs every (rank, step) with the compute model and every hop with
+the link models, and plays them in ``simulate.simulate_step``.
+
+Where the numbers come from, best first: a measured profile of this GPU type
+(``profiles/measured``: ``ringplan.p2p/1`` and ``ringplan.kernels/1``), a profile of another
+GPU scaled by the peak-FLOP/s ratio, ANCHORS.md measurements (H100), the catalog. The
+prediction's ``provenance`` names the weakest source used; ``provenance_details`` lists each.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ringplan import comm_model as cm
+from ringplan import compute_model as cp
+from ringplan.simulate import DIAGONAL, FULL, HALF_KEYS, HALF_QUERIES, RingPass, SimulationResult, block_kinds, simulate_step
+from ringplan.timing_profiles import KernelProfile, P2pProfile, timing_profiles_in
+from ringplan.workload import RingLayout, Workload, tokens_per_rank
+
+# Per-exchange floor of batch_isend_irecv through torch.distributed on 2xH100 NVLink (ANCHORS.md):
+# software, not the wire. Used as the latency of catalog links, whose latency_s is the hardware's.
+TORCH_P2P_FLOOR_S = 0.14e-3
+ANCHOR_GPU_DRIVER_NAME = "nvidia h100 80gb hbm3"
+# ASSUMED (no measurement in this repo): large bf16 GEMMs reach ~70% of the catalog peak.
+GEMM_EFFICIENCY = 0.7
+GRAD_BYTES_PER_ELEMENT = 4  # dK/dV travel as fp32 accumulators (ring-flash-attention's backward)
+_RANK = {"measured": 0, "extrapolated": 1, "transferred": 2, "default": 3}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimingData:
+    """Fitted timing data of ``profiles/measured``: link models and kernel fits per GPU driver name."""
+
+    links: dict[tuple[str, str], tuple[cm.LinkModel, cm.AffineFit]] = field(default_factory=dict)
+    kernels: dict[str, cp.MeasuredKernels] = field(default_factory=dict)
+
+
+def _latest(profiles: Sequence[P2pProfile | KernelProfile], key) -> dict:
+    chosen: dict = {}
+    for profile in sorted(profiles, key=lambda p: str(p.provenance.get("date", ""))):
+        chosen[key(profile)] = profile  # later dates win
+    return chosen
+
+
+@functools.lru_cache(maxsize=8)
+def load_timing_data(directory: str | None = None) -> TimingData:
+    """Read and fit every timing profile under ``directory`` (default profiles/measured), cached.
+
+    One profile per (GPU, link scope) and per GPU for kernels: the most recent by provenance date.
+    Peak FLOP/s of a kernel profile's GPU comes from the catalog (by driver name); unknown GPUs are
+    kept with their own data only.
+    """
+    p2p, kernels = timing_profiles_in(directory)
+    links = {}
+    for (name, scope), prof in _latest(p2p, lambda p: (p.gpu_driver_name.lower(), p.scope)).items():
+        fit = cm.fit_time_curve([r.message_bytes for r in prof.rows], [r.seconds for r in prof.rows])
+        link = cm.link_model_from_fit(f"{scope} measured", fit, source=prof.path)
+        links[(name, scope)] = (link, fit)
+    measured = {}
+    for name, prof in _latest(kernels, lambda p: p.gpu_driver_name.lower()).items():
+        spec = _catalog().gpu_by_driver_name(prof.gpu_driver_name)
+        peak = spec.peak_flops_per_s.get("bf16", 0.0) if spec is not None else 0.0
+        measured[name] = cp.MeasuredKernels(gpu_driver_name=prof.gpu_driver_name, peak_flops_per_s=peak or 1.0,
+                                            fits=cp.fit_kernel_curves(prof.rows), merge_fit=cp.fit_merge_curve(prof.rows))
+    return TimingData(links=links, kernels=measured)
+
+
+def _catalog():
+    from ringplan.hardware import load_catalog
+
+    return load_catalog()
+
+
+def resolve_gpu(gpu: object):
+    """A ``GpuSpec`` from a spec or a catalog name (unknown names: ValueError with close names)."""
+    return _catalog().gpu(gpu) if isinstance(gpu, str) else gpu
+
+
+def resolve_link(gpu, scope: str, override: object, timing: TimingData) -> tuple[cm.LinkModel, str]:
+    """The link model for ``scope`` (intra_node | inter_node) and its provenance label.
+
+    ``override``: a LinkModel, a LinkSpec-like object, or a catalog link name. Otherwise a measured
+    sweep of this GPU, the ANCHORS.md 2xH100 NVLink points (intra-node H100 SXM), or the catalog
+    link of the GPU with the 0.14 ms torch p2p floor as latency.
+    """
+    if isinstance(override, cm.LinkModel):
+        return override, f"override: {override.name}"
+    if override is not None and not isinstance(override, str):
+        return cm.link_model_from_spec(override), f"override: {override.name}"
+    if override is None and (gpu.driver_name.lower(), scope) in timing.links:
+        return timing.links[(gpu.driver_name.lower(), scope)][0], "measured on this GPU"
+    name = override or (gpu.intra_node_link if scope == "intra_node" else gpu.inter_node_link)
+    if override is None and scope == "intra_node" and gpu.driver_name.lower() == ANCHOR_GPU_DRIVER_NAME:
+        return cm.h100_nvlink_anchor_link(), "default: ANCHORS.md 2xH100 NVLink exchange"
+    spec = _catalog().link(name)
+    link = cm.LinkModel(name=spec.name, latency_s=max(spec.latency_s, TORCH_P2P_FLOOR_S),
+                        bandwidth_bytes_per_s=spec.bandwidth_bytes_per_s, source="catalog")
+    return link, f"default: catalog {spec.name} with the 0.14 ms torch p2p floor"
+
+
+def compute_model_for(gpu, dtype: str, timing: TimingData, step_overhead_s: float | None = None) -> cp.ComputeModel:
+    """The GPU's compute model: its own kernel fits, other GPUs' as transferable, catalog peaks."""
+    peak = gpu.peak_flops_per_s.get(dtype) or (gpu.peak_flops_per_s.get("bf16") if dtype == "fp16" else None)
+    if not peak:
+        raise ValueError(f"{gpu.name}: no peak FLOP/s for {dtype} in the catalog (has {sorted(gpu.peak_flops_per_s)})")
+    own = timing.kernels.get(gpu.driver_name.lower())
+    others = tuple(m for name, m in timing.kernels.items() if name != gpu.driver_name.lower() and m.peak_flops_per_s > 1)
+    return cp.ComputeModel(gpu_name=gpu.name, peak_flops_per_s=peak, hbm_bandwidth_bytes_per_s=gpu.hbm_bandwidth_bytes_per_s,
+                           this_gpu=own, other_gpus=others,
+                           step_overhead_s=cp.DEFAULT_STEP_OVERHEAD_S if step_overhead_s is None else step_overhead_s)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepTimePrediction:
+    """Predicted time of one layer step (forward, or forward+backward in training) on every rank.
+
+    ``compute_s`` is the busiest rank's compute, ``exposed_comm_s`` = step − compute (waiting on
+    transfers or neighbours), ``ideal_s`` the mean compute (balanced, free communication),
+    ``efficiency`` = ideal / step. ``provenance`` is the weakest source used (see module doc).
+    """
+
+    step_time_s: float
+    compute_s: float
+    exposed_comm_s: float
+    ideal_s: float
+    imbalance_s: float
+    efficiency: float
+    backend: str
+    kv_message_bytes: int
+    nodes: int
+    provenance: str
+    provenance_details: tuple[tuple[str, str], ...]
+    simulation: SimulationResult | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(slots=True, kw_only=True)
+class _Costing:
+    """What every pass needs to be costed, and the provenance notes gathered on the way."""
+
+    workload: Workload
+    ring_size: int
+    backend: str
+    compute: cp.ComputeModel
+    nodes: cm.NodeLayout
+    intra: cm.LinkModel
+    inter: cm.LinkModel | None
+    link_labels: dict[str, str]
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def note(self, component: str, label: str, outside: bool = False) -> None:
+        if outside and not label.startswith(("default", "override")):
+            label = f"extrapolated outside measured range ({label})"
+        if _rank(label) >= _rank(self.notes.get(component, "measured")):
+            self.notes[component] = label
+
+
+def _rank(label: str) -> int:
+    """0 measured/override, 1 extrapolated, 2 transferred, 3 default (higher = weaker)."""
+    if label.startswith("default"):
+        return _RANK["default"]
+    if label.startswith("extrapolated"):
+        return max(_RANK["extrapolated"], _rank(label[label.find("(") + 1:]))
+    return _RANK["transferred"] if "transferred" in label else _RANK["measured"]
+
+
+def _block_time_s(c: _Costing, pass_name: str, causal: bool, q_tokens: int, kv_tokens: int, segments: int = 1) -> float:
+    shape = c.workload.shape
+    flops = cp.attention_pass_flops(pass_name, batch=shape.batch * segments, n_heads=shape.n_heads,
+                                    head_dim=shape.head_dim, q_tokens=q_tokens, kv_tokens=kv_tokens, causal=causal)
+    model = c.compute.kernel(cp.KernelKey(backend=c.backend, head_dim=shape.head_dim, causal=causal,
+                                          pass_name=pass_name, dtype=shape.dtype))
+    c.note(f"kernel {c.backend} {pass_name} {'causal' if causal else 'non-causal'}", model.provenance,
+           model.outside_measured_range(flops))
+    return float(model.time_s(flops))
+
+
+def _step_overhead_s(c: _Costing, pass_name: str, q_tokens: int, kv_tokens: int) -> float:
+    shape = c.workload.shape
+    if pass_name == "forward":
+        moved = cp.merge_bytes(batch=shape.batch, n_heads=shape.n_heads, head_dim=shape.head_dim,
+                               q_tokens=q_tokens, dtype_bytes=shape.dtype_bytes)
+    else:
+        moved = cp.gradient_accumulate_bytes(batch=shape.batch, n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads,
+                                             head_dim=shape.head_dim, q_tokens=q_tokens, kv_tokens=kv_tokens,
+                                             dtype_bytes=shape.dtype_bytes)
+    curve, label = c.compute.merge_curve()
+    c.note("merge / accumulate", label)
+    return c.compute.step_overhead_s + float(curve.time_s(moved))
+
+
+def _hop_s(c: _Costing, message_bytes: float, group_size: int) -> np.ndarray:
+    for scope, link in (("intra_node", c.intra), ("inter_node", c.inter)):
+        if link is not None:
+            span = link.curve.measured_range
+            c.note(f"link {scope}", c.link_labels[scope], span is not None and not span[0] <= message_bytes <= span[1])
+    return cm.hop_times_s(message_bytes, c.nodes, group_size, intra=c.intra, inter=c.inter)
+
+
+def _ring_pass(c: _Costing, name: str, pass_name: str, block_tokens: int, group_size: int, layout: str) -> RingPass:
+    """One ring pass of ``group_size``-rank groups over blocks of ``block_tokens`` queries/keys."""
+    n, causal, shape = block_tokens, c.workload.pattern.causal, c.workload.shape
+    kinds = block_kinds(c.ring_size, group_size, causal=causal, layout=layout)
+    shapes = {FULL: (n, n, False), DIAGONAL: (n, n, True), HALF_KEYS: (n, n // 2, False), HALF_QUERIES: (n // 2, n, False)}
+    costs = np.zeros(5)
+    for kind in np.unique(kinds).tolist():
+        if kind in shapes:
+            q, k, kind_causal = shapes[kind]
+            costs[kind] = _block_time_s(c, pass_name, kind_causal, q, k)
+            costs[kind] += _step_overhead_s(c, pass_name, q, k) if group_size > 1 else 0.0
+    kv_bytes = 2 * shape.batch * n * shape.n_kv_heads * shape.head_dim * shape.dtype_bytes
+    if group_size == 1:
+        return RingPass(name=name, compute_s=costs[kinds], kv_hop_s=np.zeros(c.ring_size), group_size=1)
+    if pass_name == "forward":
+        return RingPass(name=name, compute_s=costs[kinds], kv_hop_s=_hop_s(c, kv_bytes, group_size), group_size=group_size)
+    # K/V and dK/dV exchanges overlap in time and share the link: each is costed at their sum.
+    grad_bytes = kv_bytes // shape.dtype_bytes * GRAD_BYTES_PER_ELEMENT
+    hop = _hop_s(c, kv_bytes + grad_bytes, group_size)
+    return RingPass(name=name, compute_s=costs[kinds], kv_hop_s=hop, grad_hop_s=hop, group_size=group_size)
+
+
+def _local_dilated_pass(c: _Costing, name: str, pass_name: str, n: int, segment: int, rate: int) -> RingPass:
+    """A branch whose segments fit a rank's chunk: one batched kernel over n/w segments of w/r tokens."""
+    causal = c.workload.pattern.causal
+    seconds = _block_time_s(c, pass_name, causal, segment // rate, segment // rate, segments=n // segment)
+    if len(c.workload.pattern.segment_lengths_tokens) > 1:
+        seconds += _step_overhead_s(c, pass_name, n, n)
+    return RingPass(name=name, compute_s=np.full((c.ring_size, 1), seconds), kv_hop_s=np.zeros(c.ring_size), group_size=1)
+
+
+def _attention_passes(c: _Costing, layout: RingLayout, pass_name: str) -> list[RingPass]:
+    n = tokens_per_rank(c.workload, layout)
+    pattern = c.workload.pattern
+    if not pattern.dilated:
+        return [_ring_pass(c, f"attention {pass_name}", pass_name, n, c.ring_size, layout.layout)]
+    passes = []
+    for w, r in zip(pattern.segment_lengths_tokens, pattern.dilation_rates):
+        name = f"branch w={w} r={r} {pass_name}"
+        if w <= n:
+            passes.append(_local_dilated_pass(c, name, pass_name, n, w, r))
+        else:
+            passes.append(_ring_pass(c, name, pass_name, n // r, w // n, "contiguous"))
+    return passes if pass_name == "forward" else passes[::-1]
+
+
+def _projection_pass(c: _Costing, name: str, n: int, factor: float) -> RingPass:
+    shape = c.workload.shape
+    flops = factor * cp.projection_forward_flops(batch=shape.batch, tokens=n, embed_dim=shape.embed_dim,
+                                                 n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads, head_dim=shape.head_dim)
+    c.note("projections", f"default: assumed GEMM efficiency {GEMM_EFFICIENCY} of catalog peak")
+    seconds = flops / (c.compute.peak_flops_per_s * GEMM_EFFICIENCY)
+    return RingPass(name=name, compute_s=np.full((c.ring_size, 1), seconds), kv_hop_s=np.zeros(c.ring_size), group_size=1)
+
+
+def _overall_provenance(notes: dict[str, str]) -> str:
+    worst = max(notes.values(), key=_rank)
+    rank = _rank(worst)
+    if rank == _RANK["default"]:
+        return "default (unmeasured): ANCHORS.md / catalog"
+    if rank == _RANK["transferred"]:
+        inner = worst[worst.find("fitted on"):].rstrip(")")
+        return inner if "fitted on" in worst else "measured on this GPU at another shape (transferred)"
+    if rank == _RANK["extrapolated"]:
+        return "extrapolated outside measured range"
+    return "measured on this GPU"
+
+
+def step_time_prediction(workload: Workload, layout: RingLayout, gpu: object, *, nodes: int | None = None,
+                         gpus_per_node: int | None = None, intra_link: object = None, inter_link: object = None,
+                         profiles_dir: str | Path | None = None, step_overhead_s: float | None = None,
+                         keep_simulation: bool = False) -> StepTimePrediction:
+    """Predict one layer step of ``workload`` on ``layout.ring_size`` GPUs of type ``gpu``.
+
+    ``gpu``: a catalog name or ``GpuSpec``. ``nodes`` / ``gpus_per_node`` place the ring on nodes
+    (default: the catalog's GPUs per node, as few nodes as fit); ``intra_link`` / ``inter_link``
+    override the links (LinkModel, LinkSpec or catalog link name); ``step_overhead_s`` the fixed
+    cost per ring step. Bad input (layout that does not split, unknown GPU/link, a ring that does
+    not fit the nodes, dtype without data) raises ValueError.
+    """
+    spec = resolve_gpu(gpu)
+    timing = load_timing_data(None if profiles_dir is None else str(profiles_dir))
+    n = tokens_per_rank(workload, layout)
+    placement = cm.node_layout(layout.ring_size, gpus_per_node or spec.gpus_per_node, nodes)
+    intra, intra_label = resolve_link(spec, "intra_node", intra_link, timing)
+    inter, inter_label = (resolve_link(spec, "inter_node", inter_link, timing) if placement.nodes > 1 else (None, ""))
+    compute = compute_model_for(spec, workload.shape.dtype, timing, step_overhead_s)
+    backend = compute.fastest_backend(workload.shape.head_dim, workload.shape.dtype) \
+        if layout.backend == "auto" else layout.backend
+    c = _Costing(workload=workload, ring_size=layout.ring_size, backend=backend, compute=compute, nodes=placement,
+                 intra=intra, inter=inter, link_labels={"intra_node": intra_label, "inter_node": inter_label})
+    passes = [_projection_pass(c, "qkv projection", n, 1.0)] if workload.projections else []
+    passes += _attention_passes(c, layout, "forward")
+    if workload.training:
+        passes += _attention_passes(c, layout, "backward")
+    if workload.projections:
+        passes.append(_projection_pass(c, "projections out + backward", n, 5.0 if workload.training else 1.0))
+    result = simulate_step(passes)
+    shape = workload.shape
+    return StepTimePrediction(
+        step_time_s=result.step_time_s, compute_s=result.compute_s, exposed_comm_s=result.exposed_comm_s,
+        ideal_s=result.ideal_s, imbalance_s=result.imbalance_s, efficiency=result.efficiency, backend=backend,
+        kv_message_bytes=2 * shape.batch * n * shape.n_kv_heads * shape.head_dim * shape.dtype_bytes,
+        nodes=placement.nodes, provenance=_overall_provenance(c.notes),
+        provenance_details=tuple(sorted(c.notes.items())), simulation=result if keep_simulation else None)
+
+
+def fit_step_overhead_s(rows: Sequence[tuple[Workload, RingLayout, float]], gpu: object,
+                        **kwargs: object) -> tuple[float, tuple[float, ...]]:
+    """Least-squares fixed per-step overhead (≥ 0) from measured step times, and the relative errors.
+
+    rows: (workload, layout, measured step seconds). The prediction is close to linear in the
+    overhead, so its slope is taken from two predictions (0 and 1 ms) per row.
+    """
+    if not rows:
+        raise ValueError("need at least one measured step time to fit the step overhead")
+    base, slope, measured = [], [], []
+    for workload, layout, seconds in rows:
+        if not seconds > 0:
+            raise ValueError(f"measured step time must be positive, got {seconds!r}")
+        t0 = step_time_prediction(workload, layout, gpu, step_overhead_s=0.0, **kwargs).step_time_s
+        t1 = step_time_prediction(workload, layout, gpu, step_overhead_s=1e-3, **kwargs).step_time_s
+        base.append(t0 / seconds)
+        slope.append((t1 - t0) / 1e-3 / seconds)
+        measured.append(seconds)
+    b, d = np.array(base), np.array(slope)
+    overhead = float(max(0.0, np.dot(d, 1.0 - b) / np.dot(d, d))) if np.dot(d, d) > 0 else 0.0
+    errors = tuple(step_time_prediction(w, l, gpu, step_overhead_s=overhead, **kwargs).step_time_s / m - 1.0
+                   for (w, l, _), m in zip(rows, measured))
+    return overhead, errors
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OverlapThreshold:
+    """Smallest tokens per rank n for which one ring step's compute hides its transfer.
+
+    ``paper_tokens`` is Ring Attention's F/B (Liu et al. 2023: bf16, MHA, full blocks, no
+    latency) for comparison; ``min_tokens_per_rank`` is this runtime's exact condition.
+    """
+
+    scope: str
+    pass_name: str
+    backend: str
+    block: str
+    effective_flops_per_s: float
+    bandwidth_bytes_per_s: float
+    latency_s: float
+    paper_tokens: float
+    min_tokens_per_rank: int
+    provenance: str
+
+
+def hiding_threshold_tokens(quadratic_s: float, linear_s: float, constant_s: float) -> float:
+    """Largest root of a·n² − b·n − d = 0: per-step compute a·n² (+ fixed) ≥ transfer b·n + α.
+
+    a = 4·B·H·D·φ/F (φ = 1 full block, ½ zigzag half block), b = 2·B·H_kv·D·e/β − merge
+    bytes-per-token/merge rate, d = α − kernel overhead − fixed step overhead. Derived from
+    T_compute(n) = t0 + o + a·n² ≥ T_transfer(n) = α + b·n. Returns 0 when every n hides.
+    """
+    if quadratic_s <= 0:
+        raise ValueError(f"compute per token² must be positive, got {quadratic_s!r}")
+    disc = linear_s**2 + 4 * quadratic_s * constant_s
+    if disc < 0:
+        return 0.0
+    return max(0.0, (linear_s + np.sqrt(disc)) / (2 * quadratic_s))
+
+
+def _first_hiding_n(gap_s, n_max: int = 2**27) -> int:
+    """Smallest even n ≥ 2 with gap(n') ≥ 0 for every grid n' ≥ n (gap = compute − transfer)."""
+    grid = np.unique(np.geomspace(2, n_max, 1024).astype(np.int64) // 2 * 2)
+    ok = np.array([gap_s(int(n)) >= 0 for n in grid])
+    if not ok[-1]:
+        raise ValueError(f"communication is not hidden even at {n_max:,} tokens per rank")
+    failing = np.nonzero(~ok)[0]
+    if not len(failing):
+        return 2
+    lo, hi = int(grid[failing[-1]]), int(grid[failing[-1] + 1])
+    while hi - lo > 2:
+        mid = (lo + hi) // 4 * 2
+        lo, hi = (mid, hi) if gap_s(mid) < 0 else (lo, mid)
+    return hi
+
+
+def overlap_threshold(shape, gpu: object, *, causal: bool = False, layout: str = "contiguous",
+                      backend: str = "auto", scope: str = "intra_node", pass_name: str = "forward",
+                      link: object = None, profiles_dir: str | Path | None = None,
+                      step_overhead_s: float | None = None) -> OverlapThreshold:
+    """Minimum tokens per rank for which ``scope``'s link hides the ring transfer of one step.
+
+    Compute side: the block the busiest rank computes every step — full n×n (non-causal, and
+    causal contiguous whose last rank computes full blocks), n×n/2 for causal zigzag — plus merge
+    and fixed step overhead. Transfer side: K/V of n tokens (+ fp32 dK/dV in the backward pass).
+    """
+    spec = resolve_gpu(gpu)
+    timing = load_timing_data(None if profiles_dir is None else str(profiles_dir))
+    link_model, link_label = resolve_link(spec, scope, link, timing)
+    compute = compute_model_for(spec, shape.dtype, timing, step_overhead_s)
+    chosen = compute.fastest_backend(shape.head_dim, shape.dtype) if backend == "auto" else backend
+    nodes = cm.node_layout(2, 2 if scope == "intra_node" else 1)
+    c = _Costing(workload=Workload(seq_len_tokens=2, shape=shape), ring_size=2, backend=chosen, compute=compute,
+                 nodes=nodes, intra=link_model, inter=link_model, link_labels={"intra_node": link_label, "inter_node": link_label})
+    half = causal and layout == "zigzag"
+    grad = GRAD_BYTES_PER_ELEMENT if pass_name == "backward" else 0
+    bytes_per_token = 2 * shape.batch * shape.n_kv_heads * shape.head_dim * (shape.dtype_bytes + grad)
+
+    def gap_s(n: int) -> float:
+        kv = n // 2 if half else n
+        compute_s = _block_time_s(c, pass_name, False, n, kv) + _step_overhead_s(c, pass_name, n, kv)
+        return compute_s - float(link_model.transfer_time_s(bytes_per_token * n))
+
+    minimum = _first_hiding_n(gap_s)
+    model = compute.kernel(cp.KernelKey(backend=chosen, head_dim=shape.head_dim, causal=False,
+                                        pass_name=pass_name, dtype=shape.dtype))
+    flops_per_s = model.effective_flops_per_s
+    c.note("link", link_label)
+    return OverlapThreshold(scope=scope, pass_name=pass_name, backend=chosen, block="n x n/2" if half else "n x n",
+                            effective_flops_per_s=flops_per_s, bandwidth_bytes_per_s=link_model.bandwidth_bytes_per_s,
+                            latency_s=link_model.latency_s, paper_tokens=flops_per_s / link_model.bandwidth_bytes_per_s,
+                            min_tokens_per_rank=minimum, provenance=_overall_provenance(c.notes))
