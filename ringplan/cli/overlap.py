@@ -1,0 +1,78 @@
+"""``ringplan overlap``: the minimum tokens per rank for which a link hides the ring's transfers.
+
+Example: ``ringplan overlap --gpu h100 --gpu a100-80gb --causal --layout zigzag --training``
+"""
+
+from __future__ import annotations
+
+import click
+
+from ringplan.cli.common import bad_input_exits_2, format_option, render_rows
+from ringplan.cli.simulate import build_shape, link_options, link_override, shape_options
+
+
+def _row(gpu_name: str, threshold) -> dict[str, str]:
+    return {
+        "gpu": gpu_name, "link": threshold.scope, "pass": threshold.pass_name, "backend": threshold.backend,
+        "block": threshold.block, "F TFLOP/s": f"{threshold.effective_flops_per_s / 1e12:,.0f}",
+        "B GB/s": f"{threshold.bandwidth_bytes_per_s / 1e9:,.1f}", "alpha us": f"{threshold.latency_s * 1e6:,.1f}",
+        "F/B tokens": f"{threshold.paper_tokens:,.0f}", "min tokens/rank": f"{threshold.min_tokens_per_rank:,}",
+        "provenance": threshold.provenance,
+    }
+
+
+@click.command("overlap")
+@click.option("--gpu", "gpus", multiple=True, help="GPU type (repeatable); default: every catalog GPU with data.")
+@shape_options
+@click.option("--training/--forward-only", default=False, show_default=True,
+              help="Also give the backward pass (K/V plus fp32 dK/dV travel).")
+@click.option("--scope", type=click.Choice(["intra", "inter", "both"]), default="both", show_default=True,
+              help="Which link: inside a node, between nodes, or both.")
+@link_options
+@format_option
+@bad_input_exits_2
+def overlap(gpus: tuple[str, ...], n_heads: int, n_kv_heads: int | None, head_dim: int, batch: int, dtype: str,
+            backend: str, causal: bool, layout: str, profiles_dir: str | None, step_overhead_us: float | None,
+            training: bool, scope: str, intra_link: str | None, intra_bandwidth: int | None,
+            intra_latency_us: float | None, inter_link: str | None, inter_bandwidth: int | None,
+            inter_latency_us: float | None, output_format: str) -> None:
+    """Minimum tokens per rank n for which one ring step's compute hides its K/V transfer.
+
+    Exact condition for this runtime: kernel(n x n, or n x n/2 for causal zigzag) + merge +
+    step overhead >= alpha + 2*B*n*H_kv*D*e / beta, with fitted or default F, alpha, beta.
+    'F/B tokens' is Ring Attention's bound (Liu et al. 2023) for comparison.
+    """
+    from ringplan.time_model import overlap_threshold, resolve_gpu
+
+    shape = build_shape(n_heads, n_kv_heads, head_dim, batch, dtype)
+    overrides = {"intra_node": link_override(intra_link, intra_bandwidth, intra_latency_us, "intra"),
+                 "inter_node": link_override(inter_link, inter_bandwidth, inter_latency_us, "inter")}
+    scopes = {"intra": ["intra_node"], "inter": ["inter_node"], "both": ["intra_node", "inter_node"]}[scope]
+    passes = ["forward", "backward"] if training else ["forward"]
+    if gpus:
+        specs = [resolve_gpu(name) for name in gpus]
+    else:
+        from ringplan.hardware import load_catalog
+
+        specs = list(load_catalog().gpus)
+    rows, skipped = [], []
+    for spec in specs:
+        for link_scope in scopes:
+            for pass_name in passes:
+                try:
+                    threshold = overlap_threshold(
+                        shape, spec, causal=causal, layout=layout, backend=backend, scope=link_scope,
+                        pass_name=pass_name, link=overrides[link_scope], profiles_dir=profiles_dir,
+                        step_overhead_s=None if step_overhead_us is None else step_overhead_us * 1e-6)
+                except ValueError as exc:
+                    if gpus:
+                        raise
+                    skipped.append(f"{spec.name}: {exc}")
+                    break
+                rows.append(_row(spec.name, threshold))
+    if not rows:
+        raise ValueError("no GPU has the data for this shape: " + "; ".join(sorted(set(skipped))[:3]))
+    click.echo(render_rows(rows, output_format))
+    if skipped and output_format == "table":
+        click.echo(f"\nskipped {len(set(s.split(':')[0] for s in skipped))} GPU(s) without data: "
+                   + ", ".join(sorted(set(s.split(":")[0] for s in skipped))), err=True)

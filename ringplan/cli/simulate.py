@@ -1,0 +1,202 @@
+"""``ringplan simulate``: play the ring step by step, print the time breakdown and a timeline.
+
+Example: ``ringplan simulate --gpu h100 --tokens 1Mi --ring-size 8 --causal --layout zigzag --training``
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ringplan.cli.common import BYTES, TOKENS, bad_input_exits_2, format_option, render_rows
+
+
+def _int_list(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def shape_options(func: Callable) -> Callable:
+    """Options that build an ``AttentionShape`` (shared with ``ringplan overlap``)."""
+    options = [
+        click.option("--heads", "n_heads", type=int, default=32, show_default=True, help="Query heads H."),
+        click.option("--kv-heads", "n_kv_heads", type=int, default=None, help="K/V heads H_kv (GQA); default H."),
+        click.option("--head-dim", type=int, default=128, show_default=True, help="Head dimension D."),
+        click.option("--batch", type=int, default=1, show_default=True, help="Batch size B."),
+        click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+                     help="Element type of Q/K/V."),
+        click.option("--backend", type=click.Choice(["auto", "cudnn", "flash", "efficient", "math", "cpu"]),
+                     default="auto", show_default=True, help="Local block kernel (auto: fastest with data)."),
+        click.option("--causal/--no-causal", default=False, show_default=True, help="Causal attention."),
+        click.option("--layout", type=click.Choice(["contiguous", "zigzag"]), default="contiguous",
+                     show_default=True, help="How tokens are spread over the ring."),
+        click.option("--profiles-dir", type=click.Path(file_okay=False), default=None,
+                     help="Directory of measured timing profiles (default profiles/measured)."),
+        click.option("--step-overhead-us", type=float, default=None,
+                     help="Fixed cost per ring step in microseconds (default: the model's)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def build_shape(n_heads: int, n_kv_heads: int | None, head_dim: int, batch: int, dtype: str,
+                embed_dim: int | None = None):
+    from ringplan.workload import AttentionShape
+
+    return AttentionShape(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, batch=batch, dtype=dtype,
+                          embed_dim=embed_dim)
+
+
+def link_override(name: str | None, bandwidth: int | None, latency_us: float | None, scope: str):
+    """A catalog link name, a user link (bandwidth + latency), or None (the model's choice)."""
+    if bandwidth is None and latency_us is None:
+        return name
+    if bandwidth is None or latency_us is None:
+        raise ValueError(f"--{scope}-bandwidth and --{scope}-latency-us go together")
+    from ringplan.comm_model import LinkModel
+
+    return LinkModel(name=f"{scope} (user)", latency_s=latency_us * 1e-6, bandwidth_bytes_per_s=float(bandwidth),
+                     source="command line")
+
+
+def link_options(func: Callable) -> Callable:
+    options = []
+    for scope in ("intra", "inter"):
+        options += [
+            click.option(f"--{scope}-link", default=None, help=f"Catalog link for {scope}-node hops (e.g. nvlink-4)."),
+            click.option(f"--{scope}-bandwidth", type=BYTES, default=None,
+                         help=f"{scope}-node one-way bandwidth in bytes/s (e.g. 300GB); needs --{scope}-latency-us."),
+            click.option(f"--{scope}-latency-us", type=float, default=None,
+                         help=f"{scope}-node per-message latency in microseconds."),
+        ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _breakdown_rows(prediction: Any, ring_size: int, seq_len: int) -> list[dict[str, str]]:
+    ms = lambda s: f"{s * 1e3:,.3f} ms"  # noqa: E731
+    return [
+        {"quantity": "step time", "value": ms(prediction.step_time_s)},
+        {"quantity": "compute (busiest rank)", "value": ms(prediction.compute_s)},
+        {"quantity": "exposed communication", "value": ms(prediction.exposed_comm_s)},
+        {"quantity": "ideal (mean compute)", "value": ms(prediction.ideal_s)},
+        {"quantity": "imbalance", "value": ms(prediction.imbalance_s)},
+        {"quantity": "efficiency vs ideal", "value": f"{prediction.efficiency * 100:.1f} %"},
+        {"quantity": "tokens per rank", "value": f"{seq_len // ring_size:,}"},
+        {"quantity": "K/V message", "value": f"{prediction.kv_message_bytes / 2**20:,.2f} MiB"},
+        {"quantity": "nodes", "value": str(prediction.nodes)},
+        {"quantity": "backend", "value": prediction.backend},
+        {"quantity": "provenance", "value": prediction.provenance},
+    ]
+
+
+def _pass_rows(prediction: Any) -> list[dict[str, str]]:
+    rows = []
+    for timeline in prediction.simulation.timelines:
+        rows.append({"pass": timeline.name, "steps": str(timeline.step_start_s.shape[1]),
+                     "first rank done": f"{timeline.finish_s.min() * 1e3:,.3f} ms",
+                     "last rank done": f"{timeline.finish_s.max() * 1e3:,.3f} ms"})
+    return rows
+
+
+def plot_timeline(result: Any, path: str, ranks: list[int]) -> None:
+    """Draw compute intervals per rank (and waiting as a light bar) to an image file."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise click.ClickException("--plot needs matplotlib: pip install 'ringplan[plot]'") from None
+    from ringplan.simulate import rank_intervals
+
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(ranks) + 1.5))
+    finish = result.timelines[-1].finish_s
+    for row, rank in enumerate(ranks):
+        ax.broken_barh([(0, finish[rank] * 1e3)], (row - 0.4, 0.8), color="#dddddd")
+        starts, ends = rank_intervals(result, rank)
+        ax.broken_barh(list(zip(starts * 1e3, (ends - starts) * 1e3)), (row - 0.4, 0.8), color="#1f77b4")
+    ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
+    ax.set_xlabel("time (ms): blue = compute, grey = waiting on transfers/neighbours")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+@click.command("simulate")
+@click.option("--gpu", required=True, help="GPU type (catalog name or alias, e.g. h100).")
+@click.option("--tokens", "seq_len", type=TOKENS, required=True, help="Global sequence length S (1M, 128Ki, ...).")
+@click.option("--ring-size", "--world-size", "ring_size", type=int, default=2, show_default=True,
+              help="Ranks in the context-parallel ring P.")
+@shape_options
+@click.option("--embed-dim", type=int, default=None, help="Model width E for the projections (default H*D).")
+@click.option("--training/--forward-only", default=False, show_default=True, help="Forward+backward or forward only.")
+@click.option("--projections/--no-projections", default=False, show_default=True,
+              help="Include the QKV and output projections.")
+@click.option("--segment-lengths", default=None, help="Dilated attention segment lengths, e.g. 2048,8192.")
+@click.option("--dilation-rates", default=None, help="Dilation rates, one per segment length, e.g. 1,2.")
+@click.option("--nodes", type=int, default=None, help="Nodes the ring spans (default: as few as fit).")
+@click.option("--gpus-per-node", type=int, default=None, help="GPUs per node (default: the catalog's).")
+@link_options
+@click.option("--timeline-width", type=int, default=72, show_default=True, help="Characters of the text timeline.")
+@click.option("--timeline-ranks", default=None, help="Ranks to draw, e.g. 0,1,7 (default: a representative few).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Also draw the timeline to this image file (needs matplotlib).")
+@format_option
+@bad_input_exits_2
+def simulate(gpu: str, seq_len: int, ring_size: int, n_heads: int, n_kv_heads: int | None, head_dim: int,
+             batch: int, dtype: str, backend: str, causal: bool, layout: str, profiles_dir: str | None,
+             step_overhead_us: float | None, embed_dim: int | None, training: bool, projections: bool,
+             segment_lengths: str | None, dilation_rates: str | None, nodes: int | None, gpus_per_node: int | None,
+             intra_link: str | None, intra_bandwidth: int | None, intra_latency_us: float | None,
+             inter_link: str | None, inter_bandwidth: int | None, inter_latency_us: float | None,
+             timeline_width: int, timeline_ranks: str | None, plot_path: str | None, output_format: str) -> None:
+    """Simulate one layer step on the ring: time breakdown, efficiency and a per-rank timeline."""
+    from ringplan.simulate import text_timeline, timeline_ranks as default_ranks
+    from ringplan.time_model import step_time_prediction
+    from ringplan.workload import AttentionPattern, RingLayout, Workload
+
+    workload = Workload(seq_len_tokens=seq_len, shape=build_shape(n_heads, n_kv_heads, head_dim, batch, dtype, embed_dim),
+                        pattern=AttentionPattern(causal=causal, segment_lengths_tokens=_int_list(segment_lengths),
+                                                 dilation_rates=_int_list(dilation_rates)),
+                        training=training, projections=projections)
+    ring = RingLayout(ring_size=ring_size, layout=layout, backend=backend)
+    prediction = step_time_prediction(
+        workload, ring, gpu, nodes=nodes, gpus_per_node=gpus_per_node, profiles_dir=profiles_dir,
+        intra_link=link_override(intra_link, intra_bandwidth, intra_latency_us, "intra"),
+        inter_link=link_override(inter_link, inter_bandwidth, inter_latency_us, "inter"),
+        step_overhead_s=None if step_overhead_us is None else step_overhead_us * 1e-6, keep_simulation=True)
+    result = prediction.simulation
+    ranks = list(_int_list(timeline_ranks)) or default_ranks(result)
+    lines = text_timeline(result, ranks, width=timeline_width)
+    if plot_path:
+        plot_timeline(result, plot_path, ranks)
+    rows = _breakdown_rows(prediction, ring_size, seq_len)
+    details = [{"component": k, "source": v} for k, v in prediction.provenance_details]
+    if output_format == "json":
+        click.echo(json.dumps({"breakdown": {r["quantity"]: r["value"] for r in rows},
+                               "step_time_s": prediction.step_time_s, "compute_s": prediction.compute_s,
+                               "exposed_comm_s": prediction.exposed_comm_s, "ideal_s": prediction.ideal_s,
+                               "efficiency": prediction.efficiency, "passes": _pass_rows(prediction),
+                               "provenance_details": details, "timeline": lines}, indent=2))
+        return
+    if output_format == "csv":
+        click.echo(render_rows(rows, "csv"))
+        return
+    click.echo(render_rows(rows, "table"))
+    click.echo("\n" + render_rows(_pass_rows(prediction), "table"))
+    click.echo("\n" + render_rows(details, "table"))
+    click.echo(f"\ntimeline (0 .. {prediction.step_time_s * 1e3:,.3f} ms; # compute, - waiting):")
+    click.echo("\n".join(lines))
+    if plot_path:
+        click.echo(f"\nplot written to {plot_path}")
