@@ -240,6 +240,7 @@ class MeasuredKernels:
 # (time_model.fit_step_overhead_s). Default merge: 3× the minimal HBM traffic (an unfused merge
 # of ~3 elementwise kernels) + 15 µs of launches, ASSUMED until op='merge' rows are measured.
 DEFAULT_STEP_OVERHEAD_S = 20e-6
+_CUDNN_DEFAULT_GPUS = ("h100", "h200", "h800", "h20", "b200", "b100", "gb200")
 DEFAULT_MERGE_TRAFFIC_FACTOR = 3.0
 DEFAULT_MERGE_LAUNCH_S = 15e-6
 
@@ -294,13 +295,14 @@ class ComputeModel:
                 "default: assumed 3x minimal traffic at catalog HBM bandwidth")
 
     def fastest_backend(self, head_dim: int, dtype: str) -> str:
-        """The backend ``auto`` is planned with: the fastest measured here at this head dim, else cudnn."""
+        """The backend ``auto`` is planned with: the fastest measured here at this head dim; unmeasured,
+        cudnn on Hopper/Blackwell (ANCHORS.md: 1.75x flash on H100; torch enables it there) and flash elsewhere."""
         if self.this_gpu is not None:
             rates = {k.backend: 1.0 / f.curve.seconds_per_unit for k, f in self.this_gpu.fits.items()
                      if k.pass_name == "forward" and not k.causal and k.head_dim == head_dim and k.dtype == dtype}
             if rates:
                 return max(rates, key=rates.get)
-        return "cudnn"
+        return "cudnn" if any(tag in self.gpu_name.lower() for tag in _CUDNN_DEFAULT_GPUS) else "flash"
 
 
 def _closest_fit(fits: dict[KernelKey, AffineFit], key: KernelKey) -> tuple[KernelKey, AffineFit] | None:
