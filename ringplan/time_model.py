@@ -7,7 +7,7 @@ and the output projection — costs every (rank, step) with the compute model an
 the link models, and plays them in ``simulate.simulate_step``.
 
 Where the numbers come from, best first: a measured profile of this GPU type
-(``profiles/measured``: ``ringplan.p2p/1`` and ``ringplan.kernels/1``), a profile of another
+(``profiles/measured/timing``: ``ringplan.p2p/1`` and ``ringplan.kernels/1``), a profile of another
 GPU scaled by the peak-FLOP/s ratio, ANCHORS.md measurements (H100), the catalog. The
 prediction's ``provenance`` names the weakest source used; ``provenance_details`` lists each.
 """
@@ -25,6 +25,7 @@ from ringplan import comm_model as cm
 from ringplan import compute_model as cp
 from ringplan.simulate import DIAGONAL, FULL, HALF_KEYS, HALF_QUERIES, RingPass, SimulationResult, block_kinds, simulate_step
 from ringplan.timing_profiles import KernelProfile, P2pProfile, timing_profiles_in
+from ringplan.timing_profiles import timing_dir as default_timing_dir
 from ringplan.workload import RingLayout, Workload, tokens_per_rank
 
 # Per-exchange floor of batch_isend_irecv through torch.distributed on 2xH100 NVLink (ANCHORS.md):
@@ -39,7 +40,7 @@ _RANK = {"measured": 0, "extrapolated": 1, "transferred": 2, "default": 3}
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TimingData:
-    """Fitted timing data of ``profiles/measured``: link models and kernel fits per GPU driver name."""
+    """Fitted timing data of ``profiles/measured/timing``: link models and kernel fits per GPU driver name."""
 
     links: dict[tuple[str, str], tuple[cm.LinkModel, cm.AffineFit]] = field(default_factory=dict)
     kernels: dict[str, cp.MeasuredKernels] = field(default_factory=dict)
@@ -52,14 +53,18 @@ def _latest(profiles: Sequence[P2pProfile | KernelProfile], key) -> dict:
     return chosen
 
 
-@functools.lru_cache(maxsize=8)
-def load_timing_data(directory: str | None = None) -> TimingData:
-    """Read and fit every timing profile under ``directory`` (default profiles/measured), cached.
+def load_timing_data(directory: str | Path | None = None) -> TimingData:
+    """Read and fit every timing profile under ``directory`` (default ``profiles/measured/timing``), cached per path.
 
     One profile per (GPU, link scope) and per GPU for kernels: the most recent by provenance date.
     Peak FLOP/s of a kernel profile's GPU comes from the catalog (by driver name); unknown GPUs are
     kept with their own data only.
     """
+    return _load_timing_data(str(Path(directory).resolve() if directory is not None else default_timing_dir()))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_timing_data(directory: str) -> TimingData:
     p2p, kernels = timing_profiles_in(directory)
     links = {}
     for (name, scope), prof in _latest(p2p, lambda p: (p.gpu_driver_name.lower(), p.scope)).items():
@@ -276,7 +281,7 @@ def _overall_provenance(notes: dict[str, str]) -> str:
 
 def step_time_prediction(workload: Workload, layout: RingLayout, gpu: object, *, nodes: int | None = None,
                          gpus_per_node: int | None = None, intra_link: object = None, inter_link: object = None,
-                         profiles_dir: str | Path | None = None, step_overhead_s: float | None = None,
+                         timing_dir: str | Path | None = None, step_overhead_s: float | None = None,
                          keep_simulation: bool = False) -> StepTimePrediction:
     """Predict one layer step of ``workload`` on ``layout.ring_size`` GPUs of type ``gpu``.
 
@@ -287,7 +292,7 @@ def step_time_prediction(workload: Workload, layout: RingLayout, gpu: object, *,
     not fit the nodes, dtype without data) raises ValueError.
     """
     spec = resolve_gpu(gpu)
-    timing = load_timing_data(None if profiles_dir is None else str(profiles_dir))
+    timing = load_timing_data(timing_dir)
     n = tokens_per_rank(workload, layout)
     placement = cm.node_layout(layout.ring_size, gpus_per_node or spec.gpus_per_node, nodes)
     intra, intra_label = resolve_link(spec, "intra_node", intra_link, timing)
@@ -391,7 +396,7 @@ def _first_hiding_n(gap_s, n_max: int = 2**27) -> int:
 
 def overlap_threshold(shape, gpu: object, *, causal: bool = False, layout: str = "contiguous",
                       backend: str = "auto", scope: str = "intra_node", pass_name: str = "forward",
-                      link: object = None, profiles_dir: str | Path | None = None,
+                      link: object = None, timing_dir: str | Path | None = None,
                       step_overhead_s: float | None = None) -> OverlapThreshold:
     """Minimum tokens per rank for which ``scope``'s link hides the ring transfer of one step.
 
@@ -400,7 +405,7 @@ def overlap_threshold(shape, gpu: object, *, causal: bool = False, layout: str =
     and fixed step overhead. Transfer side: K/V of n tokens (+ fp32 dK/dV in the backward pass).
     """
     spec = resolve_gpu(gpu)
-    timing = load_timing_data(None if profiles_dir is None else str(profiles_dir))
+    timing = load_timing_data(timing_dir)
     link_model, link_label = resolve_link(spec, scope, link, timing)
     compute = compute_model_for(spec, shape.dtype, timing, step_overhead_s)
     chosen = compute.fastest_backend(shape.head_dim, shape.dtype) if backend == "auto" else backend

@@ -5,13 +5,13 @@ Two JSON formats, written by ``benchmarks/measure_timing.py`` on the GPU machine
 ``ringplan.p2p/1`` — one ring exchange sweep (every rank sends to the next and receives from the
 previous at once, ``batch_isend_irecv``)::
 
-    {"format": "ringplan.p2p/1", "provenance": {...},
+    {"schema": "ringplan.p2p/1", "provenance": {...},
      "link": {"scope": "intra_node" | "inter_node", "world_size": 2, "gpus_per_node": 2, "nodes": 1},
      "rows": [{"message_bytes": 4096, "seconds_median": 1.4e-4, "repeats": 20}, ...]}
 
 ``ringplan.kernels/1`` — local kernel timings on one GPU::
 
-    {"format": "ringplan.kernels/1", "provenance": {...},
+    {"schema": "ringplan.kernels/1", "provenance": {...},
      "rows": [{"op": "attention", "backend": "cudnn", "pass": "forward" | "backward" | "forward_backward",
                "causal": false, "dtype": "bf16", "batch": 1, "n_heads": 32, "n_kv_heads": 32,
                "head_dim": 128, "q_tokens": 8192, "kv_tokens": 8192, "seconds_median": 0.0021,
@@ -21,9 +21,12 @@ previous at once, ``batch_isend_irecv``)::
 
 Provenance keys (both formats): gpu_driver_name, driver_version, torch_version, nccl_version,
 cuda_version, git_sha, date, command, method. ``gpu_name`` / ``date_utc`` (the runtime's
-``Provenance`` names) are accepted as aliases. A missing key or a malformed row is a ValueError
-naming the file; files with another ``format`` are not timing profiles and are skipped by
-``timing_profiles_in``.
+``Provenance`` names) are accepted as aliases, and ``"format"`` for ``"schema"``. A missing key or
+a malformed row is a ValueError naming the file; files with another schema are not timing
+profiles and are skipped by ``timing_profiles_in``.
+
+Files live in ``profiles/measured/timing/`` (``timing_dir()``), apart from the memory profiles
+of ``profiles/measured/*.json`` that ``ringplan.profiles.load_profiles`` reads.
 """
 
 from __future__ import annotations
@@ -42,7 +45,13 @@ PROVENANCE_KEYS: tuple[str, ...] = ("gpu_driver_name", "driver_version", "torch_
 _PROVENANCE_ALIASES = {"gpu_name": "gpu_driver_name", "date_utc": "date"}
 LINK_SCOPES = ("intra_node", "inter_node")
 KERNEL_PASSES = ("forward", "backward", "forward_backward")
-DEFAULT_MEASURED_DIR = Path(__file__).resolve().parent.parent / "profiles" / "measured"
+
+
+def timing_dir() -> Path:
+    """``profiles/measured/timing`` (follows ``$RINGPLAN_PROFILES_DIR`` like the other profiles)."""
+    from ringplan.profiles import measured_dir
+
+    return measured_dir() / "timing"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -161,6 +170,10 @@ def _kernel_row(r: dict[str, Any], path: str, i: int) -> KernelRow:
                      n_kv_heads=_field(r, "n_kv_heads", int, path, i), kv_tokens=_field(r, "kv_tokens", int, path, i))
 
 
+def _schema(data: Any) -> Any:
+    return (data.get("schema") or data.get("format")) if isinstance(data, dict) else None
+
+
 def load_timing_profile(path: str | os.PathLike) -> P2pProfile | KernelProfile:
     """Read one ``ringplan.p2p/1`` or ``ringplan.kernels/1`` file; ValueError on anything else."""
     path = str(path)
@@ -169,7 +182,7 @@ def load_timing_profile(path: str | os.PathLike) -> P2pProfile | KernelProfile:
             data = json.load(handle)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    fmt = data.get("format") if isinstance(data, dict) else None
+    fmt = _schema(data)
     if fmt == P2P_FORMAT:
         return _p2p_profile(data, path)
     if fmt == KERNELS_FORMAT:
@@ -181,11 +194,11 @@ def load_timing_profile(path: str | os.PathLike) -> P2pProfile | KernelProfile:
 
 
 def timing_profiles_in(directory: str | os.PathLike | None = None) -> tuple[list[P2pProfile], list[KernelProfile]]:
-    """Every timing profile under ``directory`` (default ``profiles/measured``), p2p and kernels apart.
+    """Every timing profile under ``directory`` (default ``timing_dir()``), p2p and kernels apart.
 
     JSON files of other formats (memory profiles) are skipped; a timing file that does not parse raises.
     """
-    root = Path(directory) if directory is not None else DEFAULT_MEASURED_DIR
+    root = Path(directory) if directory is not None else timing_dir()
     p2p: list[P2pProfile] = []
     kernels: list[KernelProfile] = []
     if not root.is_dir():
@@ -193,8 +206,8 @@ def timing_profiles_in(directory: str | os.PathLike | None = None) -> tuple[list
     for path in sorted(root.rglob("*.json")):
         try:
             with open(path, encoding="utf-8") as handle:
-                fmt = json.load(handle).get("format")
-        except (json.JSONDecodeError, AttributeError):
+                fmt = _schema(json.load(handle))
+        except json.JSONDecodeError:
             continue
         if fmt in (P2P_FORMAT, KERNELS_FORMAT):
             profile = load_timing_profile(path)

@@ -32,7 +32,7 @@ def _row(gpu_name: str, threshold) -> dict[str, str]:
 @format_option
 @bad_input_exits_2
 def overlap(gpus: tuple[str, ...], n_heads: int, n_kv_heads: int | None, head_dim: int, batch: int, dtype: str,
-            backend: str, causal: bool, layout: str, profiles_dir: str | None, step_overhead_us: float | None,
+            backend: str, causal: bool, layout: str, timing_dir: str | None, step_overhead_us: float | None,
             training: bool, scope: str, intra_link: str | None, intra_bandwidth: int | None,
             intra_latency_us: float | None, inter_link: str | None, inter_bandwidth: int | None,
             inter_latency_us: float | None, output_format: str) -> None:
@@ -62,7 +62,7 @@ def overlap(gpus: tuple[str, ...], n_heads: int, n_kv_heads: int | None, head_di
                 try:
                     threshold = overlap_threshold(
                         shape, spec, causal=causal, layout=layout, backend=backend, scope=link_scope,
-                        pass_name=pass_name, link=overrides[link_scope], profiles_dir=profiles_dir,
+                        pass_name=pass_name, link=overrides[link_scope], timing_dir=timing_dir,
                         step_overhead_s=None if step_overhead_us is None else step_overhead_us * 1e-6)
                 except ValueError as exc:
                     if gpus:

@@ -37,8 +37,8 @@ def shape_options(func: Callable) -> Callable:
         click.option("--causal/--no-causal", default=False, show_default=True, help="Causal attention."),
         click.option("--layout", type=click.Choice(["contiguous", "zigzag"]), default="contiguous",
                      show_default=True, help="How tokens are spread over the ring."),
-        click.option("--profiles-dir", type=click.Path(file_okay=False), default=None,
-                     help="Directory of measured timing profiles (default profiles/measured)."),
+        click.option("--timing-dir", type=click.Path(file_okay=False), default=None,
+                     help="Directory of measured timing profiles (default profiles/measured/timing)."),
         click.option("--step-overhead-us", type=float, default=None,
                      help="Fixed cost per ring step in microseconds (default: the model's)."),
     ]
@@ -155,7 +155,7 @@ def plot_timeline(result: Any, path: str, ranks: list[int]) -> None:
 @format_option
 @bad_input_exits_2
 def simulate(gpu: str, seq_len: int, ring_size: int, n_heads: int, n_kv_heads: int | None, head_dim: int,
-             batch: int, dtype: str, backend: str, causal: bool, layout: str, profiles_dir: str | None,
+             batch: int, dtype: str, backend: str, causal: bool, layout: str, timing_dir: str | None,
              step_overhead_us: float | None, embed_dim: int | None, training: bool, projections: bool,
              segment_lengths: str | None, dilation_rates: str | None, nodes: int | None, gpus_per_node: int | None,
              intra_link: str | None, intra_bandwidth: int | None, intra_latency_us: float | None,
@@ -172,7 +172,7 @@ def simulate(gpu: str, seq_len: int, ring_size: int, n_heads: int, n_kv_heads: i
                         training=training, projections=projections)
     ring = RingLayout(ring_size=ring_size, layout=layout, backend=backend)
     prediction = step_time_prediction(
-        workload, ring, gpu, nodes=nodes, gpus_per_node=gpus_per_node, profiles_dir=profiles_dir,
+        workload, ring, gpu, nodes=nodes, gpus_per_node=gpus_per_node, timing_dir=timing_dir,
         intra_link=link_override(intra_link, intra_bandwidth, intra_latency_us, "intra"),
         inter_link=link_override(inter_link, inter_bandwidth, inter_latency_us, "inter"),
         step_overhead_s=None if step_overhead_us is None else step_overhead_us * 1e-6, keep_simulation=True)
