@@ -125,37 +125,37 @@ def _exchange(post_s: np.ndarray, prev: np.ndarray, nxt: np.ndarray, hop_s: np.n
 
 
 def _forward_loop(p: RingPass, start_s: np.ndarray, prev: np.ndarray, nxt: np.ndarray, out: dict) -> np.ndarray:
-    now = start_s.copy()
+    now, compute_t = start_s.copy(), np.ascontiguousarray(p.compute_s.T)
     last = p.group_size - 1
     for s in range(p.group_size):
-        compute_end = now + p.compute_s[:, s]
-        out["start"][:, s], out["compute_end"][:, s] = now, compute_end
+        compute_end = now + compute_t[s]
+        out["start"][s], out["compute_end"][s] = now, compute_end
         if s < last:
             recv_start, recv_end, send_end = _exchange(now, prev, nxt, p.kv_hop_s)
-            out["recv_start"][:, s], out["recv_end"][:, s] = recv_start, recv_end
+            out["recv_start"][s], out["recv_end"][s] = recv_start, recv_end
             now = np.maximum(compute_end, np.maximum(recv_end, send_end))
         else:
             now = compute_end
-        out["end"][:, s] = now
+        out["end"][s] = now
     return now
 
 
 def _backward_loop(p: RingPass, start_s: np.ndarray, prev: np.ndarray, nxt: np.ndarray, out: dict) -> np.ndarray:
-    now = start_s.copy()
+    now, compute_t = start_s.copy(), np.ascontiguousarray(p.compute_s.T)
     grad_done = start_s.copy()  # no dK/dV exchange before step 0
     last = p.group_size - 1
     for s in range(p.group_size):
-        compute_end = now + p.compute_s[:, s]
-        out["start"][:, s], out["compute_end"][:, s] = now, compute_end
+        compute_end = now + compute_t[s]
+        out["start"][s], out["compute_end"][s] = now, compute_end
         post = np.maximum(compute_end, grad_done)
         if s < last:
             recv_start, recv_end, send_end = _exchange(now, prev, nxt, p.kv_hop_s)
-            out["recv_start"][:, s], out["recv_end"][:, s] = recv_start, recv_end
+            out["recv_start"][s], out["recv_end"][s] = recv_start, recv_end
             post = np.maximum(post, np.maximum(recv_end, send_end))
         _, grad_recv_end, grad_send_end = _exchange(post, prev, nxt, p.grad_hop_s)
         grad_done = np.maximum(grad_recv_end, grad_send_end)
         now = post
-        out["end"][:, s] = now
+        out["end"][s] = now
     return np.maximum(now, grad_done)
 
 
@@ -164,7 +164,8 @@ def simulate_pass(p: RingPass, start_s: np.ndarray) -> PassTimeline:
     start_s = np.asarray(start_s, dtype=float)
     if start_s.shape != (p.ring_size,):
         raise ValueError(f"{p.name}: need {p.ring_size} start times, got shape {start_s.shape}")
-    shape = p.compute_s.shape
+    # Filled step by step as rows [steps, ranks] (contiguous writes), returned as [ranks, steps].
+    shape = p.compute_s.shape[::-1]
     out = {k: np.full(shape, np.nan) for k in ("start", "compute_end", "end", "recv_start", "recv_end")}
     prev = previous_ranks(p.ring_size, p.group_size)
     nxt = np.empty_like(prev)
@@ -173,8 +174,8 @@ def simulate_pass(p: RingPass, start_s: np.ndarray) -> PassTimeline:
         finish = _forward_loop(p, start_s, prev, nxt, out)
     else:
         finish = _backward_loop(p, start_s, prev, nxt, out)
-    return PassTimeline(name=p.name, step_start_s=out["start"], compute_end_s=out["compute_end"],
-                        step_end_s=out["end"], recv_start_s=out["recv_start"], recv_end_s=out["recv_end"],
+    return PassTimeline(name=p.name, step_start_s=out["start"].T, compute_end_s=out["compute_end"].T,
+                        step_end_s=out["end"].T, recv_start_s=out["recv_start"].T, recv_end_s=out["recv_end"].T,
                         finish_s=finish)
 
 
