@@ -1,0 +1,185 @@
+"""Launching ranks: under torchrun (``init_from_env``) or with the built-in one-machine spawner (``spawn``).
+
+torchrun, one node with 2 GPUs (NCCL; gloo on a CPU-only machine)::
+
+    torchrun --standalone --nproc_per_node=2 -m ringplan_runtime.check --tokens 16Ki --dtype bf16
+
+several nodes (run on each node, with its own --node_rank)::
+
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \\
+        --rdzv_endpoint=HOST:29500 -m ringplan_runtime.check --tokens 1Mi --dtype bf16
+
+Inside your own entry point: ``ctx = init_from_env()`` then use ``ring_attention(..., group=None)``.
+
+``spawn(fn, world_size=K, backend=..., args=...)`` starts K processes ('spawn' context), each
+with an initialised process group (a TCP store hosted by the parent, so no port race), runs
+``fn(*args)`` on every rank (``dist.get_rank()`` tells which), and returns the ranks' results in
+rank order. If a rank raises or dies, the others are terminated at once and ``RankFailure``
+(rank, traceback text) is raised in the parent; past ``timeout_s`` every rank is terminated and
+``TimeoutError`` is raised. The process group itself also times out after ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue as queue_module
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+LOCALHOST = "127.0.0.1"
+POLL_S = 0.05
+DEAD_RANK_GRACE_S = 1.0
+JOIN_TIMEOUT_S = 10.0
+
+
+class RankFailure(RuntimeError):
+    """A rank raised or died; ``rank`` and the rank's ``traceback_text`` tell which and why."""
+
+    def __init__(self, rank: int, traceback_text: str) -> None:
+        super().__init__(f"rank {rank} failed:\n{traceback_text}")
+        self.rank = rank
+        self.traceback_text = traceback_text
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankContext:
+    """Where this process sits: global rank, world size, local rank, its device and the PG backend."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+
+def _init_group(backend: str, rank: int, world_size: int, local_rank: int, timeout_s: float,
+                **init_kwargs) -> RankContext:
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        init_kwargs["device_id"] = device  # eager NCCL init: the first P2P batch need not involve every rank
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
+                            **init_kwargs)
+    return RankContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
+
+
+def init_from_env(*, backend: str | None = None, timeout_s: float = 600.0) -> RankContext:
+    """Initialise the default process group from torchrun's environment (env://).
+
+    NCCL on the LOCAL_RANK GPU when CUDA is present, gloo on CPU (or ``backend`` if given).
+    Raises ``ValueError`` when the torchrun variables are missing.
+    """
+    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise ValueError(f"environment variables {missing} are not set: launch with torchrun "
+                         f"(e.g. torchrun --standalone --nproc_per_node=2 -m ringplan_runtime.check)")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+        return RankContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
+    return _init_group(backend, rank, world_size, local_rank, timeout_s, init_method="env://")
+
+
+def _worker(fn, rank: int, world_size: int, backend: str, port: int, args: tuple, timeout_s: float,
+            results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR=LOCALHOST, MASTER_PORT=str(port))
+    try:
+        store = dist.TCPStore(LOCALHOST, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+        _init_group(backend, rank, world_size, rank, timeout_s, store=store)
+        value = fn(*args)
+        results.put(("ok", rank, pickle.dumps(value)))
+    except BaseException:  # noqa: BLE001 -- every failure must reach the parent
+        results.put(("error", rank, traceback.format_exc()))
+        return
+    dist.destroy_process_group()
+
+
+def _check_spawn_args(world_size: int, backend: str) -> None:
+    if not isinstance(world_size, int) or world_size <= 0:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl" and world_size > torch.cuda.device_count():
+        raise ValueError(f"nccl with {world_size} ranks needs {world_size} GPUs, found {torch.cuda.device_count()}")
+
+
+def _stop(processes, *, graceful: bool) -> None:
+    """Terminate (then kill) every rank still running; ``graceful`` first lets them finish tearing down."""
+    for process in processes:
+        if graceful:
+            process.join(JOIN_TIMEOUT_S)
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(JOIN_TIMEOUT_S)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def _dead_without_result(processes, done: set[int]) -> int | None:
+    for rank, process in enumerate(processes):
+        if rank not in done and process.exitcode is not None:
+            return rank
+    return None
+
+
+def _collect(processes, results, world_size: int, timeout_s: float) -> list:
+    values: dict[int, object] = {}
+    deadline = time.monotonic() + timeout_s
+    dead_since: float | None = None
+    while len(values) < world_size:
+        try:
+            kind, rank, payload = results.get(timeout=POLL_S)
+        except queue_module.Empty:
+            dead = _dead_without_result(processes, set(values))
+            now = time.monotonic()
+            if dead is not None:
+                dead_since = dead_since or now
+                if now - dead_since > DEAD_RANK_GRACE_S:  # its last message may still be in the pipe
+                    raise RankFailure(dead, f"exited with code {processes[dead].exitcode} without a result")
+            if now > deadline:
+                raise TimeoutError(f"spawned ranks did not finish within {timeout_s:.0f} s "
+                                   f"(finished: {sorted(values)})")
+            continue
+        if kind == "error":
+            raise RankFailure(rank, payload)
+        values[rank] = pickle.loads(payload)
+    return [values[rank] for rank in range(world_size)]
+
+
+def spawn(fn, *, world_size: int, backend: str = "gloo", args: tuple = (), timeout_s: float = 300.0) -> list:
+    """Run ``fn(*args)`` on ``world_size`` fresh processes with a process group; results in rank order.
+
+    ``fn`` and ``args`` must be picklable (a module-level function); results travel pickled, so
+    return CPU tensors or plain data. Raises ``RankFailure`` (the first rank that raised or died,
+    others terminated) or ``TimeoutError`` (after ``timeout_s``); ``ValueError`` on bad arguments.
+    """
+    _check_spawn_args(world_size, backend)
+    store = dist.TCPStore(LOCALHOST, 0, None, True, timedelta(seconds=timeout_s), wait_for_workers=False)
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_worker, args=(fn, rank, world_size, backend, store.port, tuple(args),
+                                                       timeout_s, results), daemon=True)
+                 for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    try:
+        values = _collect(processes, results, world_size, timeout_s)
+    except BaseException:
+        _stop(processes, graceful=False)
+        raise
+    _stop(processes, graceful=True)
+    del store
+    return values
