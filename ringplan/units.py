@@ -7,12 +7,12 @@ Everything inside ringplan is in tokens, bytes and seconds; MB/GiB/ms appear onl
 
 from __future__ import annotations
 
-import math
 import re
+from fractions import Fraction
 
 _DECIMAL = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 _BINARY = {"KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-_NUMBER = r"(?P<num>\d+(?:\.\d*)?|\.\d+)"
+_NUMBER = r"(?P<num>[+-]?(?:\d{1,3}(?:,\d{3})+(?:\.\d*)?|\d+(?:\.\d*)?|\.\d+))"
 _TOKENS_RE = re.compile(rf"^\s*{_NUMBER}\s*(?P<suffix>[KMGT]I?)?\s*$", re.IGNORECASE)
 _BYTES_RE = re.compile(rf"^\s*{_NUMBER}\s*(?P<suffix>[KMGT]I?)?B?\s*$", re.IGNORECASE)
 
@@ -20,27 +20,39 @@ MB = 10**6
 GIB = 2**30
 
 
-def _scaled_integer(text: str, match: re.Match | None, what: str) -> int:
+def _scaled_integer(text: str, match: re.Match | None, what: str, examples: str, *, round_to_whole: bool) -> int:
     if match is None:
-        raise ValueError(f"cannot read {text!r} as {what} (examples: 200K, 1M, 1Mi, 1.5M, 131072)")
+        raise ValueError(f"cannot read {text!r} as {what} (examples: {examples})")
     suffix = (match["suffix"] or "").upper()
     scale = _BINARY.get(suffix) or _DECIMAL[suffix]
-    value = float(match["num"]) * scale
-    if not math.isfinite(value) or value != int(value):
-        raise ValueError(f"{text!r} is not a whole number of {what}")
+    number = match["num"].replace(",", "")
+    # Decimal arithmetic on the digits: float(1.1) * 10**6 would give 1100000.0000000002.
+    value = Fraction(number) * scale
     if value <= 0:
-        raise ValueError(f"{what} must be positive, got {text!r}")
+        raise ValueError(f"{what} must be positive, got {text.strip()!r}")
+    if round_to_whole:
+        value = Fraction(round(value))
+    if value.denominator != 1:
+        raise ValueError(f"{text.strip()!r} is not a whole number of {what}")
     return int(value)
 
 
 def parse_tokens(text: str | int) -> int:
-    """Token count from ``200K``, ``1M``, ``1Mi``, ``1.5M``, ``128Ki`` or a plain integer."""
-    return _scaled_integer(str(text), _TOKENS_RE.match(str(text)), "tokens")
+    """Token count from ``200K``, ``1M``, ``1Mi``, ``1.5M``, ``128Ki``, ``1,048,576`` or a plain integer.
+
+    Must be a positive whole number: ``1.0000005M`` and ``0`` are errors, not roundings.
+    """
+    return _scaled_integer(str(text), _TOKENS_RE.match(str(text)), "tokens",
+                           "200K, 1M, 1Mi, 1.5M, 131072", round_to_whole=False)
 
 
 def parse_bytes(text: str | int) -> int:
-    """Byte count from ``40GB``, ``80GiB``, ``512MiB``, ``1.5G`` or a plain integer."""
-    return _scaled_integer(str(text), _BYTES_RE.match(str(text)), "bytes")
+    """Byte count from ``40GB``, ``80GiB``, ``512MiB``, ``1.5G``, ``1,234.57 GiB`` or a plain integer.
+
+    Rounded to the nearest byte (``0.1GiB`` is 107,374,182 bytes); must be positive.
+    """
+    return _scaled_integer(str(text), _BYTES_RE.match(str(text)), "bytes",
+                           "40GB, 80GiB, 512MiB, 1.5G, 1073741824", round_to_whole=True)
 
 
 def format_tokens(tokens: int) -> str:

@@ -50,6 +50,28 @@ format_option = click.option(
     show_default=True, help="Output format.")
 
 
+class OneLineErrorCommand(click.Command):
+    """A command whose usage errors print one line (``Error: ...``) instead of the usage block.
+
+    Exit code stays 2. Use as ``@click.command(cls=OneLineErrorCommand)``.
+    """
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            exc.ctx = None  # UsageError.show prints the usage block only when it has a context
+            raise
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            exc.ctx = None
+            raise
+
+
 def bad_input_exits_2(func: Callable) -> Callable:
     """Turn a core ``ValueError`` (or missing/corrupt file) into a one-line click error, exit code 2."""
 

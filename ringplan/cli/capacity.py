@@ -1,0 +1,283 @@
+"""``ringplan capacity``: how many GPUs for N tokens, or how many tokens on K GPUs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from typing import Any
+
+import click
+
+from ringplan.cli.common import TOKENS, OneLineErrorCommand, bad_input_exits_2, format_option, render_rows
+from ringplan.units import parse_tokens
+from ringplan.workload import BACKENDS, DTYPE_BYTES, LAYOUTS
+
+GIB = 2**30
+
+
+# ----------------------------------------------------------------------------- workload options
+# Shared by any command that takes a workload (import ``workload_options`` / ``build_workload``).
+
+
+class TokenListType(click.ParamType):
+    """Comma-separated positive token counts: ``4096,8192,16384`` or ``4Ki,8Ki``."""
+
+    name = "list"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(parse_tokens(part) for part in str(value).split(",") if part.strip())
+        except ValueError as exc:
+            self.fail(f"{exc} in {value!r}", param, ctx)
+
+
+TOKEN_LIST = TokenListType()
+
+_WORKLOAD_OPTIONS = (
+    click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size B."),
+    click.option("--heads", "n_heads", type=click.IntRange(min=1), default=32, show_default=True,
+                 help="Query heads H."),
+    click.option("--kv-heads", "n_kv_heads", type=click.IntRange(min=1), default=None,
+                 help="KV heads H_kv (GQA/MQA); default: --heads."),
+    click.option("--head-dim", type=click.IntRange(min=1), default=128, show_default=True, help="Head dim D."),
+    click.option("--embed-dim", type=click.IntRange(min=1), default=None,
+                 help="Model width E seen by the projections; default H x D."),
+    click.option("--dtype", type=click.Choice(sorted(DTYPE_BYTES)), default="bf16", show_default=True,
+                 help="Activation and weight dtype (accumulators are fp32 regardless)."),
+    click.option("--causal/--no-causal", default=False, show_default=True, help="Causal mask."),
+    click.option("--segment-lengths", "segment_lengths", type=TOKEN_LIST, default="",
+                 help="Dilated attention segment lengths, comma-separated (e.g. 4096,8192,16384)."),
+    click.option("--dilation-rates", "dilation_rates", type=TOKEN_LIST, default="",
+                 help="Dilation rate per segment length, comma-separated (e.g. 1,2,4)."),
+    click.option("--train/--forward", "training", default=False, show_default=True,
+                 help="Training (forward + backward) or forward only."),
+    click.option("--projections/--no-projections", default=False, show_default=True,
+                 help="Include the QKV and output projections (the seed's module)."),
+    click.option("--layout", type=click.Choice(LAYOUTS), default="contiguous", show_default=True,
+                 help="How the sequence is split over the ring (zigzag balances causal work)."),
+    click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+                 help="Local attention kernel; only 'math' adds an n x n score workspace."),
+)
+
+
+def workload_options(func):
+    """Decorate a command with every workload option (batch … backend)."""
+    for option in reversed(_WORKLOAD_OPTIONS):
+        func = option(func)
+    return func
+
+
+def build_workload(*, seq_len_tokens: int | None, batch: int, n_heads: int, n_kv_heads: int | None, head_dim: int,
+                   embed_dim: int | None, dtype: str, causal: bool, segment_lengths: tuple[int, ...],
+                   dilation_rates: tuple[int, ...], training: bool, projections: bool, **_ignored: Any):
+    """The ``Workload`` the options describe; S defaults to the smallest length the pattern allows."""
+    import math
+
+    from ringplan.workload import AttentionPattern, AttentionShape, Workload
+
+    shape = AttentionShape(batch=batch, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                           embed_dim=embed_dim, dtype=dtype)
+    pattern = AttentionPattern(causal=causal, segment_lengths_tokens=segment_lengths, dilation_rates=dilation_rates)
+    if seq_len_tokens is None:
+        seq_len_tokens = math.lcm(1, *segment_lengths)
+    return Workload(seq_len_tokens=seq_len_tokens, shape=shape, pattern=pattern, training=training,
+                    projections=projections)
+
+
+def describe_workload(workload, layout: str, backend: str) -> str:
+    """One line: shape, pattern, mode, projections, layout, backend."""
+    s, p = workload.shape, workload.pattern
+    pattern = (f"dilated (segments {list(p.segment_lengths_tokens)}, rates {list(p.dilation_rates)})"
+               if p.dilated else "dense")
+    return (f"batch {s.batch}, {s.n_heads} heads x {s.head_dim} (kv heads {s.n_kv_heads}), E {s.embed_dim}, "
+            f"{s.dtype}, {pattern}, {'causal' if p.causal else 'non-causal'}, "
+            f"{'training' if workload.training else 'forward'}, "
+            f"{'with' if workload.projections else 'no'} projections; {layout} layout, backend {backend}")
+
+
+def step_time_hook():
+    """The time model's ``capacity_step_time(workload, layout, gpu) -> (step_time_s, exposed_comm_s) | None``
+    when ``ringplan.time_model`` provides it, else None (the step-time columns stay out)."""
+    if importlib.util.find_spec("ringplan.time_model") is None:
+        return None
+    from ringplan import time_model
+
+    return getattr(time_model, "capacity_step_time", None)
+
+
+@click.command("capacity", cls=OneLineErrorCommand)
+@click.option("--gpu", "gpu_name", required=True, help="GPU type from the catalog (`ringplan gpus`), e.g. a100-40gb, h100.")
+@click.option("--tokens", type=TOKENS, default=None,
+              help="Global sequence length S: 1M = 1,000,000, 1Mi = 1,048,576, 200K, 128Ki. Alone: find the fewest GPUs.")
+@click.option("--world-size", type=click.IntRange(min=1), default=None,
+              help="GPUs in the ring. Alone: find the most tokens they hold; with --tokens: check that one plan.")
+@click.option("--max-world-size", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Largest ring the --tokens search considers (every size 1..max where S splits).")
+@click.option("--safety-margin", type=click.FloatRange(min=0.0, max=1.0, max_open=True), default=0.05, show_default=True,
+              help="Fraction of usable memory kept free: feasible when predicted <= usable x (1 - margin).")
+@click.option("--model-form", type=click.Choice(["analytic", "seed"]), default="analytic", show_default=True,
+              help="analytic: named byte terms x fitted coefficients; seed: the seed report's MB-per-token + overhead.")
+@click.option("--profile", "profile_paths", multiple=True, type=click.Path(dir_okay=False),
+              help="Fit on these profile files instead of every file in profiles/measured (repeatable).")
+@workload_options
+@format_option
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also draw per-GPU memory against tokens per world size into FILE (needs the plot extra).")
+@click.pass_context
+@bad_input_exits_2
+def capacity(ctx: click.Context, gpu_name: str, tokens: int | None, world_size: int | None, max_world_size: int,
+             safety_margin: float, model_form: str, profile_paths: tuple[str, ...], output_format: str,
+             plot_path: str | None, **workload_args: Any) -> None:
+    """Fewest GPUs of one type for --tokens N, or most tokens for --world-size K.
+
+    Default workload (when no shape option is given): one attention layer of 32 heads x 128 head dim
+    (E = 4096, a Llama-2-7B-like layer), bf16, batch 1, dense, non-causal, forward only, no
+    projections, contiguous layout, backend auto. Exit code 0 when a feasible plan exists, 1 when
+    none does (within --max-world-size), 2 on bad input.
+    """
+    from ringplan.capacity import CapacityQuery
+    from ringplan.hardware import load_catalog
+
+    if tokens is None and world_size is None:
+        raise ValueError("give --tokens N (fewest GPUs), --world-size K (most tokens), or both")
+    gpu = load_catalog().gpu(gpu_name)
+    workload = build_workload(seq_len_tokens=tokens, **workload_args)
+    query = CapacityQuery(workload=workload, layout=workload_args["layout"], backend=workload_args["backend"],
+                          gpu=gpu, safety_margin=safety_margin, max_world_size=max_world_size,
+                          model=_model(model_form, profile_paths), step_time=step_time_hook())
+    answer, rows, feasible = _answer(query, tokens, world_size)
+    _emit(query, answer, rows, output_format)
+    if plot_path:
+        from ringplan.plot import plot_capacity
+
+        plot_capacity(plot_path, query, world_sizes=sorted({row.world_size for row in rows}))
+        click.echo(f"plot written to {plot_path}", err=True)
+    ctx.exit(0 if feasible else 1)
+
+
+def _model(model_form: str, profile_paths: tuple[str, ...]):
+    from ringplan.memory_model import MemoryModel, default_memory_model
+    from ringplan.profiles import load_profile
+
+    if not profile_paths:
+        return default_memory_model(model_form)
+    profiles = [load_profile(path) for path in profile_paths]
+    return MemoryModel(rows=tuple((row, p.path or "") for p in profiles for row in p.rows), form=model_form)
+
+
+def _answer(query, tokens: int | None, world_size: int | None):
+    """(answer dict, table rows, feasible) for the three query kinds."""
+    from ringplan.capacity import evaluate, max_tokens, min_world_size
+
+    if tokens is not None and world_size is not None:
+        row = evaluate(query, tokens, world_size)
+        verdict = "fits" if row.feasible else "does NOT fit"
+        text = f"{tokens:,} tokens on {world_size} x {query.gpu.name}: {verdict} ({_gib_pm(row)} per GPU)"
+        return {"kind": "check", "text": text, "feasible": row.feasible}, [row], row.feasible
+    if tokens is not None:
+        result = min_world_size(query, tokens)
+        best = result.minimum
+        if best is None:
+            text = (f"no ring of up to {query.max_world_size} x {query.gpu.name} holds {tokens:,} tokens "
+                    f"(raise --max-world-size, or shrink the workload)")
+        else:
+            text = (f"minimum world size for {tokens:,} tokens: {best.world_size} x {query.gpu.name} "
+                    f"({best.tokens_per_rank:,} tokens/GPU, {_gib_pm(best)} per GPU)")
+        answer = {"kind": "min_world_size", "text": text, "minimum_world_size": best.world_size if best else None}
+        return answer, list(result.rows), best is not None
+    return _max_tokens_answer(query, world_size)
+
+
+def _max_tokens_answer(query, world_size: int):
+    from ringplan.capacity import max_tokens
+
+    result = max_tokens(query, world_size)
+    sizes = sorted({p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if p < world_size} | {world_size})
+    rows = [r.best for p in sizes[:-1] if (r := max_tokens(query, p)).best is not None]
+    if result.best is None:
+        text = f"not even the shortest valid sequence fits on {world_size} x {query.gpu.name}"
+    else:
+        rows.append(result.best)
+        text = (f"maximum tokens on {world_size} x {query.gpu.name}: {result.best.seq_len_tokens:,} "
+                f"({result.best.tokens_per_rank:,} tokens/GPU, {_gib_pm(result.best)} per GPU; "
+                f"{result.next_infeasible.seq_len_tokens:,} would not fit)")
+    answer = {"kind": "max_tokens", "text": text,
+              "max_tokens": result.best.seq_len_tokens if result.best else None, "world_size": world_size}
+    return answer, rows, result.best is not None
+
+
+def _gib_pm(row) -> str:
+    p = row.prediction
+    return f"{p.total_bytes / GIB:,.2f} ± {p.uncertainty_bytes / GIB:,.2f} GiB of {row.budget_bytes / GIB:,.2f} GiB budget"
+
+
+def row_record(row) -> dict[str, Any]:
+    """Machine-readable row: bytes, tokens and seconds-derived milliseconds."""
+    p = row.prediction
+    record: dict[str, Any] = {"world_size": row.world_size, "seq_len_tokens": row.seq_len_tokens,
+                              "tokens_per_rank": row.tokens_per_rank}
+    record.update({name: round(value) for name, value in p.terms_bytes.items()})
+    record.update({"total_bytes": round(p.total_bytes), "uncertainty_bytes": round(p.uncertainty_bytes),
+                   "usable_memory_bytes": row.usable_memory_bytes, "budget_bytes": round(row.budget_bytes),
+                   "headroom_bytes": round(row.headroom_bytes), "feasible": row.feasible,
+                   "provenance": p.provenance, "model_form": p.model_form})
+    if row.step_time_s is not None or row.exposed_comm_s is not None:
+        record["step_time_ms"] = None if row.step_time_s is None else row.step_time_s * 1e3
+        record["exposed_comm_ms"] = None if row.exposed_comm_s is None else row.exposed_comm_s * 1e3
+    return record
+
+
+def table_rows(rows) -> list[dict[str, str]]:
+    """Human table: memory in GiB, only the terms that are non-zero in some row."""
+    records = [row_record(r) for r in rows]
+    term_keys = [k for k in records[0] if k.endswith("_bytes") and k not in
+                 ("total_bytes", "uncertainty_bytes", "usable_memory_bytes", "budget_bytes", "headroom_bytes")]
+    shown_terms = [k for k in term_keys if any(rec[k] for rec in records)]
+    table = []
+    for rec in records:
+        line = {"GPUs": str(rec["world_size"]), "tokens": f"{rec['seq_len_tokens']:,}",
+                "tokens/GPU": f"{rec['tokens_per_rank']:,}"}
+        line.update({k.removesuffix("_bytes"): f"{rec[k] / GIB:.2f}" for k in shown_terms})
+        line.update({"total": f"{rec['total_bytes'] / GIB:.2f}", "±": f"{rec['uncertainty_bytes'] / GIB:.2f}",
+                     "headroom": f"{rec['headroom_bytes'] / GIB:.2f}", "feasible": "yes" if rec["feasible"] else "no"})
+        for key in ("step_time_ms", "exposed_comm_ms"):
+            if key in rec:
+                line[key] = "-" if rec[key] is None else f"{rec[key]:.1f}"
+        line["provenance"] = rec["provenance"]
+        table.append(line)
+    return table
+
+
+def _emit(query, answer: dict[str, Any], rows, output_format: str) -> None:
+    if output_format == "json":
+        click.echo(json.dumps({"query": _query_record(query), "answer": answer,
+                               "rows": [row_record(r) for r in rows]}, indent=2))
+        return
+    if output_format == "csv":
+        click.echo(render_rows([row_record(r) for r in rows], "csv"))
+        return
+    gpu = query.gpu
+    memory_kind = "measured by the driver" if gpu.usable_memory_measured else "nominal, datasheet"
+    click.echo(f"{gpu.name} ({gpu.driver_name}): usable {gpu.usable_memory_bytes / GIB:,.2f} GiB ({memory_kind}); "
+               f"budget {query.budget_bytes / GIB:,.2f} GiB with a {query.safety_margin:.0%} safety margin")
+    click.echo(f"workload: {describe_workload(query.workload, query.layout, query.backend)}")
+    click.echo(answer["text"])
+    if rows:
+        click.echo("per-GPU memory in GiB (2^30 bytes), by term:")
+        click.echo(render_rows(table_rows(rows), "table"))
+    sys.stdout.flush()
+
+
+def _query_record(query) -> dict[str, Any]:
+    w = query.workload
+    return {"gpu": query.gpu.name, "usable_memory_bytes": query.gpu.usable_memory_bytes,
+            "usable_memory_measured": query.gpu.usable_memory_measured, "safety_margin": query.safety_margin,
+            "max_world_size": query.max_world_size, "layout": query.layout, "backend": query.backend,
+            "batch": w.shape.batch, "n_heads": w.shape.n_heads, "n_kv_heads": w.shape.n_kv_heads,
+            "head_dim": w.shape.head_dim, "embed_dim": w.shape.embed_dim, "dtype": w.shape.dtype,
+            "causal": w.pattern.causal, "segment_lengths_tokens": list(w.pattern.segment_lengths_tokens),
+            "dilation_rates": list(w.pattern.dilation_rates), "training": w.training, "projections": w.projections,
+            "model_form": query.model.form}

@@ -1,0 +1,306 @@
+"""Named byte terms φ_j live at the per-rank memory peak of ring attention (fixed overhead excluded).
+
+Notation (README): n tokens per rank, B batch, H query heads, H_kv KV heads, D head dim, E model
+width, e bytes per element of the dtype; fp32 accumulators and log-sum-exps (LSE) are 4 bytes.
+Each term is one tensor family with one formula (see its docstring); the fitted memory model
+multiplies each by a non-negative coefficient θ_j (1 when the formula is exact).
+
+**Peak instants.** Tensors are not all alive at once, so the peak is the largest of a few instants:
+
+* ``attention`` — the last ring step, while a block result is merged: inputs, received K/V
+  buffers, fp32 accumulators, one block result, the backend's workspace (plus, for dilated
+  attention, the gathered Q/K/V of one branch).
+* ``output`` — after attention returns: inputs, the final output, and the output projection.
+* ``backward`` (training only) — the last backward ring step: saved activations, grad of the
+  output, fp32 dQ and travelling dK/dV accumulators, received K/V again, one block's gradients.
+
+``memory_terms`` evaluates every instant with θ = 1 and returns the terms of the largest one
+(terms not alive at that instant are 0), so the key set is always ``TERM_NAMES``.
+
+Dense attention is treated as one "branch" whose segment is the whole sequence; a dilated branch
+(segment w, rate r) keeps n/r tokens per head. It is purely local when w ≤ n; otherwise its
+w/n ranks form a ring and only the dilated K/V travel. Branches run one after another, so only
+the largest branch's transient tensors count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ringplan.workload import DTYPE_BYTES, RingLayout, Workload, tokens_per_rank
+
+FP32_BYTES = 4
+#: Every key ``memory_terms`` returns, in display order.
+TERM_NAMES: tuple[str, ...] = (
+    "x_local_bytes", "weights_bytes", "q_bytes", "kv_bytes", "kv_recv_bytes", "accumulator_bytes",
+    "block_result_bytes", "dilated_gather_bytes", "attention_workspace_bytes", "output_bytes",
+    "projection_output_bytes", "saved_lse_bytes", "grad_output_bytes", "dq_accumulator_bytes",
+    "dkv_accumulator_bytes", "block_grad_bytes", "weight_grad_bytes",
+)
+#: Backends whose local kernel tiles the score matrix in on-chip memory (no n×n buffer).
+TILED_BACKENDS: tuple[str, ...] = ("auto", "cudnn", "flash", "efficient", "cpu")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TermInputs:
+    """Everything the formulas read: the shape, the ring, and n tokens per rank.
+
+    Built from a validated ``Workload`` + ``RingLayout`` by ``term_inputs``; profiles also build
+    it directly for recorded runs whose lengths the runtime padded (n may then be fractional).
+    """
+
+    batch: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    embed_dim: int
+    dtype_bytes: int
+    tokens_per_rank: float
+    ring_size: int
+    backend: str = "auto"
+    segment_lengths_tokens: tuple[int, ...] = ()
+    dilation_rates: tuple[int, ...] = ()
+    training: bool = False
+    projections: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "n_heads", "n_kv_heads", "head_dim", "embed_dim", "dtype_bytes", "ring_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.tokens_per_rank, (int, float)) and math.isfinite(self.tokens_per_rank)
+                and self.tokens_per_rank > 0):
+            raise ValueError(f"tokens_per_rank must be a finite positive number, got {self.tokens_per_rank!r}")
+        if len(self.segment_lengths_tokens) != len(self.dilation_rates):
+            raise ValueError(f"segment lengths {list(self.segment_lengths_tokens)} and dilation rates "
+                             f"{list(self.dilation_rates)} must have the same length")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Branch:
+    """One attention branch on one rank: ``n_b`` query tokens per head, K/V of ``kv_heads`` heads,
+    ``key_tokens`` keys per query block, run over a ring of ``group`` ranks (1 = purely local)."""
+
+    n_b: float
+    dilation: int
+    kv_heads: int
+    key_tokens: float
+    group: int
+
+
+def term_inputs(workload: Workload, layout: RingLayout) -> TermInputs:
+    """Validated evaluation point (raises ``ValueError`` when S does not split over the ring)."""
+    shape, pattern = workload.shape, workload.pattern
+    return TermInputs(
+        batch=shape.batch, n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads, head_dim=shape.head_dim,
+        embed_dim=shape.embed_dim, dtype_bytes=DTYPE_BYTES[shape.dtype],
+        tokens_per_rank=tokens_per_rank(workload, layout), ring_size=layout.ring_size, backend=layout.backend,
+        segment_lengths_tokens=pattern.segment_lengths_tokens, dilation_rates=pattern.dilation_rates,
+        training=workload.training, projections=workload.projections)
+
+
+def memory_terms(workload: Workload, layout: RingLayout) -> dict[str, float]:
+    """Per-rank bytes of each tensor family at the peak instant (θ = 1), keyed by ``TERM_NAMES``."""
+    return terms_at(term_inputs(workload, layout))
+
+
+def terms_at(p: TermInputs) -> dict[str, float]:
+    """``memory_terms`` for an explicit evaluation point: the largest instant's terms."""
+    instants = [attention_instant(p), output_instant(p)]
+    if p.training:
+        instants.append(backward_instant(p))
+    peak = max(instants, key=lambda terms: sum(terms.values()))
+    return {name: float(peak.get(name, 0.0)) for name in TERM_NAMES}
+
+
+def branches(p: TermInputs) -> list[Branch]:
+    """The attention branches of one rank (dense attention: one branch over the whole ring).
+
+    Dilated branch (w, r): n/r query tokens per head; K/V gathered for max(H_kv, min(r, H)) heads
+    (with GQA, KV heads shared by head groups of different offsets are gathered once per offset);
+    local (group 1) when w ≤ n with w/r keys per query, else a ring of ⌈w/n⌉ ranks with n/r keys per
+    block. Ignores: padding of a last partial segment (lengths are assumed to divide).
+    """
+    n = p.tokens_per_rank
+    if not p.segment_lengths_tokens:
+        return [Branch(n_b=n, dilation=1, kv_heads=p.n_kv_heads, key_tokens=n, group=p.ring_size)]
+    result = []
+    for w, r in zip(p.segment_lengths_tokens, p.dilation_rates):
+        kv_heads = p.n_kv_heads if r == 1 else max(p.n_kv_heads, min(r, p.n_heads))
+        local = w <= n
+        result.append(Branch(n_b=n / r, dilation=r, kv_heads=kv_heads, key_tokens=(w if local else n) / r,
+                             group=1 if local else max(2, math.ceil(w / n))))
+    return result
+
+
+# ----------------------------------------------------------------------------- common inputs
+
+
+def x_local_bytes(p: TermInputs) -> float:
+    """Local slice of the layer input: B·n·E·e bytes (only with projections; the caller's tensor)."""
+    return p.batch * p.tokens_per_rank * p.embed_dim * p.dtype_bytes if p.projections else 0.0
+
+
+def weights_bytes(p: TermInputs) -> float:
+    """QKV and output projection weights: (E·(H + 2·H_kv)·D + H·D·E)·e bytes. Ignores biases."""
+    if not p.projections:
+        return 0.0
+    qkv = p.embed_dim * (p.n_heads + 2 * p.n_kv_heads) * p.head_dim
+    return float((qkv + p.n_heads * p.head_dim * p.embed_dim) * p.dtype_bytes)
+
+
+def q_bytes(p: TermInputs) -> float:
+    """Local queries: B·n·H·D·e bytes (with projections: the projected Q, counted once)."""
+    return p.batch * p.tokens_per_rank * p.n_heads * p.head_dim * p.dtype_bytes
+
+
+def kv_bytes(p: TermInputs) -> float:
+    """Local keys and values: 2·B·n·H_kv·D·e bytes (GQA: only the KV heads exist)."""
+    return 2 * p.batch * p.tokens_per_rank * p.n_kv_heads * p.head_dim * p.dtype_bytes
+
+
+def common_terms(p: TermInputs) -> dict[str, float]:
+    """Tensors alive at every instant: input slice, weights, Q, K, V."""
+    return {"x_local_bytes": x_local_bytes(p), "weights_bytes": weights_bytes(p),
+            "q_bytes": q_bytes(p), "kv_bytes": kv_bytes(p)}
+
+
+# ----------------------------------------------------------------------------- one branch, forward
+
+
+def ring_buffer_pairs(group: int) -> int:
+    """Received K/V pairs alive on a ring of ``group`` ranks: 0 alone, 1 for two ranks, else 2
+    (the block being computed on plus the block arriving; what is sent is the block computed on)."""
+    return 0 if group <= 1 else (1 if group == 2 else 2)
+
+
+def kv_recv_bytes(p: TermInputs, b: Branch) -> float:
+    """Received K/V buffers: pairs(P)·2·B·n_b·H_kv·D·e bytes (dilated: only the dilated K/V travel)."""
+    return ring_buffer_pairs(b.group) * 2 * p.batch * b.n_b * b.kv_heads * p.head_dim * p.dtype_bytes
+
+
+def accumulator_bytes(p: TermInputs, b: Branch) -> float:
+    """fp32 output and LSE accumulators: B·n_b·H·D·4 + B·H·n_b·4 on a ring (group > 1), plus the
+    same over all n local tokens when several dilated branches are merged. Merged in place."""
+    per_token = p.batch * p.n_heads * (p.head_dim + 1) * FP32_BYTES
+    ring = per_token * b.n_b if b.group > 1 else 0.0
+    merge = per_token * p.tokens_per_rank if len(p.segment_lengths_tokens) > 1 else 0.0
+    return ring + merge
+
+
+def block_result_bytes(p: TermInputs, b: Branch) -> float:
+    """One block's output and LSE, as the local kernel returns them: B·n_b·H·D·e + B·H·n_b·4.
+    With one rank and dense attention this is the final output itself."""
+    return p.batch * b.n_b * p.n_heads * (p.head_dim * p.dtype_bytes + FP32_BYTES)
+
+
+def dilated_gather_bytes(p: TermInputs, b: Branch) -> float:
+    """Gathered (strided, so copied) Q, K, V of one dilated branch: B·n_b·(H + 2·H_kv')·D·e.
+    0 for rate 1, where segments are views of contiguous tokens."""
+    if b.dilation == 1:
+        return 0.0
+    return p.batch * b.n_b * (p.n_heads + 2 * b.kv_heads) * p.head_dim * p.dtype_bytes
+
+
+def attention_workspace_bytes(p: TermInputs, b: Branch, *, backward: bool = False) -> float:
+    """Backend workspace of one block. Tiled kernels (cudnn/flash/efficient/auto/cpu): 0 here; their
+    small tile buffers go into the fitted constant. ``math``: scores in fp32 plus probabilities in
+    the dtype, B·H·n_b·k·(4 + e) for k keys per query (twice in backward: recomputed probabilities
+    and their gradient), plus K/V expanded to H heads under GQA, 2·B·n_b·(H − H_kv)·D·e."""
+    if p.backend in TILED_BACKENDS:
+        return 0.0
+    scores = p.batch * p.n_heads * b.n_b * b.key_tokens * (FP32_BYTES + p.dtype_bytes)
+    expanded_kv = 2 * p.batch * b.n_b * (p.n_heads - b.kv_heads) * p.head_dim * p.dtype_bytes
+    return scores * (2 if backward else 1) + expanded_kv
+
+
+# ----------------------------------------------------------------------------- output and backward
+
+
+def output_bytes(p: TermInputs) -> float:
+    """Final attention output of the rank: B·n·H·D·e (cast once from the fp32 accumulator)."""
+    return p.batch * p.tokens_per_rank * p.n_heads * p.head_dim * p.dtype_bytes
+
+
+def projection_output_bytes(p: TermInputs) -> float:
+    """Output projection result: B·n·E·e (only with projections)."""
+    return p.batch * p.tokens_per_rank * p.embed_dim * p.dtype_bytes if p.projections else 0.0
+
+
+def saved_lse_bytes(p: TermInputs) -> float:
+    """LSE saved for backward, one per branch: Σ_branches B·H·n_b·4 (training only)."""
+    return sum(p.batch * p.n_heads * b.n_b * FP32_BYTES for b in branches(p))
+
+
+def grad_output_bytes(p: TermInputs) -> float:
+    """Gradient arriving at the attention output: B·n·H·D·e (training only)."""
+    return output_bytes(p)
+
+
+def dq_accumulator_bytes(p: TermInputs, b: Branch) -> float:
+    """fp32 dQ accumulator: B·n_b·H·D·4 on a ring, plus B·n·H·D·4 when dilated branches are summed.
+    A single device writes dQ directly (counted in ``block_grad_bytes``)."""
+    per_token = p.batch * p.n_heads * p.head_dim * FP32_BYTES
+    ring = per_token * b.n_b if b.group > 1 else 0.0
+    merge = per_token * p.tokens_per_rank if len(p.segment_lengths_tokens) > 1 else 0.0
+    return ring + merge
+
+
+def dkv_accumulator_bytes(p: TermInputs, b: Branch) -> float:
+    """fp32 dK/dV accumulators. On a ring they travel with their K/V block back to the owner:
+    the pair being accumulated plus the pair arriving, 2·(2·B·n_b·H_kv·D·4); plus 2·B·n·H_kv·D·4
+    when dilated branches are summed."""
+    pair = 2 * p.batch * b.kv_heads * p.head_dim * FP32_BYTES
+    ring = 2 * pair * b.n_b if b.group > 1 else 0.0
+    merge = 2 * p.batch * p.n_kv_heads * p.head_dim * FP32_BYTES * p.tokens_per_rank \
+        if len(p.segment_lengths_tokens) > 1 else 0.0
+    return ring + merge
+
+
+def block_grad_bytes(p: TermInputs, b: Branch) -> float:
+    """One block's dQ, dK, dV as the local kernel returns them: B·n_b·(H + 2·H_kv)·D·e."""
+    return p.batch * b.n_b * (p.n_heads + 2 * b.kv_heads) * p.head_dim * p.dtype_bytes
+
+
+def weight_grad_bytes(p: TermInputs) -> float:
+    """Gradients of the projection weights, same size as the weights (training with projections).
+    Ignores optimizer state: this is one layer's activation memory, not a training job's."""
+    return weights_bytes(p) if p.training else 0.0
+
+
+# ----------------------------------------------------------------------------- instants
+
+
+def attention_instant(p: TermInputs) -> dict[str, float]:
+    """Forward peak inside the ring loop, for the branch whose transient tensors are largest."""
+    def for_branch(b: Branch) -> dict[str, float]:
+        return {"kv_recv_bytes": kv_recv_bytes(p, b), "accumulator_bytes": accumulator_bytes(p, b),
+                "block_result_bytes": block_result_bytes(p, b), "dilated_gather_bytes": dilated_gather_bytes(p, b),
+                "attention_workspace_bytes": attention_workspace_bytes(p, b)}
+    return {**common_terms(p), **_largest(for_branch(b) for b in branches(p))}
+
+
+def output_instant(p: TermInputs) -> dict[str, float]:
+    """After attention returns: inputs, final output and (with projections) the projected output.
+    Ignores: the grad-free caller's next layer."""
+    return {**common_terms(p), "output_bytes": output_bytes(p),
+            "projection_output_bytes": projection_output_bytes(p)}
+
+
+def backward_instant(p: TermInputs) -> dict[str, float]:
+    """Backward peak inside the ring loop: saved activations (inputs, output, LSE), grad of the
+    output, accumulators, received K/V again, one block's gradients, workspace. Ignores: the grad of
+    the layer input (formed after the ring backward, smaller than the ring buffers)."""
+    def for_branch(b: Branch) -> dict[str, float]:
+        return {"kv_recv_bytes": kv_recv_bytes(p, b), "dq_accumulator_bytes": dq_accumulator_bytes(p, b),
+                "dkv_accumulator_bytes": dkv_accumulator_bytes(p, b), "block_grad_bytes": block_grad_bytes(p, b),
+                "dilated_gather_bytes": dilated_gather_bytes(p, b),
+                "attention_workspace_bytes": attention_workspace_bytes(p, b, backward=True)}
+    return {**common_terms(p), "output_bytes": output_bytes(p), "saved_lse_bytes": saved_lse_bytes(p),
+            "grad_output_bytes": grad_output_bytes(p), "weight_grad_bytes": weight_grad_bytes(p),
+            **_largest(for_branch(b) for b in branches(p))}
+
+
+def _largest(candidates) -> dict[str, float]:
+    return max(candidates, key=lambda terms: sum(terms.values()))
