@@ -120,10 +120,13 @@ def fit_time_curve(x: np.ndarray | list[float], seconds: np.ndarray | list[float
                          f"seconds {ts.tolist()[:5]}...")
     if len(np.unique(xs)) < 2:
         raise ValueError(f"need at least 2 distinct sizes to fit latency and bandwidth, got {np.unique(xs).tolist()}")
+    if ts[np.argmax(xs)] <= ts[np.argmin(xs)]:
+        raise ValueError(f"time does not grow with size ({ts[np.argmin(xs)]!r} s at {xs.min():.0f}, "
+                         f"{ts[np.argmax(xs)]!r} s at {xs.max():.0f}); the sweep is not usable")
     weights = 1.0 / ts
     design = np.column_stack([np.ones_like(xs), xs]) * weights[:, None]
     scale = np.array([1.0, 1.0 / xs.max()])  # columns of similar magnitude for the solver
-    solution = lsq_linear(design * scale, ts * weights, bounds=([0.0, 0.0], [np.inf, np.inf]))
+    solution = lsq_linear(design * scale, ts * weights, bounds=([0.0, 0.0], [np.inf, np.inf]), method="bvls")
     intercept, slope = solution.x * scale
     if slope <= 0:
         raise ValueError(f"fitted time does not grow with size (slope {slope!r}); the sweep is not usable")
