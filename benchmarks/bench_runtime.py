@@ -1,4 +1,4 @@
-"""Runtime performance benchmark (issue 6): single-GPU SDPA vs PyTorch context_parallel vs ringplan's ring.
+r"""Runtime performance benchmark (issue 6): single-GPU SDPA vs PyTorch context_parallel vs ringplan's ring.
 
 Exact command (one launch on 2 H100s; the machine requires NVLink multicast to stay off)::
 
@@ -12,14 +12,16 @@ what was measured); stdout ends with the compact markdown table.
 Per configuration (heads, total tokens S, causal or not, forward or forward+backward; bf16, batch 1):
 (a) ``single``: cuDNN, flash and efficient aten SDPA ops (with LSE) and ``F.scaled_dot_product_attention``
     default dispatch on the full sequence, on every rank at once; rank 0's times; the fastest is the
-    baseline. Above ``--family-max-tokens`` only kernels within ``--family-keep-ratio`` of the winner at
-    the group's smallest size run. (b) ``context_parallel`` with rotate methods allgather and alltoall,
-    load-balanced when causal (it refuses non-causal with load balancing: run without, and noted).
+    baseline. Above ``--family-max-tokens`` only kernels within ``--family-keep-ratio`` (default 1.0:
+    the winner only) of the winner at the group's smallest size run.
+(b) ``context_parallel`` with rotate methods allgather and alltoall, load-balanced when causal (it
+    refuses non-causal with load balancing: run without, and noted).
 (c) ``ring``: ringplan_runtime.ring_attention, contiguous (+ zigzag when causal), backend auto.
 Plus ``ring_dilated`` cases against (dense ring time × density).
 Timing: ``--warmup`` + ``--repeats`` steps, CUDA events, per step the slowest rank, median.
 Extra peak = max_memory_allocated after a reset minus the bytes allocated at the reset (the inputs).
-A global ``--budget-s`` skips the remaining cases (all ranks agree) and says so.
+A global ``--budget-s`` skips the remaining cases (all ranks agree) and says so. No hangs: collectives
+time out after ``--pg-timeout-s``; a watchdog ends the process after ``--hard-timeout-s`` (exit 124).
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import inspect
 import json
 import os
 import shlex
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -48,16 +52,20 @@ MULTICAST_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST"
 KERNELS = ("cudnn", "flash", "efficient", "sdpa_default")
 CP_ROTATE_METHODS = ("allgather", "alltoall")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Planning estimates for the budget only (never reported): counted FLOP/s of the fastest kernel,
-# conservative against ANCHORS.md (cuDNN fwd 535-600 TFLOP/s on H100), and kernel slow-downs
-# from ANCHORS.md's table (cuDNN 598, flash 343, efficient 177 TFLOP/s).
-ASSUMED_FLOPS_PER_S = {False: 450e12, True: 330e12}
+# Planning estimates for the budget only (never reported): counted FLOP/s of the fastest kernel
+# (ANCHORS.md: cuDNN fwd 535-600 TFLOP/s on H100, F.sdpa fwd+bwd 589 at 8K tokens; taken lower),
+# and kernel slow-downs from ANCHORS.md's table (cuDNN 598, flash 343, efficient 177 TFLOP/s).
+ASSUMED_FLOPS_PER_S = {False: 500e12, True: 420e12}
 KERNEL_SLOWDOWN = {"cudnn": 1.0, "flash": 1.8, "efficient": 3.5, "sdpa_default": 1.0}
-SETUP_ESTIMATE_S = 1.5
-# Grid rows in priority order (the budget cuts from the end): (shape index, causal, training, sizes).
-GRID = ((0, True, False, "all"), (0, False, False, "all"), ("dilated",), (0, True, True, "small"),
-        (1, True, False, "all"), (1, False, False, "all"), (1, True, True, "small"),
-        (0, False, True, "smallest"), (1, False, True, "smallest"), (0, True, True, "largest"))
+SETUP_ESTIMATE_S = 1.0
+# Grid rows in priority order (the budget cuts from the end): (shape index, causal, training, which of
+# the sorted token counts). Main shape forward first (issue 6 targets), then the dilated cases (they
+# use the dense non-causal ring time as reference), training, GQA, and the most expensive last.
+GRID = ((0, True, False, slice(None)), (0, False, False, slice(None)), ("dilated",),
+        (0, True, True, slice(0, -1)), (1, True, False, slice(0, -1)), (1, False, False, slice(0, -1)),
+        (1, True, True, slice(0, 1)), (0, False, True, slice(0, 1)), (1, False, True, slice(0, 1)),
+        (1, True, False, slice(-1, None)), (1, False, False, slice(-1, None)), (1, True, True, slice(1, -1)),
+        (0, True, True, slice(-1, None)))
 
 
 class SkipCase(Exception):
@@ -79,7 +87,7 @@ class Heads:
             n_heads, _, n_kv = heads.partition("/")
             result = cls(n_heads=int(n_heads), n_kv_heads=int(n_kv or n_heads), head_dim=int(head_dim))
         except ValueError:
-            raise ValueError(f"cannot read heads {text!r}; expected H x D or H/H_kv x D, e.g. 32x128, 32/8x128") from None
+            raise ValueError(f"cannot read heads {text!r}; expected HxD or H/H_kvxD, e.g. 32x128, 32/8x128") from None
         if min(result.n_heads, result.n_kv_heads, result.head_dim) <= 0 or result.n_heads % result.n_kv_heads:
             raise ValueError(f"heads {text!r}: need positive sizes and H a multiple of H_kv")
         return result
@@ -121,10 +129,20 @@ class Options:
     repeats: int = 5
     budget_s: float = 420.0
     pg_timeout_s: float = 180.0
+    hard_timeout_s: float = 570.0
     family_max_tokens: int = 65_536
-    family_keep_ratio: float = 1.25
+    family_keep_ratio: float = 1.0
     device: str = "auto"
     command: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.tokens or min(self.tokens) <= 0 or not self.heads:
+            raise ValueError(f"need positive token counts and at least one head shape, got {self.tokens}, {self.heads}")
+        if unknown := set(self.parts) - {"single", "cp", "ring", "dilated"}:
+            raise ValueError(f"unknown parts {sorted(unknown)}; choose from single, cp, ring, dilated")
+        if self.warmup < 0 or self.repeats < 1 or self.dtype not in DTYPES:
+            raise ValueError(f"need warmup >= 0, repeats >= 1, dtype in {sorted(DTYPES)}; got "
+                             f"{self.warmup}, {self.repeats}, {self.dtype!r}")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -180,21 +198,51 @@ def sync(env: Env) -> None:
 
 
 def release_memory(env: Env) -> None:
-    gc.collect()
+    """Give a failed or finished case's blocks back (gc: exception frames hold tensors); GPU only."""
     if env.device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------- timing
 
-def timed_steps(step: Callable[[], None], env: Env, options: Options) -> tuple[list[float], int | None]:
-    """Seconds of each timed step (CUDA events on GPU) and the extra peak bytes over what was allocated.
+def sdpa_kernels_used(step: Callable[[], None]) -> list[str]:
+    """Which aten SDPA kernels one call of ``step`` reaches (``cudnn``, ``flash``, ...), forward ops only.
 
-    Warm-up steps first; then every rank lines up (one small collective) so that ring steps start
-    together; the allocator peak is reset after warm-up, so it covers the timed steps only.
+    A ``TorchDispatchMode`` sees each aten op before any tensor subclass (DTensor) handles it, so
+    this also names the kernel that F.scaled_dot_product_attention's default dispatch picked.
     """
-    for _ in range(options.warmup):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[str] = []
+
+    class _Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            name = func.__name__.split(".")[0]
+            if name.startswith("_scaled_dot_product_") and not name.endswith("backward"):
+                kernel = name.removeprefix("_scaled_dot_product_").removesuffix("_attention")
+                seen.extend([] if kernel in seen else [kernel])
+            return func(*args, **(kwargs or {}))
+
+    with _Spy():
         step()
+    return seen
+
+
+def timed_steps(step: Callable[[], None], env: Env, options: Options,
+                spy: bool = False) -> tuple[list[float], int | None, list[str] | None]:
+    """Seconds of each timed step (CUDA events on GPU), extra peak bytes over what was allocated, kernels seen.
+
+    Warm-up steps first (the first one under ``sdpa_kernels_used`` when ``spy``); then every rank
+    lines up (one small collective) so that ring steps start together; the allocator peak is reset
+    after warm-up, so it covers the timed steps only.
+    """
+    kernels = None
+    for i in range(options.warmup):
+        if spy and i == 0:
+            kernels = sdpa_kernels_used(step)
+        else:
+            step()
     sync(env)
     gather(env, 0)
     on_gpu = env.device.type == "cuda"
@@ -208,14 +256,14 @@ def timed_steps(step: Callable[[], None], env: Env, options: Options) -> tuple[l
             step()
             end.record()
         sync(env)
-        times_s = [start.elapsed_time(end) / 1e3 for start, end in events]
-        return times_s, torch.cuda.max_memory_allocated(env.device) - base_bytes
+        peak = torch.cuda.max_memory_allocated(env.device) - base_bytes
+        return [s.elapsed_time(e) / 1e3 for s, e in events], peak, kernels
     times_s = []
     for _ in range(options.repeats):
         t0 = time.perf_counter()
         step()
         times_s.append(time.perf_counter() - t0)
-    return times_s, None
+    return times_s, None, kernels
 
 
 def make_step(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor],
@@ -340,7 +388,7 @@ def context_parallel_case(cfg: Config, rotate: str, env: Env, options: Options,
     k, v = (_randn((1, kv_heads, s, h.head_dim), env, options) for _ in range(2))
     notes = ["load balancing on" if cfg.causal else "load balancing off (refused for non-causal)"]
     if expand_kv:
-        notes.append("K/V repeated to H heads before sharding")
+        notes.append(f"K/V given {h.n_heads} heads, as repeat_interleave before SDPA would (not timed)")
     extra = {"enable_gqa": True} if kv_heads != h.n_heads else {}
     try:
         cp.set_rotate_method(rotate)
@@ -365,6 +413,7 @@ def _runtime_fn(name: str) -> Callable[..., torch.Tensor]:
     import ringplan_runtime
 
     fn = getattr(ringplan_runtime, name, None)
+    fn = getattr(fn, name, None) if inspect.ismodule(fn) else fn  # submodule of the same name
     if fn is None:
         raise SkipCase(f"ringplan_runtime.{name} is not available in this checkout")
     return fn
@@ -400,9 +449,9 @@ def dilated_case(cfg: Config, env: Env, options: Options) -> Iterator[Prepared]:
     segments, rates = cfg.dilation
     h = cfg.heads
     try:
-        check_layout_fits(Workload(seq_len_tokens=cfg.seq_len_tokens,
-                                   shape=AttentionShape(n_heads=h.n_heads, n_kv_heads=h.n_kv_heads, head_dim=h.head_dim),
-                                   pattern=AttentionPattern(segment_lengths_tokens=segments, dilation_rates=rates)),
+        shape = AttentionShape(n_heads=h.n_heads, n_kv_heads=h.n_kv_heads, head_dim=h.head_dim)
+        pattern = AttentionPattern(segment_lengths_tokens=segments, dilation_rates=rates)
+        check_layout_fits(Workload(seq_len_tokens=cfg.seq_len_tokens, shape=shape, pattern=pattern),
                           RingLayout(ring_size=env.world_size))
     except ValueError as exc:
         raise SkipCase(f"invalid dilated case: {exc}") from None
@@ -430,8 +479,6 @@ class Variant:
 def plan(options: Options, world_size: int) -> list[Config]:
     """Configs in priority order (``GRID``): the budget drops the last ones first."""
     tokens = sorted(set(options.tokens))
-    sizes = {"all": tokens, "small": tokens[:-1] or tokens, "smallest": tokens[:1],
-             "largest": tokens[-1:] if len(tokens) > 1 else []}
     configs: list[Config] = []
     for row in GRID:
         if row[0] == "dilated":
@@ -442,7 +489,7 @@ def plan(options: Options, world_size: int) -> list[Config]:
         index, causal, training, which = row
         if index < len(options.heads):
             configs += [Config(heads=options.heads[index], seq_len_tokens=s, causal=causal, training=training)
-                        for s in sizes[which]]
+                        for s in tokens[which]]
     return list(dict.fromkeys(configs))
 
 
@@ -469,16 +516,18 @@ def variants(cfg: Config, env: Env, options: Options) -> list[Variant]:
         gqa = cfg.heads.n_kv_heads != cfg.heads.n_heads
         for rotate in CP_ROTATE_METHODS:
             method = f"{rotate} {'lb' if cfg.causal else 'no-lb'}"
-            fallback = Variant(part="context_parallel", method=method + " kv-repeated", reduce="max", cost_factor=1.2 / p,
+            fallback = Variant(part="context_parallel", method=method + " kv-repeated", reduce="max",
+                               cost_factor=1.2 / p,
                                prepare=lambda r=rotate: context_parallel_case(cfg, r, env, options, expand_kv=True))
             out.append(Variant(part="context_parallel", method=method, reduce="max", cost_factor=1.15 / p,
                                prepare=lambda r=rotate: context_parallel_case(cfg, r, env, options),
                                fallback=fallback if gqa else None))
     if p > 1 and "ring" in options.parts:
         for layout in ("contiguous", "zigzag") if cfg.causal else ("contiguous",):
-            imbalance = 2 * p / (p + 1) if cfg.causal and layout == "contiguous" else 1.05
-            out.append(Variant(part="ring", method=layout, prepare=lambda lay=layout: ring_case(cfg, lay, env, options),
-                               reduce="max", cost_factor=imbalance / p))
+            # Contiguous causal: the last rank computes P - 1/2 of the P²/2 blocks.
+            share = (2 * p - 1) / p**2 if cfg.causal and layout == "contiguous" else 1.05 / p
+            out.append(Variant(part="ring", method=layout, reduce="max", cost_factor=share,
+                               prepare=lambda lay=layout: ring_case(cfg, lay, env, options)))
     return out
 
 
@@ -507,10 +556,14 @@ def _failure(exc: BaseException) -> dict:
     return {"status": "error", "reason": f"{type(exc).__name__}: {lines[0][:240]}"}
 
 
+def empty_outcome(status: str = "ok", reason: str = "") -> dict:
+    return {"status": status, "reason": reason, "times_s": [], "extra_peak_bytes": None, "input_bytes": None,
+            "notes": []}
+
+
 def _attempt_local(variant: Variant, env: Env, options: Options) -> dict:
     """This rank's outcome; ranks agree after setup (one small collective) so that none waits alone."""
-    outcome: dict = {"status": "ok", "reason": "", "times_s": [], "extra_peak_bytes": None,
-                     "input_bytes": None, "notes": []}
+    outcome = empty_outcome()
     try:
         with contextlib.ExitStack() as stack:
             prepared = None
@@ -522,9 +575,10 @@ def _attempt_local(variant: Variant, env: Env, options: Options) -> dict:
                 if outcome["status"] == "ok":
                     outcome.update(status="skipped", reason="setup failed on another rank")
                 return outcome
-            times_s, peak = timed_steps(prepared.step, env, options)
+            spy = variant.part == "context_parallel" or variant.method == "sdpa_default"
+            times_s, peak, kernels = timed_steps(prepared.step, env, options, spy=spy)
             outcome.update(times_s=times_s, extra_peak_bytes=peak, input_bytes=prepared.input_bytes,
-                           notes=list(prepared.notes))
+                           notes=list(prepared.notes) + ([f"dispatched to {'+'.join(kernels)}"] if kernels else []))
     except Exception as exc:  # noqa: BLE001
         outcome.update(_failure(exc), times_s=[])
     return outcome
@@ -571,9 +625,10 @@ def run_variant(variant: Variant, cfg: Config, env: Env, options: Options) -> di
     estimate = estimate_s(variant, cfg, env, options)
     elapsed = time.monotonic() - env.start_s
     if not gather(env, elapsed + estimate <= options.budget_s)[0]:
-        return {**record, "status": "skipped", "reason": f"time budget: {elapsed:.0f} s used of {options.budget_s:.0f} s,"
-                f" case estimated at {estimate:.0f} s", "times_s": [], "notes": []}
-    outcome = attempt(variant, env, options)
+        outcome = empty_outcome("skipped", f"time budget: {elapsed:.0f} s used of {options.budget_s:.0f} s, "
+                                f"case estimated at {estimate:.0f} s")
+    else:
+        outcome = attempt(variant, env, options)
     if outcome["status"] == "error" and variant.fallback is not None:
         first = outcome["reason"]
         outcome = attempt(variant.fallback, env, options)
@@ -644,16 +699,19 @@ def targets(records: list[dict], heads_label: str, world_size: int) -> list[str]
         fast = min(cps, key=lambda r: r["time_median_s"])
         peaks = [r["extra_peak_bytes"] for r in cps if r["extra_peak_bytes"] is not None]
         ok_t = zig[0]["time_median_s"] < fast["time_median_s"]
-        ok_m = bool(peaks) and zig[0]["extra_peak_bytes"] is not None and zig[0]["extra_peak_bytes"] <= 0.75 * min(peaks)
-        mem = f"{_gb(zig[0]['extra_peak_bytes'])} vs 75% of {_gb(min(peaks) if peaks else None)}"
+        ring_peak = zig[0]["extra_peak_bytes"]
+        ok_m = bool(peaks) and ring_peak is not None and ring_peak <= 0.75 * min(peaks)
+        mem = f"{_gb(ring_peak)} vs 75% of {_gb(min(peaks) if peaks else None)}"
         lines.append(f"{_verdict(ok_t and ok_m)} causal zigzag fwd {s_max:,} tokens: {_ms(zig[0])} vs context_parallel "
                      f"{fast['method']} {_ms(fast)}; extra peak {mem} GB")
     else:
         lines.append(f"NOT MEASURED causal zigzag fwd {s_max:,} tokens vs context_parallel")
     for r in _find(records, part="ring", method="contiguous", causal=False, **common) or [None]:
-        lines.append("NOT MEASURED non-causal ring fwd at the largest size" if r is None or r["speedup_vs_single"] is None
-                     else f"{_verdict(r['speedup_vs_single'] >= 1.95)} non-causal fwd {s_max:,} tokens: "
-                          f"{r['speedup_vs_single']:.2f}x single GPU ({r['baseline']}), target >= 1.95x")
+        if r is None or r["speedup_vs_single"] is None:
+            lines.append("NOT MEASURED non-causal ring fwd at the largest size")
+        else:
+            lines.append(f"{_verdict(r['speedup_vs_single'] >= 1.95)} non-causal fwd {s_max:,} tokens: "
+                         f"{r['speedup_vs_single']:.2f}x single GPU ({r['baseline']}), target >= 1.95x")
     for r in _find(records, part="ring", method="zigzag", causal=True, mode="fwd+bwd", heads=heads_label):
         if r["pct_of_ideal"] is not None:
             lines.append(f"{_verdict(r['pct_of_ideal'] >= 90)} causal zigzag fwd+bwd {r['seq_len_tokens']:,} tokens: "
@@ -689,10 +747,10 @@ PART_LABELS = {"single": "1gpu", "context_parallel": "cp", "ring": "ring", "ring
 
 
 def table_rows(records: list[dict], compact: bool = False) -> list[dict]:
-    """One row per case (ms, GB = 10⁹ bytes); compact: only the baseline of the single-GPU kernels, no reasons."""
-    rows = []
+    """One row per case (ms, GB = 10⁹ bytes); compact: of the single-GPU kernels only the baseline, no reasons."""
+    rows, with_baseline = [], {_key(r) for r in records if r.get("is_baseline")}
     for r in records:
-        if compact and r["part"] == "single" and not r.get("is_baseline"):
+        if compact and r["part"] == "single" and not r.get("is_baseline") and _key(r) in with_baseline:
             continue
         ok = r["status"] == "ok"
         name = f"{PART_LABELS[r['part']]} {r['method']}" + ("*" if r.get("is_baseline") else "")
@@ -702,8 +760,8 @@ def table_rows(records: list[dict], compact: bool = False) -> list[dict]:
         rows.append({
             "contender": name, "heads": r["heads"], "tokens": f"{r['seq_len_tokens']:,}",
             "case": f"{'c' if r['causal'] else 'nc'} {r['mode']}",
-            "ms (min-max)": f"{r['time_median_s'] * 1e3:,.1f} ({r['time_min_s'] * 1e3:,.1f}-{r['time_max_s'] * 1e3:,.1f})"
-            if ok else "",
+            "ms (min-max)": f"{r['time_median_s'] * 1e3:,.1f} "
+                            f"({r['time_min_s'] * 1e3:,.1f}-{r['time_max_s'] * 1e3:,.1f})" if ok else "",
             "TFLOP/s/GPU": f"{r['tflops_per_gpu']:.0f}" if ok else "",
             "x 1gpu": f"{ratio:.2f}" + ("/dense" if r["part"] == "ring_dilated" else "") if ratio else "",
             "% ideal": f"{r['pct_of_ideal']:.0f}" if r.get("pct_of_ideal") and r["part"] != "single" else "",
@@ -720,13 +778,17 @@ def markdown_table(records: list[dict], compact: bool = False) -> str:
 
 
 def method_text(options: Options) -> str:
+    """How every number was taken, for the provenance."""
     return (f"{options.dtype}, batch 1, random normal inputs; {options.warmup} warm-up + {options.repeats} timed steps "
             "(CUDA events), per step the slowest rank (context_parallel, ring) or rank 0 (single GPU, run on every "
             "rank at once); median, min, max. Extra peak = torch.cuda.max_memory_allocated after "
             "reset_peak_memory_stats (after warm-up) minus memory_allocated then (inputs, and grad_out for "
             "fwd+bwd), max over ranks. FLOPs 4*S^2*H*D forward, causal halved, fwd+bwd 3.5x; per GPU = / ring size. "
-            f"Kernel family complete up to {options.family_max_tokens:,} tokens, above only kernels within "
-            f"{options.family_keep_ratio}x of the winner at the group's first size. Time budget {options.budget_s:.0f} s.")
+            f"Kernel family complete up to {options.family_max_tokens:,} tokens; above, only kernels within "
+            f"{options.family_keep_ratio}x of the winner at the group's first size (1.0: the winner only). "
+            "context_parallel: F.scaled_dot_product_attention default dispatch (kernel named in notes), "
+            "load-balanced when causal, GQA through enable_gqa (else K/V with H heads, noted). "
+            f"Time budget {options.budget_s:.0f} s.")
 
 
 def provenance(env: Env, options: Options) -> dict:
@@ -752,10 +814,10 @@ def write_outputs(env: Env, options: Options, prov: dict, complete: bool) -> tup
     if not complete:
         notes.append("partial: the launch had not finished when this was written")
     table = markdown_table(records)
-    payload = {"benchmark": "bench_runtime", "complete": complete, "elapsed_s": round(time.monotonic() - env.start_s, 1),
-               "provenance": prov, "options": {k: (str(v) if isinstance(v, Path) else v)
-                                               for k, v in dataclasses.asdict(options).items()},
-               "targets": goal_lines, "notes": notes, "records": records}
+    options_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(options).items()}
+    payload = {"benchmark": "bench_runtime", "complete": complete, "provenance": prov, "options": options_dict,
+               "elapsed_s": round(time.monotonic() - env.start_s, 1), "targets": goal_lines, "notes": notes,
+               "records": records}
     text = "\n".join([
         "# Runtime benchmark: single GPU vs context_parallel vs ringplan ring", "",
         f"{prov['gpu_name']} x{env.world_size}, driver {prov['driver_version']}, torch {prov['torch_version']}, "
@@ -767,7 +829,8 @@ def write_outputs(env: Env, options: Options, prov: dict, complete: bool) -> tup
         *(["", "## Notes", "", *[f"- {n}" for n in notes]] if notes else []), ""])
     out = Path(options.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, content in (("bench_runtime.json", json.dumps(payload, indent=1, default=str)), ("bench_runtime.md", text)):
+    for name, content in (("bench_runtime.json", json.dumps(payload, indent=1, default=str)),
+                          ("bench_runtime.md", text)):
         tmp = out / f".{name}.tmp"
         tmp.write_text(content)
         os.replace(tmp, out / name)
@@ -792,6 +855,9 @@ def run(options: Options) -> tuple[list[dict], list[str], str]:
     """The whole launch on this rank; returns (derived records, target lines, markdown table) on every rank."""
     for name, value in MULTICAST_OFF_ENV.items():
         os.environ.setdefault(name, value)
+    watchdog = threading.Timer(options.hard_timeout_s, _hard_exit, args=(options.hard_timeout_s,))
+    watchdog.daemon = True
+    watchdog.start()
     env = init_env(options)
     prov = provenance(env, options) if env.rank == 0 else {}
     goal_lines, table = [], ""
@@ -805,17 +871,23 @@ def run(options: Options) -> tuple[list[dict], list[str], str]:
                     env.family_s[cfg.group] = {r["method"]: r["time_median_s"] for r in env.records[-len(KERNELS):]
                                                if r["status"] == "ok"}
                 if env.rank == 0:
+                    result = _ms(record) if record["times_s"] else record["reason"]
                     print(f"[{time.monotonic() - env.start_s:6.1f} s] {record['part']} {record['method']} "
                           f"{cfg.heads.label} {cfg.seq_len_tokens:,} {'c' if cfg.causal else 'nc'} "
-                          f"{_mode(cfg.training)}: {record['status']} {_ms(record) if record['times_s'] else record['reason']}",
-                          flush=True)
+                          f"{_mode(cfg.training)}: {record['status']} {result}", flush=True)
                     write_outputs(env, options, prov, complete=False)
         if env.rank == 0:
             goal_lines, table = write_outputs(env, options, prov, complete=True)
     finally:
+        watchdog.cancel()
         if env.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
     return derive(env.records), goal_lines, table
+
+
+def _hard_exit(limit_s: float) -> None:
+    print(f"bench_runtime: hard timeout of {limit_s:g} s reached; results so far are in --out", flush=True)
+    os._exit(124)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -846,12 +918,17 @@ def _launch_command() -> str:
 @click.option("--budget-s", type=float, default=420.0, show_default=True,
               help="Wall-clock budget from start; cases estimated to overrun it are skipped (and say so).")
 @click.option("--pg-timeout-s", type=float, default=180.0, show_default=True, help="Process-group timeout.")
+@click.option("--hard-timeout-s", type=float, default=570.0, show_default=True,
+              help="Watchdog: the process exits (code 124) after this many seconds, whatever it is doing.")
 @click.option("--family-max-tokens", type=int, default=65_536, show_default=True,
               help="Up to this S every SDPA kernel runs; above, only those near the group's winner.")
+@click.option("--family-keep-ratio", type=click.FloatRange(1.0), default=1.0, show_default=True,
+              help="Above --family-max-tokens, time the kernels within this factor of the group's winner.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="cuda with NCCL, cpu with gloo (CI smoke test).")
 def main(out_dir: Path, tokens: str, heads: str, dilated: tuple[str, ...], parts: str, dtype: str, warmup: int,
-         repeats: int, budget_s: float, pg_timeout_s: float, family_max_tokens: int, device: str) -> None:
+         repeats: int, budget_s: float, pg_timeout_s: float, hard_timeout_s: float, family_max_tokens: int,
+         family_keep_ratio: float, device: str) -> None:
     """Time single-GPU SDPA, PyTorch context_parallel and ringplan's ring attention in one launch."""
     for name, value in MULTICAST_OFF_ENV.items():
         os.environ.setdefault(name, value)
@@ -860,7 +937,8 @@ def main(out_dir: Path, tokens: str, heads: str, dilated: tuple[str, ...], parts
                           heads=tuple(Heads.parse(h) for h in heads.split(",") if h.strip()),
                           parts=tuple(p.strip() for p in parts.split(",") if p.strip()), dtype=dtype,
                           warmup=warmup, repeats=repeats, budget_s=budget_s, pg_timeout_s=pg_timeout_s,
-                          family_max_tokens=family_max_tokens, device=device, command=_launch_command(),
+                          hard_timeout_s=hard_timeout_s, family_max_tokens=family_max_tokens,
+                          family_keep_ratio=family_keep_ratio, device=device, command=_launch_command(),
                           **({"dilated": tuple(_dilated_spec(d) for d in dilated)} if dilated else {}))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
