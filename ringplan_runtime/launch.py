@@ -97,7 +97,9 @@ def _worker(fn, rank: int, world_size: int, backend: str, port: int, args: tuple
     try:
         store = dist.TCPStore(LOCALHOST, port, is_master=False, timeout=timedelta(seconds=timeout_s))
         _init_group(backend, rank, world_size, rank, timeout_s, store=store)
+        dist.barrier()  # every rank connected before any rank's fn can finish and leave
         value = fn(*args)
+        dist.barrier()  # nobody tears down while a peer may still talk to it
         results.put(("ok", rank, pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 -- every failure must reach the parent
         results.put(("error", rank, traceback.format_exc()))

@@ -43,6 +43,8 @@ class RingDilatedAttention(nn.Module):
             raise ValueError("hilbert ordering applies to dilated segments: give segment_lengths or hilbert=False")
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r} is not one of {list(LAYOUTS)}")
+        if tuple(segment_lengths) and layout != "contiguous":
+            raise ValueError(f"dilated attention runs on the contiguous layout only, got layout={layout!r}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.segment_lengths, self.dilation_rates = tuple(segment_lengths), tuple(dilation_rates)

@@ -92,7 +92,7 @@ def module_errors(case: Case) -> dict[str, float]:
     torch.manual_seed(case.seed)  # identical weights on every rank
     module = RingDilatedAttention(case.heads * case.head_dim, case.heads, case.kv_heads, case.segment_lengths,
                                   case.dilation_rates, causal=case.causal, layout=case.layout, backend=case.backend,
-                                  hilbert=case.hilbert)
+                                  hilbert=case.hilbert, bias=case.extra.get("bias", True))
     gen = torch.Generator().manual_seed(2000 + case.seed)
     x = torch.randn(case.batch, case.seq_len_tokens, module.embed_dim, generator=gen)
     dout = torch.randn(case.batch, case.seq_len_tokens, module.embed_dim, generator=gen)
@@ -116,9 +116,9 @@ def module_errors(case: Case) -> dict[str, float]:
     errors["dx"] = relative_error(grads.pop("x"), x_ref.grad)
     # Per layer, weight and bias together: the k_proj bias gradient is 0 in exact arithmetic (softmax
     # is invariant to a shift of every key's score), so alone its relative error is meaningless.
+    params = dict(module.named_parameters())
     for layer in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        names = [name for name, _ in module.named_parameters() if name.startswith(layer + ".")]
-        params = dict(module.named_parameters())
+        names = [name for name in params if name.startswith(layer + ".")]
         errors["d" + layer] = relative_error(torch.cat([grads[n].flatten() for n in names]),
                                              torch.cat([params[n].grad.flatten() for n in names]))
     return errors
@@ -129,14 +129,29 @@ def with_seed(cases: list[Case]) -> list[Case]:
     return [replace(case, seed=index + 1) for index, case in enumerate(cases)]
 
 
+def hilbert_errors(case: Case) -> dict[str, float]:
+    """Relative differences between Hilbert order on and off (same inputs): rounding only."""
+    rank, world = rank_and_size()
+    full = full_inputs(case)
+    runs = []
+    for hilbert in (True, False):
+        q, k, v = (shard_sequence(full[n], rank=rank, ring_size=world, layout="contiguous").contiguous()
+                   .requires_grad_() for n in ("q", "k", "v"))
+        out = ring_dilated_attention(q, k, v, segment_lengths=case.segment_lengths,
+                                     dilation_rates=case.dilation_rates, hilbert=hilbert, backend=case.backend)
+        out.backward(shard_sequence(full["dout"], rank=rank, ring_size=world, layout="contiguous"))
+        runs.append((out, q.grad, k.grad, v.grad))
+    return {name: relative_error(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), *runs)}
+
+
+CHECKS = {"ring": attention_errors, "dilated": attention_errors, "module": module_errors,
+          "hilbert": hilbert_errors}
+
+
 def run_cases(cases: list[Case]) -> dict[str, dict[str, float]]:
     """Body of every spawned rank: errors per case (one thread per rank: CI has 2 cores)."""
     torch.set_num_threads(1)
-    results = {}
-    for case in cases:
-        check = module_errors if case.kind == "module" else attention_errors
-        results[case.name] = check(case)
-    return results
+    return {case.name: CHECKS[case.kind](case) for case in cases}
 
 
 def worst_over_ranks(per_rank: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -149,3 +164,72 @@ def worst_over_ranks(per_rank: list[dict[str, dict[str, float]]]) -> dict[str, d
                 pick = min if key == "dtype_ok" else max
                 slot[key] = pick(slot.get(key, value), value)
     return merged
+
+
+def bad_input_calls(rank: int, world: int):
+    """(label, call) pairs that must raise ``ValueError`` before any communication, on every rank."""
+    from ringplan_runtime import RingDilatedAttention as Module
+
+    def qkv(n, heads=4, kv_heads=4, kv_tokens=None, dtype=torch.float32):
+        return (torch.randn(1, n, heads, 8, dtype=dtype), torch.randn(1, kv_tokens or n, kv_heads, 8, dtype=dtype),
+                torch.randn(1, kv_tokens or n, kv_heads, 8, dtype=dtype))
+
+    def dilated(n, segments, rates, heads=4, kv_heads=4, **kw):
+        return lambda: ring_dilated_attention(*qkv(n, heads, kv_heads), segment_lengths=segments,
+                                              dilation_rates=rates, **kw)
+
+    calls = [
+        ("heads not a multiple of kv heads", lambda: ring_attention(*qkv(8, heads=3, kv_heads=2))),
+        ("k and q token counts differ", lambda: ring_attention(*qkv(8, kv_tokens=6))),
+        ("zigzag needs an even local chunk", lambda: ring_attention(*qkv(7), causal=True, layout="zigzag")),
+        ("unknown layout", lambda: ring_attention(*qkv(8), layout="striped")),
+        ("forced flash on CPU", lambda: ring_attention(*qkv(8), backend="flash")),
+        ("forced cudnn on CPU", lambda: ring_dilated_attention(*qkv(16), segment_lengths=(8,), dilation_rates=(1,),
+                                                               backend="cudnn")),
+        ("segment does not divide the sequence", dilated(10, (16,), (1,))),
+        ("segment/rate lists differ in length", dilated(16, (8, 16), (1,))),
+        ("rate does not divide the heads", dilated(16, (16,), (3,), heads=6, kv_heads=6)),
+        ("rate does not divide the kv heads", dilated(16, (16,), (2,), heads=4, kv_heads=1)),
+        ("segment not a multiple of its rate", dilated(16, (6,), (4,))),
+        ("hilbert with causal", dilated(16, (8,), (1,), causal=True, hilbert=True)),
+        ("empty segment list", dilated(16, (), ())),
+        ("module: embed_dim not a multiple of heads", lambda: Module(30, 4)),
+        ("module: hilbert without segments", lambda: Module(32, 4, hilbert=True)),
+        ("module: dilated with the zigzag layout", lambda: Module(32, 4, 4, (8,), (1,), layout="zigzag")),
+    ]
+    if world > 1:
+        calls += [
+            ("sequence not divisible by the ring", lambda: shard_sequence(torch.randn(1, 4 * world + 1, 2),
+                                                                          rank=rank, ring_size=world,
+                                                                          layout="contiguous")),
+            ("module: sequence not divisible by 2P (zigzag)",
+             lambda: Module(32, 4, layout="zigzag")(torch.randn(1, 2 * world + world, 32))),
+            ("segments and local chunk do not nest", dilated(12, (8,), (1,))),
+        ]
+    return calls
+
+
+def run_bad_inputs() -> list[tuple[str, str, str, int]]:
+    """Body of every spawned rank: (label, exception type, message, P2P batches started) per bad call."""
+    torch.set_num_threads(1)
+    rank, world = rank_and_size()
+    started = [0]
+    original = dist.batch_isend_irecv
+
+    def counting(ops):
+        started[0] += 1
+        return original(ops)
+
+    dist.batch_isend_irecv = counting
+    outcomes = []
+    try:
+        for label, call in bad_input_calls(rank, world):
+            started[0] = 0
+            try:
+                call()
+                outcomes.append((label, "none", "", started[0]))
+            except Exception as error:  # noqa: BLE001 -- the test checks the type
+                outcomes.append((label, type(error).__name__, str(error), started[0]))
+    finally:
+        dist.batch_isend_irecv = original
+    return outcomes
