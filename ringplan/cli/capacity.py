@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from typing import Any
@@ -99,13 +98,14 @@ def describe_workload(workload, layout: str, backend: str) -> str:
 
 
 def step_time_hook():
-    """The time model's ``capacity_step_time(workload, layout, gpu) -> (step_time_s, exposed_comm_s) | None``
-    when ``ringplan.time_model`` provides it, else None (the step-time columns stay out)."""
-    if importlib.util.find_spec("ringplan.time_model") is None:
-        return None
-    from ringplan import time_model
+    """The time model's step-time function for capacity rows, or None (step-time columns stay out).
 
-    return getattr(time_model, "capacity_step_time", None)
+    Contract: ``fn(workload, layout, gpu) -> (step_time_s, exposed_comm_s) | None``; it is called
+    once per table row and must be cheap to import (capacity's cold start budget is 0.3 s).
+    """
+    # TIME MODEL HOOK (ringplan.time_model): replace the line below by
+    #   from ringplan.time_model import capacity_step_time; return capacity_step_time
+    return None
 
 
 @click.command("capacity", cls=OneLineErrorCommand)
