@@ -124,14 +124,14 @@ def _exchange(post_s: np.ndarray, prev: np.ndarray, nxt: np.ndarray, hop_s: np.n
     return recv_start, recv_end, recv_end[nxt]
 
 
-def _forward_loop(p: RingPass, start_s: np.ndarray, prev: np.ndarray, nxt: np.ndarray, out: dict) -> np.ndarray:
-    now, compute_t = start_s.copy(), np.ascontiguousarray(p.compute_s.T)
-    last = p.group_size - 1
-    for s in range(p.group_size):
+def _forward_loop(compute_t: np.ndarray, kv_hop_s: np.ndarray, start_s: np.ndarray, prev: np.ndarray,
+                  nxt: np.ndarray, out: dict) -> np.ndarray:
+    now, last = start_s.copy(), len(compute_t) - 1
+    for s in range(len(compute_t)):
         compute_end = now + compute_t[s]
         out["start"][s], out["compute_end"][s] = now, compute_end
         if s < last:
-            recv_start, recv_end, send_end = _exchange(now, prev, nxt, p.kv_hop_s)
+            recv_start, recv_end, send_end = _exchange(now, prev, nxt, kv_hop_s)
             out["recv_start"][s], out["recv_end"][s] = recv_start, recv_end
             now = np.maximum(compute_end, np.maximum(recv_end, send_end))
         else:
@@ -140,19 +140,19 @@ def _forward_loop(p: RingPass, start_s: np.ndarray, prev: np.ndarray, nxt: np.nd
     return now
 
 
-def _backward_loop(p: RingPass, start_s: np.ndarray, prev: np.ndarray, nxt: np.ndarray, out: dict) -> np.ndarray:
-    now, compute_t = start_s.copy(), np.ascontiguousarray(p.compute_s.T)
+def _backward_loop(compute_t: np.ndarray, kv_hop_s: np.ndarray, grad_hop_s: np.ndarray, start_s: np.ndarray,
+                   prev: np.ndarray, nxt: np.ndarray, out: dict) -> np.ndarray:
+    now, last = start_s.copy(), len(compute_t) - 1
     grad_done = start_s.copy()  # no dK/dV exchange before step 0
-    last = p.group_size - 1
-    for s in range(p.group_size):
+    for s in range(len(compute_t)):
         compute_end = now + compute_t[s]
         out["start"][s], out["compute_end"][s] = now, compute_end
         post = np.maximum(compute_end, grad_done)
         if s < last:
-            recv_start, recv_end, send_end = _exchange(now, prev, nxt, p.kv_hop_s)
+            recv_start, recv_end, send_end = _exchange(now, prev, nxt, kv_hop_s)
             out["recv_start"][s], out["recv_end"][s] = recv_start, recv_end
             post = np.maximum(post, np.maximum(recv_end, send_end))
-        _, grad_recv_end, grad_send_end = _exchange(post, prev, nxt, p.grad_hop_s)
+        _, grad_recv_end, grad_send_end = _exchange(post, prev, nxt, grad_hop_s)
         grad_done = np.maximum(grad_recv_end, grad_send_end)
         now = post
         out["end"][s] = now
@@ -164,19 +164,33 @@ def simulate_pass(p: RingPass, start_s: np.ndarray) -> PassTimeline:
     start_s = np.asarray(start_s, dtype=float)
     if start_s.shape != (p.ring_size,):
         raise ValueError(f"{p.name}: need {p.ring_size} start times, got shape {start_s.shape}")
-    # Filled step by step as rows [steps, ranks] (contiguous writes), returned as [ranks, steps].
-    shape = p.compute_s.shape[::-1]
-    out = {k: np.full(shape, np.nan) for k in ("start", "compute_end", "end", "recv_start", "recv_end")}
-    prev = previous_ranks(p.ring_size, p.group_size)
-    nxt = np.empty_like(prev)
-    nxt[prev] = np.arange(p.ring_size)
-    if p.grad_hop_s is None or p.group_size == 1:
-        finish = _forward_loop(p, start_s, prev, nxt, out)
+    if _symmetric(p, start_s):  # all ranks in lockstep: play one rank that exchanges with itself
+        rows, prev = slice(0, 1), np.zeros(1, dtype=np.int64)
+        nxt = prev
     else:
-        finish = _backward_loop(p, start_s, prev, nxt, out)
-    return PassTimeline(name=p.name, step_start_s=out["start"].T, compute_end_s=out["compute_end"].T,
-                        step_end_s=out["end"].T, recv_start_s=out["recv_start"].T, recv_end_s=out["recv_end"].T,
-                        finish_s=finish)
+        rows, prev = slice(None), previous_ranks(p.ring_size, p.group_size)
+        nxt = np.empty_like(prev)
+        nxt[prev] = np.arange(p.ring_size)
+    compute_t = np.ascontiguousarray(p.compute_s[rows].T)
+    # Filled step by step as rows [steps, ranks] (contiguous writes), returned as [ranks, steps].
+    out = {k: np.full(compute_t.shape, np.nan) for k in ("start", "compute_end", "end", "recv_start", "recv_end")}
+    if p.grad_hop_s is None or p.group_size == 1:
+        finish = _forward_loop(compute_t, p.kv_hop_s[rows], start_s[rows], prev, nxt, out)
+    else:
+        finish = _backward_loop(compute_t, p.kv_hop_s[rows], p.grad_hop_s[rows], start_s[rows], prev, nxt, out)
+    full = lambda a: np.broadcast_to(a, (p.ring_size,) + a.shape[1:])  # noqa: E731
+    return PassTimeline(name=p.name, step_start_s=full(out["start"].T), compute_end_s=full(out["compute_end"].T),
+                        step_end_s=full(out["end"].T), recv_start_s=full(out["recv_start"].T),
+                        recv_end_s=full(out["recv_end"].T), finish_s=full(finish))
+
+
+def _symmetric(p: RingPass, start_s: np.ndarray) -> bool:
+    """Every rank has the same costs, hops and start: all ranks move in lockstep (exact shortcut)."""
+    if p.ring_size == 1:
+        return False
+    hops = [h for h in (p.kv_hop_s, p.grad_hop_s) if h is not None]
+    return bool(np.all(start_s == start_s[0]) and all(np.all(h == h[0]) for h in hops)
+                and np.all(p.compute_s == p.compute_s[0]))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -299,3 +299,14 @@ def test_hiding_threshold_hand_computed():
     assert tm.hiding_threshold_tokens(1.0, -3.0, -4.0) == 0.0
     with pytest.raises(ValueError):
         tm.hiding_threshold_tokens(0.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("grad", [None, 0.4])
+def test_symmetric_shortcut_equals_full_play(monkeypatch, grad):
+    """The lockstep shortcut for identical ranks gives exactly the rank-by-rank result."""
+    passes = [_uniform_pass(16, 0.3, 0.5, grad_hop=grad)]
+    fast = sim.simulate_step(passes)
+    monkeypatch.setattr(sim, "_symmetric", lambda p, start: False)
+    slow = sim.simulate_step(passes)
+    assert fast.step_time_s == pytest.approx(slow.step_time_s, rel=EXACT)
+    np.testing.assert_allclose(fast.timelines[0].step_end_s, slow.timelines[0].step_end_s, rtol=EXACT)
