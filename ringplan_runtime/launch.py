@@ -156,9 +156,22 @@ def _collect(processes, results, world_size: int, timeout_s: float) -> list:
                                    f"(finished: {sorted(values)})")
             continue
         if kind == "error":
-            raise RankFailure(rank, payload)
+            raise _root_cause(processes, set(values) | {rank}, rank, payload)
         values[rank] = pickle.loads(payload)
     return [values[rank] for rank in range(world_size)]
+
+
+def _root_cause(processes, reported: set[int], rank: int, payload: str) -> RankFailure:
+    """The failure to report: a rank that DIED (no message) outranks peers that raised because it died."""
+    deadline = time.monotonic() + DEAD_RANK_GRACE_S
+    while time.monotonic() < deadline:
+        dead = _dead_without_result(processes, reported)
+        if dead is not None and processes[dead].exitcode != 0:
+            last_line = payload.strip().splitlines()[-1] if payload.strip() else ""
+            return RankFailure(dead, f"exited with code {processes[dead].exitcode} without a result "
+                                     f"(rank {rank} then failed: {last_line})")
+        time.sleep(POLL_S)
+    return RankFailure(rank, payload)
 
 
 def spawn(fn, *, world_size: int, backend: str = "gloo", args: tuple = (), timeout_s: float = 300.0) -> list:

@@ -233,3 +233,51 @@ def run_bad_inputs() -> list[tuple[str, str, str, int]]:
     finally:
         dist.batch_isend_irecv = original
     return outcomes
+
+
+def rank_and_args(*args):
+    """Spawned body: (rank, world size, args) -- checks results come back in rank order."""
+    rank, world = rank_and_size()
+    return rank, world, args
+
+
+def raise_on_rank_one_else_block():
+    """Spawned body: rank 1 raises at once; the others block in a barrier that rank 1 never joins."""
+    if dist.get_rank() == 1:
+        raise KeyError("injected failure on rank 1")
+    dist.barrier()
+    return "unreachable"
+
+
+def exit_on_last_rank():
+    """Spawned body: the last rank dies without a Python exception (os._exit)."""
+    import os
+
+    if dist.get_rank() == dist.get_world_size() - 1:
+        os._exit(3)
+    dist.barrier()
+
+
+def sleep_forever():
+    import time
+
+    time.sleep(3600)
+
+
+def ring_exchange_roundtrip() -> list[float]:
+    """Spawned body: pass each rank's id around the whole ring with RingComm; every rank sees every id."""
+    from ringplan_runtime.comm import RingBuffers, RingComm
+
+    rank, world = rank_and_size()
+    comm = RingComm(range(world))
+    current = torch.full((3,), float(rank))
+    buffers = RingBuffers([current], 2)
+    seen = [current[0].item()]
+    for _ in range(world - 1):
+        (incoming,) = buffers.next_set()
+        comm.send_recv(current, incoming)
+        comm.commit()
+        comm.wait()
+        current = incoming
+        seen.append(current[0].item())
+    return seen
