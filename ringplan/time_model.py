@@ -318,6 +318,16 @@ def step_time_prediction(workload: Workload, layout: RingLayout, gpu: object, *,
         provenance_details=tuple(sorted(c.notes.items())), simulation=result if keep_simulation else None)
 
 
+def capacity_step_time(workload: Workload, layout: RingLayout, gpu: object) -> tuple[float, float] | None:
+    """Hook for ``ringplan.capacity``: (step_time_s, exposed_comm_s) of one plan, or None when the
+    time model cannot say (no kernel data for the dtype/backend, a ring that does not fill nodes)."""
+    try:
+        prediction = step_time_prediction(workload, layout, gpu)
+    except ValueError:
+        return None
+    return prediction.step_time_s, prediction.exposed_comm_s
+
+
 def fit_step_overhead_s(rows: Sequence[tuple[Workload, RingLayout, float]], gpu: object,
                         **kwargs: object) -> tuple[float, tuple[float, ...]]:
     """Least-squares fixed per-step overhead (≥ 0) from measured step times, and the relative errors.

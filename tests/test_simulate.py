@@ -310,3 +310,16 @@ def test_symmetric_shortcut_equals_full_play(monkeypatch, grad):
     slow = sim.simulate_step(passes)
     assert fast.step_time_s == pytest.approx(slow.step_time_s, rel=EXACT)
     np.testing.assert_allclose(fast.timelines[0].step_end_s, slow.timelines[0].step_end_s, rtol=EXACT)
+
+
+def test_capacity_hook():
+    """capacity_step_time returns (step, exposed) like the full prediction, and None where it cannot say."""
+    work, ring = _workload(8 * 8192), RingLayout(ring_size=8)
+    pred = tm.step_time_prediction(work, ring, "h100")
+    from ringplan.hardware import load_catalog
+
+    gpu = load_catalog().gpu("h100")
+    assert tm.capacity_step_time(work, ring, gpu) == (pred.step_time_s, pred.exposed_comm_s)
+    assert tm.capacity_step_time(_workload(12 * 8192), RingLayout(ring_size=12), gpu) is None  # 12 on nodes of 8
+    fp32 = Workload(seq_len_tokens=8192, shape=AttentionShape(n_heads=8, head_dim=64, dtype="fp32"))
+    assert tm.capacity_step_time(fp32, RingLayout(ring_size=1), gpu) is None
