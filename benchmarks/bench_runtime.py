@@ -48,6 +48,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # torchrun puts benchmarks/ on the path, not the repo root
+    sys.path.insert(0, str(REPO))
+
 MULTICAST_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 KERNELS = ("cudnn", "flash", "efficient", "sdpa_default")
 CP_ROTATE_METHODS = ("allgather", "alltoall")
@@ -744,29 +748,43 @@ def _gb(n_bytes: float | None) -> str:
 # ---------------------------------------------------------------- output
 
 PART_LABELS = {"single": "1gpu", "context_parallel": "cp", "ring": "ring", "ring_dilated": "dilated"}
+SHORT_WORDS = (("allgather", "ag"), ("alltoall", "a2a"), ("contiguous", "contig"), ("sdpa_default", "sdpa"),
+               ("kv-repeated", "kvH"), ("efficient", "eff"))
+
+
+def _skipped_by_budget(r: dict) -> bool:
+    return r["status"] == "skipped" and r["reason"].startswith("time budget")
 
 
 def table_rows(records: list[dict], compact: bool = False) -> list[dict]:
-    """One row per case (ms, GB = 10⁹ bytes); compact: of the single-GPU kernels only the baseline, no reasons."""
+    """One row per case (ms, GB = 10⁹ bytes). Compact (stdout): short names, median only, of the
+    single-GPU kernels only the baseline, no reasons, no cases the budget skipped."""
     rows, with_baseline = [], {_key(r) for r in records if r.get("is_baseline")}
     for r in records:
-        if compact and r["part"] == "single" and not r.get("is_baseline") and _key(r) in with_baseline:
+        if compact and (_skipped_by_budget(r) or (r["part"] == "single" and not r.get("is_baseline")
+                                                 and _key(r) in with_baseline)):
             continue
         ok = r["status"] == "ok"
         name = f"{PART_LABELS[r['part']]} {r['method']}" + ("*" if r.get("is_baseline") else "")
         if r["part"] == "ring_dilated":
             name += f" d={r['density']:.3f}"
+        for word, short in SHORT_WORDS if compact else ():
+            name = name.replace(word, short)
         ratio = r.get("speedup_vs_single") or r.get("time_over_dense_x_density")
-        rows.append({
-            "contender": name, "heads": r["heads"], "tokens": f"{r['seq_len_tokens']:,}",
-            "case": f"{'c' if r['causal'] else 'nc'} {r['mode']}",
-            "ms (min-max)": f"{r['time_median_s'] * 1e3:,.1f} "
-                            f"({r['time_min_s'] * 1e3:,.1f}-{r['time_max_s'] * 1e3:,.1f})" if ok else "",
-            "TFLOP/s/GPU": f"{r['tflops_per_gpu']:.0f}" if ok else "",
-            "x 1gpu": f"{ratio:.2f}" + ("/dense" if r["part"] == "ring_dilated" else "") if ratio else "",
-            "% ideal": f"{r['pct_of_ideal']:.0f}" if r.get("pct_of_ideal") and r["part"] != "single" else "",
-            "+peak GB": _gb(r.get("extra_peak_bytes")) if ok else "",
-            "status": r["status"] if ok or compact else f"{r['status']}: {r['reason'][:60]}"})
+        row = {"contender": name, "heads": r["heads"], "tokens": f"{r['seq_len_tokens']:,}",
+               "case": f"{'c' if r['causal'] else 'nc'} {r['mode']}"}
+        if compact:
+            row["ms"] = f"{r['time_median_s'] * 1e3:,.1f}" if ok else r["status"]
+        else:
+            row["ms (min-max)"] = f"{r['time_median_s'] * 1e3:,.1f} ({r['time_min_s'] * 1e3:,.1f}-" \
+                                  f"{r['time_max_s'] * 1e3:,.1f})" if ok else ""
+        row.update({"TFLOP/s": f"{r['tflops_per_gpu']:.0f}" if ok else "",
+                    "x 1gpu": f"{ratio:.2f}" + ("/dense" if r["part"] == "ring_dilated" else "") if ratio else "",
+                    "% ideal": f"{r['pct_of_ideal']:.0f}" if r.get("pct_of_ideal") and r["part"] != "single" else "",
+                    "+GB": _gb(r.get("extra_peak_bytes")) if ok else ""})
+        if not compact:
+            row["status"] = "ok" if ok else f"{r['status']}: {r['reason'][:60]}"
+        rows.append(row)
     return rows
 
 
@@ -809,7 +827,7 @@ def write_outputs(env: Env, options: Options, prov: dict, complete: bool) -> tup
     """Rank 0 writes DIR/bench_runtime.json and DIR/bench_runtime.md atomically; returns (targets, compact table)."""
     records = derive(env.records)
     goal_lines = targets(records, options.heads[0].label, env.world_size)
-    skipped = sum(r["status"] == "skipped" and r["reason"].startswith("time budget") for r in records)
+    skipped = sum(_skipped_by_budget(r) for r in records)
     notes = [f"{skipped} case(s) skipped by the time budget of {options.budget_s:.0f} s"] if skipped else []
     if not complete:
         notes.append("partial: the launch had not finished when this was written")
@@ -824,7 +842,8 @@ def write_outputs(env: Env, options: Options, prov: dict, complete: bool) -> tup
         f"CUDA {prov['cuda_version']}, NCCL {prov['nccl_version']}, git {prov['git_sha'][:12]}, {prov['date_utc']}", "",
         f"Command: `{prov['command']}`", "", f"Method: {prov['method']}", "",
         "`*` marks the single-GPU baseline (fastest kernel); `lb` = context_parallel load balancing; "
-        "`x 1gpu` = speedup over it (dilated: time / (dense ring time x density)).", "",
+        "TFLOP/s per GPU; `x 1gpu` = speedup over the baseline (dilated: time / (dense ring time x density)); "
+        "`+GB` = extra peak memory over the inputs, GB = 10^9 bytes, max over ranks.", "",
         table, "", "## Targets (issue 6)", "", *[f"- {line}" for line in goal_lines],
         *(["", "## Notes", "", *[f"- {n}" for n in notes]] if notes else []), ""])
     out = Path(options.out_dir)
@@ -942,9 +961,11 @@ def main(out_dir: Path, tokens: str, heads: str, dilated: tuple[str, ...], parts
                           **({"dilated": tuple(_dilated_spec(d) for d in dilated)} if dilated else {}))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    _, goal_lines, table = run(options)
+    records, goal_lines, table = run(options)
     if goal_lines or table:
-        print("\n" + "\n".join(goal_lines) + "\n\n" + table, flush=True)
+        skipped = sum(_skipped_by_budget(r) for r in records)
+        note = f"{skipped} case(s) skipped by the time budget (listed in bench_runtime.md)\n" if skipped else ""
+        print("\n" + "\n".join(goal_lines) + "\n\n" + note + table, flush=True)
 
 
 def _dilated_spec(text: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
