@@ -56,8 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--p2p-max-bytes", type=int, default=2**30)
     p.add_argument("--skip-p2p", action="store_true")
     p.add_argument("--skip-kernels", action="store_true")
-    p.add_argument("--budget-s", type=float, default=170.0, help="stop starting kernel configs after this")
-    p.add_argument("--hard-timeout-s", type=float, default=230.0, help="watchdog: exit 3 after this")
+    p.add_argument("--budget-s", type=float, default=150.0, help="stop starting kernel configs after this")
+    p.add_argument("--hard-timeout-s", type=float, default=225.0, help="watchdog: exit 3 after this")
     p.add_argument("--collective-timeout-s", type=float, default=60.0)
     args = p.parse_args(argv)
     if args.cpu_smoke:
@@ -233,7 +233,9 @@ class KernelSweep:
         if got is not None:
             self.rows.append(_attention_row(backend, "backward", causal, self.args.dtype, b, h, d, n, *got))
         if n <= 16384 and got is not None:
-            both = lambda: self.backward(dout, q, k, v, *fwd(), backend=backend, causal=causal, scale=scale)  # noqa: E731
+            def both() -> None:
+                self.backward(dout, q, k, v, *fwd(), backend=backend, causal=causal, scale=scale)
+
             got = self.timed((h, d, backend, causal, "forward_backward"), n, both)
             if got is not None:
                 self.rows.append(_attention_row(backend, "forward_backward", causal, self.args.dtype, b, h, d, n, *got))
@@ -301,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             prov = provenance(device, P2P_METHOD)
             scope = "intra_node" if local_world == world else "inter_node"
             data = {"schema": P2P_FORMAT, "provenance": prov, "rows": rows,
-                    "link": {"scope": scope, "world_size": world, "gpus_per_node": local_world, "nodes": world // local_world}}
+                    "link": {"scope": scope, "world_size": world, "gpus_per_node": local_world,
+                             "nodes": world // local_world}}
             path = out_dir / f"p2p_{_slug(prov['gpu_driver_name'])}_{scope}_{world}x_{stamp}.json"
             write_timing_profile(path, data)
             print(f"wrote {path}", flush=True)

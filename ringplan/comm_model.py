@@ -34,7 +34,8 @@ H100_NVLINK_ANCHOR_POINTS: tuple[tuple[float, float], ...] = (
     (256 * _MIB, 256 * _MIB / 251e9),       # 251 GB/s at 256 MiB
     (1024 * _MIB, 1024 * _MIB / 335e9),     # 335 GB/s at 1 GiB
 )
-H100_NVLINK_ANCHOR_SOURCE = "ANCHORS.md: 2xH100 NVLink ring exchange (0.14 ms floor; 91/251/335 GB/s at 16 MiB/256 MiB/1 GiB)"
+H100_NVLINK_ANCHOR_SOURCE = ("ANCHORS.md: 2xH100 NVLink ring exchange "
+                             "(0.14 ms floor; 91/251/335 GB/s at 16 MiB/256 MiB/1 GiB)")
 
 
 def _positive_finite(name: str, value: float) -> None:
@@ -163,7 +164,8 @@ class LinkModel:
         if not np.isfinite(self.latency_s) or self.latency_s <= 0:
             raise ValueError(f"link {self.name!r}: latency must be positive, got {self.latency_s!r} s")
         if not np.isfinite(self.bandwidth_bytes_per_s) or self.bandwidth_bytes_per_s <= 0:
-            raise ValueError(f"link {self.name!r}: bandwidth must be positive, got {self.bandwidth_bytes_per_s!r} bytes/s")
+            raise ValueError(f"link {self.name!r}: bandwidth must be positive, "
+                             f"got {self.bandwidth_bytes_per_s!r} bytes/s")
         object.__setattr__(self, "curve", TimeCurve(intercept_s=self.latency_s,
                                                     seconds_per_unit=1.0 / self.bandwidth_bytes_per_s,
                                                     points=self.points))

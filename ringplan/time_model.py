@@ -23,7 +23,8 @@ import numpy as np
 
 from ringplan import comm_model as cm
 from ringplan import compute_model as cp
-from ringplan.simulate import DIAGONAL, FULL, HALF_KEYS, HALF_QUERIES, RingPass, SimulationResult, block_kinds, simulate_step
+from ringplan.simulate import (DIAGONAL, FULL, HALF_KEYS, HALF_QUERIES, RingPass, SimulationResult, block_kinds,
+                               simulate_step)
 from ringplan.timing_profiles import KernelProfile, P2pProfile, timing_profiles_in
 from ringplan.timing_profiles import timing_dir as default_timing_dir
 from ringplan.workload import RingLayout, Workload, tokens_per_rank
@@ -76,7 +77,8 @@ def _load_timing_data(directory: str) -> TimingData:
         spec = _catalog().gpu_by_driver_name(prof.gpu_driver_name)
         peak = spec.peak_flops_per_s.get("bf16", 0.0) if spec is not None else 0.0
         measured[name] = cp.MeasuredKernels(gpu_driver_name=prof.gpu_driver_name, peak_flops_per_s=peak or 1.0,
-                                            fits=cp.fit_kernel_curves(prof.rows), merge_fit=cp.fit_merge_curve(prof.rows))
+                                            fits=cp.fit_kernel_curves(prof.rows),
+                                            merge_fit=cp.fit_merge_curve(prof.rows))
     return TimingData(links=links, kernels=measured)
 
 
@@ -119,8 +121,10 @@ def compute_model_for(gpu, dtype: str, timing: TimingData, step_overhead_s: floa
     if not peak:
         raise ValueError(f"{gpu.name}: no peak FLOP/s for {dtype} in the catalog (has {sorted(gpu.peak_flops_per_s)})")
     own = timing.kernels.get(gpu.driver_name.lower())
-    others = tuple(m for name, m in timing.kernels.items() if name != gpu.driver_name.lower() and m.peak_flops_per_s > 1)
-    return cp.ComputeModel(gpu_name=gpu.name, peak_flops_per_s=peak, hbm_bandwidth_bytes_per_s=gpu.hbm_bandwidth_bytes_per_s,
+    others = tuple(m for name, m in timing.kernels.items()
+                   if name != gpu.driver_name.lower() and m.peak_flops_per_s > 1)
+    return cp.ComputeModel(gpu_name=gpu.name, peak_flops_per_s=peak,
+                           hbm_bandwidth_bytes_per_s=gpu.hbm_bandwidth_bytes_per_s,
                            this_gpu=own, other_gpus=others,
                            step_overhead_s=cp.DEFAULT_STEP_OVERHEAD_S if step_overhead_s is None else step_overhead_s)
 
@@ -215,7 +219,8 @@ def _ring_pass(c: _Costing, name: str, pass_name: str, block_tokens: int, group_
     """One ring pass of ``group_size``-rank groups over blocks of ``block_tokens`` queries/keys."""
     n, causal, shape = block_tokens, c.workload.pattern.causal, c.workload.shape
     kinds = block_kinds(c.ring_size, group_size, causal=causal, layout=layout)
-    shapes = {FULL: (n, n, False), DIAGONAL: (n, n, True), HALF_KEYS: (n, n // 2, False), HALF_QUERIES: (n // 2, n, False)}
+    shapes = {FULL: (n, n, False), DIAGONAL: (n, n, True),
+              HALF_KEYS: (n, n // 2, False), HALF_QUERIES: (n // 2, n, False)}
     costs = np.zeros(5)
     for kind in np.unique(kinds).tolist():
         if kind in shapes:
@@ -226,7 +231,8 @@ def _ring_pass(c: _Costing, name: str, pass_name: str, block_tokens: int, group_
     if group_size == 1:
         return RingPass(name=name, compute_s=costs[kinds], kv_hop_s=np.zeros(c.ring_size), group_size=1)
     if pass_name == "forward":
-        return RingPass(name=name, compute_s=costs[kinds], kv_hop_s=_hop_s(c, kv_bytes, group_size), group_size=group_size)
+        return RingPass(name=name, compute_s=costs[kinds], kv_hop_s=_hop_s(c, kv_bytes, group_size),
+                        group_size=group_size)
     # K/V and dK/dV exchanges overlap in time and share the link: each is costed at their sum.
     grad_bytes = kv_bytes // shape.dtype_bytes * GRAD_BYTES_PER_ELEMENT
     hop = _hop_s(c, kv_bytes + grad_bytes, group_size)
@@ -239,7 +245,13 @@ def _local_dilated_pass(c: _Costing, name: str, pass_name: str, n: int, segment:
     seconds = _block_time_s(c, pass_name, causal, segment // rate, segment // rate, segments=n // segment)
     if len(c.workload.pattern.segment_lengths_tokens) > 1:
         seconds += _step_overhead_s(c, pass_name, n, n)
-    return RingPass(name=name, compute_s=np.full((c.ring_size, 1), seconds), kv_hop_s=np.zeros(c.ring_size), group_size=1)
+    return _local_pass(c, name, seconds)
+
+
+def _local_pass(c: _Costing, name: str, seconds: float) -> RingPass:
+    """The same local compute on every rank, no communication."""
+    return RingPass(name=name, compute_s=np.full((c.ring_size, 1), seconds), kv_hop_s=np.zeros(c.ring_size),
+                    group_size=1)
 
 
 def _attention_passes(c: _Costing, layout: RingLayout, pass_name: str) -> list[RingPass]:
@@ -260,10 +272,10 @@ def _attention_passes(c: _Costing, layout: RingLayout, pass_name: str) -> list[R
 def _projection_pass(c: _Costing, name: str, n: int, factor: float) -> RingPass:
     shape = c.workload.shape
     flops = factor * cp.projection_forward_flops(batch=shape.batch, tokens=n, embed_dim=shape.embed_dim,
-                                                 n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads, head_dim=shape.head_dim)
+                                                 n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads,
+                                                 head_dim=shape.head_dim)
     c.note("projections", f"default: assumed GEMM efficiency {GEMM_EFFICIENCY} of catalog peak")
-    seconds = flops / (c.compute.peak_flops_per_s * GEMM_EFFICIENCY)
-    return RingPass(name=name, compute_s=np.full((c.ring_size, 1), seconds), kv_hop_s=np.zeros(c.ring_size), group_size=1)
+    return _local_pass(c, name, flops / (c.compute.peak_flops_per_s * GEMM_EFFICIENCY))
 
 
 def _overall_provenance(notes: dict[str, str]) -> str:
@@ -421,7 +433,8 @@ def overlap_threshold(shape, gpu: object, *, causal: bool = False, layout: str =
     chosen = compute.fastest_backend(shape.head_dim, shape.dtype) if backend == "auto" else backend
     nodes = cm.node_layout(2, 2 if scope == "intra_node" else 1)
     c = _Costing(workload=Workload(seq_len_tokens=2, shape=shape), ring_size=2, backend=chosen, compute=compute,
-                 nodes=nodes, intra=link_model, inter=link_model, link_labels={"intra_node": link_label, "inter_node": link_label})
+                 nodes=nodes, intra=link_model, inter=link_model,
+                 link_labels={"intra_node": link_label, "inter_node": link_label})
     half = causal and layout == "zigzag"
     grad = GRAD_BYTES_PER_ELEMENT if pass_name == "backward" else 0
     bytes_per_token = 2 * shape.batch * shape.n_kv_heads * shape.head_dim * (shape.dtype_bytes + grad)

@@ -68,10 +68,13 @@ def link_override(name: str | None, bandwidth: int | None, latency_us: float | N
 
 
 def link_options(func: Callable) -> Callable:
+    """--intra-/--inter- link name, or bandwidth + latency, overriding the model's link choice."""
+    example = {"intra": "nvlink-4", "inter": "infiniband-ndr-400"}
     options = []
     for scope in ("intra", "inter"):
         options += [
-            click.option(f"--{scope}-link", default=None, help=f"Catalog link for {scope}-node hops (e.g. nvlink-4)."),
+            click.option(f"--{scope}-link", default=None,
+                         help=f"Catalog link for {scope}-node hops (e.g. {example[scope]})."),
             click.option(f"--{scope}-bandwidth", type=BYTES, default=None,
                          help=f"{scope}-node one-way bandwidth in bytes/s (e.g. 300GB); needs --{scope}-latency-us."),
             click.option(f"--{scope}-latency-us", type=float, default=None,
@@ -166,7 +169,8 @@ def simulate(gpu: str, seq_len: int, ring_size: int, n_heads: int, n_kv_heads: i
     from ringplan.time_model import step_time_prediction
     from ringplan.workload import AttentionPattern, RingLayout, Workload
 
-    workload = Workload(seq_len_tokens=seq_len, shape=build_shape(n_heads, n_kv_heads, head_dim, batch, dtype, embed_dim),
+    shape = build_shape(n_heads, n_kv_heads, head_dim, batch, dtype, embed_dim)
+    workload = Workload(seq_len_tokens=seq_len, shape=shape,
                         pattern=AttentionPattern(causal=causal, segment_lengths_tokens=_int_list(segment_lengths),
                                                  dilation_rates=_int_list(dilation_rates)),
                         training=training, projections=projections)
