@@ -258,7 +258,8 @@ def _attention_passes(c: _Costing, layout: RingLayout, pass_name: str) -> list[R
     n = tokens_per_rank(c.workload, layout)
     pattern = c.workload.pattern
     if not pattern.dilated:
-        return [_ring_pass(c, f"attention {pass_name}", pass_name, n, c.ring_size, layout.layout)]
+        passes = [_ring_pass(c, f"attention {pass_name}", pass_name, n, c.ring_size, layout.layout)]
+        return passes + ([_cast_pass(c, pass_name, n)] if c.ring_size > 1 else [])
     passes = []
     for w, r in zip(pattern.segment_lengths_tokens, pattern.dilation_rates):
         name = f"branch w={w} r={r} {pass_name}"
@@ -267,6 +268,20 @@ def _attention_passes(c: _Costing, layout: RingLayout, pass_name: str) -> list[R
         else:
             passes.append(_ring_pass(c, name, pass_name, n // r, w // n, "contiguous"))
     return passes if pass_name == "forward" else passes[::-1]
+
+
+def _cast_pass(c: _Costing, pass_name: str, n: int) -> RingPass:
+    """Casting the fp32 accumulators back to the input dtype after the ring (out; or dq, dk, dv).
+
+    Costed with the merge curve over the bytes the cast moves (B·n·(H or H + 2·H_kv)·D·(4 + e)):
+    an upper bound, since a cast is one kernel where the curve may describe several.
+    """
+    shape = c.workload.shape
+    heads = shape.n_heads if pass_name == "forward" else shape.n_heads + 2 * shape.n_kv_heads
+    curve, label = c.compute.merge_curve()
+    c.note("merge / accumulate", label)
+    moved = shape.batch * n * heads * shape.head_dim * (4 + shape.dtype_bytes)
+    return _local_pass(c, f"cast accumulators ({pass_name})", float(curve.time_s(moved)))
 
 
 def _projection_pass(c: _Costing, name: str, n: int, factor: float) -> RingPass:
