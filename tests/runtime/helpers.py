@@ -281,3 +281,34 @@ def ring_exchange_roundtrip() -> list[float]:
         current = incoming
         seen.append(current[0].item())
     return seen
+
+
+def run_gpu_cases(cases: list[Case], backends: tuple[str, ...]) -> dict:
+    """Body of every spawned NCCL rank: bf16 errors per (case, backend) vs the float64 reference.
+
+    A backend this GPU cannot run is reported as skipped (with the reason); an exception in a case
+    is recorded as that case's error text (the test prints the table, then fails).
+    """
+    from ringplan_runtime import select_backend
+    from ringplan_runtime.kernels import native_gqa
+
+    rank, _ = rank_and_size()
+    device = torch.device("cuda", torch.cuda.current_device())
+    report = {"auto": select_backend(device, torch.bfloat16, cases[0].head_dim), "skipped": {}, "gqa": {},
+              "errors": {}}
+    for backend in backends:
+        try:
+            select_backend(device, torch.bfloat16, cases[0].head_dim, backend)
+        except ValueError as error:
+            report["skipped"][backend] = str(error)
+            continue
+        report["gqa"][backend] = native_gqa(backend, str(device), torch.bfloat16)
+        for case in cases:
+            try:
+                errors = attention_errors(replace(case, backend=backend), dtype=torch.bfloat16, device=device)
+            except Exception as error:  # noqa: BLE001 -- reported in the table, then the test fails
+                errors = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+            report["errors"][(case.name, backend)] = errors
+        torch.cuda.synchronize()
+    report["rank"] = rank
+    return report
