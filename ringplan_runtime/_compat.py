@@ -18,8 +18,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-TORCH_VERSION: tuple[int, int] = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-
 _CUDNN_LSE_NDIM: dict[str, int] = {}
 _RNG_STATE: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 

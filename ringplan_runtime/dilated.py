@@ -158,14 +158,33 @@ def _branch_forward(q, k, v, branch: DilatedBranch, spec: DilatedSpec):
     return out_s, lse_s
 
 
+def _full_cover_start(q, out_s, lse_s, acc_dtype, alone: bool):
+    """Accumulators from a rate-1 branch (it covers every head and position): no zero fill, no merge."""
+    batch, n, heads, _ = q.shape
+    out = out_s.reshape(q.shape)
+    lse = lse_s.reshape(batch, n // lse_s.shape[2], heads, lse_s.shape[2]).transpose(1, 2).reshape(batch, heads, n)
+    if alone:
+        return out, lse.to(acc_dtype)
+    return out.to(acc_dtype), lse.to(acc_dtype)
+
+
 def dilated_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     spec: DilatedSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out ``[B, n, H, D]`` in q's dtype, lse ``[B, H, n]`` fp32): every branch merged by its LSE."""
+    """(out ``[B, n, H, D]`` in q's dtype, lse ``[B, H, n]`` fp32): every branch merged by its LSE.
+
+    A rate-1 branch, if any, runs first and becomes the accumulator (alone: the result itself).
+    """
     batch, n, heads, _ = q.shape
     acc_dtype = accumulator_dtype(q.dtype)
-    out_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-    lse_acc = torch.full((batch, heads, n), -math.inf, dtype=acc_dtype, device=q.device)
-    for branch in spec.branches:
+    branches = sorted(spec.branches, key=lambda b: b.rate != 1)  # stable: same order on every rank
+    if branches[0].rate == 1:
+        out_s, lse_s = _branch_forward(q, k, v, branches[0], spec)
+        out_acc, lse_acc = _full_cover_start(q, out_s, lse_s, acc_dtype, alone=len(branches) == 1)
+        branches = branches[1:]
+    else:
+        out_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+        lse_acc = torch.full((batch, heads, n), -math.inf, dtype=acc_dtype, device=q.device)
+    for branch in branches:
         out_s, lse_s = _branch_forward(q, k, v, branch, spec)
         seg, rate = branch.local_segment_tokens, branch.rate
         target = dilated_view(out_acc, seg, rate)

@@ -50,10 +50,18 @@ def _permutation_cpu(length: int) -> torch.Tensor:
     return torch.argsort(distance)
 
 
+_ON_DEVICE: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def hilbert_permutation(length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(perm, inverse) int64 tensors: ``x.index_select(dim, perm)`` visits positions in Hilbert order."""
+    """(perm, inverse) int64 tensors: ``x.index_select(dim, perm)`` visits positions in Hilbert order.
+
+    Cached per (length, device): no host-to-device copy after the first call.
+    """
     if length <= 0:
         raise ValueError(f"length must be positive, got {length}")
-    perm = _permutation_cpu(length)
-    inverse = torch.argsort(perm)
-    return perm.to(device), inverse.to(device)
+    key = (length, str(torch.device(device) if device is not None else "cpu"))
+    if key not in _ON_DEVICE:
+        perm = _permutation_cpu(length)
+        _ON_DEVICE[key] = (perm.to(device), torch.argsort(perm).to(device))
+    return _ON_DEVICE[key]

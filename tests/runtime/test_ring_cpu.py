@@ -32,6 +32,8 @@ CASES = with_seed([
     Case(name="dilated_hilbert", kind="dilated", hilbert=True, **LONG),
     Case(name="dilated_math_backend", kind="dilated", backend="math", segment_lengths=(32, 64),
          dilation_rates=(2, 1)),
+    Case(name="dilated_single_rate1", kind="dilated", causal=True, segment_lengths=(32,), dilation_rates=(1,)),
+    Case(name="dilated_single_rate2_uncovered_rows", kind="dilated", segment_lengths=(64,), dilation_rates=(2,)),
     Case(name="hilbert_on_equals_off", kind="hilbert", kv_heads=2, segment_lengths=(16, 64), dilation_rates=(2, 2)),
     Case(name="module_causal_zigzag_gqa", kind="module", causal=True, layout="zigzag", kv_heads=2),
     Case(name="module_dense_no_bias", kind="module", extra={"bias": False}),
