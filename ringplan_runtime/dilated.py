@@ -203,7 +203,8 @@ def _branch_backward(dout, q, k, v, out, lse, branch: DilatedBranch, spec: Dilat
         grads = block_backward(dout_s, q_s, k_s, v_s, out_s, lse_s, backend=spec.backend, causal=spec.causal,
                                scale=spec.scale)
     else:
-        grads = ring_backward(dout_s, q_s, k_s, v_s, out_s, lse_s, branch.ring)
+        grads = ring_backward(dout_s, q_s, k_s, v_s, out_s, lse_s, branch.ring,
+                              grad_dtype=accumulator_dtype(k.dtype))  # summed over branches in fp32
     if inverse is not None:
         grads = tuple(g.index_select(1, inverse) for g in grads)
     return grads

@@ -149,11 +149,28 @@ def _backward_block(grads, dout, q, k_now, v_now, out, lse, plan, spec):
     return dk, dv, cols
 
 
+def _dkv_hop(dk_acc, dv_acc, grad_dtype, dkv_buffers: RingBuffers, *, last: bool):
+    """(send dK, send dV, receive dK, receive dV) of one dK/dV hop.
+
+    The last hop carries finished gradients: they are cast to ``grad_dtype`` BEFORE sending (with k's
+    dtype the owner would cast them anyway, so the result is identical) and, for bf16, half the bytes
+    travel; the fp32 set that is no longer needed is released first, so the peak does not grow.
+    """
+    if not last:
+        dk_next, dv_next = dkv_buffers.next_set()
+        return dk_acc, dv_acc, dk_next, dv_next
+    dkv_buffers.release()
+    dk_send, dv_send = dk_acc.to(grad_dtype), dv_acc.to(grad_dtype)
+    return dk_send, dv_send, torch.empty_like(dk_send), torch.empty_like(dv_send)
+
+
 def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, spec: RingSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  lse: torch.Tensor, spec: RingSpec, *,
+                  grad_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of the local chunk, given the global ``out`` ``[B, n, H, D]`` and ``lse`` ``[B, H, n]``.
 
-    P = 1: the kernel's gradients. P > 1: fp32 (fp64) accumulators; the caller casts.
+    P = 1: the kernel's gradients. P > 1: dq as an fp32 (fp64) accumulator; dk/dv in ``grad_dtype``
+    (default: k's dtype), the dtype their last hop travels in. The caller casts.
     """
     dout = dout.contiguous()
     if spec.size == 1:
@@ -183,9 +200,10 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                 dk_acc[:, block[2]].add_(block[0])
                 dv_acc[:, block[2]].add_(block[1])
         block = None
-        dk_next, dv_next = dkv_buffers.next_set()
-        dkv_comm.send_recv(dk_acc, dk_next, tag=DKV_TAGS[0])
-        dkv_comm.send_recv(dv_acc, dv_next, tag=DKV_TAGS[1])
+        dk_send, dv_send, dk_next, dv_next = _dkv_hop(dk_acc, dv_acc, grad_dtype or k.dtype, dkv_buffers,
+                                                      last=last)
+        dkv_comm.send_recv(dk_send, dk_next, tag=DKV_TAGS[0])
+        dkv_comm.send_recv(dv_send, dv_next, tag=DKV_TAGS[1])
         dkv_comm.commit()
         dk_acc, dv_acc = dk_next, dv_next
         if not last:
