@@ -145,35 +145,40 @@ def _group_sum(grad: torch.Tensor, groups: int) -> torch.Tensor:
     return grad.unflatten(2, (grad.shape[2] // groups, groups)).sum(3, dtype=torch.float32)
 
 
-@functools.cache
-def native_gqa(backend: str, device: str, dtype: torch.dtype) -> bool:
-    """Whether ``backend`` takes ``H != H_kv`` itself, forward AND backward, matching the expanded result.
+def _probe_inputs(device: str, dtype: torch.dtype):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    return [torch.randn(1, 16, heads, 16, generator=gen).to(device=device, dtype=dtype) for heads in (2, 1, 1, 2)]
 
-    Probed once per (backend, device, dtype) on a 2-query-head / 1-KV-head block of 16 tokens.
+
+@functools.cache
+def native_gqa(backend: str, device: str, dtype: torch.dtype, direction: str = "forward") -> bool:
+    """Whether ``backend``'s ``direction`` ('forward'/'backward') takes ``H != H_kv`` itself, matching expansion.
+
+    Probed once per (backend, device, dtype, direction) on a 2-query-head / 1-KV-head block of 16 tokens;
+    any exception or mismatch means no (the runtime then expands K/V heads).
     """
     if backend == "math":
         return False
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v, dout = (torch.randn(1, 16, heads, 16, generator=gen).to(device=device, dtype=dtype)
-                     for heads in (2, 1, 1, 2))
-    scale = 0.25
+    q, k, v, dout = _probe_inputs(device, dtype)
+    scale, tol = 0.25, (1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5)
     try:
-        out, lse = FORWARD[backend](q, k, v, False, scale)
         out_ref, lse_ref = FORWARD[backend](q, _expanded(k, 2), _expanded(v, 2), False, scale)
-        grads = BACKWARD[backend](dout, q, k, v, out, lse.contiguous(), False, scale)
-        grads_ref = BACKWARD[backend](dout, q, _expanded(k, 2), _expanded(v, 2), out_ref, lse_ref.contiguous(),
-                                      False, scale)
+        if direction == "forward":
+            out, lse = FORWARD[backend](q, k, v, False, scale)
+            pairs = [(out, out_ref), (lse, lse_ref)]
+        else:
+            lse_ref = lse_ref.contiguous()
+            grads = BACKWARD[backend](dout, q, k, v, out_ref, lse_ref, False, scale)
+            ref = BACKWARD[backend](dout, q, _expanded(k, 2), _expanded(v, 2), out_ref, lse_ref, False, scale)
+            pairs = [(grads[0], ref[0]), (grads[1], _group_sum(ref[1], 2)), (grads[2], _group_sum(ref[2], 2))]
     except (RuntimeError, ValueError, TypeError, IndexError):
         return False
-    tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
-    pairs = [(out, out_ref), (lse, lse_ref), (grads[0], grads_ref[0]),
-             (grads[1], _group_sum(grads_ref[1], 2)), (grads[2], _group_sum(grads_ref[2], 2))]
     return all(a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=tol, rtol=tol) for a, b in pairs)
 
 
-def _needs_expansion(backend: str, q: torch.Tensor, k: torch.Tensor) -> int:
+def _needs_expansion(backend: str, q: torch.Tensor, k: torch.Tensor, direction: str) -> int:
     groups = q.shape[2] // k.shape[2]
-    if groups == 1 or native_gqa(backend, str(q.device), q.dtype):
+    if groups == 1 or native_gqa(backend, str(q.device), q.dtype, direction):
         return 1
     return groups
 
@@ -186,7 +191,7 @@ def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend:
     ``causal`` masks key j > query i and needs n_q == n_k. ``backend`` must come from ``select_backend``.
     """
     _check_block(q, k, causal)
-    groups = _needs_expansion(backend, q, k)
+    groups = _needs_expansion(backend, q, k, "forward")
     if groups > 1:
         k, v = _expanded(k, groups), _expanded(v, groups)
     return FORWARD[backend](q, k, v, causal, scale)
@@ -205,7 +210,7 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     if dout.stride() != out.stride():
         dout, out = dout.contiguous(), out.contiguous()
     lse = lse.contiguous()
-    groups = _needs_expansion(backend, q, k)
+    groups = _needs_expansion(backend, q, k, "backward")
     if groups == 1:
         dq, dk, dv = BACKWARD[backend](dout, q, k, v, out, lse, causal, scale)
         return dq, dk, dv

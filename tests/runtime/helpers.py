@@ -302,7 +302,8 @@ def run_gpu_cases(cases: list[Case], backends: tuple[str, ...]) -> dict:
         except ValueError as error:
             report["skipped"][backend] = str(error)
             continue
-        report["gqa"][backend] = native_gqa(backend, str(device), torch.bfloat16)
+        report["gqa"][backend] = {direction: native_gqa(backend, str(device), torch.bfloat16, direction)
+                                  for direction in ("forward", "backward")}
         for case in cases:
             try:
                 errors = attention_errors(replace(case, backend=backend), dtype=torch.bfloat16, device=device)
