@@ -2,7 +2,8 @@
 
 One node, 2 GPUs (NCCL)::
 
-    torchrun --standalone --nproc_per_node=2 -m ringplan_runtime.check --tokens 16Ki --dtype bf16 --causal --layout zigzag
+    torchrun --standalone --nproc_per_node=2 -m ringplan_runtime.check \
+        --tokens 16Ki --dtype bf16 --causal --layout zigzag
 
 CPU only (gloo)::
 

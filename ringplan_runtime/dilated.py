@@ -34,7 +34,8 @@ from ringplan_runtime.backends import select_backend
 from ringplan_runtime.hilbert import hilbert_permutation
 from ringplan_runtime.kernels import block_backward, block_forward
 from ringplan_runtime.merge import accumulator_dtype, merge_
-from ringplan_runtime.ring_attention import RingSpec, check_qkv, planner_workload, ring_backward, ring_forward, ring_members
+from ringplan_runtime.ring_attention import (RingSpec, check_qkv, planner_workload, ring_backward, ring_forward,
+                                             ring_members)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,7 +100,10 @@ def dilated_view(x: torch.Tensor, segment: int, rate: int) -> torch.Tensor:
 
 
 def dilated_lse_view(lse: torch.Tensor, segment: int, rate: int) -> torch.Tensor:
-    """View of ``lse`` ``[B, H, n]`` shaped like ``dilated_view(out)[..., 0]``: ``[B, n/seg, seg/rate, rate, H/rate]``."""
+    """View of ``lse`` ``[B, H, n]`` shaped like ``dilated_view(out)[..., 0]``.
+
+    Shape ``[B, n/seg, seg/rate, rate, H/rate]``.
+    """
     batch, heads, n = lse.shape
     split = lse.unflatten(1, (rate, heads // rate)).unflatten(3, (n // segment, segment // rate, rate))
     return torch.diagonal(split, dim1=1, dim2=5).permute(0, 2, 3, 4, 1)

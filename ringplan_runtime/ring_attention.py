@@ -93,6 +93,13 @@ def make_spec(q, k, v, *, group, causal: bool, layout: str, backend: str, scale:
                     scale=float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[3]))
 
 
+def _start_exchange(comm: RingComm, sends, receives, tags) -> None:
+    """Queue one send/receive per (send, receive, tag) and start them as one batch."""
+    for to_send, receive, tag in zip(sends, receives, tags):
+        comm.send_recv(to_send, receive, tag=tag)
+    comm.commit()
+
+
 def _forward_block(q, k_now, v_now, plan, spec, acc):
     n = q.shape[1]
     rows, cols = half_slice(n, plan.query_half), half_slice(n, plan.key_half)
@@ -105,7 +112,8 @@ def _forward_block(q, k_now, v_now, plan, spec, acc):
     return acc
 
 
-def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: RingSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 spec: RingSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(out ``[B, n, H, D]``, lse ``[B, H, n]``) of the local queries against the whole ring's K/V.
 
     P = 1: the kernel's own out (q's dtype) and lse. P > 1: fp32 accumulators (fp64 for fp64).
@@ -120,9 +128,7 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: RingSp
         last = step == spec.size - 1
         if not last:
             k_next, v_next = buffers.next_set()
-            comm.send_recv(k_now, k_next, tag=KV_TAGS[0])
-            comm.send_recv(v_now, v_next, tag=KV_TAGS[1])
-            comm.commit()
+            _start_exchange(comm, (k_now, v_now), (k_next, v_next), KV_TAGS)
         source = (spec.index - step) % spec.size
         plan = block_plan(index=spec.index, source=source, layout=spec.layout, causal=spec.causal)
         if plan is not None:
@@ -164,6 +170,18 @@ def _dkv_hop(dk_acc, dv_acc, grad_dtype, dkv_buffers: RingBuffers, *, last: bool
     return dk_send, dv_send, torch.empty_like(dk_send), torch.empty_like(dv_send)
 
 
+def _add_block_dkv(step: int, block, dk_acc, dv_acc, dkv_comm: RingComm) -> None:
+    """Fold this rank's dK/dV of the K/V block it holds into the travelling accumulator."""
+    if step == 0:  # the diagonal block: the accumulator starts as its (full) dK/dV
+        dk_acc.copy_(block[0])
+        dv_acc.copy_(block[1])
+        return
+    dkv_comm.wait()  # dK/dV of this K/V block, accumulated by the previous ranks
+    if block is not None:
+        dk_acc[:, block[2]].add_(block[0])
+        dv_acc[:, block[2]].add_(block[1])
+
+
 def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, spec: RingSpec, *,
                   grad_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -185,27 +203,14 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         last = step == spec.size - 1
         if not last:
             k_next, v_next = kv_buffers.next_set()
-            kv_comm.send_recv(k_now, k_next, tag=KV_TAGS[0])
-            kv_comm.send_recv(v_now, v_next, tag=KV_TAGS[1])
-            kv_comm.commit()
+            _start_exchange(kv_comm, (k_now, v_now), (k_next, v_next), KV_TAGS)
         source = (spec.index - step) % spec.size
         plan = block_plan(index=spec.index, source=source, layout=spec.layout, causal=spec.causal)
         block = None if plan is None else _backward_block(grads, dout, q, k_now, v_now, out, lse, plan, spec)
-        if step == 0:  # the diagonal block: the accumulator starts as its (full) dK/dV
-            dk_acc.copy_(block[0])
-            dv_acc.copy_(block[1])
-        else:
-            dkv_comm.wait()  # dK/dV of this K/V block, accumulated by the previous ranks
-            if block is not None:
-                dk_acc[:, block[2]].add_(block[0])
-                dv_acc[:, block[2]].add_(block[1])
+        _add_block_dkv(step, block, dk_acc, dv_acc, dkv_comm)
         block = None
-        dk_send, dv_send, dk_next, dv_next = _dkv_hop(dk_acc, dv_acc, grad_dtype or k.dtype, dkv_buffers,
-                                                      last=last)
-        dkv_comm.send_recv(dk_send, dk_next, tag=DKV_TAGS[0])
-        dkv_comm.send_recv(dv_send, dv_next, tag=DKV_TAGS[1])
-        dkv_comm.commit()
-        dk_acc, dv_acc = dk_next, dv_next
+        dk_send, dv_send, dk_acc, dv_acc = _dkv_hop(dk_acc, dv_acc, grad_dtype or k.dtype, dkv_buffers, last=last)
+        _start_exchange(dkv_comm, (dk_send, dv_send), (dk_acc, dv_acc), DKV_TAGS)
         if not last:
             kv_comm.wait()
             k_now, v_now = k_next, v_next

@@ -62,7 +62,8 @@ def test_merge_is_stable_for_large_lse():
 
 def test_start_accumulator_is_fp32_for_bf16_blocks():
     """The accumulators are fp32 even when the block is bf16 (LSE accumulators in bf16 are a known failure)."""
-    out, lse = start_accumulator(torch.ones(1, 4, 2, 8, dtype=torch.bfloat16), torch.zeros(1, 2, 4), lse_shape=(1, 2, 4))
+    block = torch.ones(1, 4, 2, 8, dtype=torch.bfloat16)
+    out, lse = start_accumulator(block, torch.zeros(1, 2, 4), lse_shape=(1, 2, 4))
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
 
 
@@ -97,8 +98,9 @@ def test_causal_schedule_covers_exactly_the_causal_pairs(layout, ring_size):
                 continue
             kpos = token_positions(rank=source, ring_size=ring_size, layout=layout, seq_len_tokens=seq)
             rows, cols = qpos[half_slice(n, plan.query_half)], kpos[half_slice(n, plan.key_half)]
-            allowed = rows[:, None] >= cols[None, :] if plan.causal else torch.ones(len(rows), len(cols), dtype=torch.bool)
-            assert plan.causal or bool((rows[:, None] >= cols[None, :]).all()), "a non-causal block crosses the diagonal"
+            below = rows[:, None] >= cols[None, :]
+            assert plan.causal or bool(below.all()), "a non-causal block crosses the diagonal"
+            allowed = below if plan.causal else torch.ones_like(below)
             pairs[rows[:, None], cols[None, :]] += allowed.long()
             done += int(allowed.sum())
         work.append(done)
