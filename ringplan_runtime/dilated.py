@@ -223,6 +223,7 @@ def dilated_backward(dout, q, k, v, out, lse, spec: DilatedSpec):
         grads = _branch_backward(dout, q, k, v, out, lse, branch, spec)
         for target, sparse in zip((dq, dk, dv), grads):
             scatter_add_(target, sparse, branch.local_segment_tokens, branch.rate)
+        del grads, target, sparse  # free this branch's gradients before the next branch runs
     return dq, dk, dv
 
 
