@@ -34,7 +34,7 @@ FP32_BYTES = 4
 #: Every key ``memory_terms`` returns, in display order.
 TERM_NAMES: tuple[str, ...] = (
     "x_local_bytes", "weights_bytes", "q_bytes", "kv_bytes", "kv_recv_bytes", "accumulator_bytes",
-    "block_result_bytes", "dilated_gather_bytes", "attention_workspace_bytes", "output_bytes",
+    "merge_temporaries_bytes", "block_result_bytes", "dilated_gather_bytes", "attention_workspace_bytes", "output_bytes",
     "projection_output_bytes", "saved_lse_bytes", "grad_output_bytes", "dq_accumulator_bytes",
     "dkv_accumulator_bytes", "block_grad_bytes", "weight_grad_bytes",
 )
@@ -143,11 +143,17 @@ def x_local_bytes(p: TermInputs) -> float:
 
 
 def weights_bytes(p: TermInputs) -> float:
-    """QKV and output projection weights: (E·(H + 2·H_kv)·D + H·D·E)·e bytes. Ignores biases."""
+    """QKV and output projection weights and biases: (E·(H + 2·H_kv)·D + H·D·E + (H + 2·H_kv)·D + E)·e
+    bytes (``RingDilatedAttention`` has biases by default; without them this overcounts by < 1/E)."""
     if not p.projections:
         return 0.0
-    qkv = p.embed_dim * (p.n_heads + 2 * p.n_kv_heads) * p.head_dim
-    return float((qkv + p.n_heads * p.head_dim * p.embed_dim) * p.dtype_bytes)
+    qkv = (p.embed_dim + 1) * (p.n_heads + 2 * p.n_kv_heads) * p.head_dim
+    return float((qkv + out_projection_elements(p)) * p.dtype_bytes)
+
+
+def out_projection_elements(p: TermInputs) -> int:
+    """Elements of the output projection: weight H·D·E plus bias E."""
+    return (p.n_heads * p.head_dim + 1) * p.embed_dim
 
 
 def q_bytes(p: TermInputs) -> float:
@@ -189,30 +195,57 @@ def accumulator_bytes(p: TermInputs, b: Branch) -> float:
     return ring + merge
 
 
+#: LSE-sized fp32 temporaries alive together inside one in-place merge (runtime ``merge.merge_``):
+#: the new LSE, its -inf-safe shift, the two weights, and one difference being exponentiated.
+MERGE_TEMPORARIES = 5
+
+
+def merge_temporaries_bytes(p: TermInputs, b: Branch) -> float:
+    """Temporaries of one LSE merge: 5·B·H·n_b·4 bytes when a merge happens (a ring of ≥ 2 ranks, or
+    several dilated branches). Source: the runtime's ``merge_`` as the live-tensor tracker sees it.
+    Ignores: the bool mask of -inf rows (1 byte per row, freed before the weights exist)."""
+    if b.group <= 1 and len(p.segment_lengths_tokens) <= 1:
+        return 0.0
+    return MERGE_TEMPORARIES * p.batch * p.n_heads * b.n_b * FP32_BYTES
+
+
 def block_result_bytes(p: TermInputs, b: Branch) -> float:
     """One block's output and LSE, as the local kernel returns them: B·n_b·H·D·e + B·H·n_b·4.
     With one rank and dense attention this is the final output itself."""
     return p.batch * b.n_b * p.n_heads * (p.head_dim * p.dtype_bytes + FP32_BYTES)
 
 
-def dilated_gather_bytes(p: TermInputs, b: Branch) -> float:
-    """Gathered (strided, so copied) Q, K, V of one dilated branch: B·n_b·(H + 2·H_kv')·D·e.
-    0 for rate 1, where segments are views of contiguous tokens."""
-    if b.dilation == 1:
+def dilated_gather_bytes(p: TermInputs, b: Branch, *, backward: bool = False) -> float:
+    """Gathered (strided, so copied) tensors of one dilated branch. Forward: Q, K, V,
+    B·n_b·(H + 2·H_kv')·D·e. Backward adds dO and O (2·B·n_b·H·D·e) and the LSE rows (B·H·n_b·4,
+    copied whenever the branch has several segments per rank). 0 for rate 1 apart from that LSE
+    copy: its segments are views of contiguous tokens."""
+    if not p.segment_lengths_tokens:
         return 0.0
-    return p.batch * b.n_b * (p.n_heads + 2 * b.kv_heads) * p.head_dim * p.dtype_bytes
+    heads = p.n_heads + 2 * b.kv_heads + (2 * p.n_heads if backward else 0)
+    tensors = p.batch * b.n_b * heads * p.head_dim * p.dtype_bytes if b.dilation > 1 else 0.0
+    several_segments = b.group == 1 and b.key_tokens * b.dilation < p.tokens_per_rank
+    lse = p.batch * p.n_heads * b.n_b * FP32_BYTES if backward and (b.dilation > 1 or several_segments) else 0.0
+    return tensors + lse
 
 
 def attention_workspace_bytes(p: TermInputs, b: Branch, *, backward: bool = False) -> float:
     """Backend workspace of one block. Tiled kernels (cudnn/flash/efficient/auto/cpu): 0 here; their
-    small tile buffers go into the fitted constant. ``math``: scores in fp32 plus probabilities in
-    the dtype, B·H·n_b·k·(4 + e) for k keys per query (twice in backward: recomputed probabilities
-    and their gradient), plus K/V expanded to H heads under GQA, 2·B·n_b·(H − H_kv)·D·e."""
+    small tile buffers go into the fitted constant. ``math`` (the runtime's ``_math_forward`` /
+    ``_math_backward``, fp32 whatever the input dtype), with S = B·H·n_b·k·4 for k keys per query:
+    forward max(3·S − O, 2·S) — scores, shifted scores and probabilities before the block output O
+    (B·n_b·H·D·e, counted in ``block_result_bytes``) exists, scores and probabilities after;
+    backward 4·S (scores, probabilities, dO·Vᵀ − δ, dS). Plus K/V expanded to H heads under GQA,
+    2·B·n_b·(H − H_kv)·D·e. Ignores: in backward, dQ and dK are formed after the scores are
+    freed, so ``block_grad_bytes`` overcounts the math backend by up to B·n_b·(H + H_kv)·D·e."""
     if p.backend in TILED_BACKENDS:
         return 0.0
-    scores = p.batch * p.n_heads * b.n_b * b.key_tokens * (FP32_BYTES + p.dtype_bytes)
+    scores = p.batch * p.n_heads * b.n_b * b.key_tokens * FP32_BYTES
     expanded_kv = 2 * p.batch * b.n_b * (p.n_heads - b.kv_heads) * p.head_dim * p.dtype_bytes
-    return scores * (2 if backward else 1) + expanded_kv
+    if backward:
+        return 4 * scores + expanded_kv
+    block_out = p.batch * b.n_b * p.n_heads * p.head_dim * p.dtype_bytes
+    return max(3 * scores - block_out, 2 * scores) + expanded_kv
 
 
 # ----------------------------------------------------------------------------- output and backward
@@ -229,8 +262,9 @@ def projection_output_bytes(p: TermInputs) -> float:
 
 
 def saved_lse_bytes(p: TermInputs) -> float:
-    """LSE saved for backward, one per branch: Σ_branches B·H·n_b·4 (training only)."""
-    return sum(p.batch * p.n_heads * b.n_b * FP32_BYTES for b in branches(p))
+    """LSE saved for backward: B·H·n·4 (training only). Dilated branches save one merged LSE, as
+    the backward of every branch uses the global out and LSE."""
+    return p.batch * p.n_heads * p.tokens_per_rank * FP32_BYTES
 
 
 def grad_output_bytes(p: TermInputs) -> float:
@@ -264,9 +298,11 @@ def block_grad_bytes(p: TermInputs, b: Branch) -> float:
 
 
 def weight_grad_bytes(p: TermInputs) -> float:
-    """Gradients of the projection weights, same size as the weights (training with projections).
-    Ignores optimizer state: this is one layer's activation memory, not a training job's."""
-    return weights_bytes(p) if p.training else 0.0
+    """Weight gradients alive during the ring backward: the output projection's (H·D·E + E)·e, whose
+    backward runs first (training with projections). The Q/K/V projections' gradients are formed
+    after the ring backward has freed its buffers. Ignores optimizer state: this is one layer's
+    activation memory, not a training job's."""
+    return float(out_projection_elements(p) * p.dtype_bytes) if p.training and p.projections else 0.0
 
 
 # ----------------------------------------------------------------------------- instants
@@ -275,9 +311,14 @@ def weight_grad_bytes(p: TermInputs) -> float:
 def attention_instant(p: TermInputs) -> dict[str, float]:
     """Forward peak inside the ring loop, for the branch whose transient tensors are largest."""
     def for_branch(b: Branch) -> dict[str, float]:
-        return {"kv_recv_bytes": kv_recv_bytes(p, b), "accumulator_bytes": accumulator_bytes(p, b),
-                "block_result_bytes": block_result_bytes(p, b), "dilated_gather_bytes": dilated_gather_bytes(p, b),
-                "attention_workspace_bytes": attention_workspace_bytes(p, b)}
+        held = {"kv_recv_bytes": kv_recv_bytes(p, b), "accumulator_bytes": accumulator_bytes(p, b),
+                "block_result_bytes": block_result_bytes(p, b)}
+        kernel = {**held, "dilated_gather_bytes": dilated_gather_bytes(p, b),
+                  "attention_workspace_bytes": attention_workspace_bytes(p, b)}
+        merge = {**held, "merge_temporaries_bytes": merge_temporaries_bytes(p, b)}
+        if b.group > 1:  # a ring merges block by block while the gathered tensors are held
+            return {**kernel, "merge_temporaries_bytes": merge["merge_temporaries_bytes"]}
+        return _largest([kernel, merge])  # a local branch merges after its gathers are freed
     return {**common_terms(p), **_largest(for_branch(b) for b in branches(p))}
 
 
@@ -295,7 +336,7 @@ def backward_instant(p: TermInputs) -> dict[str, float]:
     def for_branch(b: Branch) -> dict[str, float]:
         return {"kv_recv_bytes": kv_recv_bytes(p, b), "dq_accumulator_bytes": dq_accumulator_bytes(p, b),
                 "dkv_accumulator_bytes": dkv_accumulator_bytes(p, b), "block_grad_bytes": block_grad_bytes(p, b),
-                "dilated_gather_bytes": dilated_gather_bytes(p, b),
+                "dilated_gather_bytes": dilated_gather_bytes(p, b, backward=True),
                 "attention_workspace_bytes": attention_workspace_bytes(p, b, backward=True)}
     return {**common_terms(p), "output_bytes": output_bytes(p), "saved_lse_bytes": saved_lse_bytes(p),
             "grad_output_bytes": grad_output_bytes(p), "weight_grad_bytes": weight_grad_bytes(p),
