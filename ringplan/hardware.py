@@ -145,6 +145,9 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
         return _catalog_from_json(data, str(path))
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{path}: malformed catalog entry ({exc!r})") from None
+    except ValueError as exc:
+        message = str(exc)
+        raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from None
 
 
 def _catalog_from_json(data: dict[str, Any], source_path: str) -> Catalog:

@@ -106,8 +106,8 @@ class Workload:
         for w in self.pattern.segment_lengths_tokens:
             if self.seq_len_tokens % w:
                 raise ValueError(
-                    f"sequence of {self.seq_len_tokens} tokens is not a multiple of segment length {w}; "
-                    f"nearest valid lengths: {_nearest_multiples(self.seq_len_tokens, max(self.pattern.segment_lengths_tokens))}")
+                    f"sequence of {self.seq_len_tokens:,} tokens is not a multiple of segment length {w}; "
+                    f"nearest valid lengths: {_nearest_multiples(self.seq_len_tokens, math.lcm(*self.pattern.segment_lengths_tokens))}")
 
     def with_seq_len(self, seq_len_tokens: int) -> "Workload":
         return Workload(seq_len_tokens=seq_len_tokens, shape=self.shape, pattern=self.pattern,
@@ -162,7 +162,7 @@ def check_layout_fits(workload: Workload, layout: RingLayout) -> None:
     step = p * layout.chunks_per_rank
     if s % step:
         raise ValueError(
-            f"sequence of {s:,} tokens does not split over {p} ranks with the {layout.layout} layout "
+            f"sequence of {s:,} tokens does not split over {p} rank{'s' if p != 1 else ''} with the {layout.layout} layout "
             f"(needs a multiple of {step}); nearest valid lengths: {_nearest_multiples(s, step)}")
     if not workload.pattern.dilated:
         return

@@ -1,0 +1,109 @@
+"""GPU catalog: required entries, a source for every number, measured memory, lookup and errors."""
+
+import json
+
+import pytest
+
+from ringplan.hardware import load_catalog
+
+REQUIRED_GPUS = ("gtx-1080", "v100-16gb", "v100-32gb", "a10-24gb", "l4", "l40s", "rtx-4090", "a100-40gb",
+                 "a100-80gb", "h100-80gb-sxm", "h100-80gb-pcie", "h200", "b200", "mi300x")
+REQUIRED_LINKS = ("nvlink-1", "nvlink-2", "nvlink-3", "nvlink-4", "nvlink-5", "pcie-gen3-x16", "pcie-gen4-x16",
+                  "pcie-gen5-x16", "infiniband-hdr-200", "infiniband-ndr-400", "ethernet-100g", "ethernet-400g")
+SOURCED_GPU_FIELDS = ("usable_memory_bytes", "peak_flops_per_s", "hbm_bandwidth_bytes_per_s", "intra_node_link",
+                      "inter_node_link", "gpus_per_node", "runtime_overhead_bytes")
+MIB = 2**20
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return load_catalog()
+
+
+def test_required_gpus_and_links_present(catalog):
+    """Every GPU and link the issue names is in the catalog."""
+    assert {g.name for g in catalog.gpus} >= set(REQUIRED_GPUS)
+    assert {link.name for link in catalog.links} >= set(REQUIRED_LINKS)
+
+
+def test_every_number_has_a_source(catalog):
+    """Each GPU field and each link number carries a non-empty source."""
+    for gpu in catalog.gpus:
+        missing = [f for f in SOURCED_GPU_FIELDS if not gpu.sources.get(f, "").strip()]
+        assert not missing, f"{gpu.name}: no source for {missing}"
+    for link in catalog.links:
+        assert link.sources.get("bandwidth_bytes_per_s") and link.sources.get("latency_s"), link.name
+
+
+def test_measured_memory_is_what_the_driver_reported(catalog):
+    """H100 SXM and H200 usable memory are the nvidia-smi totals measured on the lent machines."""
+    assert catalog.gpu("h100-80gb-sxm").usable_memory_bytes == 81_559 * MIB
+    assert catalog.gpu("h200").usable_memory_bytes == 143_771 * MIB
+    assert catalog.gpu("h100").usable_memory_measured
+    assert not catalog.gpu("a100-40gb").usable_memory_measured
+    assert "nominal" in catalog.gpu("a100-40gb").sources["usable_memory_bytes"]
+
+
+def test_flops_are_dense_and_links_resolve(catalog):
+    """H100 SXM bf16 is the dense 989.5 TFLOP/s (half the datasheet's sparse figure); every GPU's
+    links exist; NVLink 4 is 450 GB/s one way."""
+    assert catalog.gpu("h100").peak_flops_per_s["bf16"] == pytest.approx(989.5e12)
+    assert catalog.link("nvlink-4").bandwidth_bytes_per_s == pytest.approx(450e9)
+    for gpu in catalog.gpus:
+        assert catalog.link(gpu.intra_node_link).bandwidth_bytes_per_s > 0
+        assert catalog.link(gpu.inter_node_link).bandwidth_bytes_per_s > 0
+
+
+@pytest.mark.parametrize("name, canonical", [
+    ("H100", "h100-80gb-sxm"), ("h100-SXM", "h100-80gb-sxm"), ("H100_PCIe", "h100-80gb-pcie"),
+    (" a100-40GB ", "a100-40gb"), ("NVIDIA H100 80GB HBM3", "h100-80gb-sxm"), ("4090", "rtx-4090"),
+])
+def test_lookup_is_case_insensitive_with_aliases(catalog, name, canonical):
+    """Names, aliases and driver names resolve in any case and with _ or spaces for -."""
+    assert catalog.gpu(name).name == canonical
+
+
+def test_ambiguous_alias_lists_the_choices(catalog):
+    """'a100' could be either memory size: the error lists both."""
+    with pytest.raises(ValueError, match="a100-40gb, a100-80gb"):
+        catalog.gpu("a100")
+
+
+def test_unknown_gpu_suggests_closest_names(catalog):
+    """An unknown name raises ValueError quoting it and listing close names."""
+    with pytest.raises(ValueError) as info:
+        catalog.gpu("h10")
+    assert "'h10'" in str(info.value) and "h100" in str(info.value)
+
+
+def test_driver_name_lookup(catalog):
+    """Profiles name GPUs as the driver does; the catalog maps them back (or None)."""
+    assert catalog.gpu_by_driver_name("NVIDIA GeForce GTX 1080").name == "gtx-1080"
+    assert catalog.gpu_by_driver_name("Unknown Card") is None
+
+
+def _write(tmp_path, data) -> str:
+    path = tmp_path / "gpus.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return str(path)
+
+
+def test_bad_catalog_files_name_the_file(tmp_path):
+    """Missing file, bad JSON, wrong schema, unknown link and non-finite numbers are ValueErrors
+    that name the file."""
+    with open(load_catalog().source_path) as handle:
+        good = json.load(handle)
+    cases = {"missing": None, "bad json": "{not json", "schema": {**good, "schema": "other"}}
+    broken_link = json.loads(json.dumps(good))
+    broken_link["gpus"][0]["intra_node_link"] = "nvlink-9"
+    cases["unknown link"] = broken_link
+    not_finite = json.loads(json.dumps(good))
+    not_finite["gpus"][0]["hbm_bandwidth_bytes_per_s"] = float("nan")
+    cases["nan"] = not_finite
+    for label, data in cases.items():
+        path = str(tmp_path / "absent.json") if data is None else _write(tmp_path, data)
+        load_catalog.cache_clear()
+        with pytest.raises(ValueError) as info:
+            load_catalog(path)
+        assert path in str(info.value), label
+    load_catalog.cache_clear()
