@@ -81,11 +81,19 @@ def test_analytic_terms_match_live_tensor_tracker(tracked_results, ring_size, ca
     """Σ memory_terms equals the tracker's peak live bytes within 1% on every path and ring size."""
     result = tracked_results[(ring_size, case)]
     assert result.feasible, f"{case} at P={ring_size} failed: {result.failure}"
-    predicted = sum(memory_terms(result.point.workload, result.point.layout).values())
+    workload = result.point.workload
+    predicted = sum(memory_terms(workload, result.point.layout).values())
     tracked = result.tracked_peak_bytes
+    message = f"{case} at P={ring_size}: analytic {predicted:,.0f} B vs tracked {tracked:,} B"
+    if case == "math_backend-training":
+        # Documented in attention_workspace_bytes: the math backward forms dQ and dK after its scores
+        # are freed, so block_grad_bytes overcounts by up to B·n·(H + H_kv)·D·e; never undercounts.
+        shape = workload.shape
+        overcount = shape.batch * TOKENS_PER_RANK * (shape.n_heads + shape.n_kv_heads) * shape.head_dim * 4
+        assert 0 <= predicted - tracked <= overcount, message
+        return
     error = (predicted - tracked) / tracked
-    assert abs(error) <= TRACKER_REL_TOL, (
-        f"{case} at P={ring_size}: analytic {predicted:,.0f} B vs tracked {tracked:,} B ({error:+.2%})")
+    assert abs(error) <= TRACKER_REL_TOL, f"{message} ({error:+.2%})"
 
 
 def _kv_block_bytes(workload: Workload, ring_size: int, element_bytes: int) -> int:
