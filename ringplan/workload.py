@@ -11,6 +11,7 @@ Shared vocabulary with ``ringplan_runtime``: tensors are laid out ``[B, S, H, D]
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
