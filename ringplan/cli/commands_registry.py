@@ -14,4 +14,6 @@ def all_commands() -> list[click.Command]:
     from ringplan.cli.fit import fit; commands.append(fit)  # noqa: E702
     from ringplan.cli.simulate import simulate; commands.append(simulate)  # noqa: E702
     from ringplan.cli.overlap import overlap; commands.append(overlap)  # noqa: E702
+    from ringplan.cli.profile import profile; commands.append(profile)  # noqa: E702
+    from ringplan.cli.validate import validate; commands.append(validate)  # noqa: E702
     return commands
