@@ -31,7 +31,8 @@ from ringplan_runtime.tracker import LiveTensorTracker, SentBytesCounter
 
 METHOD = ("random inputs; {warmup} warm-up steps; torch.cuda.reset_peak_memory_stats; one step read for "
           "peak allocated/reserved (torch allocator), device used (NVML, after the step) and live tensors "
-          "(TorchDispatchMode tracker); step time = median of {timed} CUDA-event timings")
+          "(TorchDispatchMode tracker); step time = median of {timed} CUDA-event timings (perf_counter on CPU); "
+          "training: the layer output is dropped before backward, its gradient made when backward needs it")
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -208,14 +209,17 @@ def _step_seconds(inputs: StepInputs) -> float:
 
 
 def device_used_bytes(device: torch.device) -> int | None:
-    """NVML's used bytes on this CUDA device (this process's share when exposed), else None."""
+    """NVML's used bytes of the whole CUDA device (what must fit in its usable memory), else None.
+
+    Device-wide on purpose: the catalog's usable memory is the driver's total, and what fills it
+    is everything on the device (this rank's context, NCCL buffers, allocator cache, and the
+    driver's own reservation). Assumes one rank per device and no other process on it.
+    """
     if device.type != "cuda":
         return None
     uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
     reading = nvml.device_memory(str(uuid) if uuid is not None else device.index or 0)
-    if reading is None:
-        return None
-    return reading.process_used_bytes or reading.used_bytes
+    return None if reading is None else reading.used_bytes
 
 
 def _memory_step(inputs: StepInputs, settings: MeasureSettings) -> dict[str, int | None]:

@@ -233,11 +233,13 @@ def _read_rank_files(results_dir: Path, ring_size: int) -> _RingRecords:
 
 def run_points(points: Sequence[SweepPoint], *, settings: MeasureSettings | None = None,
                usable_memory_bytes: int | None = None, timeout_s: float = 600.0, fault: dict | None = None,
-               on_result: Callable[[PointResult], None] | None = None, command: str | None = None) -> list[PointResult]:
+               on_result: Callable[[PointResult], None] | None = None, command: str | None = None,
+               device: str = "auto") -> list[PointResult]:
     """Measure points that share one ring size on local processes; every point gets a result.
 
-    Launches rings with ``ringplan_runtime.spawn`` (NCCL when CUDA is present, gloo otherwise)
-    until every point has a result; a failed ring costs only the point it was running.
+    Launches rings with ``ringplan_runtime.spawn`` until every point has a result; a failed ring
+    costs only the point it was running. ``device``: ``cuda`` (NCCL, one GPU per rank), ``cpu``
+    (gloo) or ``auto`` (CUDA when present).
     """
     from ringplan_runtime import RankFailure, spawn
 
@@ -247,7 +249,11 @@ def run_points(points: Sequence[SweepPoint], *, settings: MeasureSettings | None
     if any(p.layout.ring_size != ring_size for p in points):
         raise ValueError(f"points of one run must share a ring size, got {sorted({p.layout.ring_size for p in points})}")
     settings = settings or MeasureSettings()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device {device!r} is not one of ['auto', 'cuda', 'cpu']")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but CUDA is not available")
+    backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
     results: list[PointResult] = []
     remaining = list(points)
     while remaining:

@@ -52,7 +52,7 @@ def sweep_points(*, tokens: Sequence[int], world_sizes: Sequence[int], shapes: S
 
 def run_sweep(points: Sequence[SweepPoint], *, profile_path: str | Path, settings: MeasureSettings | None = None,
               command: str | None = None, timeout_s: float = 600.0, progress: bool = True,
-              record_as: str | None = None, series: str | None = None) -> list[PointResult]:
+              record_as: str | None = None, series: str | None = None, device: str = "auto") -> list[PointResult]:
     """Measure ``points`` (grouped by ring size) and merge each finished point into ``profile_path``.
 
     Rows are written as they arrive, so an interrupted sweep keeps what it measured; rows already
@@ -71,7 +71,8 @@ def run_sweep(points: Sequence[SweepPoint], *, profile_path: str | Path, setting
 
     for ring_size in sorted({p.layout.ring_size for p in points}):
         group = [p for p in points if p.layout.ring_size == ring_size]
-        results.extend(run_points(group, settings=settings, timeout_s=timeout_s, on_result=record, command=command))
+        results.extend(run_points(group, settings=settings, timeout_s=timeout_s, on_result=record, command=command,
+                                  device=device))
     bar.close()
     return results
 

@@ -1,0 +1,282 @@
+"""Run a plan for real and compare it with the planner: memory figures, step time, OOM boundary.
+
+``validate_plan`` measures one (workload, ring) on the local devices (``points.run_points``:
+NCCL on GPUs, gloo on CPU) and sets each measured figure beside the planner's prediction:
+
+| figure               | predicted by                                                     |
+|----------------------|------------------------------------------------------------------|
+| tracked_peak_bytes   | Σ ``memory_terms`` (θ = 1): the live-tensor bytes the plan holds |
+| peak_allocated_bytes | the memory model when it fits that figure, else Σ ``memory_terms`` |
+| peak_reserved_bytes  | the memory model, when it fits that figure                       |
+| device_used_bytes    | the memory model's total (what must fit in usable memory)        |
+| step_time_s          | ``ringplan.time_model`` (if present and it has data)             |
+| bytes_sent_per_rank  | the ring's K/V (and dK/dV) traffic, dense patterns               |
+
+``bisect_boundary`` searches the real OOM boundary in tokens (valid lengths only: S = m·unit·P,
+``ringplan.capacity.token_unit``) and compares it with ``ringplan.capacity.max_tokens``.
+``--emulate-gpu`` runs cap each rank's allocator (``ringplan_runtime.emulate``); the checks that
+must fail before anything is launched are in ``check_launch``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ringplan.hardware import GpuSpec
+from ringplan.memory_terms import memory_terms
+from ringplan.workload import RingLayout, Workload
+from ringplan_runtime.measure import MeasureSettings
+from ringplan_runtime.points import PointResult, SweepPoint, run_points
+
+MEMORY_FIGURES = ("tracked_peak_bytes", "peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes")
+#: Largest tokens per rank a CPU validation accepts (it checks byte terms, not speed).
+CPU_MAX_TOKENS_PER_RANK = 16_384
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """What to run: the workload on a ring, the GPU the prediction is for, and the emulated GPU."""
+
+    workload: Workload
+    layout: RingLayout
+    gpu: GpuSpec | None
+    emulate: GpuSpec | None = None
+    device_type: str = "cuda"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Figure:
+    """One figure predicted vs measured; ``error`` = (predicted − measured) / measured."""
+
+    name: str
+    predicted: float | None
+    measured: float | None
+    source: str
+    tolerance: float
+
+    @property
+    def error(self) -> float | None:
+        if self.predicted is None or not self.measured:
+            return None
+        return (self.predicted - self.measured) / self.measured
+
+    @property
+    def within(self) -> bool | None:
+        return None if self.error is None else abs(self.error) <= self.tolerance
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Validation:
+    """A plan's run: the measured point, the figures, and whether the prediction held."""
+
+    plan: Plan
+    result: PointResult
+    figures: tuple[Figure, ...]
+    predicted_feasible: bool | None
+    provenance: str
+
+    @property
+    def passed(self) -> bool:
+        if not self.result.feasible:
+            return self.result.failure == "oom" and self.predicted_feasible is False
+        return all(f.within is not False for f in self.figures) and self.predicted_feasible is not False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Boundary:
+    """The measured OOM boundary against the predicted capacity, in tokens."""
+
+    predicted_max_tokens: int | None
+    measured_max_tokens: int | None
+    first_oom_tokens: int | None
+    tolerance: float
+    probes: tuple[PointResult, ...] = field(default=(), repr=False)
+
+    @property
+    def error(self) -> float | None:
+        if self.predicted_max_tokens is None or not self.measured_max_tokens:
+            return None
+        return (self.predicted_max_tokens - self.measured_max_tokens) / self.measured_max_tokens
+
+    @property
+    def never_above(self) -> bool | None:
+        if self.predicted_max_tokens is None or self.measured_max_tokens is None:
+            return None
+        return self.predicted_max_tokens <= self.measured_max_tokens
+
+    @property
+    def passed(self) -> bool:
+        return self.error is not None and self.never_above is True and abs(self.error) <= self.tolerance
+
+
+def check_launch(*, world_size: int, device_type: str, emulate: GpuSpec | None) -> None:
+    """Errors before anything is launched: too few devices, emulating on CPU or a larger GPU."""
+    import torch
+
+    if device_type == "cuda":
+        visible = torch.cuda.device_count()
+        if world_size > visible:
+            raise ValueError(f"world size {world_size} needs {world_size} GPUs, {visible} visible "
+                             f"(CUDA_VISIBLE_DEVICES={_visible_env()})")
+    elif emulate is not None:
+        raise ValueError("--emulate-gpu caps a GPU's memory: it needs CUDA devices")
+    if emulate is not None:
+        real = real_memory_bytes()
+        if emulate.usable_memory_bytes > real:
+            raise ValueError(f"cannot emulate {emulate.name} ({emulate.usable_memory_bytes:,} B usable) on a GPU "
+                             f"with {real:,} B: the emulated GPU must be smaller than the real one")
+
+
+def _visible_env() -> str:
+    import os
+
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+
+
+def real_memory_bytes() -> int:
+    """Total memory of local GPU 0 as the driver reports it (NVML), else as CUDA reports it."""
+    from ringplan_runtime import nvml
+
+    reading = nvml.device_memory(0)
+    if reading is not None:
+        return reading.total_bytes
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory
+
+
+def ring_sent_bytes(workload: Workload, layout: RingLayout) -> int | None:
+    """Bytes one rank sends per step, dense patterns: (P−1) K/V blocks forward; training adds
+    (P−1) K/V blocks and P dK/dV blocks (P−1 fp32 accumulators, the last hop home in the dtype).
+    None for dilated patterns (only some branches ring, over subgroups)."""
+    if workload.pattern.dilated:
+        return None
+    shape, p = workload.shape, layout.ring_size
+    pair_elements = 2 * shape.batch * (workload.seq_len_tokens // p) * shape.n_kv_heads * shape.head_dim
+    sent = (p - 1) * pair_elements * shape.dtype_bytes
+    if workload.training and p > 1:
+        sent += (p - 1) * pair_elements * shape.dtype_bytes + pair_elements * ((p - 1) * 4 + shape.dtype_bytes)
+    return sent
+
+
+def predicted_step_time_s(plan: Plan) -> tuple[float | None, str]:
+    """The time model's step time for the plan, or None (no time model, no data, or CPU)."""
+    if plan.device_type != "cuda" or plan.gpu is None:
+        return None, "no time model on CPU"
+    try:
+        from ringplan.time_model import step_time_prediction
+    except ImportError:
+        return None, "ringplan.time_model absent"
+    try:
+        prediction = step_time_prediction(plan.workload, plan.layout, plan.gpu)
+    except ValueError as error:
+        return None, f"time model: {error}"
+    return prediction.step_time_s, f"time model ({prediction.provenance})"
+
+
+def predicted_figures(plan: Plan, model, *, tolerance: float, time_tolerance: float,
+                      measured: PointResult) -> tuple[tuple[Figure, ...], bool | None, str]:
+    """The figures to compare, whether the model calls the plan feasible, and its provenance."""
+    analytic = float(sum(memory_terms(plan.workload, plan.layout).values()))
+    figures = [Figure(name="tracked_peak_bytes", predicted=analytic, measured=measured.tracked_peak_bytes,
+                      source="Σ memory_terms", tolerance=tolerance)]
+    feasible, provenance = None, "analytic byte terms (CPU)"
+    if plan.device_type == "cuda" and plan.gpu is not None:
+        prediction = model.predict(plan.workload, plan.layout, plan.gpu)
+        feasible, provenance = prediction.total_bytes <= plan.gpu.usable_memory_bytes, prediction.provenance
+        allocated = prediction.peak_allocated_bytes
+        figures += [
+            Figure(name="peak_allocated_bytes", predicted=allocated if allocated is not None else analytic,
+                   measured=measured.peak_allocated_bytes, tolerance=tolerance,
+                   source="memory model" if allocated is not None else "Σ memory_terms"),
+            Figure(name="peak_reserved_bytes", predicted=prediction.peak_reserved_bytes,
+                   measured=measured.peak_reserved_bytes, source="memory model", tolerance=tolerance),
+            Figure(name="device_used_bytes", predicted=prediction.total_bytes, measured=measured.device_used_bytes,
+                   source=f"memory model ({prediction.fitted_figure})", tolerance=tolerance)]
+        step_s, step_source = predicted_step_time_s(plan)
+        figures.append(Figure(name="step_time_s", predicted=step_s, measured=measured.step_time_s,
+                              source=step_source, tolerance=time_tolerance))
+    sent = ring_sent_bytes(plan.workload, plan.layout)
+    figures.append(Figure(name="bytes_sent_per_rank", predicted=None if sent is None else float(sent),
+                          measured=measured.sent_bytes, source="ring traffic", tolerance=tolerance))
+    return tuple(figures), feasible, provenance
+
+
+def usable_bytes(plan: Plan) -> int | None:
+    return plan.emulate.usable_memory_bytes if plan.emulate is not None else None
+
+
+def validate_plan(plan: Plan, *, model, settings: MeasureSettings, tolerance: float = 0.05,
+                  time_tolerance: float = 0.25, timeout_s: float = 600.0, command: str | None = None) -> Validation:
+    """Run the plan once and compare every figure (see the module docstring)."""
+    _check_cpu_size(plan)
+    point = SweepPoint(workload=plan.workload, layout=plan.layout)
+    result = run_points([point], settings=settings, timeout_s=timeout_s, usable_memory_bytes=usable_bytes(plan),
+                        command=command, device=plan.device_type)[0]
+    figures, feasible, provenance = predicted_figures(plan, model, tolerance=tolerance,
+                                                      time_tolerance=time_tolerance, measured=result)
+    return Validation(plan=plan, result=result, figures=figures, predicted_feasible=feasible, provenance=provenance)
+
+
+def _check_cpu_size(plan: Plan) -> None:
+    n = plan.workload.seq_len_tokens // plan.layout.ring_size
+    if plan.device_type == "cpu" and n > CPU_MAX_TOKENS_PER_RANK:
+        raise ValueError(f"{n:,} tokens per rank on CPU: CPU validation checks byte terms at small sizes "
+                         f"(≤ {CPU_MAX_TOKENS_PER_RANK:,} tokens per rank); use GPUs for real sizes")
+
+
+def bisect_boundary(plan: Plan, *, model, settings: MeasureSettings, safety_margin: float = 0.05,
+                    resolution: float = 0.01, tolerance: float = 0.03, max_probes: int = 16, timeout_s: float = 600.0,
+                    command: str | None = None, on_probe: Callable[[PointResult], None] | None = None) -> Boundary:
+    """Largest S that runs (between a feasible and an OOM probe, ``resolution`` apart) vs prediction."""
+    from ringplan.capacity import CapacityQuery, max_tokens, token_unit
+
+    gpu = plan.emulate or plan.gpu
+    if gpu is None:
+        raise ValueError("--bisect needs a GPU to predict capacity for (--gpu or --emulate-gpu)")
+    query = CapacityQuery(workload=plan.workload, layout=plan.layout.layout, backend=plan.layout.backend, gpu=gpu,
+                          safety_margin=safety_margin, model=model)
+    p = plan.layout.ring_size
+    predicted = max_tokens(query, p).best
+    step_tokens = token_unit(query, p) * p
+    probes: list[PointResult] = []
+
+    def runs(multiple: int) -> bool:
+        if len(probes) >= max_probes:
+            raise ValueError(f"no OOM boundary found within {max_probes} probes")
+        point = SweepPoint(workload=plan.workload.with_seq_len(multiple * step_tokens), layout=plan.layout)
+        result = run_points([point], settings=settings, timeout_s=timeout_s, usable_memory_bytes=usable_bytes(plan),
+                            command=command, device=plan.device_type)[0]
+        probes.append(result)
+        if on_probe is not None:
+            on_probe(result)
+        if not result.feasible and result.failure != "oom":
+            raise RuntimeError(f"probe at {point.workload.seq_len_tokens:,} tokens failed: {result.failure}")
+        return result.feasible
+
+    start = max(1, (predicted.seq_len_tokens if predicted else step_tokens) // step_tokens)
+    lo, hi = _bracket(runs, start, resolution)
+    while hi - lo > max(1, math.floor(resolution * lo)) and lo > 0:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if runs(mid) else (lo, mid)
+    return Boundary(predicted_max_tokens=predicted.seq_len_tokens if predicted else None,
+                    measured_max_tokens=lo * step_tokens if lo else None, first_oom_tokens=hi * step_tokens,
+                    tolerance=tolerance, probes=tuple(probes))
+
+
+def _bracket(runs: Callable[[int], bool], start: int, resolution: float) -> tuple[int, int]:
+    """(largest multiple known to run or 0, smallest known to OOM), starting at the prediction and
+    stepping by max(1, 4·resolution·m) — the boundary is expected within a few percent of it."""
+    if runs(start):
+        lo, step = start, max(1, math.ceil(4 * resolution * start))
+        while runs(lo + step):
+            lo, step = lo + step, step * 2
+        return lo, lo + step
+    hi, step = start, max(1, math.ceil(4 * resolution * start))
+    while hi - step >= 1:
+        if runs(hi - step):
+            return hi - step, hi
+        hi, step = hi - step, step * 2
+    return (1, hi) if hi > 1 and runs(1) else (0, 1)
