@@ -152,7 +152,7 @@ def profile(ctx: click.Context, out_path: str, token_counts: tuple[int, ...], wo
                           modes=modes or (("training",) if workload_args["training"] else ("forward",)),
                           pattern=base.pattern, layout=workload_args["layout"], backend=workload_args["backend"],
                           projections=workload_args["projections"])
-    _check_devices(device, max(world_sizes))
+    _check_devices(device, max(world_sizes), record_as)
     results = run_sweep(points, profile_path=out_path, settings=measure_settings(warmup_steps, timed_steps),
                         command=command_line(), timeout_s=timeout_s, progress=progress, record_as=record_as,
                         series=series, device=device)
@@ -166,13 +166,21 @@ def _given(shape: dict[str, int | None]) -> dict[str, int | None]:
     return {key: value for key, value in shape.items() if value is not None or key in ("n_kv_heads", "embed_dim")}
 
 
-def _check_devices(device: str, world_size: int) -> None:
+def _check_devices(device: str, world_size: int, record_as: str | None) -> None:
+    """Errors before launching: too few GPUs, no CUDA for --device cuda, no catalog name for CPU rows."""
     import torch
 
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        visible = torch.cuda.device_count()
-        if world_size > visible:
-            raise ValueError(f"world size {world_size} needs {world_size} GPUs, {visible} visible")
+    from ringplan.hardware import load_catalog
+
+    if record_as is not None:
+        load_catalog().gpu(record_as)
+    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if on_gpu and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but CUDA is not available")
+    if on_gpu and world_size > torch.cuda.device_count():
+        raise ValueError(f"world size {world_size} needs {world_size} GPUs, {torch.cuda.device_count()} visible")
+    if not on_gpu and record_as is None:
+        raise ValueError("rows need a catalog GPU name and a CPU has none: pass --record-as NAME for a CPU sweep")
 
 
 def _emit(results, output_format: str) -> None:

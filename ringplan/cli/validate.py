@@ -133,6 +133,8 @@ def validate(ctx: click.Context, gpu_name: str | None, world_size: int, tokens: 
     from ringplan_runtime.validate import bisect_boundary, validate_plan
 
     plan = _plan(gpu_name, emulate_gpu, world_size, tokens, device, workload_args)
+    if bisect and plan.device_type != "cuda":
+        raise ValueError("--bisect searches a GPU's out-of-memory boundary: it needs CUDA devices")
     model, settings, command = _model(profile_paths), measure_settings(warmup_steps, timed_steps), command_line()
     result = validate_plan(plan, model=model, settings=settings, tolerance=tolerance / 100,
                            time_tolerance=time_tolerance / 100, timeout_s=timeout_s, command=command)
