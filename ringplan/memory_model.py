@@ -319,6 +319,8 @@ def predict_memory(fit: MemoryFit | SeedFit, workload: Workload, layout: RingLay
         form, stats, same_gpu = "analytic", fit.stats, fit.gpu == gpu.name
     fitted_bytes = sum(parts.values())
     kind, label = _provenance(fit, gpu, n, stats)
+    if isinstance(fit, SeedFit) and fit.shape_key != _workload_seed_key(workload, layout) and kind == "measured":
+        kind, label = "transferred", f"transferred from {fit.gpu} (seed form, fitted on another workload shape)"
     uncertainty = stats.relative_uncertainty if stats is not None else PRIOR_RELATIVE_UNCERTAINTY
     if kind != "measured":
         uncertainty = max(uncertainty, PRIOR_RELATIVE_UNCERTAINTY)
