@@ -217,9 +217,27 @@ def device_used_bytes(device: torch.device) -> int | None:
     """
     if device.type != "cuda":
         return None
-    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
-    reading = nvml.device_memory(str(uuid) if uuid is not None else device.index or 0)
-    return None if reading is None else reading.used_bytes
+    for name in nvml_names(device):
+        reading = nvml.device_memory(name)
+        if reading is not None:
+            return reading.used_bytes
+    return None
+
+
+def nvml_names(device: torch.device) -> list[str | int]:
+    """Ways to find this CUDA device in NVML, most robust first: UUID, PCI bus id, and the index
+    (only when ``CUDA_VISIBLE_DEVICES`` does not renumber the devices)."""
+    import os
+
+    props = torch.cuda.get_device_properties(device)
+    names: list[str | int] = []
+    if getattr(props, "uuid", None) is not None:
+        names.append(str(props.uuid))
+    if all(hasattr(props, key) for key in ("pci_domain_id", "pci_bus_id", "pci_device_id")):
+        names.append(f"pci:{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0")
+    if "CUDA_VISIBLE_DEVICES" not in os.environ:
+        names.append(device.index or 0)
+    return names
 
 
 def _memory_step(inputs: StepInputs, settings: MeasureSettings) -> dict[str, int | None]:

@@ -7,8 +7,8 @@ subtract from the emulated card's usable memory.
 
 Every function degrades cleanly: without the NVML library (CPU machines, CI), or when a query is
 not supported, it returns None instead of raising. Devices are named by UUID (``GPU-…``, what
-``torch.cuda.get_device_properties(i).uuid`` gives, robust to ``CUDA_VISIBLE_DEVICES``) or,
-failing that, by NVML index. This module does not import torch.
+``torch.cuda.get_device_properties(i).uuid`` gives, robust to ``CUDA_VISIBLE_DEVICES``), by PCI bus
+id (``"pci:00000000:1B:00.0"``) or by NVML index. This module does not import torch.
 """
 
 from __future__ import annotations
@@ -56,12 +56,21 @@ def _handle(device: str | int) -> Any | None:
     if nvml is None:
         return None
     try:
+        if isinstance(device, str) and device.startswith("pci:"):
+            return nvml.nvmlDeviceGetHandleByPciBusId(device.removeprefix("pci:"))
         if isinstance(device, str):
             uuid = device if device.startswith(("GPU-", "MIG-")) else f"GPU-{device}"
             return nvml.nvmlDeviceGetHandleByUUID(uuid)
         return nvml.nvmlDeviceGetHandleByIndex(device)
     except nvml.NVMLError:
         return None
+
+
+def first_visible_device() -> str | int:
+    """NVML name of CUDA device 0 without creating a CUDA context: the first ``CUDA_VISIBLE_DEVICES``
+    entry (an index or a UUID), else NVML index 0."""
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    return int(first) if first.isdigit() else first or 0
 
 
 def _text(value: Any) -> str:

@@ -73,9 +73,13 @@ def device_name(device_index: int | None = None) -> str:
     """The GPU's name as the driver reports it (NVML by UUID, else torch), or the CPU's name."""
     if device_index is None or not torch.cuda.is_available():
         return platform.processor() or platform.machine() or "cpu"
-    uuid = getattr(torch.cuda.get_device_properties(device_index), "uuid", None)
-    name = nvml.gpu_name(str(uuid)) if uuid is not None else None
-    return name or torch.cuda.get_device_name(device_index)
+    from ringplan_runtime.measure import nvml_names
+
+    for ref in nvml_names(torch.device("cuda", device_index)):
+        name = nvml.gpu_name(ref)
+        if name:
+            return name
+    return torch.cuda.get_device_name(device_index)
 
 
 def command_line(argv: list[str] | None = None) -> str:

@@ -139,7 +139,7 @@ def real_memory_bytes() -> int:
     """Total memory of local GPU 0 as the driver reports it (NVML), else as CUDA reports it."""
     from ringplan_runtime import nvml
 
-    reading = nvml.device_memory(0)
+    reading = nvml.device_memory(nvml.first_visible_device())
     if reading is not None:
         return reading.total_bytes
     import torch

@@ -71,7 +71,7 @@ def _local_gpu(catalog, device_type: str):
         return None
     from ringplan_runtime import nvml
 
-    name = nvml.gpu_name(0)
+    name = nvml.gpu_name(nvml.first_visible_device())
     spec = catalog.gpu_by_driver_name(name) if name else None
     if spec is None:
         raise ValueError(f"the local GPU ({name or 'unknown: NVML unavailable'}) is not in the catalog; pass --gpu NAME")
