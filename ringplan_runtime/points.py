@@ -135,7 +135,8 @@ def _calibrated_cap(point: SweepPoint, device: torch.device, settings: MeasureSe
 
     if device.type != "cuda":
         raise ValueError("--emulate-gpu needs CUDA devices")
-    small = point.workload.with_seq_len(smallest_valid_tokens(point.workload, point.layout))
+    small = point.workload.with_seq_len(smallest_valid_tokens(
+        point.workload, point.layout, at_least=CALIBRATION_TOKENS_PER_RANK * point.layout.ring_size))
     calibration = MeasureSettings(warmup_steps=1, timed_steps=1, track_live_tensors=False, count_sent_bytes=False,
                                   seed=settings.seed)
     measure_step(small, point.layout, device=device, rank=dist.get_rank() if dist.is_initialized() else 0,
@@ -161,23 +162,30 @@ def _inject_fault(fault: dict | None, rank: int, index: int) -> RankMeasurement 
     raise RuntimeError(f"injected fault on rank {rank} at point {index}")
 
 
-def smallest_valid_tokens(workload: Workload, layout: RingLayout, *, limit: int = 1 << 16) -> int:
-    """The smallest sequence length the layout accepts for this workload's pattern (for calibration)."""
-    return valid_token_counts(workload, layout, upper_tokens=None, count=1, limit=limit)[0]
+#: Tokens per rank of the emulation's calibration step: small, but a size every kernel accepts.
+CALIBRATION_TOKENS_PER_RANK = 256
+
+
+def smallest_valid_tokens(workload: Workload, layout: RingLayout, *, at_least: int = 1, limit: int = 1 << 16) -> int:
+    """The smallest sequence length ≥ ``at_least`` the layout accepts for this workload's pattern."""
+    counts = valid_token_counts(workload, layout, upper_tokens=None, count=None, limit=limit, at_least=at_least)
+    return counts[0]
 
 
 def valid_token_counts(workload: Workload, layout: RingLayout, *, upper_tokens: int | None,
-                       count: int | None = None, limit: int = 1 << 22) -> list[int]:
-    """Sequence lengths ≤ ``upper_tokens`` (ascending) that split over ``layout`` for this pattern.
+                       count: int | None = None, limit: int = 1 << 22, at_least: int = 1) -> list[int]:
+    """Sequence lengths in [``at_least``, ``upper_tokens``] (ascending) that split over ``layout``.
 
     Candidates are multiples of P·chunks_per_rank and of the longest segment, each checked with
-    ``check_layout_fits``. ``count`` stops after that many; ``limit`` bounds the multiples tried.
+    ``check_layout_fits``. ``count`` stops after that many (default: 1 when there is no upper
+    bound); ``limit`` bounds the multiples tried.
     """
     step = layout.ring_size * layout.chunks_per_rank
     longest = max(workload.pattern.segment_lengths_tokens, default=1)
     step = step * longest // _gcd(step, longest)
+    count = 1 if count is None and upper_tokens is None else count
     found: list[int] = []
-    for multiple in range(1, limit + 1):
+    for multiple in range(max(1, -(-at_least // step)), limit + 1):
         tokens = multiple * step
         if upper_tokens is not None and tokens > upper_tokens or count is not None and len(found) >= count:
             break
