@@ -261,6 +261,9 @@ def bisect_boundary(plan: Plan, *, model, settings: MeasureSettings, safety_marg
     while hi - lo > max(1, math.floor(resolution * lo)) and lo > 0:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if runs(mid) else (lo, mid)
+    if predicted is not None and lo < predicted.seq_len_tokens // step_tokens < hi:
+        claimed = predicted.seq_len_tokens // step_tokens  # settle "never above": run the predicted maximum itself
+        lo, hi = (claimed, hi) if runs(claimed) else (lo, claimed)
     return Boundary(predicted_max_tokens=predicted.seq_len_tokens if predicted else None,
                     measured_max_tokens=lo * step_tokens if lo else None, first_oom_tokens=hi * step_tokens,
                     tolerance=tolerance, probes=tuple(probes))

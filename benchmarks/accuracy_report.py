@@ -1,0 +1,234 @@
+"""ringplan's published prediction error: fit on part of the measured rows, predict the rest.
+
+Run (after committing the GPU run's profiles, see ``benchmarks/gpu_sweep.py``)::
+
+    python benchmarks/accuracy_report.py                      # profiles/measured + profiles/emulated
+    python benchmarks/accuracy_report.py --profiles A.json B.json --out /tmp/accuracy
+
+Three checks, each a table of median and max |error| (error = (predicted − measured) / measured):
+
+1. **Held-out points** — per GPU and shape family (``ringplan.memory_model.row_family``), the
+   non-OOM rows of each series (same shape, mode and ring, rising tokens) are split: every other
+   row (the 2nd, 4th, …) is held out, the analytic model is fitted on the rest for each figure
+   (peak allocated, peak reserved, device used) and predicts the held-out rows. Rows of the
+   bisection files (OOM-boundary probes) are never fitted on.
+2. **Across GPUs** — fit on every h100 row of a family, predict the h200 rows of that family (only
+   when h200 rows exist).
+3. **Capacity vs the bisected boundary** — for each bisection series (feasible and OOM probes of one
+   shape and ring), the measured boundary is the largest feasible length below the smallest OOM;
+   ``ringplan.capacity.max_tokens`` predicts it from a model fitted on the non-bisection rows (of
+   the same GPU; an emulated GPU's prediction is transferred from the GPU it ran on), at safety
+   margin 0 and at the CLI default 0.05. "never above" must hold: a plan called feasible must run
+   ("unresolved" when the prediction falls between the last length that ran and the first OOM).
+
+Writes ``OUT/accuracy.md`` and ``OUT/accuracy.json`` (default OUT: benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ringplan.memory_model import MemoryModel, fit_memory_model, row_family, row_inputs  # noqa: E402
+from ringplan.memory_terms import terms_at  # noqa: E402
+from ringplan.profiles import Measurement, load_profile  # noqa: E402
+from ringplan.workload import AttentionPattern, AttentionShape, RingLayout, Workload  # noqa: E402
+
+FIGURES = ("peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes")
+MARGINS = (0.0, 0.05)
+
+
+def series_key(row: Measurement) -> tuple:
+    """A row's series: everything but the sequence length."""
+    return (row.gpu, row.ring_size, row.layout, row.backend, row.batch, row.n_heads, row.n_kv_heads, row.head_dim,
+            row.embed_dim, row.dtype, row.causal, row.segment_lengths_tokens, row.dilation_rates, row.training,
+            row.projections)
+
+
+def split_held_out(rows: Sequence[Measurement]) -> tuple[list[Measurement], list[Measurement]]:
+    """(fit rows, held-out rows): within each series sorted by tokens, the 2nd, 4th, … are held out."""
+    series: dict[tuple, list[Measurement]] = defaultdict(list)
+    for row in rows:
+        series[series_key(row)].append(row)
+    fit, held = [], []
+    for members in series.values():
+        members.sort(key=lambda r: r.seq_len_tokens)
+        fit += members[0::2]
+        held += members[1::2]
+    return fit, held
+
+
+def error_stats(errors: Sequence[float]) -> dict[str, float | int | None]:
+    """Median and max of |error| over the points (None without points)."""
+    magnitudes = [abs(e) for e in errors]
+    return {"points": len(magnitudes), "median_abs_error": statistics.median(magnitudes) if magnitudes else None,
+            "max_abs_error": max(magnitudes) if magnitudes else None}
+
+
+def prediction_errors(fit_rows: Sequence[Measurement], test_rows: Sequence[Measurement], figure: str) -> list[float]:
+    """Relative errors of the analytic model fitted on ``fit_rows`` (one GPU, one family) for ``figure``."""
+    fit_with = [r for r in fit_rows if getattr(r, figure) is not None]
+    tests = [r for r in test_rows if getattr(r, figure) is not None]
+    if not fit_with or not tests:
+        return []
+    model = fit_memory_model(fit_with, target=figure)
+    return [(model.predict_bytes(terms_at(row_inputs(r))) - getattr(r, figure)) / getattr(r, figure) for r in tests]
+
+
+def grouped(rows: Sequence[Measurement]) -> dict[tuple[str, str], list[Measurement]]:
+    groups: dict[tuple[str, str], list[Measurement]] = defaultdict(list)
+    for row in rows:
+        if not row.oom and row.kind == "measured":
+            groups[(row.gpu, row_family(row))].append(row)
+    return groups
+
+
+def held_out_table(rows: Sequence[Measurement]) -> list[dict]:
+    """Check 1: one line per (GPU, family, figure)."""
+    lines = []
+    for (gpu, family), members in sorted(grouped(rows).items()):
+        fit, held = split_held_out(members)
+        for figure in FIGURES:
+            stats = error_stats(prediction_errors(fit, held, figure))
+            if stats["points"]:
+                lines.append({"check": "held-out points", "gpu": gpu, "family": family, "figure": figure,
+                              "fit_points": len(fit), **stats})
+    return lines
+
+
+def across_gpus_table(rows: Sequence[Measurement], source: str = "h100-80gb-sxm", target: str = "h200") -> list[dict]:
+    """Check 2: fitted on ``source`` rows, predicting ``target`` rows of the same family."""
+    groups, lines = grouped(rows), []
+    for (gpu, family), members in sorted(groups.items()):
+        if gpu != target or (source, family) not in groups:
+            continue
+        for figure in FIGURES:
+            stats = error_stats(prediction_errors(groups[(source, family)], members, figure))
+            if stats["points"]:
+                lines.append({"check": f"fit {source} → predict {target}", "gpu": target, "family": family,
+                              "figure": figure, "fit_points": len(groups[(source, family)]), **stats})
+    return lines
+
+
+def row_workload(row: Measurement) -> tuple[Workload, RingLayout]:
+    shape = AttentionShape(n_heads=row.n_heads, n_kv_heads=row.n_kv_heads, head_dim=row.head_dim,
+                           embed_dim=row.embed_dim, batch=row.batch, dtype=row.dtype)
+    pattern = AttentionPattern(causal=row.causal, segment_lengths_tokens=row.segment_lengths_tokens,
+                               dilation_rates=row.dilation_rates)
+    workload = Workload(seq_len_tokens=row.seq_len_tokens, shape=shape, pattern=pattern, training=row.training,
+                        projections=row.projections)
+    return workload, RingLayout(ring_size=row.ring_size, layout=row.layout, backend=row.backend)
+
+
+def measured_boundary(probes: Sequence[Measurement]) -> tuple[int | None, int | None]:
+    """(largest feasible length below the smallest OOM, that smallest OOM length)."""
+    first_oom = min((r.seq_len_tokens for r in probes if r.oom), default=None)
+    runs = [r.seq_len_tokens for r in probes if not r.oom and (first_oom is None or r.seq_len_tokens < first_oom)]
+    return (max(runs) if runs else None), first_oom
+
+
+def never_above(predicted: int | None, boundary: int, first_oom: int) -> bool | str | None:
+    """True when the predicted maximum is a length that ran (≤ the measured boundary), False when it
+    is a length that ran out of memory (≥ the first OOM), "unresolved" in between (no probe there)."""
+    if predicted is None:
+        return None
+    if predicted <= boundary:
+        return True
+    return False if predicted >= first_oom else "unresolved"
+
+
+def capacity_table(fit_rows: Sequence[Measurement], bisect_rows: Sequence[Measurement],
+                   emulated_on: str = "h100-80gb-sxm") -> list[dict]:
+    """Check 3: one line per bisection series and safety margin."""
+    from ringplan.capacity import CapacityQuery, max_tokens
+    from ringplan.hardware import load_catalog
+
+    catalog = load_catalog()
+    model = MemoryModel(rows=tuple((r, "fit") for r in fit_rows if not r.oom))
+    series: dict[tuple, list[Measurement]] = defaultdict(list)
+    for row in bisect_rows:
+        series[series_key(row)].append(row)
+    lines = []
+    for key, probes in sorted(series.items(), key=lambda item: str(item[0])):
+        boundary, first_oom = measured_boundary(probes)
+        if boundary is None or first_oom is None:
+            continue
+        workload, layout = row_workload(probes[0])
+        gpu = catalog.gpu(probes[0].gpu)
+        for margin in MARGINS:
+            query = CapacityQuery(workload=workload, layout=layout.layout, backend=layout.backend, gpu=gpu,
+                                  safety_margin=margin, model=model)
+            best = max_tokens(query, layout.ring_size).best
+            predicted = best.seq_len_tokens if best else None
+            lines.append({"check": "capacity vs bisected boundary", "gpu": gpu.name, "ring_size": layout.ring_size,
+                          "family": row_family(probes[0]), "shape": f"{workload.shape.n_heads}/{workload.shape.n_kv_heads}"
+                          f"x{workload.shape.head_dim}", "safety_margin": margin, "predicted_max_tokens": predicted,
+                          "measured_max_tokens": boundary, "first_oom_tokens": first_oom,
+                          "error": None if predicted is None else (predicted - boundary) / boundary,
+                          "never_above": never_above(predicted, boundary, first_oom),
+                          "provenance": best.prediction.provenance if best else None})
+    return lines
+
+
+def load_rows(paths: Sequence[Path]) -> tuple[list[Measurement], list[Measurement]]:
+    """(profile rows, bisection rows): files named ``bisect-*`` hold OOM-boundary probes."""
+    profile_rows, bisect_rows = [], []
+    for path in paths:
+        rows = list(load_profile(path).rows)
+        (bisect_rows if path.name.startswith("bisect") else profile_rows).extend(rows)
+    return profile_rows, bisect_rows
+
+
+def markdown(memory: Sequence[dict], capacity: Sequence[dict]) -> str:
+    def pct(value):
+        return "-" if value is None else f"{100 * value:.2f}%"
+
+    def tokens(value):
+        return "-" if value is None else f"{value:,}"
+
+    lines = ["| check | GPU | family | figure | fit points | held-out points | median abs error | max abs error |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {m['check']} | {m['gpu']} | {m['family']} | {m['figure']} | {m['fit_points']} | {m['points']} | "
+              f"{pct(m['median_abs_error'])} | {pct(m['max_abs_error'])} |" for m in memory]
+    lines += ["", "| GPU | ring | family | shape | margin | predicted max tokens | measured max tokens | first OOM | "
+              "error | never above | prediction |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['gpu']} | {c['ring_size']} | {c['family']} | {c['shape']} | {c['safety_margin']:.2f} | "
+              f"{tokens(c['predicted_max_tokens'])} | {tokens(c['measured_max_tokens'])} | {tokens(c['first_oom_tokens'])} | "
+              f"{pct(c['error'])} | {c['never_above']} | {c['provenance']} |" for c in capacity]
+    return "\n".join(lines) + "\n"
+
+
+def report(paths: Sequence[Path], out: Path) -> dict:
+    profile_rows, bisect_rows = load_rows(paths)
+    memory = held_out_table(profile_rows) + across_gpus_table(profile_rows)
+    capacity = capacity_table(profile_rows, bisect_rows)
+    payload = {"profiles": [str(p) for p in paths], "memory": memory, "capacity": capacity}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accuracy.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (out / "accuracy.md").write_text(markdown(memory, capacity))
+    return payload
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--profiles", nargs="*", type=Path, default=None,
+                        help="Profile files (default: profiles/measured/*.json and profiles/emulated/*.json).")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    paths = args.profiles if args.profiles else sorted((REPO / "profiles" / "measured").glob("*.json")) + \
+        sorted((REPO / "profiles" / "emulated").glob("*.json"))
+    payload = report(paths, args.out)
+    print((args.out / "accuracy.md").read_text())
+    return 0 if payload["memory"] or payload["capacity"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
