@@ -19,6 +19,7 @@ send to this rank); see ``ringplan_runtime.sweep``.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -250,7 +251,7 @@ def _memory_step(inputs: StepInputs, settings: MeasureSettings) -> dict[str, int
     counter = SentBytesCounter() if settings.count_sent_bytes else None
     if tracker is not None:
         tracker.track(*inputs.tensors)
-    with (tracker or _NullMode()), (counter or _NullMode()):
+    with tracker or contextlib.nullcontext(), counter or contextlib.nullcontext():
         run_step(inputs)
     _synchronize(device)
     figures: dict[str, int | None] = {
@@ -264,14 +265,6 @@ def _memory_step(inputs: StepInputs, settings: MeasureSettings) -> dict[str, int
                        peak_reserved_bytes=torch.cuda.max_memory_reserved(device), device_used_bytes=used,
                        non_allocator_bytes=None if used is None else used - torch.cuda.memory_reserved(device))
     return figures
-
-
-class _NullMode:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def measure_step(workload: Workload, layout: RingLayout, *, device: torch.device, rank: int = 0,
