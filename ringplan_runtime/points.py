@@ -118,7 +118,7 @@ def points_worker(points: Sequence[SweepPoint], results_dir: str, settings: Meas
         provenance = current_provenance(method=settings.method, gpu_count=world_size, command=command,
                                         device_index=device.index if device.type == "cuda" else None)
         _append_line(path, {"provenance": asdict(provenance)})
-    cap = _calibrated_cap(points[0], device, settings, usable_memory_bytes) if usable_memory_bytes else None
+    cap = calibrated_cap(points[0], device, settings, usable_memory_bytes) if usable_memory_bytes else None
     if cap is not None:
         _append_line(path, {"cap": asdict(cap)})
     for index, point in enumerate(points):
@@ -129,7 +129,7 @@ def points_worker(points: Sequence[SweepPoint], results_dir: str, settings: Meas
             raise RingOutOfMemory(f"rank {rank} ran out of memory at {point.workload.seq_len_tokens:,} tokens")
 
 
-def _calibrated_cap(point: SweepPoint, device: torch.device, settings: MeasureSettings, usable_memory_bytes: int):
+def calibrated_cap(point: SweepPoint, device: torch.device, settings: MeasureSettings, usable_memory_bytes: int):
     """Load kernels and communicators with a small step of the same workload, then cap the allocator."""
     from ringplan_runtime.emulate import apply_memory_cap
 

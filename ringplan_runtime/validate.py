@@ -283,3 +283,48 @@ def _bracket(runs: Callable[[int], bool], start: int, resolution: float) -> tupl
             return hi - step, hi
         hi, step = hi - step, step * 2
     return (1, hi) if hi > 1 and runs(1) else (0, 1)
+
+
+def under_torchrun() -> bool:
+    """True inside a process started by torchrun (its rendezvous variables are set)."""
+    import os
+
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def validate_in_process(plan: Plan, *, model, settings: MeasureSettings, tolerance: float = 0.05,
+                        time_tolerance: float = 0.25, command: str | None = None) -> Validation:
+    """``validate_plan`` for a process started by torchrun: this rank measures its share, every rank
+    gets every rank's measurement (``all_gather_object``) and so the same verdict.
+
+    An OOM on a ring of several raises (torchrun then stops every rank): a peer may be blocked
+    sending to this rank. ``--bisect`` needs fresh rings per probe, so it is spawner-only.
+    """
+    from dataclasses import replace
+
+    import torch.distributed as dist
+
+    from ringplan_runtime import init_from_env
+    from ringplan_runtime.measure import measure_step
+    from ringplan_runtime.points import RingOutOfMemory, calibrated_cap, point_result
+    from ringplan_runtime.provenance import current_provenance
+
+    _check_cpu_size(plan)
+    context = init_from_env(backend="gloo" if plan.device_type == "cpu" else None)
+    if context.world_size != plan.layout.ring_size:
+        raise ValueError(f"torchrun started {context.world_size} ranks but --world-size is {plan.layout.ring_size}")
+    point = SweepPoint(workload=plan.workload, layout=plan.layout)
+    cap = calibrated_cap(point, context.device, settings, usable_bytes(plan)) if plan.emulate is not None else None
+    mine = measure_step(plan.workload, plan.layout, device=context.device, rank=context.rank, settings=settings)
+    if not mine.feasible and context.world_size > 1:
+        raise RingOutOfMemory(f"rank {context.rank} ran out of memory at {plan.workload.seq_len_tokens:,} tokens")
+    ranks: list = [None] * context.world_size
+    dist.all_gather_object(ranks, mine)
+    dist.destroy_process_group()
+    provenance = current_provenance(method=settings.method, gpu_count=context.world_size, command=command,
+                                    device_index=context.device.index if context.device.type == "cuda" else None)
+    result = replace(point_result(point, ranks, ring_size=context.world_size,
+                                  allocator_cap_bytes=cap.allocator_cap_bytes if cap else None), provenance=provenance)
+    figures, feasible, label = predicted_figures(plan, model, tolerance=tolerance, time_tolerance=time_tolerance,
+                                                 measured=result)
+    return Validation(plan=plan, result=result, figures=figures, predicted_feasible=feasible, provenance=label)

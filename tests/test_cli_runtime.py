@@ -72,6 +72,17 @@ def test_validate_on_cpu_checks_the_byte_terms():
     assert payload["passed"] and figures["tracked_peak_bytes"]["within"] and figures["bytes_sent_per_rank"]["within"]
 
 
+@pytest.mark.slow
+def test_validate_under_torchrun(tmp_path):
+    """torchrun --no-python ringplan validate: rank 0 prints the verdict, every rank exits 0."""
+    command = ["torchrun", "--standalone", "--nproc-per-node", "2", "--no-python", "ringplan", "validate",
+               "--world-size", "2", "--tokens", "256", "--train", "--format", "json", *SMALL]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    payload = json.loads(completed.stdout)
+    assert payload["passed"] and payload["measured"]["world_size"] == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["--emulate-gpu", "a100-41gb"], "unknown GPU"),
     (["--emulate-gpu", "a100-40gb", "--device", "cpu"], "needs CUDA"),

@@ -1,11 +1,20 @@
 """``ringplan validate``: run a plan on the local GPUs (or CPU) and compare it with the prediction.
 
+Built-in spawner (one machine)::
+
+    ringplan validate --gpu h100 --world-size 2 --tokens 128Ki --heads 32 --head-dim 128 --causal --layout zigzag
+
+under torchrun (one or several nodes; rank 0 prints, every rank exits with the verdict)::
+
+    torchrun --standalone --nproc-per-node 2 --no-python ringplan validate --world-size 2 --tokens 128Ki
+
 torch is imported inside the command (through ``ringplan_runtime``), never at module import.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import click
@@ -45,7 +54,7 @@ def boundary_record(boundary) -> dict[str, Any]:
             "probes": [result_record(p) for p in boundary.probes]}
 
 
-def _plan(gpu_name, emulate_gpu, world_size, tokens, device, workload_args):
+def _plan(gpu_name, emulate_gpu, world_size, tokens, device, workload_args, *, check_devices: bool = True):
     """The plan, its prediction GPU (the emulated one when emulating) and the device type."""
     import torch
 
@@ -61,7 +70,7 @@ def _plan(gpu_name, emulate_gpu, world_size, tokens, device, workload_args):
     gpu = emulate or (catalog.gpu(gpu_name) if gpu_name else _local_gpu(catalog, device_type))
     workload = build_workload(seq_len_tokens=tokens, **workload_args)
     layout = RingLayout(ring_size=world_size, layout=workload_args["layout"], backend=workload_args["backend"])
-    check_launch(world_size=world_size, device_type=device_type, emulate=emulate)
+    check_launch(world_size=world_size if check_devices else 1, device_type=device_type, emulate=emulate)
     return Plan(workload=workload, layout=layout, gpu=gpu, emulate=emulate, device_type=device_type)
 
 
@@ -130,12 +139,22 @@ def validate(ctx: click.Context, gpu_name: str | None, world_size: int, tokens: 
     one, more ranks than visible GPUs) — checked before anything is launched.
     """
     from ringplan_runtime.provenance import command_line
-    from ringplan_runtime.validate import bisect_boundary, validate_plan
+    from ringplan_runtime.validate import bisect_boundary, under_torchrun, validate_in_process, validate_plan
 
-    plan = _plan(gpu_name, emulate_gpu, world_size, tokens, device, workload_args)
+    torchrun = under_torchrun()
+    plan = _plan(gpu_name, emulate_gpu, world_size, tokens, device, workload_args, check_devices=not torchrun)
     if bisect and plan.device_type != "cuda":
         raise ValueError("--bisect searches a GPU's out-of-memory boundary: it needs CUDA devices")
+    if bisect and torchrun:
+        raise ValueError("--bisect launches a fresh ring per probe: run it without torchrun (built-in spawner)")
     model, settings, command = _model(profile_paths), measure_settings(warmup_steps, timed_steps), command_line()
+    if torchrun:
+        result = validate_in_process(plan, model=model, settings=settings, tolerance=tolerance / 100,
+                                     time_tolerance=time_tolerance / 100, command=command)
+        if int(os.environ["RANK"]) == 0:
+            _record(record_path, plan, [result.result])
+            _emit(plan, result, None, output_format)
+        ctx.exit(0 if result.passed else 1)
     result = validate_plan(plan, model=model, settings=settings, tolerance=tolerance / 100,
                            time_tolerance=time_tolerance / 100, timeout_s=timeout_s, command=command)
     _record(record_path, plan, [result.result])
