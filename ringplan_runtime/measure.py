@@ -9,7 +9,7 @@ Method (recorded in every profile row's provenance, see ``METHOD``):
 2. ``warmup_steps`` steps (kernel selection, NCCL communicator set-up, allocator warm-up).
 3. ``torch.cuda.reset_peak_memory_stats``; one *memory step* under the live-tensor tracker and the
    sent-bytes counter; then read the allocator's peak allocated / reserved bytes, and the device
-   used bytes from NVML while the allocator still holds its peak reservation.
+   used at the peak: NVML used − torch reserved (memory outside the allocator) + peak reserved.
 4. ``timed_steps`` steps timed with CUDA events (``perf_counter`` on CPU); the median is the step time.
 
 An out-of-memory error is not a crash: it is returned as an infeasible ``RankMeasurement``.
@@ -260,11 +260,22 @@ def _memory_step(inputs: StepInputs, settings: MeasureSettings) -> dict[str, int
         "peak_allocated_bytes": None, "peak_reserved_bytes": None, "device_used_bytes": None,
         "non_allocator_bytes": None}
     if device.type == "cuda":
-        used = device_used_bytes(device)
-        figures.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
-                       peak_reserved_bytes=torch.cuda.max_memory_reserved(device), device_used_bytes=used,
-                       non_allocator_bytes=None if used is None else used - torch.cuda.memory_reserved(device))
+        figures.update(_allocator_and_device_peaks(device))
     return figures
+
+
+def _allocator_and_device_peaks(device: torch.device) -> dict[str, int | None]:
+    """Peak allocated/reserved bytes since the reset, and the device used at the peak.
+
+    NVML reports the use now, not at the peak; near an OOM the allocator may have released cached
+    segments since. So: device used at the peak = (NVML used now − torch reserved now), the memory
+    outside the allocator, + the peak reservation.
+    """
+    used_now = device_used_bytes(device)
+    peak_reserved = torch.cuda.max_memory_reserved(device)
+    outside = None if used_now is None else used_now - torch.cuda.memory_reserved(device)
+    return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(device), "peak_reserved_bytes": peak_reserved,
+            "device_used_bytes": None if outside is None else outside + peak_reserved, "non_allocator_bytes": outside}
 
 
 def measure_step(workload: Workload, layout: RingLayout, *, device: torch.device, rank: int = 0,
