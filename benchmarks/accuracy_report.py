@@ -16,8 +16,8 @@ Three checks, each a table of median and max |error| (error = (predicted − mea
    when h200 rows exist).
 3. **Capacity vs the bisected boundary** — for each bisection series (feasible and OOM probes of one
    shape and ring), the measured boundary is the largest feasible length below the smallest OOM;
-   ``ringplan.capacity.max_tokens`` predicts it from a model fitted on the non-bisection rows (of
-   the same GPU; an emulated GPU's prediction is transferred from the GPU it ran on), at safety
+   ``ringplan.capacity.max_tokens`` predicts it from a model fitted on the non-bisection measured
+   rows (not the seed's reported ones; an emulated GPU's prediction is transferred), at safety
    margin 0 and at the CLI default 0.05. "never above" must hold: a plan called feasible must run
    ("unresolved" when the prediction falls between the last length that ran and the first OOM).
 
@@ -152,7 +152,7 @@ def capacity_table(fit_rows: Sequence[Measurement], bisect_rows: Sequence[Measur
     from ringplan.hardware import load_catalog
 
     catalog = load_catalog()
-    model = MemoryModel(rows=tuple((r, "fit") for r in fit_rows if not r.oom))
+    model = MemoryModel(rows=tuple((r, "fit") for r in fit_rows if not r.oom and r.kind == "measured"))
     series: dict[tuple, list[Measurement]] = defaultdict(list)
     for row in bisect_rows:
         series[series_key(row)].append(row)

@@ -71,10 +71,17 @@ def profile_steps(out: Path, world_sizes: list[int]) -> list[tuple[str, list[str
     return steps
 
 
+def fit_profiles(out: Path) -> list[str]:
+    """``--profile`` options for validate: this run's or the committed H100 sweep (never the seed's
+    reported rows, which the default model would otherwise consider for a family it lacks)."""
+    found = sorted(out.glob("profile-h100*.json")) or sorted((REPO / "profiles" / "measured").glob("profile-h100*.json"))
+    return [arg for path in found for arg in ("--profile", str(path))]
+
+
 def bisect_step(name: str, out: Path, record: str, p: int, tokens: str, workload: list[str],
                 emulate: str | None) -> tuple[str, list[str]]:
     args = ["validate", "--world-size", str(p), "--tokens", tokens, *workload, "--bisect", "--warmup", "1",
-            "--steps", "3", "--timeout", "240", "--record", str(out / record), "--format", "json"]
+            "--steps", "3", "--timeout", "240", "--record", str(out / record), "--format", "json", *fit_profiles(out)]
     if emulate:
         args += ["--emulate-gpu", emulate]
     return name, ringplan(*args)
