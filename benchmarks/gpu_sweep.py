@@ -62,7 +62,7 @@ def profile_steps(out: Path, world_sizes: list[int]) -> list[tuple[str, list[str
         steps.append((f"profile-dense-p{p}", ringplan(
             "profile", "--out", path, "--tokens", PROFILE_TOKENS[p], "--world-sizes", str(p),
             "--shape", "12x64@768", "--shape", "32x128", "--shape", "32/8x128", "--mode", "forward", "--mode",
-            "training", "--dtype", "bf16", "--warmup", "2", "--steps", "3", "--timeout", "300", "--no-progress",
+            "training", "--dtype", "bf16", "--warmup", "2", "--steps", "3", "--timeout", "400", "--no-progress",
             "--series", f"gpu_sweep profile P={p}", "--format", "json")))
         steps.append((f"profile-seed-p{p}", ringplan(
             "profile", "--out", path, "--tokens", SEED_TOKENS[p], "--world-sizes", str(p), *SEED, "--mode",

@@ -64,7 +64,8 @@ def runtime_options(func):
         click.option("--steps", "timed_steps", type=click.IntRange(min=1), default=5, show_default=True,
                      help="Timed steps; the step time is their median."),
         click.option("--timeout", "timeout_s", type=click.FloatRange(min=1.0), default=600.0, show_default=True,
-                     help="Seconds a ring may run before it is killed and its point recorded as failed."),
+                     help="Seconds one ring launch (all its points) may run before it is killed; the point it "
+                          "was on is recorded as failed and a fresh ring measures the rest."),
     )
     for option in reversed(options):
         func = option(func)
