@@ -74,9 +74,12 @@ def test_validate_on_cpu_checks_the_byte_terms():
 
 @pytest.mark.slow
 def test_validate_under_torchrun(tmp_path):
-    """torchrun --no-python ringplan validate: rank 0 prints the verdict, every rank exits 0."""
-    command = ["torchrun", "--standalone", "--nproc-per-node", "2", "--no-python", "ringplan", "validate",
-               "--world-size", "2", "--tokens", "256", "--train", "--format", "json", *SMALL]
+    """torchrun … ringplan validate: rank 0 prints the verdict, every rank exits 0. (torchrun through
+    ``python -m torch.distributed.run`` and a two-line entry script: no PATH assumptions.)"""
+    entry = tmp_path / "ringplan_entry.py"
+    entry.write_text("from ringplan.cli import main\nmain()\n")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(entry),
+               "validate", "--world-size", "2", "--tokens", "256", "--train", "--format", "json", *SMALL]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-2000:]
     payload = json.loads(completed.stdout)
