@@ -83,3 +83,31 @@ def test_measured_boundary_is_last_run_below_first_oom(probes, expected):
     rows = [Measurement(**{**{f: getattr(_row(s, 1, 32, 32), f) for f in Measurement.__dataclass_fields__},
                            "oom": oom}) for s, oom in probes]
     assert report.measured_boundary(rows) == expected
+
+
+def _sweep_module():
+    spec = importlib.util.spec_from_file_location("gpu_sweep", REPO / "benchmarks" / "gpu_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_sweep_dry_run_lists_every_part(tmp_path, capsys):
+    """--dry-run prints the ringplan commands of a part (1 and 2 GPUs) and runs nothing."""
+    sweep = _sweep_module()
+    for part, count in (("profile", 4), ("bisect-h100", 2), ("bisect-emulated", 4)):
+        assert sweep.main([str(tmp_path), "--part", part, "--dry-run"]) == 0
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ringplan ")]
+        assert len(lines) == count, lines
+    assert not list(tmp_path.glob("summary-*.json"))
+
+
+def test_gpu_sweep_step_failures_are_recorded_not_raised(tmp_path):
+    """A step that fails or outlives its time is a record (exit code / 'timeout'), never an exception."""
+    sweep = _sweep_module()
+    import sys
+
+    failed = sweep.run_step("profile-fails", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path, timeout_s=60)
+    hung = sweep.run_step("profile-hangs", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path,
+                          timeout_s=1)
+    assert failed["exit_code"] == 3 and hung["exit_code"] == "timeout"
