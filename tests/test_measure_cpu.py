@@ -34,16 +34,17 @@ WORLD_SIZES = (1, 2, 4)
 
 
 def _case_workloads(ring_size: int) -> dict[str, tuple[Workload, RingLayout]]:
-    """Every runtime path at n = 128 tokens per rank, fp32, 4 heads × 32."""
+    """Every runtime path at n = 128 tokens per rank, fp32, 4 heads × 32 (GQA: 2 KV heads, batch 2)."""
     s = TOKENS_PER_RANK * ring_size
     mha = AttentionShape(n_heads=HEADS, head_dim=HEAD_DIM, dtype="fp32")
     gqa = AttentionShape(n_heads=HEADS, n_kv_heads=2, head_dim=HEAD_DIM, dtype="fp32")
+    gqa_batch2 = AttentionShape(n_heads=HEADS, n_kv_heads=2, head_dim=HEAD_DIM, dtype="fp32", batch=2)
     dilated = AttentionPattern(segment_lengths_tokens=(64, s), dilation_rates=(1, 2))
     paths = {
         "dense": (mha, AttentionPattern(), "contiguous", "auto", False),
         "causal_contiguous": (mha, AttentionPattern(causal=True), "contiguous", "auto", False),
         "causal_zigzag": (mha, AttentionPattern(causal=True), "zigzag", "auto", False),
-        "gqa_causal_zigzag": (gqa, AttentionPattern(causal=True), "zigzag", "auto", False),
+        "gqa_causal_zigzag": (gqa_batch2, AttentionPattern(causal=True), "zigzag", "auto", False),
         "dilated": (mha, dilated, "contiguous", "auto", False),
         "dilated_gqa": (gqa, dilated, "contiguous", "auto", False),
         "projections": (mha, AttentionPattern(), "contiguous", "auto", True),
