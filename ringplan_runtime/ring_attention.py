@@ -208,7 +208,7 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         plan = block_plan(index=spec.index, source=source, layout=spec.layout, causal=spec.causal)
         block = None if plan is None else _backward_block(grads, dout, q, k_now, v_now, out, lse, plan, spec)
         _add_block_dkv(step, block, dk_acc, dv_acc, dkv_comm)
-        block = None
+        block = dk_send = dv_send = None  # the previous hop is complete (waited above): let its set be freed
         dk_send, dv_send, dk_acc, dv_acc = _dkv_hop(dk_acc, dv_acc, grad_dtype or k.dtype, dkv_buffers, last=last)
         _start_exchange(dkv_comm, (dk_send, dv_send), (dk_acc, dv_acc), DKV_TAGS)
         if not last:
