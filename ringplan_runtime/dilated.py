@@ -184,6 +184,7 @@ def dilated_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if branches[0].rate == 1:
         out_s, lse_s = _branch_forward(q, k, v, branches[0], spec)
         out_acc, lse_acc = _full_cover_start(q, out_s, lse_s, acc_dtype, alone=len(branches) == 1)
+        del out_s, lse_s  # with a narrower dtype the accumulator is a copy: free the block result now
         branches = branches[1:]
     else:
         out_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
