@@ -235,15 +235,17 @@ def attention_workspace_bytes(p: TermInputs, b: Branch, *, backward: bool = Fals
     ``_math_backward``, fp32 whatever the input dtype), with S = B·H·n_b·k·4 for k keys per query:
     forward max(3·S − O, 2·S) — scores, shifted scores and probabilities before the block output O
     (B·n_b·H·D·e, counted in ``block_result_bytes``) exists, scores and probabilities after;
-    backward 4·S (scores, probabilities, dO·Vᵀ − δ, dS). Plus K/V expanded to H heads under GQA,
-    2·B·n_b·(H − H_kv)·D·e. Ignores: in backward, dQ and dK are formed after the scores are
-    freed, so ``block_grad_bytes`` overcounts the math backend by up to B·n_b·(H + H_kv)·D·e."""
+    backward 4·S (scores, probabilities, dO·Vᵀ − δ, dS) plus dO cast to fp32 when the dtype is narrower
+    (B·n_b·H·D·4). Plus K/V expanded to H heads under GQA, 2·B·n_b·(H − H_kv)·D·e. Ignores: in
+    backward, dQ and dK are formed after the scores are freed, so ``block_grad_bytes`` overcounts the
+    math backend by up to B·n_b·(H + H_kv)·D·e."""
     if p.backend in TILED_BACKENDS:
         return 0.0
     scores = p.batch * p.n_heads * b.n_b * b.key_tokens * FP32_BYTES
     expanded_kv = 2 * p.batch * b.n_b * (p.n_heads - b.kv_heads) * p.head_dim * p.dtype_bytes
     if backward:
-        return 4 * scores + expanded_kv
+        dout_fp32 = p.batch * b.n_b * p.n_heads * p.head_dim * FP32_BYTES if p.dtype_bytes < FP32_BYTES else 0.0
+        return 4 * scores + dout_fp32 + expanded_kv
     block_out = p.batch * b.n_b * p.n_heads * p.head_dim * p.dtype_bytes
     return max(3 * scores - block_out, 2 * scores) + expanded_kv
 

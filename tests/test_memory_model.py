@@ -86,7 +86,8 @@ def single_device_bytes(w: Workload, backend: str) -> float:
         return forward
     grads = b * s * (h + 2 * hkv) * d * e
     out_projection_grads = (h * d + 1) * emb * e if w.projections else 0  # formed before the attention backward
-    backward = inputs + out + lse + out + grads + 4 * scores + expand + out_projection_grads
+    dout_fp32 = b * s * h * d * 4 if math_backend and e < 4 else 0  # the math backward casts dO to fp32
+    backward = inputs + out + lse + out + grads + 4 * scores + dout_fp32 + expand + out_projection_grads
     return max(forward, backward)
 
 
