@@ -179,11 +179,11 @@ def capacity_table(fit_rows: Sequence[Measurement], bisect_rows: Sequence[Measur
 
 
 def load_rows(paths: Sequence[Path]) -> tuple[list[Measurement], list[Measurement]]:
-    """(profile rows, bisection rows): files named ``bisect-*`` hold OOM-boundary probes."""
+    """(profile rows, bisection rows): files with ``bisect`` in their name hold OOM-boundary probes."""
     profile_rows, bisect_rows = [], []
     for path in paths:
         rows = list(load_profile(path).rows)
-        (bisect_rows if path.name.startswith("bisect") else profile_rows).extend(rows)
+        (bisect_rows if "bisect" in path.name else profile_rows).extend(rows)
     return profile_rows, bisect_rows
 
 

@@ -3,7 +3,7 @@
 One command per part, each within ~7 minutes (``--budget-s``); everything goes under OUT_DIR::
 
     RINGPLAN_GIT_SHA=$(git rev-parse HEAD) python benchmarks/gpu_sweep.py $OUT --part profile
-    RINGPLAN_GIT_SHA=$(git rev-parse HEAD) python benchmarks/gpu_sweep.py $OUT --part bisect-h100
+    RINGPLAN_GIT_SHA=$(git rev-parse HEAD) python benchmarks/gpu_sweep.py $OUT --part bisect-full
     RINGPLAN_GIT_SHA=$(git rev-parse HEAD) python benchmarks/gpu_sweep.py $OUT --part bisect-emulated
 
 Parts (world size 2 steps are skipped when one GPU is visible):
@@ -11,17 +11,19 @@ Parts (world size 2 steps are skipped when one GPU is visible):
 - ``profile``: ``ringplan profile`` on 1 and 2 GPUs, bf16, forward and training, shapes 12×64
   (E 768), 32×128 and 32q/8kv×128 (GQA), four lengths per world size (the accuracy report holds
   some out), plus the seed's module (dilated 4096/8192/16384 at 1/2/4, projections, 12×64, E 768)
-  forward at three lengths → ``OUT/profile-h100.json``.
-- ``bisect-h100``: ``ringplan validate --bisect`` of the seed's module on the full H100 memory, 1
-  and 2 GPUs (dilated attention costs O(S·w), so the boundary at millions of tokens is reachable);
-  probes → ``OUT/bisect-h100.json``.
+  forward at four lengths → ``OUT/profile-<local GPU>.json``.
+- ``bisect-full`` (alias ``bisect-h100``): ``ringplan validate --bisect`` of the seed's module on the
+  local GPU's full memory, 1 and 2 GPUs (dilated attention costs O(S·w), so the boundary at millions
+  of tokens is reachable); probes → ``OUT/bisect-<local GPU>.json``.
 - ``bisect-emulated``: the same with ``--emulate-gpu a100-40gb``, and dense 32×128 forward with
   ``--emulate-gpu gtx-1080`` (dense attention costs O(S²): only a small card's boundary is
   reachable in minutes); probes → ``OUT/bisect-<gpu>.json`` (rows named after the emulated GPU).
+  Run it after ``profile``'s rows are in ``profiles/measured/`` (or in OUT): the predictions the
+  bisections start from are fitted on them, not on the seed's reported GTX 1080 rows.
 
 Every step is a subprocess with a timeout: a failure or a hang costs that step, never the run.
 ``OUT/summary-<part>.json`` lists each step's command, exit code, seconds and output tail;
-``OUT/validate-*.json`` keep validate's JSON. Commit ``profile-h100.json`` and ``bisect-h100.json``
+``OUT/validate-*.json`` keep validate's JSON. Commit ``profile-<gpu>.json`` and ``bisect-<gpu>.json``
 to ``profiles/measured/`` and the emulated ones to ``profiles/emulated/`` (not fitted by default:
 their memory is an H100's under a cap), then run ``benchmarks/accuracy_report.py``.
 
@@ -45,7 +47,10 @@ SEED = ["--heads", "12", "--head-dim", "64", "--embed-dim", "768", "--segment-le
         "--dilation-rates", "1,2,4", "--projections", "--dtype", "bf16"]
 DENSE_32 = ["--heads", "32", "--head-dim", "128", "--dtype", "bf16"]
 PROFILE_TOKENS = {1: "8Ki,16Ki,32Ki,48Ki", 2: "16Ki,32Ki,64Ki,96Ki"}
-SEED_TOKENS = {1: "64Ki,256Ki,1Mi", 2: "128Ki,512Ki,2Mi"}
+# Up to 4Mi tokens per rank: on 2×H200 the seed module's allocator peak was Σφ·1.13 at n ≤ 1Mi but
+# Σφ + 35 MB at n ≈ 12M, so fits on short runs only extrapolated capacity 11% low.
+SEED_TOKENS = {1: "256Ki,1Mi,2Mi,4Mi", 2: "512Ki,2Mi,4Mi,8Mi"}
+BISECT_START_TOKENS = {1: "256Ki", 2: "512Ki"}
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "PYTHONUNBUFFERED": "1"}
 RINGPLAN_MAIN = "import sys; sys.argv[0] = 'ringplan'; from ringplan.cli import main; main()"
 
@@ -55,8 +60,18 @@ def ringplan(*args: str) -> list[str]:
     return [sys.executable, "-c", RINGPLAN_MAIN, *args]
 
 
+def local_gpu_label() -> str:
+    """Catalog name of local GPU 0 from its driver name (NVML: no CUDA context here), else ``gpu``."""
+    from ringplan.hardware import load_catalog
+    from ringplan_runtime import nvml
+
+    name = nvml.gpu_name(nvml.first_visible_device())
+    spec = load_catalog().gpu_by_driver_name(name) if name else None
+    return spec.name if spec else "gpu"
+
+
 def profile_steps(out: Path, world_sizes: list[int]) -> list[tuple[str, list[str]]]:
-    path = str(out / "profile-h100.json")
+    path = str(out / f"profile-{local_gpu_label()}.json")
     steps = []
     for p in world_sizes:
         steps.append((f"profile-dense-p{p}", ringplan(
@@ -74,7 +89,7 @@ def profile_steps(out: Path, world_sizes: list[int]) -> list[tuple[str, list[str
 def fit_profiles(out: Path) -> list[str]:
     """``--profile`` options for validate: this run's or the committed H100 sweep (never the seed's
     reported rows, which the default model would otherwise consider for a family it lacks)."""
-    found = sorted(out.glob("profile-h100*.json")) or sorted((REPO / "profiles" / "measured").glob("profile-h100*.json"))
+    found = sorted(out.glob("*profile*.json")) or sorted((REPO / "profiles" / "measured").glob("*profile*.json"))
     return [arg for path in found for arg in ("--profile", str(path))]
 
 
@@ -88,11 +103,12 @@ def bisect_step(name: str, out: Path, record: str, p: int, tokens: str, workload
 
 
 def bisect_steps(part: str, out: Path, world_sizes: list[int]) -> list[tuple[str, list[str]]]:
-    if part == "bisect-h100":
-        return [bisect_step(f"bisect-seed-h100-p{p}", out, "bisect-h100.json", p, SEED_TOKENS[p].split(",")[0],
-                            SEED, None) for p in world_sizes]
-    steps = [bisect_step(f"bisect-seed-a100-40gb-p{p}", out, "bisect-a100-40gb.json", p, SEED_TOKENS[p].split(",")[0],
-                         SEED, "a100-40gb") for p in world_sizes]
+    if part in ("bisect-full", "bisect-h100"):
+        label = local_gpu_label()
+        return [bisect_step(f"bisect-seed-{label}-p{p}", out, f"bisect-{label}.json", p, BISECT_START_TOKENS[p], SEED,
+                            None) for p in world_sizes]
+    steps = [bisect_step(f"bisect-seed-a100-40gb-p{p}", out, "bisect-a100-40gb.json", p, BISECT_START_TOKENS[p], SEED,
+                         "a100-40gb") for p in world_sizes]
     steps += [bisect_step(f"bisect-dense-gtx-1080-p{p}", out, "bisect-gtx-1080.json", p, "64Ki", DENSE_32, "gtx-1080")
               for p in world_sizes]
     return steps
@@ -139,7 +155,7 @@ def visible_gpus() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="Directory for every file this run writes.")
-    parser.add_argument("--part", choices=["profile", "bisect-h100", "bisect-emulated"], required=True)
+    parser.add_argument("--part", choices=["profile", "bisect-full", "bisect-h100", "bisect-emulated"], required=True)
     parser.add_argument("--budget-s", type=float, default=420.0, help="Stop starting steps after this many seconds.")
     parser.add_argument("--dry-run", action="store_true", help="Print the commands, run nothing.")
     args = parser.parse_args(argv)

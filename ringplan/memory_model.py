@@ -42,22 +42,25 @@ PROVENANCE_KINDS: tuple[str, ...] = ("measured", "transferred", "extrapolated", 
 # ----------------------------------------------------------------------------- shape families
 
 
-def shape_family(*, dilated: bool, training: bool, projections: bool, backend: str) -> str:
-    """Which fitted θ may be reused: same pattern kind, mode, projections, workspace kind.
-    Heads, dims, dtype and lengths are not part of it: φ already scales with them."""
+def shape_family(*, dilated: bool, training: bool, projections: bool, backend: str, ring: bool = False) -> str:
+    """Which fitted θ and constant may be reused: same pattern kind, mode, projections, workspace
+    kind, and one GPU vs a ring (``ring``: P > 1). Heads, dims, dtype and lengths are not part of it:
+    φ already scales with them. The ring is: on 2×H200 the memory outside the allocator (context,
+    NCCL communicator and P2P buffers) was 1.90 GB at P = 1 and 2.67 GB at P = 2, so one constant
+    for both mis-predicted device memory by up to 15% (benchmarks/accuracy_report.py)."""
     workspace = "math" if backend == "math" else "tiled"
     return "/".join(("dilated" if dilated else "dense", "training" if training else "forward",
-                     "projections" if projections else "no-projections", workspace))
+                     "projections" if projections else "no-projections", workspace, "ring" if ring else "single"))
 
 
 def workload_family(workload: Workload, layout: RingLayout) -> str:
     return shape_family(dilated=workload.pattern.dilated, training=workload.training,
-                        projections=workload.projections, backend=layout.backend)
+                        projections=workload.projections, backend=layout.backend, ring=layout.ring_size > 1)
 
 
 def row_family(row: Measurement) -> str:
     return shape_family(dilated=bool(row.segment_lengths_tokens), training=row.training,
-                        projections=row.projections, backend=row.backend)
+                        projections=row.projections, backend=row.backend, ring=row.ring_size > 1)
 
 
 def row_inputs(row: Measurement) -> TermInputs:
