@@ -92,15 +92,21 @@ def grouped(rows: Sequence[Measurement]) -> dict[tuple[str, str], list[Measureme
 
 
 def held_out_table(rows: Sequence[Measurement]) -> list[dict]:
-    """Check 1: one line per (GPU, family, figure)."""
-    lines = []
+    """Check 1: one line per (GPU, family, figure), then one per (GPU, figure) over every family."""
+    lines, pooled = [], defaultdict(list)
     for (gpu, family), members in sorted(grouped(rows).items()):
         fit, held = split_held_out(members)
         for figure in FIGURES:
-            stats = error_stats(prediction_errors(fit, held, figure))
+            errors = prediction_errors(fit, held, figure)
+            pooled[(gpu, figure)] += errors
+            stats = error_stats(errors)
             if stats["points"]:
                 lines.append({"check": "held-out points", "gpu": gpu, "family": family, "figure": figure,
                               "fit_points": len(fit), **stats})
+    for (gpu, figure), errors in sorted(pooled.items()):
+        if errors:
+            lines.append({"check": "held-out points, all families", "gpu": gpu, "family": "all", "figure": figure,
+                          "fit_points": None, **error_stats(errors)})
     return lines
 
 
@@ -196,7 +202,7 @@ def markdown(memory: Sequence[dict], capacity: Sequence[dict]) -> str:
 
     lines = ["| check | GPU | family | figure | fit points | held-out points | median abs error | max abs error |",
              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {m['check']} | {m['gpu']} | {m['family']} | {m['figure']} | {m['fit_points']} | {m['points']} | "
+    lines += [f"| {m['check']} | {m['gpu']} | {m['family']} | {m['figure']} | {m['fit_points'] or '-'} | {m['points']} | "
               f"{pct(m['median_abs_error'])} | {pct(m['max_abs_error'])} |" for m in memory]
     lines += ["", "| GPU | ring | family | shape | margin | predicted max tokens | measured max tokens | first OOM | "
               "error | never above | prediction |", "|---|---|---|---|---|---|---|---|---|---|---|"]
