@@ -89,7 +89,7 @@ def profile_steps(out: Path, world_sizes: list[int]) -> list[tuple[str, list[str
 def fit_profiles(out: Path) -> list[str]:
     """``--profile`` options for validate: this run's or the committed H100 sweep (never the seed's
     reported rows, which the default model would otherwise consider for a family it lacks)."""
-    found = sorted(out.glob("*profile*.json")) or sorted((REPO / "profiles" / "measured").glob("*profile*.json"))
+    found = sorted(out.glob("profile-*.json")) or sorted((REPO / "profiles" / "measured").glob("*profile*.json"))
     return [arg for path in found for arg in ("--profile", str(path))]
 
 
