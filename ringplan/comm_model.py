@@ -43,23 +43,38 @@ def _positive_finite(name: str, value: float) -> None:
         raise ValueError(f"{name} must be positive and finite, got {value!r}")
 
 
+EXTRAPOLATIONS = ("link", "kernel")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TimeCurve:
     """Seconds as a function of a size x (bytes or FLOPs): ``intercept_s + x · seconds_per_unit``.
 
     ``points`` (sorted (x, seconds) pairs, optional) are measurements: inside their range the
-    time is interpolated piecewise-linearly in log–log space; below it the smallest measured time
-    (a floor); above it the last measured time plus the fitted slope for the extra size.
+    time is interpolated piecewise-linearly in log–log space. Outside it, ``extrapolation`` says
+    what physics continues:
+
+    - ``"link"`` (a transfer): below the range the smallest measured time (a latency floor);
+      above it the last measured time plus the fitted slope for the extra bytes.
+    - ``"kernel"`` (a compute kernel): below the range the straight line of the fitted slope
+      through the first point (never below the intercept; no floor: a smaller block is faster);
+      above it the power law of the last measured segment, t = t_max·(x/x_max)^p with p ≥ 1
+      (the effective FLOP rate keeps its last trend and never rises). Source: the H200 kernel
+      sweep loses rate from 65,536 to 131,072 tokens, and ANCHORS.md's H100 SDPA causal rate falls
+      from 597 to 535 TFLOP/s from 131,072 to 262,144 tokens; a fitted constant rate would not.
     """
 
     intercept_s: float
     seconds_per_unit: float
     points: tuple[tuple[float, float], ...] = ()
+    extrapolation: str = "link"
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.intercept_s) or self.intercept_s < 0:
             raise ValueError(f"intercept (latency/overhead) must be >= 0 s, got {self.intercept_s!r}")
         _positive_finite("seconds per unit (1/bandwidth or 1/FLOP rate)", self.seconds_per_unit)
+        if self.extrapolation not in EXTRAPOLATIONS:
+            raise ValueError(f"extrapolation {self.extrapolation!r} is not one of {list(EXTRAPOLATIONS)}")
         pts = tuple(sorted((float(x), float(t)) for x, t in self.points))
         for x, t in pts:
             _positive_finite("measured size", x)
@@ -75,16 +90,24 @@ class TimeCurve:
         xs = np.asarray(x, dtype=float)
         if np.any(xs < 0):
             raise ValueError(f"size must be >= 0, got {xs[xs < 0][:3].tolist()}")
-        affine = self.intercept_s + xs * self.seconds_per_unit
+        result = self.intercept_s + xs * self.seconds_per_unit
         if len(self.points) >= 2:
-            px = np.log([p[0] for p in self.points])
-            pt = np.log([p[1] for p in self.points])
-            inside = np.exp(np.interp(np.log(np.maximum(xs, 1e-300)), px, pt))
-            x_max, t_max = self.points[-1]
-            above = t_max + (xs - x_max) * self.seconds_per_unit
-            affine = np.where(xs > x_max, above, inside)
-        result = np.where(xs == 0, 0.0, affine)
+            result = self._measured_time_s(xs)
+        result = np.where(xs == 0, 0.0, result)
         return float(result) if np.ndim(result) == 0 else result
+
+    def _measured_time_s(self, xs: np.ndarray) -> np.ndarray:
+        px = np.log([p[0] for p in self.points])
+        pt = np.log([p[1] for p in self.points])
+        inside = np.exp(np.interp(np.log(np.maximum(xs, 1e-300)), px, pt))  # flat outside the range
+        (x_min, t_min), (x_max, t_max) = self.points[0], self.points[-1]
+        if self.extrapolation == "link":
+            above = t_max + (xs - x_max) * self.seconds_per_unit
+            return np.where(xs > x_max, above, inside)
+        below = np.maximum(self.intercept_s, t_min - (x_min - xs) * self.seconds_per_unit)
+        exponent = max(1.0, (pt[-1] - pt[-2]) / (px[-1] - px[-2]))
+        above = t_max * (np.maximum(xs, x_max) / x_max) ** exponent
+        return np.where(xs > x_max, above, np.where(xs < x_min, below, inside))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,7 +127,7 @@ class AffineFit:
 
 
 def fit_time_curve(x: np.ndarray | list[float], seconds: np.ndarray | list[float], *,
-                   keep_points: bool = True) -> AffineFit:
+                   keep_points: bool = True, extrapolation: str = "link") -> AffineFit:
     """Fit seconds ≈ intercept + slope·x by bounded least squares (intercept ≥ 0, slope > 0).
 
     Rows are weighted by 1/seconds (minimises relative error). Source: scipy.optimize.lsq_linear.
@@ -135,7 +158,9 @@ def fit_time_curve(x: np.ndarray | list[float], seconds: np.ndarray | list[float
     ss_res = float(np.sum((ts - fitted) ** 2))
     ss_tot = float(np.sum((ts - ts.mean()) ** 2))
     points = tuple(zip(xs.tolist(), ts.tolist())) if keep_points else ()
-    return AffineFit(curve=TimeCurve(intercept_s=float(intercept), seconds_per_unit=float(slope), points=points),
+    curve = TimeCurve(intercept_s=float(intercept), seconds_per_unit=float(slope), points=points,
+                      extrapolation=extrapolation)
+    return AffineFit(curve=curve,
                      r_squared=1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0,
                      residuals_s=tuple((ts - fitted).tolist()),
                      relative_errors=tuple(((fitted - ts) / ts).tolist()),

@@ -70,15 +70,48 @@ def attention_pass_flops(pass_name: str, **shape: int | bool) -> float:
     return factor * attention_forward_flops(**shape)
 
 
+def qkv_projection_flops(*, batch: int, tokens: int, embed_dim: int, n_heads: int, n_kv_heads: int,
+                         head_dim: int) -> float:
+    """FLOPs of the Q, K and V projections of ``tokens`` local tokens (forward): 2·B·n·E·(H + 2·H_kv)·D.
+
+    Backward is 2× this (input and weight gradients). Ignores biases.
+    """
+    return 2.0 * batch * tokens * embed_dim * (n_heads + 2 * n_kv_heads) * head_dim
+
+
+def output_projection_flops(*, batch: int, tokens: int, embed_dim: int, n_heads: int, head_dim: int) -> float:
+    """FLOPs of the output projection of ``tokens`` local tokens (forward): 2·B·n·H·D·E. Ignores biases."""
+    return 2.0 * batch * tokens * n_heads * head_dim * embed_dim
+
+
 def projection_forward_flops(*, batch: int, tokens: int, embed_dim: int, n_heads: int, n_kv_heads: int,
                              head_dim: int) -> float:
-    """FLOPs of the QKV and output projections of ``tokens`` local tokens (forward).
+    """FLOPs of the QKV and output projections together (forward); backward is 2× this."""
+    return qkv_projection_flops(batch=batch, tokens=tokens, embed_dim=embed_dim, n_heads=n_heads,
+                                n_kv_heads=n_kv_heads, head_dim=head_dim) + \
+        output_projection_flops(batch=batch, tokens=tokens, embed_dim=embed_dim, n_heads=n_heads, head_dim=head_dim)
 
-    2·B·n·E·(H + 2·H_kv)·D for QKV plus 2·B·n·H·D·E for the output projection. Backward is 2×
-    this (input and weight gradients). Ignores biases.
+
+def conversion_bytes(elements: float, *, from_bytes: int, to_bytes: int) -> float:
+    """HBM bytes of a copy or dtype cast of ``elements`` values: n·(a + b) (read each once, write once).
+
+    Used for the runtime's accumulator starts (bf16 block → fp32), final casts (fp32 → bf16),
+    dilated gathers (bf16 → bf16) and GQA-free copies. Ignores caches (tensors are ≫ L2).
     """
-    return 2.0 * batch * tokens * embed_dim * (n_heads + 2 * n_kv_heads) * head_dim + \
-        2.0 * batch * tokens * n_heads * head_dim * embed_dim
+    if elements < 0:
+        raise ValueError(f"element count must be >= 0, got {elements!r}")
+    return float(elements) * (from_bytes + to_bytes)
+
+
+def accumulation_bytes(elements: float, *, accumulator_bytes: int, addend_bytes: int) -> float:
+    """HBM bytes of an in-place add into an accumulator: n·(2·a + b) (read + write a, read b).
+
+    The ring backward's dq/dK/dV ``add_`` (fp32 += bf16: 10 bytes per value) and the dilated
+    backward's scatter-add. Ignores caches.
+    """
+    if elements < 0:
+        raise ValueError(f"element count must be >= 0, got {elements!r}")
+    return float(elements) * (2 * accumulator_bytes + addend_bytes)
 
 
 def merge_bytes(*, batch: int, n_heads: int, head_dim: int, q_tokens: int, dtype_bytes: int) -> float:
@@ -140,7 +173,7 @@ class KernelModel:
 def scaled_curve(curve: TimeCurve, factor: float) -> TimeCurve:
     """The same curve with every time multiplied by ``factor`` (a GPU that is ``1/factor`` as fast)."""
     return TimeCurve(intercept_s=curve.intercept_s * factor, seconds_per_unit=curve.seconds_per_unit * factor,
-                     points=tuple((x, t * factor) for x, t in curve.points))
+                     points=tuple((x, t * factor) for x, t in curve.points), extrapolation=curve.extrapolation)
 
 
 def default_forward_flops_per_s(backend: str, head_dim: int, causal: bool) -> tuple[float, str]:
@@ -183,7 +216,7 @@ def default_kernel_model(key: KernelKey, *, gpu_name: str, peak_flops_per_s: flo
     rate *= peak_flops_per_s / H100_BF16_PEAK_FLOPS_PER_S
     if _REFERENCE_GPU not in gpu_name.lower():
         source += f" x peak ratio {peak_flops_per_s / H100_BF16_PEAK_FLOPS_PER_S:.3f} (transferred from H100)"
-    return KernelModel(key=key, curve=TimeCurve(intercept_s=0.0, seconds_per_unit=1.0 / rate),
+    return KernelModel(key=key, curve=TimeCurve(intercept_s=0.0, seconds_per_unit=1.0 / rate, extrapolation="kernel"),
                        provenance=f"default: {source}")
 
 
@@ -211,7 +244,7 @@ def fit_kernel_curves(rows: Iterable[KernelRow]) -> dict[KernelKey, AffineFit]:
     fits = {}
     for key, pts in groups.items():
         if len({x for x, _ in pts}) >= 2:
-            fits[key] = fit_time_curve([x for x, _ in pts], [t for _, t in pts])
+            fits[key] = fit_time_curve([x for x, _ in pts], [t for _, t in pts], extrapolation="kernel")
     return fits
 
 
@@ -235,14 +268,19 @@ class MeasuredKernels:
     merge_fit: AffineFit | None = None
 
 
-# One ring step's fixed cost besides the kernel (kernel launches of the merge, event/wait
-# bookkeeping, Python): ASSUMED 20 µs until fitted from measured ring step times
-# (time_model.fit_step_overhead_s). Default merge: 3× the minimal HBM traffic (an unfused merge
-# of ~3 elementwise kernels) + 15 µs of launches, ASSUMED until op='merge' rows are measured.
+# One ring step's fixed GPU-side cost besides its kernels' work (the gaps between the ~10 small
+# kernels of a step, the stream wait on the exchange): ASSUMED 20 µs (time_model.fit_step_overhead_s
+# fits it from ring step times). Default merge: 3× the minimal HBM traffic (an unfused merge of
+# several elementwise kernels), ASSUMED until op='merge' rows are measured.
 DEFAULT_STEP_OVERHEAD_S = 20e-6
 _CUDNN_DEFAULT_GPUS = ("h100", "h200", "h800", "h20", "b200", "b100", "gb200")
 DEFAULT_MERGE_TRAFFIC_FACTOR = 3.0
-DEFAULT_MERGE_LAUNCH_S = 15e-6
+# ASSUMED: contiguous elementwise copies/casts/adds stream at 90% of the catalog HBM bandwidth
+# (CUDA device-to-device copies and STREAM triad reach ~3.0 of 3.35 TB/s on H100 SXM); not
+# measured by ringplan. The merge (strided LSE views, 8 small kernels) has its own fitted rate.
+ELEMENTWISE_HBM_EFFICIENCY = 0.9
+# ASSUMED (no GEMM timing in this repo): large bf16 GEMMs reach ~70% of the catalog peak.
+GEMM_EFFICIENCY = 0.7
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -286,13 +324,30 @@ class ComputeModel:
                                    provenance=f"fitted on {other.gpu_driver_name} and transferred")
         return default_kernel_model(key, gpu_name=self.gpu_name, peak_flops_per_s=self.peak_flops_per_s)
 
-    def merge_curve(self) -> tuple[TimeCurve, str]:
-        """Seconds of one fp32 LSE merge versus the bytes it moves (``merge_bytes``), with provenance."""
+    def merge_s(self, moved_bytes: float) -> tuple[float, str]:
+        """GPU seconds of one fp32 LSE merge queued behind a block kernel, with provenance.
+
+        Measured: the fitted slope × ``merge_bytes`` (the merge's rate, per minimal byte). The
+        fit's intercept (~90 µs on H200 for 8 small kernels) is host dispatch: timed alone the GPU
+        waits for it, but in a ring step the host queues the merge while the block kernel runs, so
+        it is not on the GPU's path (``step_overhead_s`` covers the kernels' launch gaps).
+        Default: 3× the minimal traffic at the catalog HBM bandwidth.
+        """
         if self.this_gpu is not None and self.this_gpu.merge_fit is not None:
-            return self.this_gpu.merge_fit.curve, "measured on this GPU"
-        return (TimeCurve(intercept_s=DEFAULT_MERGE_LAUNCH_S,
-                          seconds_per_unit=DEFAULT_MERGE_TRAFFIC_FACTOR / self.hbm_bandwidth_bytes_per_s),
+            return moved_bytes * self.this_gpu.merge_fit.curve.seconds_per_unit, "measured on this GPU"
+        return (moved_bytes * DEFAULT_MERGE_TRAFFIC_FACTOR / self.hbm_bandwidth_bytes_per_s,
                 "default: assumed 3x minimal traffic at catalog HBM bandwidth")
+
+    def elementwise_s(self, moved_bytes: float) -> float:
+        """Seconds of contiguous copies/casts/adds moving ``moved_bytes``: bytes / (0.9 × HBM bandwidth).
+
+        Source: catalog HBM bandwidth × ELEMENTWISE_HBM_EFFICIENCY (assumed). Ignores launch gaps.
+        """
+        return moved_bytes / (ELEMENTWISE_HBM_EFFICIENCY * self.hbm_bandwidth_bytes_per_s)
+
+    def gemm_s(self, flops: float) -> float:
+        """Seconds of dense bf16 GEMMs of ``flops``: flops / (GEMM_EFFICIENCY × catalog peak). Assumed rate."""
+        return flops / (GEMM_EFFICIENCY * self.peak_flops_per_s)
 
     def fastest_backend(self, head_dim: int, dtype: str) -> str:
         """The backend ``auto`` is planned with: the fastest measured here at this head dim; unmeasured,

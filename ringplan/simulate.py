@@ -72,6 +72,9 @@ class RingPass:
 
     ``kv_hop_s[r]`` is the time of the K/V transfer into rank r (from its previous rank);
     ``grad_hop_s`` the dK/dV transfer of a backward pass (None for forward / local passes).
+    Either is one time per rank ``[ring_size]`` or one per rank and step ``[ring_size, group_size]``
+    (column s: the K/V hop posted at step s, the dK/dV hop posted after step s; the last column
+    of ``grad_hop_s`` is the hop that returns dK/dV to their owner). Stored as the 2-D form.
     A pass with one step (``group_size == 1``) is local compute only, no communication.
     """
 
@@ -93,8 +96,11 @@ class RingPass:
             if hop is None:
                 continue
             hop = np.asarray(hop, dtype=float)
-            if hop.shape != (ring_size,) or np.any(hop < 0) or not np.all(np.isfinite(hop)):
-                raise ValueError(f"{self.name}: {label} must be {ring_size} finite times >= 0, got shape {hop.shape}")
+            if hop.shape not in ((ring_size,), (ring_size, self.group_size)) or np.any(hop < 0) \
+                    or not np.all(np.isfinite(hop)):
+                raise ValueError(f"{self.name}: {label} must be finite times >= 0 of shape ({ring_size},) or "
+                                 f"({ring_size}, {self.group_size}), got shape {hop.shape}")
+            hop = np.broadcast_to(hop[:, None], (ring_size, self.group_size)) if hop.ndim == 1 else hop
             object.__setattr__(self, label, hop)
         object.__setattr__(self, "compute_s", compute)
         previous_ranks(ring_size, self.group_size)
@@ -124,14 +130,15 @@ def _exchange(post_s: np.ndarray, prev: np.ndarray, nxt: np.ndarray, hop_s: np.n
     return recv_start, recv_end, recv_end[nxt]
 
 
-def _forward_loop(compute_t: np.ndarray, kv_hop_s: np.ndarray, start_s: np.ndarray, prev: np.ndarray,
+def _forward_loop(compute_t: np.ndarray, kv_hop_t: np.ndarray, start_s: np.ndarray, prev: np.ndarray,
                   nxt: np.ndarray, out: dict) -> np.ndarray:
+    """Arrays ``*_t`` are [steps, ranks]; returns when each rank is done."""
     now, last = start_s.copy(), len(compute_t) - 1
     for s in range(len(compute_t)):
         compute_end = now + compute_t[s]
         out["start"][s], out["compute_end"][s] = now, compute_end
         if s < last:
-            recv_start, recv_end, send_end = _exchange(now, prev, nxt, kv_hop_s)
+            recv_start, recv_end, send_end = _exchange(now, prev, nxt, kv_hop_t[s])
             out["recv_start"][s], out["recv_end"][s] = recv_start, recv_end
             now = np.maximum(compute_end, np.maximum(recv_end, send_end))
         else:
@@ -140,7 +147,7 @@ def _forward_loop(compute_t: np.ndarray, kv_hop_s: np.ndarray, start_s: np.ndarr
     return now
 
 
-def _backward_loop(compute_t: np.ndarray, kv_hop_s: np.ndarray, grad_hop_s: np.ndarray, start_s: np.ndarray,
+def _backward_loop(compute_t: np.ndarray, kv_hop_t: np.ndarray, grad_hop_t: np.ndarray, start_s: np.ndarray,
                    prev: np.ndarray, nxt: np.ndarray, out: dict) -> np.ndarray:
     now, last = start_s.copy(), len(compute_t) - 1
     grad_done = start_s.copy()  # no dK/dV exchange before step 0
@@ -149,10 +156,10 @@ def _backward_loop(compute_t: np.ndarray, kv_hop_s: np.ndarray, grad_hop_s: np.n
         out["start"][s], out["compute_end"][s] = now, compute_end
         post = np.maximum(compute_end, grad_done)
         if s < last:
-            recv_start, recv_end, send_end = _exchange(now, prev, nxt, kv_hop_s)
+            recv_start, recv_end, send_end = _exchange(now, prev, nxt, kv_hop_t[s])
             out["recv_start"][s], out["recv_end"][s] = recv_start, recv_end
             post = np.maximum(post, np.maximum(recv_end, send_end))
-        _, grad_recv_end, grad_send_end = _exchange(post, prev, nxt, grad_hop_s)
+        _, grad_recv_end, grad_send_end = _exchange(post, prev, nxt, grad_hop_t[s])
         grad_done = np.maximum(grad_recv_end, grad_send_end)
         now = post
         out["end"][s] = now
@@ -172,12 +179,14 @@ def simulate_pass(p: RingPass, start_s: np.ndarray) -> PassTimeline:
         nxt = np.empty_like(prev)
         nxt[prev] = np.arange(p.ring_size)
     compute_t = np.ascontiguousarray(p.compute_s[rows].T)
+    kv_hop_t = np.ascontiguousarray(p.kv_hop_s[rows].T)
     # Filled step by step as rows [steps, ranks] (contiguous writes), returned as [ranks, steps].
     out = {k: np.full(compute_t.shape, np.nan) for k in ("start", "compute_end", "end", "recv_start", "recv_end")}
     if p.grad_hop_s is None or p.group_size == 1:
-        finish = _forward_loop(compute_t, p.kv_hop_s[rows], start_s[rows], prev, nxt, out)
+        finish = _forward_loop(compute_t, kv_hop_t, start_s[rows], prev, nxt, out)
     else:
-        finish = _backward_loop(compute_t, p.kv_hop_s[rows], p.grad_hop_s[rows], start_s[rows], prev, nxt, out)
+        grad_hop_t = np.ascontiguousarray(p.grad_hop_s[rows].T)
+        finish = _backward_loop(compute_t, kv_hop_t, grad_hop_t, start_s[rows], prev, nxt, out)
     full = lambda a: np.broadcast_to(a, (p.ring_size,) + a.shape[1:])  # noqa: E731
     return PassTimeline(name=p.name, step_start_s=full(out["start"].T), compute_end_s=full(out["compute_end"].T),
                         step_end_s=full(out["end"].T), recv_start_s=full(out["recv_start"].T),
@@ -198,14 +207,16 @@ class SimulationResult:
     """A whole layer step (all passes in order, per rank back to back) and its breakdown.
 
     ``step_time_s``: when the last rank finishes. ``busy_s[r]``: rank r's compute seconds.
-    ``compute_s``: the busiest rank's compute. ``exposed_comm_s`` = step − compute (time the
-    busiest rank waits on transfers or on neighbours). ``ideal_s`` = mean busy (perfect balance,
+    ``start_s``: when the ranks started (the host's call overhead). ``compute_s``: the busiest
+    rank's compute. ``exposed_comm_s`` = step − start − compute (time the busiest rank waits on
+    transfers or on neighbours). ``ideal_s`` = mean busy (perfect balance,
     no communication); ``efficiency`` = ideal / step.
     """
 
     step_time_s: float
     busy_s: np.ndarray
     timelines: tuple[PassTimeline, ...]
+    start_s: float = 0.0
 
     @property
     def compute_s(self) -> float:
@@ -213,7 +224,7 @@ class SimulationResult:
 
     @property
     def exposed_comm_s(self) -> float:
-        return max(0.0, self.step_time_s - self.compute_s)
+        return max(0.0, self.step_time_s - self.start_s - self.compute_s)
 
     @property
     def ideal_s(self) -> float:
@@ -232,15 +243,17 @@ class SimulationResult:
         return int(np.argmax(self.timelines[-1].finish_s)) if self.timelines else 0
 
 
-def simulate_step(passes: Sequence[RingPass]) -> SimulationResult:
+def simulate_step(passes: Sequence[RingPass], start_s: float = 0.0) -> SimulationResult:
     """Run ``passes`` one after another on every rank (each rank starts a pass when it finished
-    the previous one); all ranks start at 0."""
+    the previous one); all ranks start at ``start_s`` (≥ 0)."""
     if not passes:
         raise ValueError("nothing to simulate: no passes")
     ring_size = passes[0].ring_size
     if any(p.ring_size != ring_size for p in passes):
         raise ValueError(f"passes disagree on the ring size: {[p.ring_size for p in passes]}")
-    now = np.zeros(ring_size)
+    if not np.isfinite(start_s) or start_s < 0:
+        raise ValueError(f"start time must be >= 0 s, got {start_s!r}")
+    now = np.full(ring_size, float(start_s))
     busy = np.zeros(ring_size)
     timelines = []
     for p in passes:
@@ -248,7 +261,8 @@ def simulate_step(passes: Sequence[RingPass]) -> SimulationResult:
         timelines.append(timeline)
         busy += p.compute_s.sum(axis=1)
         now = timeline.finish_s
-    return SimulationResult(step_time_s=float(now.max()), busy_s=busy, timelines=tuple(timelines))
+    return SimulationResult(step_time_s=float(now.max()), busy_s=busy, timelines=tuple(timelines),
+                            start_s=float(start_s))
 
 
 def rank_intervals(result: SimulationResult, rank: int) -> tuple[np.ndarray, np.ndarray]:
