@@ -37,8 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ringplan.memory_model import MemoryModel, fit_memory_model, row_family, row_inputs  # noqa: E402
-from ringplan.memory_terms import terms_at  # noqa: E402
+from ringplan.memory_model import MemoryModel, row_family  # noqa: E402
 from ringplan.profiles import Measurement, load_profile  # noqa: E402
 from ringplan.workload import AttentionPattern, AttentionShape, RingLayout, Workload  # noqa: E402
 
@@ -47,10 +46,11 @@ MARGINS = (0.0, 0.05)
 
 
 def series_key(row: Measurement) -> tuple:
-    """A row's series: everything but the sequence length."""
-    return (row.gpu, row.ring_size, row.layout, row.backend, row.batch, row.n_heads, row.n_kv_heads, row.head_dim,
-            row.embed_dim, row.dtype, row.causal, row.segment_lengths_tokens, row.dilation_rates, row.training,
-            row.projections)
+    """A row's series: everything but the sequence length (the series name keeps apart one GPU
+    emulated on different host GPUs)."""
+    return (row.gpu, row.series, row.ring_size, row.layout, row.backend, row.batch, row.n_heads, row.n_kv_heads,
+            row.head_dim, row.embed_dim, row.dtype, row.causal, row.segment_lengths_tokens, row.dilation_rates,
+            row.training, row.projections)
 
 
 def split_held_out(rows: Sequence[Measurement]) -> tuple[list[Measurement], list[Measurement]]:
@@ -73,14 +73,21 @@ def error_stats(errors: Sequence[float]) -> dict[str, float | int | None]:
             "max_abs_error": max(magnitudes) if magnitudes else None}
 
 
+#: Where each measured figure is in a ``MemoryPrediction``.
+PREDICTED = {"peak_allocated_bytes": "peak_allocated_bytes", "peak_reserved_bytes": "peak_reserved_bytes",
+             "device_used_bytes": "total_bytes"}
+
+
 def prediction_errors(fit_rows: Sequence[Measurement], test_rows: Sequence[Measurement], figure: str) -> list[float]:
-    """Relative errors of the analytic model fitted on ``fit_rows`` (one GPU, one family) for ``figure``."""
-    fit_with = [r for r in fit_rows if getattr(r, figure) is not None]
+    """Relative errors for ``figure`` of the planner's (calibrated analytic) model fitted on ``fit_rows``."""
+    from ringplan.hardware import load_catalog
+
     tests = [r for r in test_rows if getattr(r, figure) is not None]
-    if not fit_with or not tests:
+    if not fit_rows or not tests:
         return []
-    model = fit_memory_model(fit_with, target=figure)
-    return [(model.predict_bytes(terms_at(row_inputs(r))) - getattr(r, figure)) / getattr(r, figure) for r in tests]
+    model, catalog = MemoryModel(rows=tuple((r, "fit") for r in fit_rows)), load_catalog()
+    predicted = [getattr(model.predict_row(r, catalog.gpu(r.gpu)), PREDICTED[figure]) for r in tests]
+    return [(p - getattr(r, figure)) / getattr(r, figure) for p, r in zip(predicted, tests) if p is not None]
 
 
 def grouped(rows: Sequence[Measurement]) -> dict[tuple[str, str], list[Measurement]]:

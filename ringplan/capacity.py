@@ -1,7 +1,9 @@
 """Capacity search: the fewest GPUs for S tokens, and the most tokens K GPUs can hold.
 
-A plan is feasible when the predicted per-GPU device memory fits in the usable memory less a
-safety margin: ``total_bytes <= usable_memory_bytes · (1 − safety_margin)``.
+A plan is feasible when the predicted per-GPU device memory, plus the memory model's worst fit
+residual, fits in the usable memory less a safety margin:
+``total_bytes + residual_bound_bytes <= usable_memory_bytes · (1 − safety_margin)`` (a plan called
+feasible must run: on 2×H200 an emulated A100's boundary sat 1.5 MB above the point prediction).
 
 * ``min_world_size``: every ring size 1..max where the sequence splits as the layout requires is
   tried in order (a linear scan, ≤ max_world_size cheap evaluations). Not a bisection: per-GPU
@@ -11,14 +13,15 @@ safety margin: ``total_bytes <= usable_memory_bytes · (1 − safety_margin)``.
   feasible sequence is found by exponential + binary search over the valid lengths (logarithmic).
 
 Step time: another module (``ringplan.time_model``) fills ``CapacityRow.step_time_s`` and
-``exposed_comm_s`` through the ``step_time`` hook; ``None`` leaves them empty.
+``exposed_comm_s`` through the ``step_time`` hook, for the rows an answer returns only (the
+searches evaluate memory alone); ``None`` leaves them empty.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ringplan.hardware import GpuSpec
 from ringplan.memory_model import MemoryModel, MemoryPrediction, default_memory_model
@@ -47,8 +50,8 @@ class CapacityRow:
 
     @property
     def headroom_bytes(self) -> float:
-        """Budget left after the predicted peak (negative when infeasible)."""
-        return self.budget_bytes - self.prediction.total_bytes
+        """Budget left after the predicted peak and its residual bound (negative when infeasible)."""
+        return self.budget_bytes - self.prediction.upper_bytes
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,15 +84,26 @@ class CapacityQuery:
 
 
 def evaluate(query: CapacityQuery, seq_len_tokens: int, world_size: int) -> CapacityRow:
-    """Predict one plan (raises ``ValueError`` when the sequence does not split over the ring)."""
+    """Predict one plan, memory and step time (raises ``ValueError`` when the sequence does not
+    split over the ring)."""
+    return timed(query, memory_row(query, seq_len_tokens, world_size))
+
+
+def memory_row(query: CapacityQuery, seq_len_tokens: int, world_size: int) -> CapacityRow:
+    """Predict one plan's memory only (what the searches evaluate)."""
     workload = query.workload.with_seq_len(seq_len_tokens)
-    layout = query.ring(world_size)
-    prediction = query.model.predict(workload, layout, query.gpu)
-    step = query.step_time(workload, layout, query.gpu) if query.step_time is not None else None
+    prediction = query.model.predict(workload, query.ring(world_size), query.gpu)
     return CapacityRow(world_size=world_size, seq_len_tokens=seq_len_tokens, tokens_per_rank=prediction.tokens_per_rank,
                        prediction=prediction, usable_memory_bytes=query.gpu.usable_memory_bytes,
-                       budget_bytes=query.budget_bytes, feasible=prediction.total_bytes <= query.budget_bytes,
-                       step_time_s=step[0] if step else None, exposed_comm_s=step[1] if step else None)
+                       budget_bytes=query.budget_bytes, feasible=prediction.upper_bytes <= query.budget_bytes)
+
+
+def timed(query: CapacityQuery, row: CapacityRow) -> CapacityRow:
+    """``row`` with the step-time hook's (step_time_s, exposed_comm_s), when there is a hook."""
+    if query.step_time is None:
+        return row
+    step = query.step_time(query.workload.with_seq_len(row.seq_len_tokens), query.ring(row.world_size), query.gpu)
+    return replace(row, step_time_s=step[0] if step else None, exposed_comm_s=step[1] if step else None)
 
 
 def splits(query: CapacityQuery, seq_len_tokens: int, world_size: int) -> bool:
@@ -128,13 +142,14 @@ def min_world_size(query: CapacityQuery, seq_len_tokens: int) -> MinWorldSize:
     evaluated: dict[int, CapacityRow] = {}
     minimum = None
     for p in sizes:
-        evaluated[p] = evaluate(query, seq_len_tokens, p)
+        evaluated[p] = memory_row(query, seq_len_tokens, p)
         if evaluated[p].feasible:
             minimum = evaluated[p]
             break
     limit = 4 * minimum.world_size if minimum else query.max_world_size
     shown = sorted({p for p in sizes if p & (p - 1) == 0 and p <= limit} | ({minimum.world_size} if minimum else set()))
-    rows = tuple(evaluated[p] if p in evaluated else evaluate(query, seq_len_tokens, p) for p in shown)
+    rows = tuple(timed(query, evaluated[p]) if p in evaluated else evaluate(query, seq_len_tokens, p) for p in shown)
+    minimum = next((row for row in rows if minimum and row.world_size == minimum.world_size), None)
     return MinWorldSize(seq_len_tokens=seq_len_tokens, minimum=minimum, rows=rows)
 
 
@@ -167,12 +182,19 @@ def valid_tokens_per_rank_below_unit(query: CapacityQuery, world_size: int) -> l
 
 
 def max_tokens(query: CapacityQuery, world_size: int) -> MaxTokens:
-    """Largest feasible S on ``world_size`` GPUs: exponential then binary search over n = m·unit
-    (O(log S) evaluations), falling back to the few valid n below the unit."""
+    """Largest feasible S on ``world_size`` GPUs (its step time filled, the search's memory only)."""
+    result = _max_tokens_search(query, world_size)
+    best = timed(query, result.best) if result.best is not None else None
+    return MaxTokens(world_size=world_size, best=best, next_infeasible=result.next_infeasible)
+
+
+def _max_tokens_search(query: CapacityQuery, world_size: int) -> MaxTokens:
+    """Exponential then binary search over n = m·unit (O(log S) evaluations), falling back to the
+    few valid n below the unit."""
     unit = token_unit(query, world_size)
 
     def row(n: int) -> CapacityRow:
-        return evaluate(query, n * world_size, world_size)
+        return memory_row(query, n * world_size, world_size)
 
     small = valid_tokens_per_rank_below_unit(query, world_size)
     first = row(unit)

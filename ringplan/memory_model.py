@@ -1,283 +1,43 @@
-"""Per-GPU memory: fits on measured profiles and predictions with provenance and uncertainty.
+"""Per-GPU memory predictions with provenance and uncertainty, and the planner's default model.
 
-Two model forms:
+Model forms (``MemoryModel.form``):
 
-* **seed form** (the seed report's): ``bytes = overhead + bytes_per_token · n`` per profile, least
-  squares; reported as ``mb_per_token``, ``overhead_mb``, R² and residuals. It ignores the workload
-  shape, so it transfers to another shape only as a guess.
-* **analytic form** (DESIGN.md): ``bytes = c + Σ_j θ_j · φ_j(workload, layout)`` with the named byte
-  terms φ_j of ``ringplan.memory_terms``; θ_j ≥ 0 and c ≥ 0 fitted by bounded least squares on
-  relative residuals with a weak prior pulling each θ_j to 1 (so terms the data cannot separate keep
-  their analytic value). With no data θ = 1, c = 0: the pure analytic model.
+* ``analytic`` (default): the calibrated form of ``ringplan.memory_calibration`` — the analytic
+  byte terms with θ = 1, plus the kernel workspace, the allocator slack and the memory outside the
+  allocator fitted per GPU. Predicts peak allocated, peak reserved and device used.
+* ``seed``: the seed report's MB-per-token + overhead (``memory_fits.fit_seed_form``).
 
-What is predicted is ``device_used_bytes``, what must fit in the GPU's usable memory: the fitted
-figure plus, when the fit is of an allocator figure, the non-allocator runtime overhead (measured
-NVML used − torch reserved of the same GPU, else the catalog default).
+Free-θ fits (``fit_memory_model``, a diagnostic of the terms) predict through ``predict_memory``.
+What must fit in the GPU's usable memory is ``total_bytes``: the device memory used.
+
+The default model reads its calibrations from ``profiles/fitted/memory-fit.json`` (json and a few
+multiplications: no numpy or scipy at a cold start) when the file's profile hashes match the
+measured profiles, and fits them from ``profiles/measured`` otherwise (``ringplan.memory_fit_cache``).
 """
 
 from __future__ import annotations
 
 import functools
-import math
-import statistics
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ringplan.hardware import GpuSpec
-from ringplan.memory_terms import TERM_NAMES, TermInputs, terms_at, term_inputs
+from ringplan.memory_calibration import (Calibration, PartFit, fit_calibrations, overhead_features, slack_features,
+                                         with_borrowed, workspace_features)
+from ringplan.memory_fits import (FIT_KINDS, TARGETS, FitStats, MemoryFit, SeedFit, fit_memory_model,  # noqa: F401
+                                  fit_rows, fit_seed_form, fit_stats, kernel_family, reserve_slack_measured,
+                                  row_family, row_inputs, runtime_overhead_measured, seed_shape_key, shape_family,
+                                  slack_family, unfitted_model, workload_family)
+from ringplan.memory_terms import TermInputs, term_inputs, terms_at
 from ringplan.profiles import Measurement, load_profiles, measured_dir
-from ringplan.workload import DTYPE_BYTES, RingLayout, Workload, tokens_per_rank
+from ringplan.workload import RingLayout, Workload, tokens_per_rank
 
-#: Figures a fit can target, best first (the first one present in the rows is used by default).
-TARGETS: tuple[str, ...] = ("device_used_bytes", "peak_reserved_bytes", "peak_allocated_bytes", "tracked_peak_bytes")
-#: Row kinds a default fit uses ("estimated" rows are someone's formula, not data).
-FIT_KINDS: tuple[str, ...] = ("measured", "reported")
-#: Relative uncertainty given to predictions not backed by a same-GPU fit inside its range.
-#: A policy, not a measurement: PyTorch's MemTracker test tolerates ±10% (ANCHORS.md).
+#: Relative uncertainty given to what is not backed by a same-GPU fit inside its range (on the
+#: fitted parts of a calibrated prediction, on the whole of a seed/free-θ one). A policy, not a
+#: measurement: PyTorch's MemTracker test tolerates ±10% (ANCHORS.md).
 PRIOR_RELATIVE_UNCERTAINTY = 0.10
 PROVENANCE_KINDS: tuple[str, ...] = ("measured", "transferred", "extrapolated", "analytic")
-
-
-# ----------------------------------------------------------------------------- shape families
-
-
-def shape_family(*, dilated: bool, training: bool, projections: bool, backend: str, ring: bool = False) -> str:
-    """Which fitted θ and constant may be reused: same pattern kind, mode, projections, workspace
-    kind, and one GPU vs a ring (``ring``: P > 1). Heads, dims, dtype and lengths are not part of it:
-    φ already scales with them. The ring is: on 2×H200 the memory outside the allocator (context,
-    NCCL communicator and P2P buffers) was 1.90 GB at P = 1 and 2.67 GB at P = 2, so one constant
-    for both mis-predicted device memory by up to 15% (benchmarks/accuracy_report.py)."""
-    workspace = "math" if backend == "math" else "tiled"
-    return "/".join(("dilated" if dilated else "dense", "training" if training else "forward",
-                     "projections" if projections else "no-projections", workspace, "ring" if ring else "single"))
-
-
-def workload_family(workload: Workload, layout: RingLayout) -> str:
-    return shape_family(dilated=workload.pattern.dilated, training=workload.training,
-                        projections=workload.projections, backend=layout.backend, ring=layout.ring_size > 1)
-
-
-def row_family(row: Measurement) -> str:
-    return shape_family(dilated=bool(row.segment_lengths_tokens), training=row.training,
-                        projections=row.projections, backend=row.backend, ring=row.ring_size > 1)
-
-
-def row_inputs(row: Measurement) -> TermInputs:
-    """Evaluation point of a recorded run at its reported tokens per rank (no divisibility check)."""
-    return TermInputs(batch=row.batch, n_heads=row.n_heads, n_kv_heads=row.n_kv_heads, head_dim=row.head_dim,
-                      embed_dim=row.embed_dim, dtype_bytes=DTYPE_BYTES[row.dtype], tokens_per_rank=row.tokens_per_rank,
-                      ring_size=row.ring_size, backend=row.backend, segment_lengths_tokens=row.segment_lengths_tokens,
-                      dilation_rates=row.dilation_rates, training=row.training, projections=row.projections)
-
-
-def fit_rows(rows: Sequence[Measurement], target: str | None = None,
-             kinds: Sequence[str] = FIT_KINDS) -> tuple[str, list[Measurement]]:
-    """The target figure (``target`` or the first of ``TARGETS`` present) and the rows to fit:
-    not OOM, of an accepted kind, with that figure. ``ValueError`` when nothing is left."""
-    usable = [r for r in rows if not r.oom and r.kind in kinds]
-    candidates = [target] if target else list(TARGETS)
-    for name in candidates:
-        if name not in TARGETS:
-            raise ValueError(f"fit target {name!r} is not one of {list(TARGETS)}")
-        chosen = [r for r in usable if getattr(r, name) is not None]
-        if chosen:
-            return name, chosen
-    raise ValueError(f"no rows to fit: {len(rows)} rows, none non-OOM of kind {list(kinds)} "
-                     f"with {'/'.join(candidates)}")
-
-
-# ----------------------------------------------------------------------------- fit statistics
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FitStats:
-    """Goodness of fit on the fitted figure. ``r_squared`` is None when the data have no spread."""
-
-    n_points: int
-    r_squared: float | None
-    residuals_bytes: tuple[float, ...]
-    relative_residuals: tuple[float, ...]
-    tokens_per_rank_range: tuple[float, float]
-
-    @property
-    def relative_uncertainty(self) -> float:
-        """max(largest |relative residual|, 2σ of relative residuals); 0 with a perfect fit."""
-        if not self.relative_residuals:
-            return 0.0
-        worst = max(abs(r) for r in self.relative_residuals)
-        spread = 2 * statistics.pstdev(self.relative_residuals) if len(self.relative_residuals) > 1 else 0.0
-        return max(worst, spread)
-
-
-def fit_stats(observed: Sequence[float], predicted: Sequence[float], tokens: Sequence[float]) -> FitStats:
-    """R² = 1 − SS_res / SS_tot on bytes; residual = observed − predicted."""
-    residuals = [o - p for o, p in zip(observed, predicted)]
-    mean = sum(observed) / len(observed)
-    ss_tot = sum((o - mean) ** 2 for o in observed)
-    ss_res = sum(r * r for r in residuals)
-    r_squared = 1.0 - ss_res / ss_tot if ss_tot > 0 else None
-    return FitStats(n_points=len(observed), r_squared=r_squared, residuals_bytes=tuple(residuals),
-                    relative_residuals=tuple(r / o for r, o in zip(residuals, observed)),
-                    tokens_per_rank_range=(min(tokens), max(tokens)))
-
-
-def runtime_overhead_measured(rows: Sequence[Measurement]) -> float | None:
-    """Median of NVML device used − torch reserved over rows that have both: the memory a process
-    holds outside the caching allocator (CUDA context, NCCL buffers). None without such rows."""
-    gaps = [r.device_used_bytes - r.peak_reserved_bytes for r in rows
-            if r.device_used_bytes is not None and r.peak_reserved_bytes is not None and not r.oom]
-    return max(0.0, statistics.median(gaps)) if gaps else None
-
-
-def reserve_slack_measured(rows: Sequence[Measurement]) -> float | None:
-    """Median of (reserved − allocated) / allocated: the caching allocator's slack. None without data."""
-    ratios = [(r.peak_reserved_bytes - r.peak_allocated_bytes) / r.peak_allocated_bytes for r in rows
-              if r.peak_reserved_bytes is not None and r.peak_allocated_bytes and not r.oom]
-    return max(0.0, statistics.median(ratios)) if ratios else None
-
-
-# ----------------------------------------------------------------------------- seed form
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SeedFit:
-    """The seed's form: ``overhead_bytes + bytes_per_token · n`` for one profile's rows."""
-
-    gpu: str
-    target: str
-    bytes_per_token: float
-    overhead_bytes: float
-    stats: FitStats
-    shape_key: tuple = ()
-    runtime_overhead_bytes: float | None = None
-    reserve_slack: float | None = None
-    source: str = ""
-
-    @property
-    def mb_per_token(self) -> float:
-        return self.bytes_per_token / 1e6
-
-    @property
-    def overhead_mb(self) -> float:
-        return self.overhead_bytes / 1e6
-
-    def predict_bytes(self, n_tokens_per_rank: float) -> float:
-        return self.overhead_bytes + self.bytes_per_token * n_tokens_per_rank
-
-
-def seed_shape_key(row: Measurement) -> tuple:
-    """Everything of a row's workload except S and P: the seed form is valid for one such shape."""
-    return (row.batch, row.n_heads, row.n_kv_heads, row.head_dim, row.embed_dim, row.dtype, row.layout,
-            row.backend, row.segment_lengths_tokens, row.dilation_rates, row.training, row.projections)
-
-
-def fit_seed_form(rows: Sequence[Measurement], *, target: str | None = None, source: str = "") -> SeedFit:
-    """Ordinary least squares of the target figure on tokens per rank (closed form, no scipy).
-
-    slope = Σ(n−n̄)(y−ȳ) / Σ(n−n̄)², intercept = ȳ − slope·n̄ (slope 0 when every n is equal).
-    Rows must share one GPU; shapes may differ (the seed form ignores them).
-    """
-    target, chosen = fit_rows(rows, target)
-    gpus = sorted({r.gpu for r in chosen})
-    if len(gpus) != 1:
-        raise ValueError(f"the seed form fits one GPU at a time, rows cover {gpus}")
-    n = [r.tokens_per_rank for r in chosen]
-    y = [float(getattr(r, target)) for r in chosen]
-    n_mean, y_mean = sum(n) / len(n), sum(y) / len(y)
-    sxx = sum((a - n_mean) ** 2 for a in n)
-    slope = sum((a - n_mean) * (b - y_mean) for a, b in zip(n, y)) / sxx if sxx > 0 else 0.0
-    intercept = y_mean - slope * n_mean
-    stats = fit_stats(y, [intercept + slope * a for a in n], n)
-    return SeedFit(gpu=gpus[0], target=target, bytes_per_token=slope, overhead_bytes=intercept, stats=stats,
-                   shape_key=seed_shape_key(chosen[0]), runtime_overhead_bytes=runtime_overhead_measured(rows),
-                   reserve_slack=reserve_slack_measured(rows), source=source)
-
-
-# ----------------------------------------------------------------------------- analytic form
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MemoryFit:
-    """Analytic form: ``constant_bytes + Σ θ_j φ_j``. ``gpu`` None and ``stats`` None: unfitted."""
-
-    coefficients: dict[str, float]
-    constant_bytes: float = 0.0
-    target: str = "device_used_bytes"
-    gpu: str | None = None
-    family: str | None = None
-    stats: FitStats | None = None
-    runtime_overhead_bytes: float | None = None
-    reserve_slack: float | None = None
-    prior_weight: float = 0.0
-    source: str = ""
-
-    @property
-    def fitted(self) -> bool:
-        return self.stats is not None
-
-    def predict_bytes(self, terms: dict[str, float]) -> float:
-        return self.constant_bytes + sum(self.coefficients.get(k, 0.0) * v for k, v in terms.items())
-
-
-def unfitted_model() -> MemoryFit:
-    """θ_j = 1 for every term, no constant: the pure analytic model (predicts allocator bytes)."""
-    return MemoryFit(coefficients={name: 1.0 for name in TERM_NAMES}, target="peak_allocated_bytes")
-
-
-def fit_memory_model(rows: Sequence[Measurement], *, terms: Sequence[str] | None = None, target: str | None = None,
-                     prior_weight: float = 1e-3, kinds: Sequence[str] = FIT_KINDS, source: str = "") -> MemoryFit:
-    """Fit θ ≥ 0 and c ≥ 0 on rows of one GPU (``scipy.optimize.lsq_linear``, imported here).
-
-    Minimises Σ_i ((c + Σ_j θ_j φ_ij − y_i) / y_i)² + λ Σ_j (θ_j − 1)² with λ = ``prior_weight``.
-    Relative residuals weigh small and large runs alike; the prior only decides directions the data
-    leave free (e.g. two terms that are always proportional split their weight evenly).
-    ``terms`` restricts the model to those names (others get θ = 0).
-    """
-    if not (math.isfinite(prior_weight) and prior_weight >= 0):
-        raise ValueError(f"prior_weight must be a finite number >= 0, got {prior_weight!r}")
-    names = tuple(terms) if terms is not None else TERM_NAMES
-    unknown = [name for name in names if name not in TERM_NAMES]
-    if unknown or not names:
-        raise ValueError(f"unknown memory terms {unknown}; known: {list(TERM_NAMES)}")
-    target, chosen = fit_rows(rows, target, kinds)
-    gpus = sorted({r.gpu for r in chosen})
-    if len(gpus) != 1:
-        raise ValueError(f"a memory fit covers one GPU at a time, rows cover {gpus}")
-    phi = [terms_at(row_inputs(r)) for r in chosen]
-    y = [float(getattr(r, target)) for r in chosen]
-    if min(y) <= 0:
-        raise ValueError(f"cannot fit relative residuals: a row has {target} = {min(y)}")
-    constant, theta = _solve_bounded(phi, y, names, prior_weight)
-    coefficients = {name: theta.get(name, 0.0) for name in TERM_NAMES}
-    fit = MemoryFit(coefficients=coefficients, constant_bytes=constant, target=target, gpu=gpus[0],
-                    family=row_family(chosen[0]), runtime_overhead_bytes=runtime_overhead_measured(rows),
-                    reserve_slack=reserve_slack_measured(rows), prior_weight=prior_weight, source=source)
-    predicted = [fit.predict_bytes(p) for p in phi]
-    return _with_stats(fit, fit_stats(y, predicted, [r.tokens_per_rank for r in chosen]))
-
-
-def _with_stats(fit: MemoryFit, stats: FitStats) -> MemoryFit:
-    from dataclasses import replace
-
-    return replace(fit, stats=stats)
-
-
-def _solve_bounded(phi: list[dict[str, float]], y: list[float], names: Sequence[str],
-                   prior_weight: float) -> tuple[float, dict[str, float]]:
-    """Bounded linear least squares in scaled units: unknowns [c / median(y), θ_1 … θ_m] ≥ 0."""
-    import numpy as np
-    from scipy.optimize import lsq_linear
-
-    scale = float(np.median(y))
-    rows = [[scale / yi] + [p[name] / yi for name in names] for p, yi in zip(phi, y)]
-    rhs = [1.0] * len(y)
-    root = math.sqrt(prior_weight)
-    for j in range(len(names)):
-        rows.append([0.0] + [root if k == j else 0.0 for k in range(len(names))])
-        rhs.append(root)
-    result = lsq_linear(np.array(rows), np.array(rhs), bounds=(0.0, np.inf), method="bvls")
-    return float(result.x[0]) * scale, {name: float(v) for name, v in zip(names, result.x[1:])}
+MODEL_FORMS: tuple[str, ...] = ("analytic", "seed")
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -287,10 +47,11 @@ def _solve_bounded(phi: list[dict[str, float]], y: list[float], names: Sequence[
 class MemoryPrediction:
     """Predicted per-rank device memory, split into named parts that sum to ``total_bytes``.
 
-    ``terms_bytes``: θ_j·φ_j per analytic term (seed form: ``per_token_bytes``), then
-    ``fit_constant_bytes``, ``allocator_slack_bytes`` and ``runtime_overhead_bytes``.
+    ``terms_bytes``: calibrated form: φ_j per analytic term, ``workspace_bytes``,
+    ``allocator_slack_bytes``, ``runtime_overhead_bytes``; free-θ form: θ_j·φ_j and
+    ``fit_constant_bytes``; seed form: ``per_token_bytes`` and ``fit_constant_bytes``.
     ``total_bytes`` is device-used (what must fit in usable memory); the allocator figures are
-    given where the fit determines them.
+    given where the model determines them.
     """
 
     terms_bytes: dict[str, float]
@@ -303,14 +64,20 @@ class MemoryPrediction:
     provenance: str
     provenance_kind: str
     model_form: str = "analytic"
+    residual_bound_bytes: float = 0.0
 
     @property
     def uncertainty_bytes(self) -> float:
         return self.relative_uncertainty * self.total_bytes
 
+    @property
+    def upper_bytes(self) -> float:
+        """``total_bytes`` + the fits' worst residuals: what a plan must fit (``ringplan.capacity``)."""
+        return self.total_bytes + self.residual_bound_bytes
+
 
 def predict_memory(fit: MemoryFit | SeedFit, workload: Workload, layout: RingLayout, gpu: GpuSpec) -> MemoryPrediction:
-    """Per-rank device memory of ``workload`` on ``layout`` with ``gpu``, from ``fit``."""
+    """Per-rank device memory of ``workload`` on ``layout`` with ``gpu`` from a seed-form or free-θ fit."""
     n = tokens_per_rank(workload, layout)
     if isinstance(fit, SeedFit):
         parts = {"per_token_bytes": fit.bytes_per_token * n, "fit_constant_bytes": fit.overhead_bytes}
@@ -378,60 +145,179 @@ def memory_terms_cached(workload: Workload, layout: RingLayout) -> dict[str, flo
     return memory_terms(workload, layout)
 
 
-# ----------------------------------------------------------------------------- the default model
+# ----------------------------------------------------------------------------- calibrated prediction
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChosenParts:
+    """The fitted parts a calibrated prediction uses (None: no fit anywhere for that part)."""
+
+    workspace: PartFit | None = None
+    slack: PartFit | None = None
+    overhead: PartFit | None = None
+
+
+def predict_calibrated(chosen: ChosenParts, workload: Workload, layout: RingLayout, gpu: GpuSpec) -> MemoryPrediction:
+    """Per-rank memory of ``workload`` on ``layout`` with ``gpu`` from calibrated parts (see
+    ``calibrated_prediction``)."""
+    return calibrated_prediction(chosen, term_inputs(workload, layout), memory_terms_cached(workload, layout), gpu,
+                                 tokens_per_rank(workload, layout))
+
+
+def calibrated_prediction(chosen: ChosenParts, p: TermInputs, phi: dict[str, float], gpu: GpuSpec,
+                          n_tokens: int, *, plan: bool = True) -> MemoryPrediction:
+    """Σφ (θ = 1) + workspace = allocated; + slack = reserved; + memory outside the allocator =
+    device used (the catalog's ``runtime_overhead_bytes`` when nothing was measured). A ``plan``
+    counts NCCL's P2P buffers on every ring; a recorded run (``plan=False``) only where it exchanged.
+
+    Residual bound (bytes): each part's worst fit residual, grown beyond the measured range; plans
+    must fit ``total + bound``. Uncertainty: the bound plus ``PRIOR_RELATIVE_UNCERTAINTY`` × the
+    fitted parts when they are not measured on this GPU inside their range, or × the catalog
+    overhead when that is used."""
+    analytic = sum(phi.values())
+    features = {"workspace": workspace_features(p), "overhead": overhead_features(p, assume_ring_traffic=plan)}
+    allocated = analytic + (chosen.workspace.bytes(features["workspace"]) if chosen.workspace else 0.0)
+    features["slack"] = slack_features(phi, allocated)
+    slack = chosen.slack.bytes(features["slack"]) if chosen.slack else 0.0
+    overhead = chosen.overhead.bytes(features["overhead"]) if chosen.overhead else float(gpu.runtime_overhead_bytes)
+    reserved = allocated + slack
+    parts = {**phi, "workspace_bytes": allocated - analytic, "allocator_slack_bytes": slack,
+             "runtime_overhead_bytes": overhead}
+    total = reserved + overhead
+    borrowed = set().union(*(fit.borrowed_in_use(features[name]) for name, fit in
+                             (("workspace", chosen.workspace), ("slack", chosen.slack), ("overhead", chosen.overhead))
+                             if fit))
+    kind, label = calibrated_provenance(chosen, gpu, p.tokens_per_rank, p.ring_size, borrowed)
+    bound = sum(fit.uncertainty_bytes(figure) for fit, figure in
+                ((chosen.workspace, allocated), (chosen.slack, reserved), (chosen.overhead, total)) if fit)
+    uncertainty = bound
+    if kind != "measured":
+        uncertainty += PRIOR_RELATIVE_UNCERTAINTY * (allocated - analytic + slack + (overhead if chosen.overhead else 0))
+    if chosen.overhead is None:
+        uncertainty += PRIOR_RELATIVE_UNCERTAINTY * overhead
+    return MemoryPrediction(terms_bytes=parts, total_bytes=total, tokens_per_rank=n_tokens,
+                            fitted_figure="device_used_bytes", peak_allocated_bytes=allocated,
+                            peak_reserved_bytes=reserved if chosen.slack else None,
+                            relative_uncertainty=uncertainty / total if total > 0 else 0.0, provenance=label,
+                            provenance_kind=kind, model_form="analytic", residual_bound_bytes=bound)
+
+
+def calibrated_provenance(chosen: ChosenParts, gpu: GpuSpec, n: float, ring_size: int,
+                          borrowed: set[str] = frozenset()) -> tuple[str, str]:
+    """("measured" | "transferred" | "extrapolated" | "analytic", label) of a calibrated prediction:
+    measured when every fitted part (and every coefficient used, ``borrowed`` naming the GPUs lent
+    some) is this GPU's and covers n and P; parts not fitted anywhere are named ("no slack fit",
+    "catalog overhead")."""
+    fits = {"workspace": chosen.workspace, "slack": chosen.slack, "overhead": chosen.overhead}
+    present = [f for f in fits.values() if f is not None]
+    if not present:
+        return "analytic", "analytic (unfitted)"
+    others = sorted({f.gpu for f in present if f.gpu != gpu.name} | {name for name in borrowed if name != gpu.name})
+    own = any(f.gpu == gpu.name for f in present)
+    if own:
+        kind, label = ("transferred", f"measured on {gpu.name}, partly transferred from {', '.join(others)}") \
+            if others else ("measured", f"measured on {gpu.name}")
+    else:
+        kind, label = "transferred", f"transferred from {', '.join(others)}"
+    outside = [f for f in (chosen.workspace, chosen.slack) if f is not None and not f.covers_tokens(n)]
+    largest_ring = max((max(f.ring_sizes) for f in (chosen.slack, chosen.overhead) if f is not None), default=ring_size)
+    if outside:
+        lo, hi = outside[0].tokens_per_rank_range
+        kind, label = "extrapolated", f"extrapolated (n={n:,} tokens/rank outside measured {lo:,.0f}-{hi:,.0f}): {label}"
+    elif ring_size > largest_ring:
+        kind, label = "extrapolated", f"extrapolated (ring of {ring_size} beyond measured {largest_ring}): {label}"
+    missing = [name for name in ("workspace", "slack") if fits[name] is None]
+    if missing:
+        label += f"; no {'/'.join(missing)} fit"
+    if chosen.overhead is None:
+        label += "; catalog overhead"
+    return kind, label
+
+
+# ----------------------------------------------------------------------------- the model
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MemoryModel:
-    """Fits chosen per query from a set of profile rows, computed lazily and cached.
+    """Predictions from profile rows or from ready calibrations, fits chosen per query.
 
-    Analytic form: the fit of the same GPU and shape family when there is one ("measured"), else
-    the same family on the GPU with the most points ("transferred"), else θ = 1 ("analytic").
-    Seed form: the same GPU and exact shape, else the same GPU's largest shape, else another GPU.
+    Analytic (calibrated) form: ``calibrations`` when given (the fit cache), else fitted from
+    ``rows`` on first use. Each part comes from the queried GPU when it has a fit of the workload's
+    family ("measured"), else from the GPU whose fit of that family has the most points
+    ("transferred"), else it is left out ("analytic"); fits of older-runtime rows come last. Seed form: the same GPU and exact shape,
+    else the same GPU's largest shape, else another GPU.
     """
 
     rows: tuple[tuple[Measurement, str], ...] = ()
     form: str = "analytic"
+    calibrations: dict[str, Calibration] | None = None
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.form not in ("analytic", "seed"):
-            raise ValueError(f"model form {self.form!r} is not one of ['analytic', 'seed']")
+        if self.form not in MODEL_FORMS:
+            raise ValueError(f"model form {self.form!r} is not one of {list(MODEL_FORMS)}")
 
     def predict(self, workload: Workload, layout: RingLayout, gpu: GpuSpec) -> MemoryPrediction:
-        return predict_memory(self.fit_for(workload, layout, gpu), workload, layout, gpu)
-
-    def fit_for(self, workload: Workload, layout: RingLayout, gpu: GpuSpec) -> MemoryFit | SeedFit:
         if self.form == "seed":
-            return self._seed_fit(workload, layout, gpu)
-        family = workload_family(workload, layout)
-        key = ("analytic", gpu.name, family)
+            return predict_memory(self._seed_fit(workload, layout, gpu), workload, layout, gpu)
+        return predict_calibrated(self.parts_for(workload, layout, gpu), workload, layout, gpu)
+
+    def predict_row(self, row: Measurement, gpu: GpuSpec) -> MemoryPrediction:
+        """Calibrated prediction of a recorded run as it ran (its tokens per rank, no divisibility check;
+        NCCL P2P buffers only where it exchanged)."""
+        family = row_family(row)
+        chosen = self._chosen(gpu.name, family)
+        return calibrated_prediction(chosen, row_inputs(row), terms_at(row_inputs(row)), gpu,
+                                     round(row.tokens_per_rank), plan=False)
+
+    def calibrations_in_use(self) -> dict[str, Calibration]:
+        """The given calibrations, or those fitted from ``rows`` (once)."""
+        if self.calibrations is not None:
+            return self.calibrations
+        if "calibrations" not in self._cache:
+            sources = ", ".join(sorted({Path(source).name for _, source in self.rows if source}))
+            self._cache["calibrations"] = fit_calibrations([row for row, _ in self.rows], source=sources)
+        return self._cache["calibrations"]
+
+    def parts_for(self, workload: Workload, layout: RingLayout, gpu: GpuSpec) -> ChosenParts:
+        return self._chosen(gpu.name, workload_family(workload, layout))
+
+    def _chosen(self, gpu_name: str, family: str) -> ChosenParts:
+        key = ("parts", gpu_name, family)
         if key not in self._cache:
-            self._cache[key] = self._choose_analytic(gpu.name, family)
+            self._cache[key] = ChosenParts(workspace=self._part("workspace", gpu_name, kernel_family(family)),
+                                           slack=self._part("slack", gpu_name, slack_family(family)),
+                                           overhead=self._part("overhead", gpu_name, "all"))
         return self._cache[key]
 
-    def _groups(self, key_of) -> dict:
-        groups: dict = {}
-        for row, source in self.rows:
-            groups.setdefault(key_of(row), []).append((row, source))
-        return groups
+    def _part(self, part: str, gpu_name: str, family: str) -> PartFit | None:
+        """The fit of ``part`` for ``family``: this GPU's, else the other GPU's that reached the most
+        tokens per rank (the outside memory: the largest context), then the most points — a fit of
+        the current runtime before one of older-runtime rows, wherever it is. Coefficients the
+        chosen fit could not identify are borrowed from the others."""
+        def fit_of(calibration: Calibration) -> PartFit | None:
+            if part == "overhead":
+                return calibration.overhead
+            return (calibration.workspace if part == "workspace" else calibration.slack).get(family)
 
-    def _choose_analytic(self, gpu_name: str, family: str) -> MemoryFit:
-        groups = {k: v for k, v in self._groups(lambda r: (r.gpu, row_family(r))).items() if k[1] == family}
-        ordered = sorted(groups, key=lambda k: (k[0] != gpu_name, -_fit_size(groups[k]), k[0]))
-        for key in ordered:
-            try:
-                return _fit_group(groups[key], fit_memory_model)
-            except ValueError:
-                continue
-        return unfitted_model()
+        fits = [f for c in self.calibrations_in_use().values() if (f := fit_of(c)) is not None]
+
+        def reach(f: PartFit) -> float:  # the outside memory does not grow with n: the largest is safest
+            return f.coefficients.get("context_bytes", 0.0) if part == "overhead" else f.tokens_per_rank_range[1]
+
+        ordered = sorted(fits, key=lambda f: (f.stale_rows > 0, f.gpu != gpu_name, -reach(f), -f.n_points, f.gpu))
+        if not ordered:
+            return None
+        return with_borrowed(ordered[0], [f for f in ordered[1:] if f.gpu != ordered[0].gpu])
 
     def _seed_fit(self, workload: Workload, layout: RingLayout, gpu: GpuSpec) -> SeedFit:
         shape = _workload_seed_key(workload, layout)
         key = ("seed", gpu.name, shape)
         if key in self._cache:
             return self._cache[key]
-        groups = self._groups(lambda r: (r.gpu, seed_shape_key(r)))
+        groups: dict = {}
+        for row, source in self.rows:
+            groups.setdefault((row.gpu, seed_shape_key(row)), []).append((row, source))
         ordered = sorted(groups, key=lambda k: (k[0] != gpu.name, k[1] != shape, -_fit_size(groups[k]), k[0]))
         for group_key in ordered:
             try:
@@ -457,8 +343,19 @@ def _workload_seed_key(workload: Workload, layout: RingLayout) -> tuple:
             p.segment_lengths_tokens, p.dilation_rates, workload.training, workload.projections)
 
 
+def measured_rows(directory: str | Path | None = None) -> tuple[tuple[Measurement, str], ...]:
+    """(row, source file) of every profile in ``directory`` (default ``profiles/measured``)."""
+    return tuple((row, profile.path or "") for profile in load_profiles(directory) for row in profile.rows)
+
+
 @functools.lru_cache(maxsize=2)
 def default_memory_model(form: str = "analytic") -> MemoryModel:
-    """The model over every profile in ``profiles/measured`` (files read once per process)."""
-    rows = tuple((row, profile.path or "") for profile in load_profiles() for row in profile.rows)
-    return MemoryModel(rows=rows, form=form)
+    """The model of ``profiles/measured``: calibrations from the fit cache when it is fresh, else
+    fitted from the profiles (files read once per process)."""
+    if form == "analytic":
+        from ringplan.memory_fit_cache import fresh_calibrations
+
+        calibrations = fresh_calibrations()
+        if calibrations is not None:
+            return MemoryModel(calibrations=calibrations)
+    return MemoryModel(rows=measured_rows(), form=form)

@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ringplan.hardware import load_catalog
-from ringplan.memory_model import (PRIOR_RELATIVE_UNCERTAINTY, MemoryModel, default_memory_model, fit_memory_model,
+from ringplan.memory_model import (PRIOR_RELATIVE_UNCERTAINTY, default_memory_model, fit_memory_model,
                                    fit_seed_form, predict_memory, row_inputs, runtime_overhead_measured,
                                    unfitted_model)
 from ringplan.memory_terms import TERM_NAMES, branches, memory_terms, term_inputs, terms_at
@@ -265,17 +265,18 @@ def test_device_used_adds_runtime_overhead_for_allocator_fits():
 
 
 def test_default_model_choices():
-    """The bundled profiles: the default 32×128 dense workload has no fit of its family (analytic);
-    the seed's own shape on a GTX 1080 is 'measured on gtx-1080'; on an A100 it is transferred."""
+    """The bundled profiles, calibrated form: the default 32×128 dense forward workload on an A100
+    (never measured) takes every part from a measured GPU ("transferred", beyond the measured n:
+    "extrapolated"); on the H200 inside its measured range it is "measured on h200". The analytic
+    terms enter with θ = 1. The seed form stays available and says so."""
     model = default_memory_model()
-    dense = model.predict(WORKLOAD, RingLayout(ring_size=8), CATALOG.gpu("a100-40gb"))
-    assert dense.provenance == "analytic (unfitted)"
-    seed_shape = Workload(seq_len_tokens=16384 * 12, shape=AttentionShape(n_heads=12, head_dim=64, dtype="fp32"),
-                          pattern=AttentionPattern(segment_lengths_tokens=(4096, 8192, 16384), dilation_rates=(1, 2, 4)),
-                          projections=True)
-    on_1080 = model.predict(seed_shape.with_seq_len(16384 * 8), RingLayout(ring_size=4), CATALOG.gpu("gtx-1080"))
-    assert on_1080.provenance == "measured on gtx-1080"
-    on_a100 = model.predict(seed_shape.with_seq_len(16384 * 8), RingLayout(ring_size=4), CATALOG.gpu("a100-40gb"))
-    assert on_a100.provenance == "transferred from gtx-1080"
-    seed_model = MemoryModel(rows=model.rows, form="seed")
+    a100 = model.predict(WORKLOAD, RingLayout(ring_size=8), CATALOG.gpu("a100-40gb"))
+    assert a100.provenance_kind == "extrapolated" and "transferred from h200" in a100.provenance
+    inside = WORKLOAD.with_seq_len(32768 * 2)
+    h200 = model.predict(inside, RingLayout(ring_size=2), CATALOG.gpu("h200"))
+    assert h200.provenance == "measured on h200" and h200.provenance_kind == "measured"
+    terms = memory_terms(inside, RingLayout(ring_size=2))
+    assert all(h200.terms_bytes[name] == terms[name] for name in TERM_NAMES)
+    assert h200.relative_uncertainty < PRIOR_RELATIVE_UNCERTAINTY
+    seed_model = default_memory_model("seed")
     assert "seed form" in seed_model.predict(WORKLOAD, RingLayout(ring_size=8), CATALOG.gpu("a100-40gb")).provenance

@@ -98,14 +98,15 @@ def describe_workload(workload, layout: str, backend: str) -> str:
 
 
 def step_time_hook():
-    """The time model's step-time function for capacity rows, or None (step-time columns stay out).
+    """The time model's step-time function for capacity rows (``fn(workload, layout, gpu) ->
+    (step_time_s, exposed_comm_s) | None``), importing ``ringplan.time_model`` (numpy) only when
+    the first row shown asks for it: the searches evaluate memory alone."""
+    def step_time(workload, layout, gpu):
+        from ringplan.time_model import capacity_step_time
 
-    Contract: ``fn(workload, layout, gpu) -> (step_time_s, exposed_comm_s) | None``; it is called
-    once per table row and must be cheap to import (capacity's cold start budget is 0.3 s).
-    """
-    # TIME MODEL HOOK (ringplan.time_model): replace the line below by
-    #   from ringplan.time_model import capacity_step_time; return capacity_step_time
-    return None
+        return capacity_step_time(workload, layout, gpu)
+
+    return step_time
 
 
 @click.command("capacity", cls=OneLineErrorCommand)
@@ -122,6 +123,9 @@ def step_time_hook():
               help="analytic: named byte terms x fitted coefficients; seed: the seed report's MB-per-token + overhead.")
 @click.option("--profile", "profile_paths", multiple=True, type=click.Path(dir_okay=False),
               help="Fit on these profile files instead of every file in profiles/measured (repeatable).")
+@click.option("--step-time/--no-step-time", default=False, show_default=True,
+              help="Add each shown row's predicted step time and exposed communication (ringplan.time_model; "
+                   "costs ~0.5 s more at start: numpy, and scipy while the time model fits its timing profiles).")
 @workload_options
 @format_option
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -129,8 +133,8 @@ def step_time_hook():
 @click.pass_context
 @bad_input_exits_2
 def capacity(ctx: click.Context, gpu_name: str, tokens: int | None, world_size: int | None, max_world_size: int,
-             safety_margin: float, model_form: str, profile_paths: tuple[str, ...], output_format: str,
-             plot_path: str | None, **workload_args: Any) -> None:
+             safety_margin: float, model_form: str, profile_paths: tuple[str, ...], step_time: bool,
+             output_format: str, plot_path: str | None, **workload_args: Any) -> None:
     """Fewest GPUs of one type for --tokens N, or most tokens for --world-size K.
 
     Default workload (when no shape option is given): one attention layer of 32 heads x 128 head dim
@@ -147,7 +151,7 @@ def capacity(ctx: click.Context, gpu_name: str, tokens: int | None, world_size: 
     workload = build_workload(seq_len_tokens=tokens, **workload_args)
     query = CapacityQuery(workload=workload, layout=workload_args["layout"], backend=workload_args["backend"],
                           gpu=gpu, safety_margin=safety_margin, max_world_size=max_world_size,
-                          model=_model(model_form, profile_paths), step_time=step_time_hook())
+                          model=_model(model_form, profile_paths), step_time=step_time_hook() if step_time else None)
     answer, rows, feasible = _answer(query, tokens, world_size)
     _emit(query, answer, rows, output_format)
     if plot_path:

@@ -1,4 +1,4 @@
-"""``ringplan fit``: memory-model coefficients, R² and residuals of profile files."""
+"""``ringplan fit``: memory-model fits of profile files — coefficients, residuals — and the fit cache."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import click
 from ringplan.cli.common import OneLineErrorCommand, bad_input_exits_2, format_option, render_rows
 
 MB = 10**6
+#: Where each measured figure is in a ``MemoryPrediction``.
+PREDICTED = {"peak_allocated_bytes": "peak_allocated_bytes", "peak_reserved_bytes": "peak_reserved_bytes",
+             "device_used_bytes": "total_bytes"}
 
 
 def seed_record(fit, profile: str) -> dict[str, Any]:
@@ -21,10 +24,10 @@ def seed_record(fit, profile: str) -> dict[str, Any]:
             "relative_uncertainty": fit.stats.relative_uncertainty, "tokens_per_rank_min": lo, "tokens_per_rank_max": hi}
 
 
-def analytic_record(fit, profile: str, active_terms: list[str]) -> dict[str, Any]:
-    """One analytic fit: constant, θ of the terms the data exercise, R², worst residual."""
+def theta_record(fit, profile: str, active_terms: list[str]) -> dict[str, Any]:
+    """One free-θ fit (diagnostic): constant, θ of the terms the data exercise, R², worst residual."""
     lo, hi = fit.stats.tokens_per_rank_range
-    record = {"profile": profile, "form": "analytic", "gpu": fit.gpu, "family": fit.family, "target": fit.target,
+    record = {"profile": profile, "form": "theta", "gpu": fit.gpu, "family": fit.family, "target": fit.target,
               "points": fit.stats.n_points, "constant_mb": fit.constant_bytes / MB, "r_squared": fit.stats.r_squared,
               "max_abs_relative_residual": max(abs(r) for r in fit.stats.relative_residuals),
               "relative_uncertainty": fit.stats.relative_uncertainty, "tokens_per_rank_min": lo,
@@ -33,89 +36,193 @@ def analytic_record(fit, profile: str, active_terms: list[str]) -> dict[str, Any
     return record
 
 
-def _groups(rows, by_family: bool) -> dict[tuple, list]:
-    from ringplan.memory_model import row_family, seed_shape_key
+def part_record(fit, profile: str) -> dict[str, Any]:
+    """One calibrated part (workspace / slack / overhead): coefficients (bytes, or bytes per byte of
+    feature), points, residuals relative to the part's figure, range, rows of an older runtime."""
+    from ringplan.memory_calibration import relative_residual_summary
 
+    median, worst = relative_residual_summary(fit)
+    lo, hi = fit.tokens_per_rank_range
+    record = {"profile": profile, "form": "analytic", "gpu": fit.gpu, "part": fit.part, "family": fit.family,
+              "points": fit.n_points, "median_abs_relative_residual": median, "max_abs_relative_residual": worst,
+              "max_abs_residual_mb": fit.max_abs_residual_bytes / MB, "tokens_per_rank_min": lo,
+              "tokens_per_rank_max": hi, "ring_sizes": ",".join(map(str, fit.ring_sizes)),
+              "stale_rows": fit.stale_rows}
+    record.update({f"c_{name}": value for name, value in fit.coefficients.items()})
+    return record
+
+
+def calibrated_records(calibrations: dict, profile: str) -> list[dict[str, Any]]:
+    records = []
+    for calibration in calibrations.values():
+        parts = [*calibration.workspace.values(), *calibration.slack.values(),
+                 *([calibration.overhead] if calibration.overhead else [])]
+        records += [part_record(fit, profile) for fit in parts]
+    return records
+
+
+def _groups(rows, key) -> dict[tuple, list]:
     groups: dict[tuple, list] = {}
     for row in rows:
-        key = (row.gpu, row_family(row)) if by_family else (row.gpu, seed_shape_key(row))
-        groups.setdefault(key, []).append(row)
+        groups.setdefault((row.gpu, key(row)), []).append(row)
     return groups
 
 
-def _fit_profile(profile, form: str, target: str | None, kinds: tuple[str, ...], prior_weight: float,
+def _fit_profile(name: str, all_rows, form: str, target: str | None, kinds: tuple[str, ...], prior_weight: float,
                  series: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Fits and per-point residuals for one profile (one fit per GPU and shape group)."""
-    from ringplan.memory_model import fit_memory_model, fit_rows, fit_seed_form, row_inputs
-    from ringplan.memory_terms import TERM_NAMES, terms_at
+    """Fits and per-point residuals of one profile's rows (seed and free-θ: one per GPU and shape group)."""
+    from ringplan.memory_model import fit_rows, fit_seed_form, row_family, seed_shape_key
 
-    rows = [r for r in profile.rows if series is None or r.series == series]
+    rows = [r for r in all_rows if series is None or r.series == series]
     if not rows:
-        raise ValueError(f"{profile.path}: no rows" + (f" in series {series!r}" if series else ""))
+        raise ValueError(f"{name}: no rows" + (f" in series {series!r}" if series else ""))
     fits, points = [], []
-    name = profile.path or "<profile>"
     if form in ("seed", "both"):
-        for group in _groups(rows, by_family=False).values():
+        for group in _groups(rows, seed_shape_key).values():
             fit = fit_seed_form(group, target=target, source=name)
             fits.append(seed_record(fit, name))
             _, used = fit_rows(group, fit.target)
-            points += [_point(name, "seed", r, getattr(r, fit.target), fit.predict_bytes(r.tokens_per_rank)) for r in used]
+            points += [_point(name, "seed", r, fit.target, getattr(r, fit.target), fit.predict_bytes(r.tokens_per_rank))
+                       for r in used]
     if form in ("analytic", "both"):
-        for group in _groups(rows, by_family=True).values():
-            fit = fit_memory_model(group, target=target, kinds=kinds, prior_weight=prior_weight, source=name)
-            _, used = fit_rows(group, fit.target, kinds)
-            phis = [terms_at(row_inputs(r)) for r in used]
-            active = [t for t in TERM_NAMES if any(phi[t] for phi in phis)]
-            fits.append(analytic_record(fit, name, active))
-            points += [_point(name, "analytic", r, getattr(r, fit.target), fit.predict_bytes(phi))
-                       for r, phi in zip(used, phis)]
+        more_fits, more_points = _calibrated(rows, name)
+        fits += more_fits
+        points += more_points
+    if form == "theta":
+        for group in _groups(rows, row_family).values():
+            more_fits, more_points = _theta(group, target, kinds, prior_weight, name)
+            fits += more_fits
+            points += more_points
     return fits, points
 
 
-def _point(profile: str, form: str, row, observed: float, predicted: float) -> dict[str, Any]:
+def _calibrated(rows, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Calibrated parts of the rows (this runtime's measurements only, as the planner fits them),
+    and each such row's device used (else the best figure it has) predicted as it ran."""
+    from ringplan.hardware import load_catalog
+    from ringplan.memory_calibration import CALIBRATION_KINDS, fit_calibrations
+    from ringplan.memory_model import MemoryModel
+
+    calibrations = fit_calibrations(rows, source=name)
+    model = MemoryModel(calibrations=calibrations)
+    catalog, points = load_catalog(), []
+    for row in rows:
+        figure = next((f for f in PREDICTED if getattr(row, f) is not None), None)
+        if row.oom or row.kind not in CALIBRATION_KINDS or figure is None or row.gpu not in calibrations:
+            continue
+        predicted = getattr(model.predict_row(row, catalog.gpu(row.gpu)), PREDICTED[figure])
+        if predicted is not None:
+            points.append(_point(name, "analytic", row, figure, getattr(row, figure), predicted))
+    return calibrated_records(calibrations, name), points
+
+
+def _theta(group, target: str | None, kinds: tuple[str, ...], prior_weight: float,
+           name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    from ringplan.memory_model import fit_memory_model, fit_rows, row_inputs
+    from ringplan.memory_terms import TERM_NAMES, terms_at
+
+    fit = fit_memory_model(group, target=target, kinds=kinds, prior_weight=prior_weight, source=name)
+    _, used = fit_rows(group, fit.target, kinds)
+    phis = [terms_at(row_inputs(r)) for r in used]
+    active = [t for t in TERM_NAMES if any(phi[t] for phi in phis)]
+    points = [_point(name, "theta", r, fit.target, getattr(r, fit.target), fit.predict_bytes(phi))
+              for r, phi in zip(used, phis)]
+    return [theta_record(fit, name, active)], points
+
+
+def _point(profile: str, form: str, row, figure: str, observed: float, predicted: float) -> dict[str, Any]:
     return {"profile": profile, "form": form, "gpu": row.gpu, "seq_len_tokens": row.seq_len_tokens,
-            "ring_size": row.ring_size, "tokens_per_rank": row.tokens_per_rank, "kind": row.kind,
+            "ring_size": row.ring_size, "tokens_per_rank": row.tokens_per_rank, "kind": row.kind, "figure": figure,
             "observed_mb": observed / MB, "predicted_mb": predicted / MB, "residual_mb": (observed - predicted) / MB,
             "relative_residual": (observed - predicted) / observed}
 
 
 @click.command("fit", cls=OneLineErrorCommand)
-@click.argument("profile_paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--form", type=click.Choice(["seed", "analytic", "both"]), default="both", show_default=True,
-              help="seed: MB-per-token + overhead per profile; analytic: named terms x fitted coefficients.")
+@click.argument("profile_paths", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--form", type=click.Choice(["seed", "analytic", "both", "theta"]), default="both", show_default=True,
+              help="seed: MB-per-token + overhead; analytic: the calibrated parts (workspace, allocator slack, "
+                   "memory outside the allocator) over the byte terms; both; theta: free coefficients per term "
+                   "(a diagnostic: near 1 when a term's formula is right).")
 @click.option("--target", type=click.Choice(["auto", "device_used_bytes", "peak_reserved_bytes",
                                              "peak_allocated_bytes", "tracked_peak_bytes"]),
-              default="auto", show_default=True, help="Memory figure to fit (auto: the first one the rows have).")
+              default="auto", show_default=True,
+              help="Seed and theta forms: memory figure to fit (auto: the first one the rows have).")
 @click.option("--series", default=None, help="Fit only the rows of this series (e.g. memory-scaling).")
 @click.option("--include-estimated", is_flag=True, help="Also fit rows of kind 'estimated' (formula outputs).")
 @click.option("--prior-weight", type=click.FloatRange(min=0.0), default=1e-3, show_default=True,
-              help="Analytic form: weight of the prior pulling each coefficient to 1.")
+              help="Theta form: weight of the prior pulling each coefficient to 1.")
 @click.option("--residuals", "show_residuals", is_flag=True, help="Table format: also list every point's residual.")
+@click.option("--write", "write_cache", is_flag=True,
+              help="Fit every profile in profiles/measured and write profiles/fitted/memory-fit.json, the fit "
+                   "the planner loads at start (takes no PROFILE).")
 @format_option
 @bad_input_exits_2
 def fit(profile_paths: tuple[str, ...], form: str, target: str, series: str | None, include_estimated: bool,
-        prior_weight: float, show_residuals: bool, output_format: str) -> None:
-    """Fit the memory model on PROFILE files and report coefficients, R² and residuals."""
+        prior_weight: float, show_residuals: bool, write_cache: bool, output_format: str) -> None:
+    """Fit the memory model on each PROFILE file (default: every file in profiles/measured together,
+    as the planner does) and report coefficients and residuals; --write stores the planner's fit."""
     from ringplan.memory_model import FIT_KINDS
-    from ringplan.profiles import load_profile
 
+    if write_cache:
+        _write(profile_paths, output_format)
+        return
     kinds = FIT_KINDS + (("estimated",) if include_estimated else ())
     fits, points = [], []
-    for path in profile_paths:
-        more_fits, more_points = _fit_profile(load_profile(path), form, None if target == "auto" else target,
-                                              kinds, prior_weight, series)
+    for name, rows in _inputs(profile_paths):
+        more_fits, more_points = _fit_profile(name, rows, form, None if target == "auto" else target, kinds,
+                                              prior_weight, series)
         fits += more_fits
         points += more_points
+    _emit(fits, points, form, show_residuals, output_format)
+
+
+def _inputs(paths: tuple[str, ...]) -> list[tuple[str, tuple]]:
+    """(name, rows) per PROFILE file, or one pooled entry for every file in profiles/measured."""
+    from ringplan.profiles import load_profile, load_profiles, measured_dir
+
+    if paths:
+        return [(path, load_profile(path).rows) for path in paths]
+    rows = tuple(row for profile in load_profiles() for row in profile.rows)
+    if not rows:
+        raise ValueError(f"no profile files given and none in {measured_dir()}")
+    return [("profiles/measured", rows)]
+
+
+def _write(paths: tuple[str, ...], output_format: str) -> None:
+    from ringplan.memory_calibration import calibration_from_json
+    from ringplan.memory_fit_cache import fit_cache_path, write_fit_cache
+
+    if paths:
+        raise ValueError(f"--write fits every profile in profiles/measured; it takes no PROFILE (got {list(paths)})")
+    payload = write_fit_cache()
+    calibrations = {gpu: calibration_from_json(raw) for gpu, raw in payload["calibrations"].items()}
+    if output_format == "json":
+        click.echo(json.dumps({"path": str(fit_cache_path()), **payload}, indent=2))
+        return
+    records = calibrated_records(calibrations, "profiles/measured")
+    if output_format == "csv":
+        click.echo(render_rows(_uniform(records), "csv"))
+        return
+    click.echo(f"wrote {fit_cache_path()} ({len(payload['inputs']['profiles'])} profiles, "
+               f"{len(calibrations)} GPU(s))")
+    click.echo(render_rows([_pretty(r) for r in _uniform(records)], "table"))
+
+
+def _emit(fits: list[dict[str, Any]], points: list[dict[str, Any]], form: str, show_residuals: bool,
+          output_format: str) -> None:
     if output_format == "json":
         click.echo(json.dumps({"fits": fits, "points": points}, indent=2))
     elif output_format == "csv":
         click.echo(render_rows(_uniform(fits), "csv"))
     else:
-        for chosen in ("seed", "analytic"):
+        for chosen in ("seed", "analytic", "theta"):
             records = [r for r in fits if r["form"] == chosen]
             if records:
                 click.echo(f"{chosen} form:")
                 click.echo(render_rows([_pretty(r) for r in _uniform(records)], "table"))
+            elif chosen == "analytic" and form in ("analytic", "both"):
+                click.echo("analytic form: no rows of kind 'measured' to calibrate (reported and estimated rows "
+                           "are another implementation's figures)")
         if show_residuals:
             click.echo("residuals (observed - predicted):")
             click.echo(render_rows([_pretty(p) for p in points], "table"))
