@@ -202,13 +202,17 @@ def _fit_part(part: str, gpu: str, family: str, rows: Sequence[Measurement], nam
 
 def with_borrowed(own: PartFit, donors: Sequence[PartFit]) -> PartFit:
     """``own`` with each unidentified coefficient taken from the first donor that identifies it
-    (e.g. the NCCL parts of a GPU measured at P = 1 only, from a GPU measured on a ring)."""
-    coefficients, borrowed = dict(own.coefficients), dict(own.borrowed)
+    (e.g. the NCCL parts of a GPU measured at P = 1 only, from a GPU measured on a ring); the
+    donors' ring sizes count as covered."""
+    coefficients, borrowed, rings = dict(own.coefficients), dict(own.borrowed), set(own.ring_sizes)
     for name in own.coefficients:
         donor = next((d for d in donors if name not in own.identified and name in d.identified), None)
         if donor is not None:
             coefficients[name], borrowed[name] = donor.coefficients[name], donor.gpu
-    return replace(own, coefficients=coefficients, borrowed=borrowed) if borrowed else own
+            rings |= set(donor.ring_sizes)
+    if not borrowed:
+        return own
+    return replace(own, coefficients=coefficients, borrowed=borrowed, ring_sizes=tuple(sorted(rings)))
 
 
 def is_stale(row: Measurement, analytic_bytes: float) -> bool:
@@ -224,7 +228,8 @@ def fit_workspace(rows: Sequence[Measurement], *, source: str = "") -> PartFit:
     used = current or list(rows)
 
     def point(row: Measurement) -> tuple[dict[str, float], float, float]:
-        return workspace_features(row_inputs(row)), row.peak_allocated_bytes - analytic[id(row)], row.peak_allocated_bytes
+        allocated = row.peak_allocated_bytes
+        return workspace_features(row_inputs(row)), allocated - analytic[id(row)], allocated
 
     first = used[0]
     return _fit_part("workspace", first.gpu, kernel_family(row_family(first)), used, WORKSPACE_FEATURES, point,
@@ -237,14 +242,15 @@ def fit_slack(rows: Sequence[Measurement], *, source: str = "") -> PartFit:
         features = slack_features(terms_at(row_inputs(row)), row.peak_allocated_bytes)
         return features, row.peak_reserved_bytes - row.peak_allocated_bytes, row.peak_reserved_bytes
 
-    return _fit_part("slack", rows[0].gpu, slack_family(row_family(rows[0])), rows, SLACK_FEATURES, point, relative=False,
-                     source=source)
+    return _fit_part("slack", rows[0].gpu, slack_family(row_family(rows[0])), rows, SLACK_FEATURES, point,
+                     relative=False, source=source)
 
 
 def fit_overhead(rows: Sequence[Measurement], *, source: str = "") -> PartFit:
     """O = device used − reserved on every row of one GPU (absolute least squares: a near-constant)."""
     def point(row: Measurement) -> tuple[dict[str, float], float, float]:
-        return overhead_features(row_inputs(row)), row.device_used_bytes - row.peak_reserved_bytes, row.device_used_bytes
+        used = row.device_used_bytes
+        return overhead_features(row_inputs(row)), used - row.peak_reserved_bytes, used
 
     return _fit_part("overhead", rows[0].gpu, "all", rows, OVERHEAD_FEATURES, point, relative=False, source=source)
 

@@ -192,7 +192,8 @@ def calibrated_prediction(chosen: ChosenParts, p: TermInputs, phi: dict[str, flo
                 ((chosen.workspace, allocated), (chosen.slack, reserved), (chosen.overhead, total)) if fit)
     uncertainty = bound
     if kind != "measured":
-        uncertainty += PRIOR_RELATIVE_UNCERTAINTY * (allocated - analytic + slack + (overhead if chosen.overhead else 0))
+        fitted = allocated - analytic + slack + (overhead if chosen.overhead else 0.0)
+        uncertainty += PRIOR_RELATIVE_UNCERTAINTY * fitted
     if chosen.overhead is None:
         uncertainty += PRIOR_RELATIVE_UNCERTAINTY * overhead
     return MemoryPrediction(terms_bytes=parts, total_bytes=total, tokens_per_rank=n_tokens,
@@ -223,7 +224,8 @@ def calibrated_provenance(chosen: ChosenParts, gpu: GpuSpec, n: float, ring_size
     largest_ring = max((max(f.ring_sizes) for f in (chosen.slack, chosen.overhead) if f is not None), default=ring_size)
     if outside:
         lo, hi = outside[0].tokens_per_rank_range
-        kind, label = "extrapolated", f"extrapolated (n={n:,} tokens/rank outside measured {lo:,.0f}-{hi:,.0f}): {label}"
+        where = f"n={n:,} tokens/rank outside measured {lo:,.0f}-{hi:,.0f}"
+        kind, label = "extrapolated", f"extrapolated ({where}): {label}"
     elif ring_size > largest_ring:
         kind, label = "extrapolated", f"extrapolated (ring of {ring_size} beyond measured {largest_ring}): {label}"
     missing = [name for name in ("workspace", "slack") if fits[name] is None]
@@ -243,9 +245,9 @@ class MemoryModel:
 
     Analytic (calibrated) form: ``calibrations`` when given (the fit cache), else fitted from
     ``rows`` on first use. Each part comes from the queried GPU when it has a fit of the workload's
-    family ("measured"), else from the GPU whose fit of that family has the most points
-    ("transferred"), else it is left out ("analytic"); fits of older-runtime rows come last. Seed form: the same GPU and exact shape,
-    else the same GPU's largest shape, else another GPU.
+    family ("measured"), else from another GPU's ("transferred": see ``_part``), else it is left
+    out ("analytic").
+    Seed form: the same GPU and exact shape, else the same GPU's largest shape, else another GPU.
     """
 
     rows: tuple[tuple[Measurement, str], ...] = ()

@@ -136,3 +136,49 @@ def test_query_validation(kwargs, fragment):
     workload = Workload(seq_len_tokens=8, shape=AttentionShape(n_heads=8, head_dim=64))
     with pytest.raises(ValueError, match=fragment):
         CapacityQuery(workload=workload, gpu=load_catalog().gpu("h100"), model=UNFITTED, **kwargs)
+
+
+def test_step_time_only_for_rows_returned():
+    """The searches evaluate memory alone: the step-time hook runs once per row an answer returns."""
+    calls = []
+
+    def hook(workload, layout, gpu):
+        calls.append((workload.seq_len_tokens, layout.ring_size))
+        return 1e-3, 0.0
+
+    workload = Workload(seq_len_tokens=8, shape=AttentionShape(n_heads=32, head_dim=128))
+    query = CapacityQuery(workload=workload, gpu=load_catalog().gpu("a100-40gb"), model=UNFITTED, step_time=hook)
+    result = min_world_size(query, 1_000_000)
+    assert len(calls) == len(result.rows) and all(row.step_time_s == 1e-3 for row in result.rows)
+    assert result.minimum in result.rows and result.minimum.step_time_s == 1e-3
+    calls.clear()
+    best = max_tokens(query, 4).best
+    assert calls == [(best.seq_len_tokens, 4)] and best.step_time_s == 1e-3
+
+
+class _BoundedModel:
+    """A stand-in memory model: 1 MiB per token per rank, with a fixed residual bound."""
+
+    def __init__(self, bound_bytes: float) -> None:
+        self.bound_bytes = bound_bytes
+
+    def predict(self, workload, layout, gpu):
+        from ringplan.memory_model import MemoryPrediction
+        from ringplan.workload import tokens_per_rank
+
+        n = tokens_per_rank(workload, layout)
+        return MemoryPrediction(terms_bytes={"q_bytes": n * MIB}, total_bytes=n * MIB, tokens_per_rank=n,
+                                fitted_figure="device_used_bytes", peak_allocated_bytes=None, peak_reserved_bytes=None,
+                                relative_uncertainty=0.0, provenance="test", provenance_kind="measured",
+                                residual_bound_bytes=self.bound_bytes)
+
+
+def test_feasibility_includes_the_residual_bound():
+    """A plan is feasible only when the prediction plus the fits' worst residual fits the budget:
+    100 MiB usable holds 100 tokens with no bound and 97 with a 3 MiB bound; headroom counts it."""
+    workload = Workload(seq_len_tokens=1, shape=AttentionShape(n_heads=1, head_dim=16))
+    for bound, expected in ((0.0, 100), (3 * MIB, 97)):
+        query = CapacityQuery(workload=workload, gpu=tiny_gpu(100 * MIB), safety_margin=0.0, model=_BoundedModel(bound))
+        best = max_tokens(query, 1).best
+        assert best.seq_len_tokens == expected
+        assert best.headroom_bytes == pytest.approx(100 * MIB - expected * MIB - bound)

@@ -192,9 +192,22 @@ def test_fit_reports_the_seed_formula():
 
 
 def test_import_never_loads_torch():
-    """Importing the planner and its CLI (and answering a query) never imports torch, scipy or matplotlib."""
+    """Importing the planner and its CLI (and answering a query) never imports torch, scipy,
+    matplotlib — nor numpy: the default model reads the committed fit (a stale fit fails here)."""
     code = ("import sys; from click.testing import CliRunner; from ringplan.cli import main; import ringplan; "
             "r = CliRunner().invoke(main, ['capacity', '--gpu', 'a100-40gb', '--tokens', '1M']); "
             "assert r.exit_code == 0, r.output; "
-            "bad = [m for m in ('torch', 'scipy', 'matplotlib') if m in sys.modules]; assert not bad, bad")
+            "bad = [m for m in ('torch', 'scipy', 'matplotlib', 'numpy') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_capacity_step_time_columns():
+    """--step-time adds the time model's step time and exposed communication to every shown row;
+    without it the columns stay out."""
+    result = run("capacity", "--gpu", "h100", "--tokens", "1Mi", "--step-time", "--format", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["rows"]
+    assert rows and all("step_time_ms" in row for row in rows)
+    assert any(row["step_time_ms"] for row in rows)
+    plain = json.loads(run("capacity", "--gpu", "h100", "--tokens", "1Mi", "--format", "json").output)["rows"]
+    assert all("step_time_ms" not in row for row in plain)

@@ -8,12 +8,11 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ringplan.hardware import load_catalog
-from ringplan.memory_model import (PRIOR_RELATIVE_UNCERTAINTY, default_memory_model, fit_memory_model,
-                                   fit_seed_form, predict_memory, row_inputs, runtime_overhead_measured,
-                                   unfitted_model)
+from ringplan.memory_model import (PRIOR_RELATIVE_UNCERTAINTY, default_memory_model, fit_memory_model, fit_seed_form,
+                                   predict_memory, row_inputs, runtime_overhead_measured, unfitted_model)
 from ringplan.memory_terms import TERM_NAMES, branches, memory_terms, term_inputs, terms_at
 from ringplan.profiles import Measurement, load_profile, measured_dir
-from ringplan.workload import DTYPE_BYTES, AttentionPattern, AttentionShape, RingLayout, Workload
+from ringplan.workload import DTYPE_BYTES, AttentionShape, RingLayout, Workload
 from tests.strategies import planned, workload_templates
 
 MB = 10**6

@@ -174,7 +174,7 @@ def _model(model_form: str, profile_paths: tuple[str, ...]):
 
 def _answer(query, tokens: int | None, world_size: int | None):
     """(answer dict, table rows, feasible) for the three query kinds."""
-    from ringplan.capacity import evaluate, max_tokens, min_world_size
+    from ringplan.capacity import evaluate, min_world_size
 
     if tokens is not None and world_size is not None:
         row = evaluate(query, tokens, world_size)

@@ -21,7 +21,8 @@ def seed_record(fit, profile: str) -> dict[str, Any]:
     return {"profile": profile, "form": "seed", "gpu": fit.gpu, "target": fit.target, "points": fit.stats.n_points,
             "mb_per_token": fit.mb_per_token, "overhead_mb": fit.overhead_mb, "r_squared": fit.stats.r_squared,
             "max_abs_relative_residual": max(abs(r) for r in fit.stats.relative_residuals),
-            "relative_uncertainty": fit.stats.relative_uncertainty, "tokens_per_rank_min": lo, "tokens_per_rank_max": hi}
+            "relative_uncertainty": fit.stats.relative_uncertainty, "tokens_per_rank_min": lo,
+            "tokens_per_rank_max": hi}
 
 
 def theta_record(fit, profile: str, active_terms: list[str]) -> dict[str, Any]:
