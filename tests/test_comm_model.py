@@ -139,3 +139,28 @@ def test_hop_times_mark_node_crossings():
     assert np.allclose(cm.hop_times_s(1e8, cm.node_layout(16, 8), 4, intra=intra, inter=inter), intra.transfer_time_s(1e8))
     with pytest.raises(ValueError, match="inter-node"):
         cm.hop_times_s(1e8, cm.node_layout(16, 8), 16, intra=intra, inter=None)
+
+
+def test_kernel_curve_extrapolation_hand_computed():
+    """Kernel curves: above the range the last segment's power law (t ∝ x² here, 4× per 2× size), clipped to
+    at least linear; below it the fitted slope through the first point, never under the intercept."""
+    curve = cm.TimeCurve(intercept_s=0.2, seconds_per_unit=0.1, points=((1.0, 1.0), (2.0, 2.0), (4.0, 8.0)),
+                         extrapolation="kernel")
+    assert curve.time_s(8.0) == pytest.approx(32.0, rel=REL_TOL)
+    assert curve.time_s(3.0) == pytest.approx(np.exp(np.interp(np.log(3), np.log([2, 4]), np.log([2, 8]))), rel=REL_TOL)
+    assert curve.time_s(0.5) == pytest.approx(0.95, rel=REL_TOL)
+    assert curve.time_s(1e-6) == pytest.approx(0.9000001, rel=REL_TOL)
+    flat_top = cm.TimeCurve(intercept_s=0.0, seconds_per_unit=0.1, points=((1.0, 1.0), (2.0, 1.5)),
+                            extrapolation="kernel")
+    assert flat_top.time_s(4.0) == pytest.approx(3.0, rel=REL_TOL)  # exponent 0.58 clipped to 1
+    with pytest.raises(ValueError, match="extrapolation"):
+        cm.TimeCurve(intercept_s=0.0, seconds_per_unit=1.0, extrapolation="spline")
+
+
+def test_link_curve_keeps_its_latency_floor():
+    """Link curves (the default) floor at the smallest measured time below the range, unlike kernels."""
+    points = ((1e3, 1e-4), (1e6, 2e-4))
+    link = cm.TimeCurve(intercept_s=1e-4, seconds_per_unit=1e-10, points=points)
+    kernel = cm.TimeCurve(intercept_s=0.0, seconds_per_unit=1e-10, points=points, extrapolation="kernel")
+    assert link.time_s(10.0) == pytest.approx(1e-4, rel=REL_TOL)
+    assert kernel.time_s(10.0) < link.time_s(10.0)

@@ -165,3 +165,32 @@ def test_auto_backend_choice():
     assert ampere.fastest_backend(128, "bf16") == "flash"
     with pytest.raises(ValueError, match="step overhead"):
         cp.ComputeModel(gpu_name="x", peak_flops_per_s=1e12, hbm_bandwidth_bytes_per_s=1e12, step_overhead_s=-1.0)
+
+
+def test_elementwise_traffic_hand_computed():
+    """A bf16 → fp32 copy of 10 values moves 60 bytes; fp32 += bf16 of 10 values 100 bytes; negatives refused."""
+    assert cp.conversion_bytes(10, from_bytes=2, to_bytes=4) == 60
+    assert cp.accumulation_bytes(10, accumulator_bytes=4, addend_bytes=2) == 100
+    assert cp.qkv_projection_flops(batch=1, tokens=10, embed_dim=64, n_heads=4, n_kv_heads=2, head_dim=16) + \
+        cp.output_projection_flops(batch=1, tokens=10, embed_dim=64, n_heads=4, head_dim=16) == \
+        cp.projection_forward_flops(batch=1, tokens=10, embed_dim=64, n_heads=4, n_kv_heads=2, head_dim=16)
+    with pytest.raises(ValueError, match="element count"):
+        cp.conversion_bytes(-1, from_bytes=2, to_bytes=4)
+    with pytest.raises(ValueError, match="element count"):
+        cp.accumulation_bytes(-1, accumulator_bytes=4, addend_bytes=2)
+
+
+def test_merge_queued_costs_only_its_traffic():
+    """A measured merge queued behind a kernel costs its fitted slope × bytes (the intercept is host time);
+    unmeasured: 3× the bytes at the catalog HBM bandwidth. Copies at 90% of HBM, GEMMs at 70% of peak."""
+    rows = [KernelRow(op="merge", dtype="bf16", batch=1, n_heads=32, head_dim=128, q_tokens=n, repeats=5,
+                      seconds=90e-6 + cp.merge_bytes(batch=1, n_heads=32, head_dim=128, q_tokens=n, dtype_bytes=2) / 1e12)
+            for n in (4096, 16384, 65536)]
+    measured = cp.MeasuredKernels(gpu_driver_name="x", peak_flops_per_s=H100_PEAK, merge_fit=cp.fit_merge_curve(rows))
+    model = cp.ComputeModel(gpu_name="x", peak_flops_per_s=H100_PEAK, hbm_bandwidth_bytes_per_s=4e12, this_gpu=measured)
+    seconds, label = model.merge_s(1e9)
+    assert seconds == pytest.approx(1e-3, rel=1e-6) and label == "measured on this GPU"
+    bare = cp.ComputeModel(gpu_name="x", peak_flops_per_s=H100_PEAK, hbm_bandwidth_bytes_per_s=4e12)
+    assert bare.merge_s(1e9)[0] == pytest.approx(3e9 / 4e12, rel=REL_TOL)
+    assert bare.elementwise_s(3.6e9) == pytest.approx(1e-3, rel=REL_TOL)
+    assert bare.gemm_s(0.7 * H100_PEAK) == pytest.approx(1.0, rel=REL_TOL)

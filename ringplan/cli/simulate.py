@@ -91,6 +91,7 @@ def _breakdown_rows(prediction: Any, ring_size: int, seq_len: int) -> list[dict[
         {"quantity": "step time", "value": ms(prediction.step_time_s)},
         {"quantity": "compute (busiest rank)", "value": ms(prediction.compute_s)},
         {"quantity": "exposed communication", "value": ms(prediction.exposed_comm_s)},
+        {"quantity": "host call overhead", "value": ms(prediction.call_overhead_s)},
         {"quantity": "ideal (mean compute)", "value": ms(prediction.ideal_s)},
         {"quantity": "imbalance", "value": ms(prediction.imbalance_s)},
         {"quantity": "efficiency vs ideal", "value": f"{prediction.efficiency * 100:.1f} %"},
@@ -191,6 +192,7 @@ def simulate(gpu: str, seq_len: int, ring_size: int, n_heads: int, n_kv_heads: i
         click.echo(json.dumps({"breakdown": {r["quantity"]: r["value"] for r in rows},
                                "step_time_s": prediction.step_time_s, "compute_s": prediction.compute_s,
                                "exposed_comm_s": prediction.exposed_comm_s, "ideal_s": prediction.ideal_s,
+                               "call_overhead_s": prediction.call_overhead_s,
                                "efficiency": prediction.efficiency, "passes": _pass_rows(prediction),
                                "provenance_details": details, "timeline": lines}, indent=2))
         return
