@@ -64,9 +64,13 @@ def compute_fit(directory: str | Path | None = None) -> dict:
 
 
 def write_fit_cache(path: str | Path | None = None, directory: str | Path | None = None) -> dict:
-    """Compute the fit and write it atomically (temp file + ``os.replace``); returns the payload."""
+    """Compute the fit and write it atomically (temp file + ``os.replace``); returns the payload.
+    An unchanged fit leaves the file as it is (its date included)."""
     path = Path(path) if path is not None else fit_cache_path()
     payload = compute_fit(directory)
+    existing = read_fit_cache(path)
+    if existing is not None and {**existing, "date": None} == {**payload, "date": None}:
+        return existing
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
