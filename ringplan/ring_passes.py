@@ -220,7 +220,8 @@ def projection_pass(c: Costing, n: int, which: str, factor: float = 1.0) -> Ring
     """GEMMs of the ``which`` ('qkv' | 'output') projection of n tokens; ``factor`` 2 for their backward
     (input and weight gradients)."""
     shape = c.workload.shape
-    dims = dict(batch=shape.batch, tokens=n, embed_dim=shape.embed_dim, n_heads=shape.n_heads, head_dim=shape.head_dim)
+    dims = {"batch": shape.batch, "tokens": n, "embed_dim": shape.embed_dim, "n_heads": shape.n_heads,
+            "head_dim": shape.head_dim}
     flops = cp.qkv_projection_flops(n_kv_heads=shape.n_kv_heads, **dims) if which == "qkv" else \
         cp.output_projection_flops(**dims)
     c.note("projections", f"default: assumed GEMM efficiency {cp.GEMM_EFFICIENCY} of catalog peak")

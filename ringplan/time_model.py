@@ -307,7 +307,9 @@ class OverlapThreshold:
     """Smallest tokens per rank n for which one ring step's compute hides its transfer.
 
     ``paper_tokens`` is Ring Attention's F/B (Liu et al. 2023: bf16, MHA, full blocks, no
-    latency) for comparison; ``min_tokens_per_rank`` is this runtime's exact condition.
+    latency) for comparison; ``min_tokens_per_rank`` is this runtime's exact condition. Both leave
+    out the kernel slowdown during an exchange (κ, ``step_time_prediction``): above the threshold
+    the link is never the bottleneck, but a step still pays κ × the transfer.
     """
 
     scope: str

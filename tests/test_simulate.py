@@ -375,7 +375,7 @@ def test_ring_forward_ops_hand_computed(tmp_path):
     copy, cast = values * 6 / ELEMENTWISE_BW, values * 6 / ELEMENTWISE_BW
     merge = cp.merge_bytes(batch=1, n_heads=32, head_dim=128, q_tokens=n, dtype_bytes=2) / 2e12
     expected = 2 * (kernel + cp.DEFAULT_STEP_OVERHEAD_S) + copy + merge + cast
-    kwargs = dict(timing_dir=tmp_path, call_overhead_s=0.0)
+    kwargs = {"timing_dir": tmp_path, "call_overhead_s": 0.0}
     free = tm.step_time_prediction(work, ring, "h100", exchange_interference=0.0, **kwargs)
     assert free.step_time_s == pytest.approx(expected, rel=1e-9)
     assert free.exposed_comm_s == pytest.approx(0.0, abs=1e-12)
@@ -412,7 +412,7 @@ def test_backward_hops_carry_what_the_runtime_sends(tmp_path):
 def test_projections_counted_once(tmp_path):
     """The seed module's GEMMs add exactly Q/K/V + output projection FLOPs at the GEMM rate (3× in training)."""
     shape = AttentionShape(n_heads=12, head_dim=64)
-    kwargs = dict(timing_dir=tmp_path, call_overhead_s=0.0)
+    kwargs = {"timing_dir": tmp_path, "call_overhead_s": 0.0}
     for training, factor in ((False, 1.0), (True, 3.0)):
         plain = Workload(seq_len_tokens=8192, shape=shape, training=training)
         module = Workload(seq_len_tokens=8192, shape=shape, training=training, projections=True)
