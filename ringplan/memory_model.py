@@ -157,11 +157,12 @@ class ChosenParts:
     overhead: PartFit | None = None
 
 
-def predict_calibrated(chosen: ChosenParts, workload: Workload, layout: RingLayout, gpu: GpuSpec) -> MemoryPrediction:
+def predict_calibrated(chosen: ChosenParts, workload: Workload, layout: RingLayout, gpu: GpuSpec, *,
+                       plan: bool = True) -> MemoryPrediction:
     """Per-rank memory of ``workload`` on ``layout`` with ``gpu`` from calibrated parts (see
     ``calibrated_prediction``)."""
     return calibrated_prediction(chosen, term_inputs(workload, layout), memory_terms_cached(workload, layout), gpu,
-                                 tokens_per_rank(workload, layout))
+                                 tokens_per_rank(workload, layout), plan=plan)
 
 
 def calibrated_prediction(chosen: ChosenParts, p: TermInputs, phi: dict[str, float], gpu: GpuSpec,
@@ -259,10 +260,12 @@ class MemoryModel:
         if self.form not in MODEL_FORMS:
             raise ValueError(f"model form {self.form!r} is not one of {list(MODEL_FORMS)}")
 
-    def predict(self, workload: Workload, layout: RingLayout, gpu: GpuSpec) -> MemoryPrediction:
+    def predict(self, workload: Workload, layout: RingLayout, gpu: GpuSpec, *, plan: bool = True) -> MemoryPrediction:
+        """Per-rank memory of a plan; ``plan=False``: of one run as it will run (NCCL P2P buffers only
+        where a branch exchanges — for comparing with a fresh process's measurement)."""
         if self.form == "seed":
             return predict_memory(self._seed_fit(workload, layout, gpu), workload, layout, gpu)
-        return predict_calibrated(self.parts_for(workload, layout, gpu), workload, layout, gpu)
+        return predict_calibrated(self.parts_for(workload, layout, gpu), workload, layout, gpu, plan=plan)
 
     def predict_row(self, row: Measurement, gpu: GpuSpec) -> MemoryPrediction:
         """Calibrated prediction of a recorded run as it ran (its tokens per rank, no divisibility check;

@@ -164,6 +164,8 @@ def test_plans_count_p2p_buffers_on_every_ring():
     planned = plan.terms_bytes["runtime_overhead_bytes"]
     assert as_run == pytest.approx(OVERHEAD["context_bytes"] + OVERHEAD["communicator_bytes"])
     assert planned == pytest.approx(as_run + OVERHEAD["p2p_buffers_bytes"])
+    one_run = model.predict(workload, RingLayout(ring_size=2, backend="cudnn"), h100, plan=False)
+    assert one_run.terms_bytes["runtime_overhead_bytes"] == pytest.approx(as_run)
 
 
 def test_ring_state_is_zero_on_one_gpu():
