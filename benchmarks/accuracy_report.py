@@ -39,7 +39,6 @@ sys.path.insert(0, str(REPO))
 
 from ringplan.memory_model import MemoryModel, row_family  # noqa: E402
 from ringplan.profiles import Measurement, load_profile  # noqa: E402
-from ringplan.workload import AttentionPattern, AttentionShape, RingLayout, Workload  # noqa: E402
 
 FIGURES = ("peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes")
 MARGINS = (0.0, 0.05)
@@ -131,14 +130,6 @@ def across_gpus_table(rows: Sequence[Measurement], source: str = "h100-80gb-sxm"
     return lines
 
 
-def row_workload(row: Measurement) -> tuple[Workload, RingLayout]:
-    shape = AttentionShape(n_heads=row.n_heads, n_kv_heads=row.n_kv_heads, head_dim=row.head_dim,
-                           embed_dim=row.embed_dim, batch=row.batch, dtype=row.dtype)
-    pattern = AttentionPattern(causal=row.causal, segment_lengths_tokens=row.segment_lengths_tokens,
-                               dilation_rates=row.dilation_rates)
-    workload = Workload(seq_len_tokens=row.seq_len_tokens, shape=shape, pattern=pattern, training=row.training,
-                        projections=row.projections)
-    return workload, RingLayout(ring_size=row.ring_size, layout=row.layout, backend=row.backend)
 
 
 def measured_boundary(probes: Sequence[Measurement]) -> tuple[int | None, int | None]:
@@ -174,7 +165,7 @@ def capacity_table(fit_rows: Sequence[Measurement], bisect_rows: Sequence[Measur
         boundary, first_oom = measured_boundary(probes)
         if boundary is None or first_oom is None:
             continue
-        workload, layout = row_workload(probes[0])
+        workload, layout = probes[0].workload_and_layout()
         gpu = catalog.gpu(probes[0].gpu)
         for margin in MARGINS:
             query = CapacityQuery(workload=workload, layout=layout.layout, backend=layout.backend, gpu=gpu,

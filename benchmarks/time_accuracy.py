@@ -45,6 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from ringplan.profiles import load_profile  # noqa: E402
 from ringplan.hardware import load_catalog  # noqa: E402
 from ringplan.time_model import step_time_prediction  # noqa: E402
 from ringplan.timing_profiles import KernelProfile, timing_profiles_in  # noqa: E402
@@ -94,27 +95,19 @@ def _pattern_label(pattern: AttentionPattern, projections: bool) -> str:
 
 def profile_rows(path: Path) -> list[ValidationRow]:
     """Measured, feasible rows of a ``ringplan.profile/1`` file with a step time."""
-    data = json.loads(path.read_text())
-    catalog = load_catalog()
-    gpu = catalog.gpu(data["provenance"]["gpu_driver_name"]).name
     rows = []
-    for r in data["rows"]:
-        if r.get("kind") != "measured" or r.get("oom") or not r.get("step_time_s"):
+    for r in load_profile(path).rows:
+        if r.kind != "measured" or r.oom or not r.step_time_s:
             continue
-        shape = AttentionShape(n_heads=r["n_heads"], n_kv_heads=r["n_kv_heads"], head_dim=r["head_dim"],
-                               embed_dim=r["embed_dim"], batch=r["batch"], dtype=r["dtype"])
-        pattern = AttentionPattern(causal=r["causal"], segment_lengths_tokens=tuple(r["segment_lengths_tokens"]),
-                                   dilation_rates=tuple(r["dilation_rates"]))
-        work = Workload(seq_len_tokens=r["seq_len_tokens"], shape=shape, pattern=pattern, training=r["training"],
-                        projections=r["projections"])
-        ring = RingLayout(ring_size=r["ring_size"], layout=r["layout"], backend=r["backend"])
-        series = ("profile", r["series"], _shape_label(shape), r["ring_size"], r["training"], r["causal"],
-                  tuple(r["segment_lengths_tokens"]), r["projections"])
-        label = (f"profile {_shape_label(shape)} {r['seq_len_tokens']:,} tok P={r['ring_size']} "
-                 f"{'training' if r['training'] else 'forward'} {_pattern_label(pattern, r['projections'])}")
+        work, ring = r.workload_and_layout()
+        shape, pattern = work.shape, work.pattern
+        series = ("profile", r.series, _shape_label(shape), r.ring_size, r.training, r.causal,
+                  r.segment_lengths_tokens, r.projections)
+        label = (f"profile {_shape_label(shape)} {r.seq_len_tokens:,} tok P={r.ring_size} "
+                 f"{'training' if r.training else 'forward'} {_pattern_label(pattern, r.projections)}")
         rows.append(ValidationRow(source=str(path.relative_to(REPO) if path.is_relative_to(REPO) else path),
-                                  label=label, series=series, workload=work, layout=ring, gpu=gpu,
-                                  measured_s=float(r["step_time_s"])))
+                                  label=label, series=series, workload=work, layout=ring, gpu=r.gpu,
+                                  measured_s=float(r.step_time_s)))
     return rows
 
 

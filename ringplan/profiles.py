@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ringplan.workload import BACKENDS, DTYPE_BYTES, LAYOUTS
+from ringplan.workload import (BACKENDS, DTYPE_BYTES, LAYOUTS, AttentionPattern, AttentionShape, RingLayout,
+                               Workload)
 
 PROFILE_SCHEMA = "ringplan.profile/1"
 ROW_KINDS: tuple[str, ...] = ("measured", "reported", "estimated")
@@ -110,6 +111,16 @@ class Measurement:
     def tokens_per_rank(self) -> float:
         """n = S / P (fractional when the recorded run padded or truncated its sequence)."""
         return self.seq_len_tokens / self.ring_size
+
+    def workload_and_layout(self) -> tuple[Workload, RingLayout]:
+        """The run's ``Workload`` and ``RingLayout`` (raises ``ValueError`` if the row cannot be one)."""
+        shape = AttentionShape(n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
+                               embed_dim=self.embed_dim, batch=self.batch, dtype=self.dtype)
+        pattern = AttentionPattern(causal=self.causal, segment_lengths_tokens=self.segment_lengths_tokens,
+                                   dilation_rates=self.dilation_rates)
+        workload = Workload(seq_len_tokens=self.seq_len_tokens, shape=shape, pattern=pattern,
+                            training=self.training, projections=self.projections)
+        return workload, RingLayout(ring_size=self.ring_size, layout=self.layout, backend=self.backend)
 
     @property
     def key(self) -> tuple:

@@ -197,12 +197,7 @@ def test_capacity_never_reaches_a_measured_oom(probes):
     first_oom = min(r.seq_len_tokens for r in probes if r.oom)
     boundary = max(r.seq_len_tokens for r in probes if not r.oom and r.seq_len_tokens < first_oom)
     row = probes[0]
-    shape = AttentionShape(n_heads=row.n_heads, n_kv_heads=row.n_kv_heads, head_dim=row.head_dim,
-                           embed_dim=row.embed_dim, batch=row.batch, dtype=row.dtype)
-    pattern = AttentionPattern(causal=row.causal, segment_lengths_tokens=row.segment_lengths_tokens,
-                               dilation_rates=row.dilation_rates)
-    workload = Workload(seq_len_tokens=row.seq_len_tokens, shape=shape, pattern=pattern, training=row.training,
-                        projections=row.projections)
+    workload, _ = row.workload_and_layout()
     query = CapacityQuery(workload=workload, layout=row.layout, backend=row.backend, gpu=CATALOG.gpu(row.gpu),
                           safety_margin=0.0, model=MemoryModel(rows=measured_rows()))
     predicted = max_tokens(query, row.ring_size).best.seq_len_tokens
