@@ -1,0 +1,149 @@
+"""What is planned for a whole model: the stack, its sequence, the GPUs and the memory settings.
+
+Notation (README, ``docs/STACK.md``): W world size = DP × P, P context-parallel (ring) size,
+DP = W / P data-parallel replicas, G sharding-group size, S global tokens per sequence.
+
+Every rank of the job is in one ring of P ranks (the context-parallel group) and in one
+sharding group of G ranks over which weights, gradients and optimizer states are split
+(ZeRO-1/2/3; ``zero3`` is FSDP2 ``fully_shard``). Constructors validate and raise ``ValueError``
+naming the offending values, so the CLI turns bad input into a one-line error with exit code 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ringplan.models import ModelSpec
+from ringplan.workload import (DTYPE_BYTES, AttentionPattern, AttentionShape, RingLayout, Workload,
+                               check_layout_fits)
+
+SHARDINGS: tuple[str, ...] = ("none", "zero1", "zero2", "zero3")  # zero3 == FSDP (FSDP2 fully_shard)
+CHECKPOINTING: tuple[str, ...] = ("none", "selective", "full")
+LOSS_MODES: tuple[str, ...] = ("full", "chunked")
+
+
+def _require_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} {value!r} is not one of {list(choices)}")
+
+
+def _require_positive_int(**values: object) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StackSettings:
+    """How the stack's memory is managed.
+
+    ``sharding``: ``none`` (every rank holds everything), ``zero1`` (optimizer states split over G),
+    ``zero2`` (+ gradients), ``zero3`` (+ parameters; FSDP). ``shard_group_size`` G: None = the
+    whole world (DP × P); only meaningful with a sharding. ``checkpointing``: ``none`` keeps every
+    activation, ``selective`` keeps the attention core and recomputes MLP/norms, ``full`` keeps only
+    each block's input. ``offload_checkpoints`` moves those saved inputs to pinned CPU memory (full
+    checkpointing only). ``loss``: ``full`` materialises all logits, ``chunked`` computes the loss
+    over ``loss_chunk_tokens`` tokens at a time. ``param_dtype`` is the compute / gathered-weight
+    dtype, ``master_dtype`` that of the sharded master parameters, gradients and Adam states.
+    """
+
+    sharding: str = "zero3"
+    shard_group_size: int | None = None
+    checkpointing: str = "none"
+    offload_checkpoints: bool = False
+    loss: str = "chunked"
+    loss_chunk_tokens: int = 4096
+    param_dtype: str = "bf16"
+    master_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        _require_choice("sharding", self.sharding, SHARDINGS)
+        _require_choice("checkpointing", self.checkpointing, CHECKPOINTING)
+        _require_choice("loss", self.loss, LOSS_MODES)
+        _require_choice("param_dtype", self.param_dtype, tuple(DTYPE_BYTES))
+        _require_choice("master_dtype", self.master_dtype, tuple(DTYPE_BYTES))
+        if not isinstance(self.loss_chunk_tokens, int) or isinstance(self.loss_chunk_tokens, bool) \
+                or self.loss_chunk_tokens <= 0:
+            raise ValueError(f"loss chunk must be a positive number of tokens, got {self.loss_chunk_tokens!r}")
+        if self.shard_group_size is not None:
+            _require_positive_int(shard_group_size=self.shard_group_size)
+            if self.sharding == "none":
+                raise ValueError(f"a sharding group of {self.shard_group_size} GPUs needs a sharding "
+                                 f"(one of {list(SHARDINGS[1:])}), got sharding 'none'")
+        if not isinstance(self.offload_checkpoints, bool):
+            raise ValueError(f"offload_checkpoints must be true or false, got {self.offload_checkpoints!r}")
+        if self.offload_checkpoints and self.checkpointing != "full":
+            raise ValueError(f"offloading checkpoints to CPU needs full checkpointing, "
+                             f"got checkpointing {self.checkpointing!r}")
+
+    @property
+    def param_dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.param_dtype]
+
+    @property
+    def master_dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.master_dtype]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StackWorkload:
+    """One step of a whole model: ``batch`` sequences of S = ``seq_len_tokens`` tokens per
+    data-parallel replica, on W = ``world_size`` GPUs in rings of P = ``layout.ring_size``.
+
+    ``training`` False is forward only (prefill): weights in ``param_dtype``, no gradients or
+    optimizer states.
+    """
+
+    model: ModelSpec
+    seq_len_tokens: int
+    batch: int = 1
+    training: bool = True
+    world_size: int
+    layout: RingLayout
+    settings: StackSettings = field(default_factory=StackSettings)
+
+    def __post_init__(self) -> None:
+        for name, kind in (("model", ModelSpec), ("layout", RingLayout), ("settings", StackSettings)):
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+        _require_positive_int(seq_len_tokens=self.seq_len_tokens, batch=self.batch, world_size=self.world_size)
+        if not isinstance(self.training, bool):
+            raise ValueError(f"training must be true or false, got {self.training!r}")
+        w, p = self.world_size, self.layout.ring_size
+        if w % p:
+            raise ValueError(f"world size {w} is not a multiple of the ring size {p}")
+        g = self.settings.shard_group_size
+        if g is not None and g > w:
+            raise ValueError(f"sharding group of {g} GPUs is larger than the world size {w}")
+        if g is not None and w % g:
+            raise ValueError(f"world size {w} is not a multiple of the sharding group of {g} GPUs")
+        check_layout_fits(attention_workload(self), self.layout)
+
+
+def attention_workload(w: StackWorkload) -> Workload:
+    """One layer's attention as the attention-level planner sees it: the model's H, H_kv, D and
+    E, batch B, causal, forward or training as the stack, weights in ``param_dtype``, projections
+    excluded (the stack terms count them with the rest of the weights)."""
+    m = w.model
+    shape = AttentionShape(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, batch=w.batch,
+                           embed_dim=m.embed_dim, dtype=w.settings.param_dtype)
+    return Workload(seq_len_tokens=w.seq_len_tokens, shape=shape, pattern=AttentionPattern(causal=True),
+                    training=w.training, projections=False)
+
+
+def tokens_per_rank(w: StackWorkload) -> int:
+    """Tokens of each sequence a rank holds: n = S / P."""
+    return w.seq_len_tokens // w.layout.ring_size
+
+
+def data_parallel_size(w: StackWorkload) -> int:
+    """Data-parallel replicas DP = W / P (each holds ``batch`` sequences)."""
+    return w.world_size // w.layout.ring_size
+
+
+def shard_group_size(w: StackWorkload) -> int:
+    """Resolved sharding group G: 1 without sharding (every rank holds a full copy), else the
+    setting, or W when the setting is None. Sharded state per rank is the full state / G."""
+    if w.settings.sharding == "none":
+        return 1
+    return w.settings.shard_group_size or w.world_size
