@@ -23,6 +23,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -338,8 +339,9 @@ def write_profile(path: str | Path, profile: Profile) -> Profile:
     """
     path = Path(path)
     profile = profile_from_json(profile_to_json(profile), f"{path} (rows to write)")  # validate new rows
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path):
+    written: list[Profile] = []
+
+    def merged_json() -> dict[str, Any]:
         merged = profile
         if path.exists():
             old = load_profile(path)
@@ -347,7 +349,21 @@ def write_profile(path: str | Path, profile: Profile) -> Profile:
             if old.provenance != profile.provenance:
                 history = history + (profile_to_json(old)["provenance"],)
             merged = replace(profile, rows=merge_rows(old.rows, profile.rows), history=history)
-        text = json.dumps(profile_to_json(merged), indent=1, allow_nan=False) + "\n"
+        written.append(merged)
+        return profile_to_json(merged)
+
+    write_merged_json(path, merged_json)
+    return replace(written[0], path=str(path))
+
+
+def write_merged_json(path: str | Path, merged_json: Callable[[], dict[str, Any]]) -> None:
+    """Write ``merged_json()`` to ``path`` atomically (temp file in the same directory + ``os.replace``)
+    under an advisory lock; ``merged_json`` runs under the lock, so it can read what is on disk and
+    merge. Shared by every profile format (``ringplan.stack_profiles`` too)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path):
+        text = json.dumps(merged_json(), indent=1, allow_nan=False) + "\n"
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
@@ -360,7 +376,6 @@ def write_profile(path: str | Path, profile: Profile) -> Profile:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-    return replace(merged, path=str(path))
 
 
 @contextlib.contextmanager
