@@ -11,6 +11,7 @@ def all_commands() -> list[click.Command]:
     # (profile, validate) each add their import here.
     from ringplan.cli.capacity import capacity; commands.append(capacity)  # noqa: E702
     from ringplan.cli.gpus import gpus; commands.append(gpus)  # noqa: E702
+    from ringplan.cli.models import models; commands.append(models)  # noqa: E702
     from ringplan.cli.fit import fit; commands.append(fit)  # noqa: E702
     from ringplan.cli.simulate import simulate; commands.append(simulate)  # noqa: E702
     from ringplan.cli.overlap import overlap; commands.append(overlap)  # noqa: E702
