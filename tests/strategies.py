@@ -74,3 +74,49 @@ def planned(draw, *, dilated: bool | None = None, max_units: int = 64):
             pass
     n = unit * draw(st.integers(1, max_units))
     return template.with_seq_len(n * layout.ring_size), layout
+
+
+# ----------------------------------------------------------------------------- whole models (issue 9)
+
+
+@st.composite
+def model_specs(draw, *, max_layers: int = 8):
+    """A valid ``ModelSpec``: H_kv divides H, any D (not tied to E / H), SwiGLU/RMSNorm/RoPE or
+    GELU/LayerNorm/learned with biases (GPT-2 style), small sizes."""
+    from ringplan.models import ModelSpec
+
+    n_heads = draw(st.sampled_from(HEADS))
+    n_kv_heads = draw(st.sampled_from([d for d in HEADS if n_heads % d == 0]))
+    gpt2_like = draw(st.booleans())
+    return ModelSpec(
+        name="hypothesis", n_layers=draw(st.integers(1, max_layers)),
+        embed_dim=draw(st.sampled_from([64, 128, 256, 768, 1024, 4096])), n_heads=n_heads, n_kv_heads=n_kv_heads,
+        head_dim=draw(st.sampled_from(HEAD_DIMS)), ffn_dim=draw(st.integers(1, 16_384)),
+        ffn_type="gelu" if gpt2_like else "swiglu", vocab_size=draw(st.integers(1, 200_000)),
+        norm="layernorm" if gpt2_like else "rmsnorm", position="learned" if gpt2_like else "rope",
+        max_positions=draw(st.integers(1, 8192)) if gpt2_like else draw(st.integers(0, 131_072)),
+        tied_embeddings=draw(st.booleans()), qkv_bias=gpt2_like or draw(st.booleans()), out_bias=gpt2_like,
+        mlp_bias=gpt2_like, qk_norm=not gpt2_like and draw(st.booleans()))
+
+
+@st.composite
+def stack_workloads(draw, *, models=None, max_ring: int = 8, max_replicas: int = 4, max_units: int = 64):
+    """A valid ``StackWorkload``: W = DP·P, G a divisor of W (or None), S splitting over the ring,
+    offload only with full checkpointing."""
+    from ringplan.stack import CHECKPOINTING, LOSS_MODES, SHARDINGS, StackSettings, StackWorkload
+
+    ring = draw(st.integers(1, max_ring))
+    layout = RingLayout(ring_size=ring, layout=draw(st.sampled_from(("contiguous", "zigzag"))))
+    world = ring * draw(st.integers(1, max_replicas))
+    sharding = draw(st.sampled_from(SHARDINGS))
+    group = None if sharding == "none" else draw(st.one_of(
+        st.none(), st.sampled_from([g for g in range(1, world + 1) if world % g == 0])))
+    checkpointing = draw(st.sampled_from(CHECKPOINTING))
+    settings = StackSettings(sharding=sharding, shard_group_size=group, checkpointing=checkpointing,
+                             offload_checkpoints=checkpointing == "full" and draw(st.booleans()),
+                             loss=draw(st.sampled_from(LOSS_MODES)), loss_chunk_tokens=draw(st.integers(1, 8192)),
+                             param_dtype=draw(st.sampled_from(("bf16", "fp16", "fp32"))))
+    seq = ring * layout.chunks_per_rank * draw(st.integers(1, max_units))
+    return StackWorkload(model=draw(models if models is not None else model_specs()), seq_len_tokens=seq,
+                         batch=draw(st.integers(1, 4)), training=draw(st.booleans()), world_size=world,
+                         layout=layout, settings=settings)
