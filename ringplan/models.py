@@ -93,7 +93,7 @@ class ModelSpec:
         object.__setattr__(self, "aliases", tuple(self.aliases))
         object.__setattr__(self, "sources", dict(self.sources))
 
-    def with_layers(self, n_layers: int) -> "ModelSpec":
+    def with_layers(self, n_layers: int) -> ModelSpec:
         """The same block shape with ``n_layers`` blocks (scaled-down stacks for validation)."""
         if n_layers == self.n_layers:
             return self
@@ -285,6 +285,9 @@ def model_from_hf_config(path: str | Path, *, name: str | None = None) -> ModelS
     reader = _gpt2_fields if model_type == "gpt2" else _llama_fields
     fields, keys = reader(_HfKeys(path, data, model_type))
     sources = {f: f"{path}: {key}" for f, key in keys.items()}
+    window = data.get("sliding_window")
+    if window and data.get("use_sliding_window", True) is not False:
+        sources["attention"] = f"{path}: sliding_window {window} ignored: planned as full causal attention"
     try:
         return ModelSpec(name=normalise_model_name(name), sources=sources, **fields)
     except ValueError as exc:

@@ -129,8 +129,8 @@ def test_catalog_round_trip(tmp_path_factory, spec):
 
 # ----------------------------------------------------------------------------- ModelSpec validation
 
-BASE = dict(name="m", n_layers=2, embed_dim=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
-            ffn_type="swiglu", vocab_size=100, norm="rmsnorm")
+BASE = {"name": "m", "n_layers": 2, "embed_dim": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "ffn_dim": 128,
+        "ffn_type": "swiglu", "vocab_size": 100, "norm": "rmsnorm"}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -216,6 +216,13 @@ def test_hf_config_qwen2_biases():
     assert (spec.qkv_bias, spec.out_bias, spec.qk_norm, spec.tied_embeddings, spec.head_dim) == (
         True, False, False, True, 64)
     assert parameter_count(spec) == 494_032_768
+
+
+def test_hf_config_notes_an_ignored_sliding_window():
+    """Mistral-7B-v0.1's sliding window is recorded as ignored (planned as full causal attention)."""
+    spec = model_from_hf_config(CONFIGS / "mistral-7b-v0.1.json")
+    assert "sliding_window 4096 ignored" in spec.sources["attention"]
+    assert "attention" not in model_from_hf_config(CONFIGS / "qwen3-0.6b.json").sources
 
 
 def test_hf_config_named_after_its_folder(tmp_path):

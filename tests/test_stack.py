@@ -22,7 +22,7 @@ def llama():
 
 
 def workload(model, **kw):
-    args = dict(model=model, seq_len_tokens=1 << 20, world_size=8, layout=RingLayout(ring_size=8))
+    args = {"model": model, "seq_len_tokens": 1 << 20, "world_size": 8, "layout": RingLayout(ring_size=8)}
     return StackWorkload(**{**args, **kw})
 
 

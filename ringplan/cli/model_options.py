@@ -27,7 +27,7 @@ from typing import Any
 import click
 
 from ringplan.cli.common import TOKENS
-from ringplan.models import FFN_TYPES, NORMS, POSITIONS, ModelSpec
+from ringplan.models import FFN_TYPES, NORMS, ModelSpec
 from ringplan.stack import CHECKPOINTING, LOSS_MODES, SHARDINGS, StackSettings
 from ringplan.workload import DTYPE_BYTES
 
