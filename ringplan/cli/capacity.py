@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from ringplan.cli.common import TOKENS, OneLineErrorCommand, bad_input_exits_2, format_option, render_rows
+from ringplan.cli.model_options import model_requested, model_selection_options, stack_settings_options
 from ringplan.units import parse_tokens
 from ringplan.workload import BACKENDS, DTYPE_BYTES, LAYOUTS
 
@@ -113,8 +114,11 @@ def step_time_hook():
 @click.option("--gpu", "gpu_name", required=True, help="GPU type from the catalog (`ringplan gpus`), e.g. a100-40gb, h100.")
 @click.option("--tokens", type=TOKENS, default=None,
               help="Global sequence length S: 1M = 1,000,000, 1Mi = 1,048,576, 200K, 128Ki. Alone: find the fewest GPUs.")
-@click.option("--world-size", type=click.IntRange(min=1), default=None,
+@click.option("--world-size", "--gpus", "world_size", type=click.IntRange(min=1), default=None,
               help="GPUs in the ring. Alone: find the most tokens they hold; with --tokens: check that one plan.")
+@click.option("--ring-size", type=click.IntRange(min=1), default=None,
+              help="With --model: context-parallel ring size P, the rest data-parallel (W = P x DP); "
+                   "default: every GPU in one ring.")
 @click.option("--max-world-size", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Largest ring the --tokens search considers (every size 1..max where S splits).")
 @click.option("--safety-margin", type=click.FloatRange(min=0.0, max=1.0, max_open=True), default=0.05, show_default=True,
@@ -127,6 +131,8 @@ def step_time_hook():
               help="Add each shown row's predicted step time and exposed communication (ringplan.time_model; "
                    "costs ~0.5 s more at start: numpy, and scipy while the time model fits its timing profiles).")
 @workload_options
+@model_selection_options
+@stack_settings_options
 @format_option
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also draw per-GPU memory against tokens per world size into FILE (needs the plot extra).")
@@ -136,6 +142,12 @@ def capacity(ctx: click.Context, gpu_name: str, tokens: int | None, world_size: 
              safety_margin: float, model_form: str, profile_paths: tuple[str, ...], step_time: bool,
              output_format: str, plot_path: str | None, **workload_args: Any) -> None:
     """Fewest GPUs of one type for --tokens N, or most tokens for --world-size K.
+
+    --model NAME (or --config PATH) plans a whole model instead of one attention layer: the fewest
+    GPUs and the settings (sharding, checkpointing, offload, loss) that hold N tokens, or the most
+    tokens on --gpus K; settings options given are pinned, the others searched; --step-time ranks
+    the settings that fit by predicted step time (default: less recomputation, then less
+    communication, first).
 
     Default workload (when no shape option is given): one attention layer of 32 heads x 128 head dim
     (E = 4096, a Llama-2-7B-like layer), bf16, batch 1, dense, non-causal, forward only, no
@@ -147,6 +159,12 @@ def capacity(ctx: click.Context, gpu_name: str, tokens: int | None, world_size: 
 
     if tokens is None and world_size is None:
         raise ValueError("give --tokens N (fewest GPUs), --world-size K (most tokens), or both")
+    if model_requested(**workload_args):
+        ctx.exit(_whole_model(gpu_name=gpu_name, tokens=tokens, world_size=world_size, max_world_size=max_world_size,
+                              safety_margin=safety_margin, step_time=step_time, output_format=output_format,
+                              workload_args=workload_args, refused={"plot_path": plot_path, "profile_paths": profile_paths,
+                                                                    "model_form": model_form}))
+    _refuse_whole_model_options(workload_args)
     gpu = load_catalog().gpu(gpu_name)
     workload = build_workload(seq_len_tokens=tokens, **workload_args)
     query = CapacityQuery(workload=workload, layout=workload_args["layout"], backend=workload_args["backend"],
@@ -160,6 +178,44 @@ def capacity(ctx: click.Context, gpu_name: str, tokens: int | None, world_size: 
         plot_capacity(plot_path, query, world_sizes=sorted({row.world_size for row in rows}))
         click.echo(f"plot written to {plot_path}", err=True)
     ctx.exit(0 if feasible else 1)
+
+
+#: Whole-model options (key → flag): an error without --model / --config.
+_WHOLE_MODEL_ONLY = {"n_layers": "--layers", "ffn_dim": "--ffn", "vocab_size": "--vocab", "sharding": "--sharding",
+                     "shard_group_size": "--shard-group", "checkpointing": "--checkpointing",
+                     "offload_checkpoints": "--offload", "loss": "--loss", "loss_chunk_tokens": "--loss-chunk",
+                     "ring_size": "--ring-size"}
+#: Attention-layer options (key → flag): an error with --model / --config (a model's attention is causal,
+#: dense, with its projections counted in the stack terms).
+_ATTENTION_ONLY = {"segment_lengths": "--segment-lengths", "dilation_rates": "--dilation-rates",
+                   "projections": "--projections", "causal": "--causal/--no-causal", "plot_path": "--plot",
+                   "profile_paths": "--profile", "model_form": "--model-form"}
+
+
+def _refuse_whole_model_options(workload_args: dict[str, Any]) -> None:
+    from ringplan.cli.model_options import explicit_options
+
+    given = [flag for key, flag in _WHOLE_MODEL_ONLY.items() if key in explicit_options({key: workload_args.get(key)})]
+    if given:
+        raise ValueError(f"{', '.join(given)} plan a whole model: give --model NAME or --config PATH")
+
+
+def _whole_model(*, gpu_name: str, tokens: int | None, world_size: int | None, max_world_size: int,
+                 safety_margin: float, step_time: bool, output_format: str, workload_args: dict[str, Any],
+                 refused: dict[str, Any]) -> int:
+    """``capacity --model``: answer with ``ringplan.stack_capacity``; exit code 0 fits, 1 not."""
+    from ringplan.cli.model_options import explicit_options
+    from ringplan.cli.plan import emit_stack, stack_query, whole_model_capacity
+
+    given = [_ATTENTION_ONLY[key] for key in explicit_options({**refused, **{k: workload_args.get(k) for k in
+                                                                           _ATTENTION_ONLY if k in workload_args}})]
+    if given:
+        raise ValueError(f"{', '.join(given)} apply to one attention layer, not to --model / --config")
+    query = stack_query(gpu_name=gpu_name, safety_margin=safety_margin, max_world_size=max_world_size,
+                        step_time=step_time, **workload_args)
+    answer, rows, feasible = whole_model_capacity(query, tokens, world_size)
+    emit_stack(query, answer, rows, output_format)
+    return 0 if feasible else 1
 
 
 def _model(model_form: str, profile_paths: tuple[str, ...]):

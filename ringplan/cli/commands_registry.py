@@ -13,6 +13,7 @@ def all_commands() -> list[click.Command]:
     from ringplan.cli.gpus import gpus; commands.append(gpus)  # noqa: E702
     from ringplan.cli.models import models; commands.append(models)  # noqa: E702
     from ringplan.cli.fit import fit; commands.append(fit)  # noqa: E702
+    from ringplan.cli.plan import plan; commands.append(plan)  # noqa: E702
     from ringplan.cli.simulate import simulate; commands.append(simulate)  # noqa: E702
     from ringplan.cli.overlap import overlap; commands.append(overlap)  # noqa: E702
     from ringplan.cli.profile import profile; commands.append(profile)  # noqa: E702
