@@ -25,6 +25,9 @@ _LAZY = {
     "predict_memory": "memory_model", "default_memory_model": "memory_model",
     # capacity search
     "CapacityQuery": "capacity", "CapacityRow": "capacity", "min_world_size": "capacity", "max_tokens": "capacity",
+    # whole-model planning
+    "ModelSpec": "models", "load_model_catalog": "models", "model_from_hf_config": "models",
+    "parameter_count": "models", "StackSettings": "stack", "StackWorkload": "stack",
 }
 
 __all__ = [
