@@ -1,0 +1,670 @@
+"""Step time of a whole transformer stack on one rank: a training step, or a prefill forward.
+
+    step = host start + GEMMs + attention + elementwise + loss + optimizer
+           + exposed FSDP communication + exposed checkpoint offload
+
+Per rank of m = B·S/P local tokens (``StepTime`` names every part; they sum to the step):
+
+- GEMMs: per block q, k, v, o and the MLP (gate and up, down), and the LM head. Forward
+  2·m·in·out FLOPs each; backward two GEMMs of that size (input and weight gradient);
+  checkpointing adds a forward of what it recomputes (``RECOMPUTED``). Timed by shape from a
+  measured GEMM profile of the GPU (``ringplan.gemm/1``, ``benchmarks/measure_gemm.py``), another
+  GPU's scaled by the peak ratio, else the prior ``GEMM_EFFICIENCY`` × catalog peak.
+- attention: one layer's ring attention from ``ringplan.time_model`` (kernels, merges, exposed ring
+  exchange) × L; full checkpointing runs its forward again in backward.
+- elementwise: norms, RoPE, q/k norms, the MLP activation, residual adds, the embedding and FSDP's
+  copies and casts: minimal bytes / (0.9 × HBM bandwidth).
+- loss (cross-entropy over V logits per token) and optimizer (foreach AdamW): bytes / HBM bandwidth.
+- FSDP communication and offload: α–β transfers played against compute by ``overlapped_end_s``.
+
+numpy/scipy (through the time model) load only when a step time is asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ringplan import models as mdl
+from ringplan.stack import StackWorkload, attention_workload, data_parallel_size, shard_group_size, tokens_per_rank
+
+GEMM_FORMAT = "ringplan.gemm/1"
+GEMM_PASSES: tuple[str, ...] = ("forward", "backward_input", "backward_weight")
+#: Relative uncertainty of a GEMM time from the prior efficiency: a policy (public H100 bf16 GEMM
+#: rates at transformer shapes span roughly 0.5-0.8 of dense peak), not a measurement.
+GEMM_PRIOR_RELATIVE_UNCERTAINTY = 0.25
+#: HBM bytes per fp32 parameter of one ``torch.optim.AdamW(foreach=True)`` step, counted from
+#: ``torch.optim.adam._multi_tensor_adam`` (decoupled weight decay, not capturable): mul_ (param,
+#: 8), lerp_ (m, grad → m, 12), mul_ (v, 8), addcmul_ (v, grad → v, 12), sqrt (v → tmp, 8), div_
+#: (tmp, 8), add_ (tmp, 8), addcdiv_ (param, m, tmp → param, 16).
+ADAMW_FOREACH_BYTES_PER_PARAM = 80
+#: What a checkpointing mode runs again in backward (names of ``block_gemms`` and ``BLOCK_OPS``, and
+#: "attention"): selective keeps the attention core and recomputes the MLP and the norms.
+RECOMPUTED: dict[str, frozenset[str]] = {
+    "none": frozenset(),
+    "selective": frozenset({"gate_up", "up", "down", "mlp_act", "norms"}),
+    "full": frozenset({"q", "kv", "o", "gate_up", "up", "down", "norms", "qk_norm", "rope", "mlp_act", "residual",
+                       "attention"}),
+}
+#: Host link for checkpoint offload (pinned CPU memory ↔ GPU), by catalog GPU: the card's PCIe
+#: generation from its datasheet (SXM modules talk to the CPU over PCIe too).
+HOST_LINK: dict[str, str] = {
+    "gtx-1080": "pcie-gen3-x16", "v100-16gb": "pcie-gen3-x16", "v100-32gb": "pcie-gen3-x16",
+    "a10-24gb": "pcie-gen4-x16", "l4": "pcie-gen4-x16", "l40s": "pcie-gen4-x16", "rtx-4090": "pcie-gen4-x16",
+    "a100-40gb": "pcie-gen4-x16", "a100-80gb": "pcie-gen4-x16", "h100-80gb-sxm": "pcie-gen5-x16",
+    "h100-80gb-pcie": "pcie-gen5-x16", "h200": "pcie-gen5-x16", "b200": "pcie-gen5-x16", "mi300x": "pcie-gen5-x16",
+}
+FP32_BYTES = 4
+
+
+# ----------------------------------------------------------------------------- shapes and bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GemmShape:
+    """``count`` GEMMs [tokens, in_features] × [in_features, out_features] (a linear layer's weight)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    count: int = 1
+
+
+def block_gemms(model: mdl.ModelSpec) -> tuple[GemmShape, ...]:
+    """The GEMMs of one block: q (E → H·D), k and v (E → H_kv·D), o (H·D → E), and the MLP —
+    SwiGLU gate and up (E → F, two) and down (F → E), GELU up and down. Separate projections, as
+    torchtitan's Llama; biases are elementwise and ignored."""
+    e, f = model.embed_dim, model.ffn_dim
+    mlp = (GemmShape(name="gate_up", in_features=e, out_features=f, count=2) if model.ffn_type == "swiglu"
+           else GemmShape(name="up", in_features=e, out_features=f))
+    return (GemmShape(name="q", in_features=e, out_features=model.q_dim),
+            GemmShape(name="kv", in_features=e, out_features=model.kv_dim, count=2),
+            GemmShape(name="o", in_features=model.q_dim, out_features=e), mlp,
+            GemmShape(name="down", in_features=f, out_features=e))
+
+
+def lm_head_gemm(model: mdl.ModelSpec) -> GemmShape:
+    """The LM head: E → V (tied or not, the same GEMM)."""
+    return GemmShape(name="lm_head", in_features=model.embed_dim, out_features=model.vocab_size)
+
+
+def gemm_flops(tokens: int, shape: GemmShape) -> float:
+    """FLOPs of one forward pass of ``shape`` over ``tokens`` rows: 2·m·in·out per GEMM × count
+    (each backward GEMM — input gradient, weight gradient — costs the same)."""
+    return 2.0 * tokens * shape.in_features * shape.out_features * shape.count
+
+
+def block_op_bytes(model: mdl.ModelSpec, dtype_bytes: int) -> dict[str, tuple[float, float]]:
+    """HBM bytes per token of one block's elementwise ops: name → (forward, backward).
+
+    Minimal traffic (each tensor read or written once, e bytes per value): norms (two, E wide) read
+    x, write y / read x and dy, write dx; q/k norms and RoPE over (H + H_kv)·D values read and
+    write (norm backward also reads dy); SwiGLU reads gate and up, writes h / reads gate, up, dh,
+    writes two gradients (GELU 2 / 3 values of F); two residual adds read two, write one (their
+    backward: the gradient sum where the branches meet). Ignores fp32 upcasts inside fused
+    kernels, weight-gradient reductions (E or D values) and the RoPE cos/sin tables.
+    """
+    e, qk = model.embed_dim, (model.n_heads + model.n_kv_heads) * model.head_dim
+    act = (3, 5) if model.ffn_type == "swiglu" else (2, 3)
+    ops = {"norms": (2 * 2 * e, 2 * 3 * e), "rope": (2 * qk, 2 * qk),
+           "mlp_act": (act[0] * model.ffn_dim, act[1] * model.ffn_dim), "residual": (2 * 3 * e, 2 * 3 * e)}
+    if model.qk_norm:
+        ops["qk_norm"] = (2 * qk, 3 * qk)
+    return {name: (fwd * dtype_bytes, bwd * dtype_bytes) for name, (fwd, bwd) in ops.items()}
+
+
+def loss_bytes_per_token(model: mdl.ModelSpec, dtype_bytes: int, training: bool) -> float:
+    """HBM bytes per token of cross-entropy over V logits (logits upcast to fp32, as F.cross_entropy
+    on ``logits.float()``): forward reads e·V, writes and reads 4·V (upcast), writes 4·V
+    (log-softmax); backward writes the 4·V one-hot gradient, reads it and the log-softmax, writes
+    4·V, casts back (reads 4·V, writes e·V). Ignores the gather of the target logit."""
+    v = model.vocab_size
+    forward = v * (dtype_bytes + 12)
+    return forward + (v * (20 + dtype_bytes) if training else 0.0)
+
+
+def optimizer_bytes(local_params: float, master_bytes: int) -> float:
+    """HBM bytes of one foreach AdamW step over ``local_params`` master parameters:
+    ``ADAMW_FOREACH_BYTES_PER_PARAM`` × master bytes / 4 per parameter."""
+    return local_params * ADAMW_FOREACH_BYTES_PER_PARAM * master_bytes / FP32_BYTES
+
+
+def fsdp_unit_params(model: mdl.ModelSpec) -> tuple[tuple[str, int], ...]:
+    """FSDP2 units in forward all-gather order with their parameters: the root (final norm, and the
+    LM head unless tied), the embedding (token table, learned positions), then each block.
+    A tied LM head is counted once, in the embedding unit (its re-use by the root is not re-gathered)."""
+    root = mdl.norm_parameter_count(model, model.embed_dim) + (
+        0 if model.tied_embeddings else model.vocab_size * model.embed_dim)
+    embedding = mdl.embedding_parameter_count(model) - (root - mdl.norm_parameter_count(model, model.embed_dim))
+    block = mdl.layer_parameter_count(model)
+    return (("root", root), ("embedding", embedding)) + tuple((f"block{i}", block) for i in range(model.n_layers))
+
+
+# ----------------------------------------------------------------------------- GEMM timing profiles
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GemmRow:
+    """One timed GEMM: ``pass_name`` of the linear layer [tokens, in] → [tokens, out]: ``forward``
+    (x·Wᵀ), ``backward_input`` (dy·W) or ``backward_weight`` (dyᵀ·x), each 2·tokens·in·out FLOPs."""
+
+    name: str
+    pass_name: str
+    tokens: int
+    in_features: int
+    out_features: int
+    dtype: str
+    seconds: float
+    repeats: int
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.tokens * self.in_features * self.out_features
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GemmProfile:
+    """GEMM timings measured on one GPU type (``ringplan.gemm/1``)."""
+
+    path: str
+    provenance: dict[str, Any]
+    rows: tuple[GemmRow, ...]
+
+    @property
+    def gpu_driver_name(self) -> str:
+        return str(self.provenance["gpu_driver_name"])
+
+
+def gemm_profile_from_json(data: Any, path: str) -> GemmProfile:
+    """Validate a ``ringplan.gemm/1`` document; ValueError naming the file, row and key otherwise::
+
+        {"schema": "ringplan.gemm/1", "provenance": {<timing_profiles.PROVENANCE_KEYS>},
+         "rows": [{"op": "gemm", "name": "gate_up", "pass": "forward", "dtype": "bf16", "tokens": 8192,
+                   "in_features": 4096, "out_features": 14336, "seconds_median": 0.0021, "repeats": 10}]}
+    """
+    from ringplan.timing_profiles import _field, _provenance, _schema
+
+    if _schema(data) != GEMM_FORMAT:
+        raise ValueError(f"{path}: format {_schema(data)!r} is not {GEMM_FORMAT!r}")
+    rows = []
+    for i, r in enumerate(data.get("rows") or []):
+        if not isinstance(r, dict) or r.get("op") != "gemm" or r.get("pass") not in GEMM_PASSES:
+            raise ValueError(f"{path}: row {i} must be an object with op 'gemm' and pass one of {list(GEMM_PASSES)}")
+        rows.append(GemmRow(name=_field(r, "name", str, path, i), pass_name=r["pass"],
+                            tokens=_field(r, "tokens", int, path, i), dtype=_field(r, "dtype", str, path, i),
+                            in_features=_field(r, "in_features", int, path, i),
+                            out_features=_field(r, "out_features", int, path, i),
+                            seconds=_field(r, "seconds_median", float, path, i),
+                            repeats=_field(r, "repeats", int, path, i)))
+    if not rows:
+        raise ValueError(f"{path}: a GEMM profile needs at least one row")
+    return GemmProfile(path=path, provenance=_provenance(data.get("provenance"), path), rows=tuple(rows))
+
+
+def load_gemm_profile(path: str | Path) -> GemmProfile:
+    """Read one ``ringplan.gemm/1`` file (ValueError on bad JSON or content)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    return gemm_profile_from_json(data, str(path))
+
+
+def gemm_profiles_in(directory: str | Path | None = None) -> list[GemmProfile]:
+    """Every GEMM profile under ``directory`` (default ``profiles/measured/timing``); other JSON skipped."""
+    from ringplan.timing_profiles import _schema, timing_dir
+
+    root = Path(directory) if directory is not None else timing_dir()
+    found = []
+    for path in sorted(root.rglob("*.json")) if root.is_dir() else ():
+        try:
+            schema = _schema(json.loads(path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError:
+            continue
+        if schema == GEMM_FORMAT:
+            found.append(load_gemm_profile(path))
+    return found
+
+
+def write_gemm_profile(path: str | Path, data: dict[str, Any]) -> None:
+    """Write a GEMM profile atomically after checking it validates (``profiles.write_merged_json``)."""
+    from ringplan.profiles import write_merged_json
+
+    gemm_profile_from_json(data, str(path))
+    write_merged_json(path, lambda: data)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GemmModel:
+    """Seconds of a GEMM by (pass, in, out) on one GPU type.
+
+    ``curves`` (pass, in, out) → time vs FLOPs (``comm_model.TimeCurve``, kernel extrapolation)
+    fitted on ``source``'s rows; ``scale`` multiplies their seconds (the peak-FLOP/s ratio when the
+    rows come from another GPU). Without curves: FLOPs / (``GEMM_EFFICIENCY`` × ``peak_flops_per_s``).
+    """
+
+    gpu_name: str
+    peak_flops_per_s: float
+    curves: dict[tuple[str, int, int], Any] = field(default_factory=dict)
+    scale: float = 1.0
+    source: str = ""
+
+    def time_s(self, pass_name: str, tokens: int, shape: GemmShape) -> tuple[float, str]:
+        """Seconds of ``shape.count`` GEMMs of ``pass_name`` over ``tokens`` rows, and the provenance.
+
+        The measured (in, out) when present, else the measured shape nearest in log(in·out) and
+        log(in/out) at the same FLOPs (labelled transferred); outside the measured FLOPs:
+        extrapolated. No curves: the prior efficiency."""
+        from ringplan.compute_model import GEMM_EFFICIENCY
+
+        one = GemmShape(name=shape.name, in_features=shape.in_features, out_features=shape.out_features)
+        flops = gemm_flops(tokens, one)
+        same = [k for k in self.curves if k[0] == pass_name]
+        if not same:
+            return (shape.count * flops / (GEMM_EFFICIENCY * self.peak_flops_per_s),
+                    f"default: assumed GEMM efficiency {GEMM_EFFICIENCY} of catalog peak "
+                    f"(±{GEMM_PRIOR_RELATIVE_UNCERTAINTY:.0%})")
+        key = (pass_name, shape.in_features, shape.out_features)
+        label = self.source
+        if key not in self.curves:
+            key = min(same, key=lambda k: _shape_distance(k[1], k[2], shape.in_features, shape.out_features))
+            label = f"{self.source} at {key[1]}x{key[2]} (nearest shape, transferred)"
+        curve = self.curves[key]
+        low, high = curve.measured_range or (flops, flops)
+        if not low * (1 - 1e-9) <= flops <= high * (1 + 1e-9):
+            label = f"extrapolated outside measured range ({label})"
+        return shape.count * float(curve.time_s(flops)) * self.scale, label
+
+
+def _shape_distance(in_a: int, out_a: int, in_b: int, out_b: int) -> float:
+    return math.log(in_a * out_a / (in_b * out_b)) ** 2 + math.log(in_a * out_b / (out_a * in_b)) ** 2
+
+
+@functools.lru_cache(maxsize=8)
+def _measured_gemm_curves(directory: str) -> dict[str, tuple[str, dict]]:
+    """driver name (lower case) → (profile path, {(pass, in, out): TimeCurve}), latest profile per GPU."""
+    from ringplan.comm_model import fit_time_curve
+
+    chosen: dict[str, GemmProfile] = {}
+    for profile in sorted(gemm_profiles_in(directory), key=lambda p: str(p.provenance.get("date", ""))):
+        chosen[profile.gpu_driver_name.lower()] = profile
+    fitted = {}
+    for name, profile in chosen.items():
+        groups: dict[tuple[str, int, int], list[GemmRow]] = {}
+        for row in profile.rows:
+            groups.setdefault((row.pass_name, row.in_features, row.out_features), []).append(row)
+        curves = {key: fit_time_curve([r.flops for r in rows], [r.seconds for r in rows], extrapolation="kernel").curve
+                  for key, rows in groups.items() if len({r.tokens for r in rows}) >= 2}
+        fitted[name] = (profile.path, curves)
+    return fitted
+
+
+def gemm_model_for(gpu, dtype: str = "bf16", timing_dir: str | Path | None = None) -> GemmModel:
+    """The GPU's GEMM model: its own measured profile, else another GPU's scaled by the peak ratio
+    (the fastest-peak donor first), else the prior efficiency. Unknown dtype peak → ValueError."""
+    from ringplan.timing_profiles import timing_dir as default_timing_dir
+
+    peak = gpu.peak_flops_per_s.get(dtype) or (gpu.peak_flops_per_s.get("bf16") if dtype == "fp16" else None)
+    if not peak:
+        raise ValueError(f"{gpu.name}: no peak FLOP/s for {dtype} in the catalog (has {sorted(gpu.peak_flops_per_s)})")
+    measured = _measured_gemm_curves(str(Path(timing_dir).resolve() if timing_dir else default_timing_dir()))
+    own = measured.get(gpu.driver_name.lower())
+    if own is not None and own[1]:
+        return GemmModel(gpu_name=gpu.name, peak_flops_per_s=peak, curves=own[1], source="measured on this GPU")
+    from ringplan.hardware import load_catalog
+
+    for driver, (_, curves) in sorted(measured.items()):
+        donor = load_catalog().gpu_by_driver_name(driver)
+        donor_peak = donor.peak_flops_per_s.get(dtype) if donor is not None else None
+        if curves and donor_peak:
+            return GemmModel(gpu_name=gpu.name, peak_flops_per_s=peak, curves=curves, scale=donor_peak / peak,
+                             source=f"fitted on {donor.name} and transferred")
+    return GemmModel(gpu_name=gpu.name, peak_flops_per_s=peak)
+
+
+# ----------------------------------------------------------------------------- overlap and collectives
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamUnit:
+    """One unit on the compute stream and its transfers: ``before_s`` must end before the compute
+    starts (issued when the previous unit's compute starts), ``after_s`` is issued when it ends."""
+
+    compute_s: float
+    before_s: float = 0.0
+    after_s: float = 0.0
+
+
+def overlapped_end_s(units: list[StreamUnit]) -> float:
+    """End time of a compute stream and one transfer stream (first in, first out, prefetch depth 1).
+
+    The first unit's ``before`` transfer is exposed; later ones only where they outlast the compute
+    they overlap; the last ``after`` transfers where nothing is left to hide them. Transfers run one
+    at a time (all-gathers and reduce-scatters share the link). This is FSDP2's schedule (the next
+    unit's all-gather overlaps this unit's compute; a unit's reduce-scatter follows its backward:
+    Zhao et al. 2023, "PyTorch FSDP", on prefetching). Ignores compute slowed by concurrent transfers
+    and a host that falls behind the GPU.
+    """
+    if not units:
+        return 0.0
+    link_free = ready = units[0].before_s
+    compute_end = 0.0
+    for i, unit in enumerate(units):
+        start = max(compute_end, ready)
+        if i + 1 < len(units):
+            link_free = ready = max(link_free, start) + units[i + 1].before_s
+        compute_end = start + unit.compute_s
+        if unit.after_s:
+            link_free = max(link_free, compute_end) + unit.after_s
+    return max(compute_end, link_free)
+
+
+def collective_s(link, total_bytes: float, group: int) -> float:
+    """Seconds of a ring all-gather or reduce-scatter of a ``total_bytes`` buffer over ``group``
+    ranks: each rank moves (G − 1)/G of it through its link, α + (G − 1)/G · bytes / β (α once: NCCL
+    pipelines the G − 1 steps). An all-reduce is two of these. 0 for a group of one. Source: the
+    ring algorithm's bus bandwidth (NCCL performance notes); ignores the reduction arithmetic and
+    link contention with the ring attention exchange."""
+    if group <= 1 or total_bytes <= 0:
+        return 0.0
+    return float(link.transfer_time_s(total_bytes * (group - 1) / group))
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepTime:
+    """Predicted seconds of one step on the busiest rank, by part (the parts sum to ``step_time_s``).
+
+    ``fsdp_comm_s`` and ``offload_s`` are the exposed parts of the transfers (totals beside them);
+    ``recompute_s`` is the share of GEMMs, attention and elementwise spent recomputing (already in
+    them). ``relative_uncertainty`` covers only GEMMs timed from the prior efficiency; the measured
+    parts' errors are what ``benchmarks/stack_accuracy.py`` reports. ``provenance`` is the weakest
+    source among GEMMs, attention and links.
+    """
+
+    step_time_s: float
+    gemm_s: float
+    attention_s: float
+    elementwise_s: float
+    loss_s: float
+    optimizer_s: float
+    fsdp_comm_s: float
+    offload_s: float
+    host_overhead_s: float
+    recompute_s: float = 0.0
+    fsdp_comm_total_s: float = 0.0
+    offload_total_s: float = 0.0
+    tokens_per_rank: int = 0
+    gemm_flops: float = 0.0
+    relative_uncertainty: float = 0.0
+    provenance: str = ""
+    provenance_details: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def parts_s(self) -> dict[str, float]:
+        """The named parts that sum to ``step_time_s``."""
+        return {name: getattr(self, name) for name in STEP_PARTS}
+
+
+STEP_PARTS: tuple[str, ...] = ("gemm_s", "attention_s", "elementwise_s", "loss_s", "optimizer_s", "fsdp_comm_s",
+                               "offload_s", "host_overhead_s")
+
+
+@dataclass(slots=True, kw_only=True)
+class _Costs:
+    """Running sums of one step's compute by part, and the provenance notes."""
+
+    w: StackWorkload
+    gemms: GemmModel
+    hbm_rate_bytes_per_s: float
+    tokens: int
+    parts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STEP_PARTS, 0.0))
+    recompute_s: float = 0.0
+    flops: float = 0.0
+    prior_gemm_s: float = 0.0
+    weight: int = 1  # how many times the pass being costed runs (L for a block)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def gemm(self, pass_name: str, tokens: int, shape: GemmShape, *, recompute: bool = False) -> float:
+        seconds, label = self.gemms.time_s(pass_name, tokens, shape)
+        self.note("gemm", label)
+        self.flops += self.weight * gemm_flops(tokens, shape)
+        self.prior_gemm_s += self.weight * seconds if label.startswith("default") else 0.0
+        return self.add("gemm_s", seconds, recompute)
+
+    def bytes(self, part: str, moved_bytes: float, *, recompute: bool = False) -> float:
+        return self.add(part, moved_bytes / self.hbm_rate_bytes_per_s, recompute)
+
+    def add(self, part: str, seconds: float, recompute: bool = False) -> float:
+        self.parts[part] += self.weight * seconds
+        self.recompute_s += self.weight * seconds if recompute else 0.0
+        return seconds
+
+    def note(self, component: str, label: str) -> None:
+        if provenance_rank(label) >= provenance_rank(self.notes.get(component, "measured")):
+            self.notes[component] = label
+
+
+def provenance_rank(label: str) -> int:
+    """``ring_passes.provenance_rank`` (0 measured … 3 default), also for the time model's bare
+    "extrapolated outside measured range" headline (no parenthesised source)."""
+    from ringplan.ring_passes import provenance_rank as rank
+
+    return 1 if label.startswith("extrapolated") and "(" not in label else rank(label)
+
+
+def _block_pass_s(c: _Costs, attention_s: tuple[float, float], backward: bool) -> float:
+    """Seconds of one block's forward, or its backward with what checkpointing recomputes."""
+    model, e = c.w.model, c.w.settings.param_dtype_bytes
+    ops = block_op_bytes(model, e)
+    again = RECOMPUTED[c.w.settings.checkpointing] if backward else frozenset()
+    total = 0.0
+    for shape in block_gemms(model):
+        if not backward:
+            total += c.gemm("forward", c.tokens, shape)
+            continue
+        total += c.gemm("backward_input", c.tokens, shape) + c.gemm("backward_weight", c.tokens, shape)
+        total += c.gemm("forward", c.tokens, shape, recompute=True) if shape.name in again else 0.0
+    for name, (fwd, bwd) in ops.items():
+        total += c.bytes("elementwise_s", (bwd if backward else fwd) * c.tokens)
+        total += c.bytes("elementwise_s", fwd * c.tokens, recompute=True) if name in again else 0.0
+    total += c.add("attention_s", attention_s[1] if backward else attention_s[0])
+    total += c.add("attention_s", attention_s[0], recompute=True) if "attention" in again else 0.0
+    return total
+
+
+def _head_pass_s(c: _Costs, backward: bool) -> float:
+    """Final norm, LM head (chunk by chunk, a chunk's logits recomputed in backward) and the loss."""
+    model, s, e = c.w.model, c.w.settings, c.w.settings.param_dtype_bytes
+    total = c.bytes("elementwise_s", (3 if backward else 2) * model.embed_dim * e * c.tokens)
+    if not c.w.training:
+        return total
+    chunk = min(s.loss_chunk_tokens, c.tokens) if s.loss == "chunked" else c.tokens
+    sizes = [chunk] * (c.tokens // chunk) + ([c.tokens % chunk] if c.tokens % chunk else [])
+    head = lm_head_gemm(model)
+    for size in sizes:
+        if backward:
+            total += c.gemm("backward_input", size, head) + c.gemm("backward_weight", size, head)
+            total += c.gemm("forward", size, head, recompute=True) if s.loss == "chunked" else 0.0
+        else:
+            total += c.gemm("forward", size, head)
+    loss = loss_bytes_per_token(model, e, True) - loss_bytes_per_token(model, e, False)
+    total += c.bytes("loss_s", (loss if backward else loss_bytes_per_token(model, e, False)) * c.tokens)
+    return total
+
+
+def _embedding_pass_s(c: _Costs, backward: bool) -> float:
+    """Token (and learned position) lookup; backward zero-fills the dense V×E gradient and adds rows."""
+    model, e = c.w.model, c.w.settings.param_dtype_bytes
+    tables = 2 if model.position == "learned" else 1
+    if not backward:
+        return c.bytes("elementwise_s", tables * 2 * model.embed_dim * e * c.tokens)
+    return c.bytes("elementwise_s", model.vocab_size * model.embed_dim * e + tables * 3 * model.embed_dim * e * c.tokens)
+
+
+def _fsdp_copies_s(c: _Costs, params: int, *, gathers: int, reduces: bool) -> float:
+    """FSDP2's copies around one unit's collectives (zero3 only), at HBM speed: per all-gather the
+    cast of the local master shard to the param dtype (read m, write e per local parameter) and the
+    copy-out of the gathered buffer into the parameters (read e, write e per parameter); per
+    reduce-scatter the copy of the gradients into the master-dtype buffer (read e, write m) and the
+    division of the local shard (read m, write m). Ignores the all-gather of a group of one being skipped."""
+    if c.w.settings.sharding != "zero3" or not c.w.training:
+        return 0.0
+    g, e, m = shard_group_size(c.w), c.w.settings.param_dtype_bytes, c.w.settings.master_dtype_bytes
+    gather = (m + e) * params / g + 2 * e * params
+    reduce = (e + m) * params + 2 * m * params / g
+    return c.bytes("elementwise_s", gathers * gather + (reduce if reduces else 0.0))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Links:
+    """The link models of the sharding group and of the data-parallel replicas of a shard."""
+
+    shard: Any
+    replica: Any
+
+
+def _links(c: _Costs, spec, timing_dir) -> _Links:
+    from ringplan import time_model as tm
+
+    timing, per_node = tm.load_timing_data(timing_dir), spec.gpus_per_node
+    g, w = shard_group_size(c.w), c.w.world_size
+
+    def link(group: int, name: str):
+        found, label = tm.resolve_link(spec, "intra_node" if group <= per_node else "inter_node", None, timing)
+        if group > 1:
+            c.note(name, label)
+        return found
+
+    return _Links(shard=link(g, "sharding link"), replica=link(w, "data-parallel link"))
+
+
+def _gather_s(w: StackWorkload, links: _Links, params: int) -> float:
+    """All-gather of one unit's parameters in the param dtype over the sharding group (zero3)."""
+    return collective_s(links.shard, w.settings.param_dtype_bytes * params, shard_group_size(w))
+
+
+def _grad_sync_s(w: StackWorkload, links: _Links, params: int) -> float:
+    """Gradient synchronisation of one unit: reduce-scatter of master-dtype gradients over the
+    sharding group G, then an all-reduce of the shard over the W/G replicas (``none``: G = 1, an
+    all-reduce over all W ranks, as DDP). Context-parallel ranks hold gradients of different tokens,
+    so they take part like data-parallel ones."""
+    g, m = shard_group_size(w), w.settings.master_dtype_bytes
+    return collective_s(links.shard, m * params, g) + 2 * collective_s(links.replica, m * params / g, w.world_size // g)
+
+
+def _stream_units(c: _Costs, attention: tuple[float, float], links: _Links | None,
+                  backward: bool) -> tuple[list[StreamUnit], list[float]]:
+    """The forward (root, embedding, blocks, head) or backward (head, blocks, embedding, root) units
+    with their FSDP transfers, and each block's compute (for the offload schedule)."""
+    w = c.w
+    units = dict(fsdp_unit_params(w.model))
+    zero3, train = w.settings.sharding == "zero3" and w.training, w.training and links is not None
+    block_params = units["block0"]
+    gather = (lambda params: _gather_s(w, links, params)) if zero3 else (lambda params: 0.0)
+    sync = (lambda params: _grad_sync_s(w, links, params)) if train else (lambda params: 0.0)
+    c.weight = w.model.n_layers
+    block = _block_pass_s(c, attention, backward) + _fsdp_copies_s(
+        c, block_params, gathers=1, reduces=backward)
+    c.weight = 1
+    blocks = [StreamUnit(before_s=gather(block_params), compute_s=block,
+                         after_s=sync(block_params) if backward else 0.0)] * w.model.n_layers
+    emb = _embedding_pass_s(c, backward) + _fsdp_copies_s(c, units["embedding"], gathers=1, reduces=backward)
+    embedding = StreamUnit(before_s=gather(units["embedding"]), compute_s=emb,
+                           after_s=sync(units["embedding"]) if backward else 0.0)
+    head = StreamUnit(compute_s=_head_pass_s(c, backward))
+    if not backward:
+        root = StreamUnit(before_s=gather(units["root"]),
+                          compute_s=_fsdp_copies_s(c, units["root"], gathers=1, reduces=False))
+        return [root, embedding, *blocks, head], [block] * w.model.n_layers
+    root = StreamUnit(compute_s=_fsdp_copies_s(c, units["root"], gathers=0, reduces=True), after_s=sync(units["root"]))
+    return [head, *blocks, embedding, root], [block] * w.model.n_layers
+
+
+def _offload_s(c: _Costs, spec, forward_blocks: list[float], backward_blocks: list[float]) -> tuple[float, float]:
+    """(exposed, total) seconds of moving each block's saved input (B·n·E·e bytes) to pinned CPU
+    memory after its forward and back before its backward, over the GPU's PCIe link (``HOST_LINK``),
+    on a copy stream overlapped with the blocks' compute (``overlapped_end_s``)."""
+    if not (c.w.training and c.w.settings.offload_checkpoints):
+        return 0.0, 0.0
+    from ringplan.comm_model import link_model_from_spec
+    from ringplan.hardware import load_catalog
+
+    if spec.name not in HOST_LINK:
+        raise ValueError(f"{spec.name}: no host (PCIe) link known for checkpoint offload; known: {sorted(HOST_LINK)}")
+    link = link_model_from_spec(load_catalog().link(HOST_LINK[spec.name]))
+    c.note("offload link", f"default: catalog {link.name}")
+    copy = float(link.transfer_time_s(c.tokens * c.w.model.embed_dim * c.w.settings.param_dtype_bytes))
+    forward = overlapped_end_s([StreamUnit(compute_s=t, after_s=copy) for t in forward_blocks]) - sum(forward_blocks)
+    backward = overlapped_end_s([StreamUnit(compute_s=t, before_s=copy) for t in backward_blocks]) - sum(backward_blocks)
+    return forward + backward, 2 * copy * len(forward_blocks)
+
+
+def _attention_s(c: _Costs, spec, timing_dir) -> tuple[float, float]:
+    """(forward, backward) seconds of one layer's ring attention from the attention time model
+    (no host call overhead: inside a stack the host queues it behind earlier kernels)."""
+    from ringplan.time_model import step_time_prediction
+
+    work = attention_workload(c.w)
+    forward = step_time_prediction(replace(work, training=False), c.w.layout, spec, timing_dir=timing_dir,
+                                   call_overhead_s=0.0)
+    c.note("attention", forward.provenance)
+    if not c.w.training:
+        return forward.step_time_s, 0.0
+    both = step_time_prediction(work, c.w.layout, spec, timing_dir=timing_dir, call_overhead_s=0.0)
+    c.note("attention", both.provenance)
+    return forward.step_time_s, max(0.0, both.step_time_s - forward.step_time_s)
+
+
+def step_time(w: StackWorkload, gpu, *, timing_dir: str | Path | None = None,
+              call_overhead_s: float | None = None) -> StepTime:
+    """Predict one step of ``w`` on GPUs of type ``gpu`` (catalog name or ``GpuSpec``).
+
+    Training: forward, backward (with recomputation), optimizer, with FSDP/ZeRO communication and
+    checkpoint offload played against compute. ``training=False`` (prefill): the forward only,
+    weights replicated (no collectives), hidden states without the LM head. ``call_overhead_s``:
+    host time before the first kernel (default ``time_model.DEFAULT_CALL_OVERHEAD_S``). Bad input
+    (unknown GPU, no data for the dtype) raises ValueError.
+    """
+    from ringplan import time_model as tm
+    from ringplan.compute_model import ELEMENTWISE_HBM_EFFICIENCY
+
+    spec = tm.resolve_gpu(gpu)
+    c = _Costs(w=w, gemms=gemm_model_for(spec, w.settings.param_dtype, timing_dir),
+               hbm_rate_bytes_per_s=ELEMENTWISE_HBM_EFFICIENCY * spec.hbm_bandwidth_bytes_per_s,
+               tokens=w.batch * tokens_per_rank(w))
+    c.note("elementwise", f"default: assumed {ELEMENTWISE_HBM_EFFICIENCY} of catalog HBM bandwidth")
+    attention = _attention_s(c, spec, timing_dir)
+    links = _links(c, spec, timing_dir) if w.training else None
+    forward, fwd_blocks = _stream_units(c, attention, links, backward=False)
+    comm = overlapped_end_s(forward) - sum(u.compute_s for u in forward)
+    total = sum(u.before_s + u.after_s for u in forward)
+    offload = (0.0, 0.0)
+    if w.training:
+        backward, bwd_blocks = _stream_units(c, attention, links, backward=True)
+        comm += overlapped_end_s(backward) - sum(u.compute_s for u in backward)
+        total += sum(u.before_s + u.after_s for u in backward)
+        local = mdl.parameter_count(w.model) / shard_group_size(w)
+        c.bytes("optimizer_s", optimizer_bytes(local, w.settings.master_dtype_bytes))
+        if w.settings.sharding in ("zero1", "zero2") and shard_group_size(w) > 1:  # updated shards re-gathered
+            regather = _gather_s(w, links, mdl.parameter_count(w.model))
+            comm, total = comm + regather, total + regather
+        offload = _offload_s(c, spec, fwd_blocks, bwd_blocks)
+    c.parts.update(fsdp_comm_s=comm, offload_s=offload[0],
+                   host_overhead_s=tm.DEFAULT_CALL_OVERHEAD_S if call_overhead_s is None else float(call_overhead_s))
+    return _result(c, fsdp_total=total, offload_total=offload[1])
+
+
+def _result(c: _Costs, *, fsdp_total: float, offload_total: float) -> StepTime:
+    step = sum(c.parts.values())
+    worst = max((v for k, v in c.notes.items() if k != "elementwise"), key=provenance_rank, default="measured")
+    return StepTime(step_time_s=step, **c.parts, recompute_s=c.recompute_s, fsdp_comm_total_s=fsdp_total,
+                    offload_total_s=offload_total, tokens_per_rank=c.tokens, gemm_flops=c.flops,
+                    relative_uncertainty=GEMM_PRIOR_RELATIVE_UNCERTAINTY * c.prior_gemm_s / step if step else 0.0,
+                    provenance=worst, provenance_details=tuple(sorted(c.notes.items())))
