@@ -279,11 +279,11 @@ class _AttentionTransfer:
 def _provenance(chosen: ChosenParts, attention: _AttentionTransfer | None, w: StackWorkload,
                 gpu: GpuSpec) -> tuple[str, str]:
     """("measured" | "transferred" | "extrapolated" | "analytic", label) of a whole-model prediction."""
-    prior = f"prior {PRIOR_RELATIVE_UNCERTAINTY:.0%} of the terms for the unmeasured workspace/slack"
+    prior = f"bound + {PRIOR_RELATIVE_UNCERTAINTY:.0%} of the terms (workspace/slack not measured)"
     if chosen.workspace is None and chosen.slack is None and chosen.overhead is None:
         if attention is None or (attention.parts.workspace is None and attention.parts.overhead is None):
-            return "analytic", f"analytic (no whole-model or attention fit; catalog overhead; {prior})"
-        return "transferred", f"whole-model terms + attention-level fit ({attention.label}); {prior}"
+            return "analytic", f"analytic, no whole-model or attention fit; catalog overhead; {prior}"
+        return "transferred", f"no whole-model runs: attention-level fit ({attention.label}); {prior}"
     kind, label = calibrated_provenance(chosen, gpu, tokens_per_rank(w), w.layout.ring_size)
     label = f"whole-model fit {label}"
     if chosen.overhead is None and attention is not None and attention.parts.overhead is not None:

@@ -100,9 +100,15 @@ def stack_row_record(row) -> dict[str, Any]:
     record.update({"total_bytes": round(p.total_bytes), "residual_bound_bytes": round(p.residual_bound_bytes),
                    "uncertainty_bytes": round(p.uncertainty_bytes), "usable_memory_bytes": row.usable_memory_bytes,
                    "budget_bytes": round(row.budget_bytes), "headroom_bytes": round(row.headroom_bytes),
-                   "feasible": row.feasible,
+                   "feasible": row.feasible, "why": None if row.feasible else _why(row),
                    "step_time_s": row.step_time_s, "provenance": p.provenance})
     return record
+
+
+def _why(row) -> str:
+    p = row.prediction
+    return (f"needs {p.total_bytes / GIB:,.2f} + {p.residual_bound_bytes / GIB:,.2f} GiB bound > "
+            f"{row.budget_bytes / GIB:,.2f} GiB budget")
 
 
 _NOT_TERMS = ("total_bytes", "residual_bound_bytes", "uncertainty_bytes", "usable_memory_bytes", "budget_bytes",
@@ -121,8 +127,10 @@ def stack_table_rows(rows, *, terms: bool = True) -> list[dict[str, str]]:
         line.update({k.removesuffix("_bytes"): f"{rec[k] / GIB:.2f}" for k in shown})
         line.update({"total": f"{rec['total_bytes'] / GIB:.2f}", "bound": f"{rec['residual_bound_bytes'] / GIB:.2f}",
                      "headroom": f"{rec['headroom_bytes'] / GIB:.2f}", "fits": "yes" if rec["feasible"] else "no",
-                     "step_s": "-" if rec["step_time_s"] is None else f"{rec['step_time_s']:.3g}",
-                     "provenance": rec["provenance"]})
+                     "step_s": "-" if rec["step_time_s"] is None else f"{rec['step_time_s']:.3g}"})
+        if any(not r["feasible"] for r in records):
+            line["why not"] = rec["why"] or ""
+        line["memory from"] = row.prediction.provenance_kind
         table.append(line)
     return table
 
@@ -159,6 +167,9 @@ def emit_stack(query, answer: dict[str, Any], rows, output_format: str, *, terms
     if rows:
         click.echo("per-GPU memory in GiB (2^30 bytes)" + (", by term:" if terms else ":"))
         click.echo(render_rows(stack_table_rows(rows, terms=terms), "table"))
+        chosen = next((r for r in rows if r.feasible), rows[0])
+        click.echo(f"memory model ({chosen.world_size} GPUs, {settings_label(chosen.settings)}): "
+                   f"{chosen.prediction.provenance}")
     if extra:
         click.echo("not valid runs here:")
         click.echo(render_rows(extra, "table"))
