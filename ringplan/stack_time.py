@@ -42,14 +42,12 @@ GEMM_PRIOR_RELATIVE_UNCERTAINTY = 0.25
 #: 8), lerp_ (m, grad → m, 12), mul_ (v, 8), addcmul_ (v, grad → v, 12), sqrt (v → tmp, 8), div_
 #: (tmp, 8), add_ (tmp, 8), addcdiv_ (param, m, tmp → param, 16).
 ADAMW_FOREACH_BYTES_PER_PARAM = 80
-#: What a checkpointing mode runs again in backward (names of ``block_gemms`` and ``BLOCK_OPS``, and
-#: "attention"): selective keeps the attention core and recomputes the MLP and the norms.
-RECOMPUTED: dict[str, frozenset[str]] = {
-    "none": frozenset(),
-    "selective": frozenset({"gate_up", "up", "down", "mlp_act", "norms"}),
-    "full": frozenset({"q", "kv", "o", "gate_up", "up", "down", "norms", "qk_norm", "rope", "mlp_act", "residual",
-                       "attention"}),
-}
+#: What a checkpointing mode runs again in backward (names of ``block_gemms`` and ``block_op_bytes``,
+#: and "attention"), as ``ringplan_runtime.transformer.Block`` does: selective recomputes the whole
+#: block but the ring attention core; full recomputes all of it.
+_BLOCK_PARTS = frozenset({"q", "kv", "o", "gate_up", "up", "down", "norms", "qk_norm", "rope", "mlp_act", "residual"})
+RECOMPUTED: dict[str, frozenset[str]] = {"none": frozenset(), "selective": _BLOCK_PARTS,
+                                          "full": _BLOCK_PARTS | {"attention"}}
 #: Host link for checkpoint offload (pinned CPU memory ↔ GPU), by catalog GPU: the card's PCIe
 #: generation from its datasheet (SXM modules talk to the CPU over PCIe too).
 HOST_LINK: dict[str, str] = {
@@ -98,33 +96,48 @@ def gemm_flops(tokens: int, shape: GemmShape) -> float:
     return 2.0 * tokens * shape.in_features * shape.out_features * shape.count
 
 
-def block_op_bytes(model: mdl.ModelSpec, dtype_bytes: int) -> dict[str, tuple[float, float]]:
-    """HBM bytes per token of one block's elementwise ops: name → (forward, backward).
+def rms_norm_bytes(dtype_bytes: int) -> tuple[float, float]:
+    """(forward, backward) HBM bytes per normalised value of the runtime's eager RMSNorm
+    (``ringplan_runtime.transformer._RMSNorm``), e bytes per activation value, fp32 inside.
 
-    Minimal traffic (each tensor read or written once, e bytes per value): norms (two, E wide) read
-    x, write y / read x and dy, write dx; q/k norms and RoPE over (H + H_kv)·D values read and
-    write (norm backward also reads dy); SwiGLU reads gate and up, writes h / reads gate, up, dh,
-    writes two gradients (GELU 2 / 3 values of F); two residual adds read two, write one (their
-    backward: the gradient sum where the branches meet). Ignores fp32 upcasts inside fused
-    kernels, weight-gradient reductions (E or D values) and the RoPE cos/sin tables.
+    Forward: x.float() (e + 4), pow(2) (8), mean (4), x32·rstd (8), .to(e) (4 + e), weight· (2e)
+    = 28 + 4e. Backward: x.float() (e + 4), xhat (8), grad.float() (e + 4), grad·xhat (12) and its sum
+    over rows (4), g = grad·w (8), g·xhat (12) and its mean (4), xhat·mean (8), g − … (12), rstd·…
+    (8), .to(e) (4 + e) = 88 + 3e. Ignores the per-row rstd vectors."""
+    return 28.0 + 4 * dtype_bytes, 88.0 + 3 * dtype_bytes
+
+
+def block_op_bytes(model: mdl.ModelSpec, dtype_bytes: int) -> dict[str, tuple[float, float]]:
+    """HBM bytes per token of one block's elementwise kernels: name → (forward, backward), as the
+    runtime's eager ops run them (``ringplan_runtime.transformer``), e bytes per value.
+
+    norms: two RMSNorms over E (``rms_norm_bytes``); qk_norm: RMSNorm over (H + H_kv)·D values;
+    rope: per value of q and k, x·cos (2e), rotate-half (neg of a half, cat: 3e), addcmul_ (3e)
+    = 8e; backward grad·cos, grad·sin (4e), rotate (3e), add (3e) = 10e; mlp_act: per value of F,
+    silu (2e) and ·up (3e); backward silu (2e), ·silu (3e), ·up (3e), silu_backward (3e) = 11e;
+    residual: two adds over E (6e); backward the gradient sums where a tensor has several users
+    (x and h: 2 adds; the q/k/v input: 2; the gate/up input: 1 = 5 adds of 3e). GELU models:
+    the MLP activation as 2e / 3e per value (not run by the runtime). Ignores the RoPE tables.
     """
     e, qk = model.embed_dim, (model.n_heads + model.n_kv_heads) * model.head_dim
-    act = (3, 5) if model.ffn_type == "swiglu" else (2, 3)
-    ops = {"norms": (2 * 2 * e, 2 * 3 * e), "rope": (2 * qk, 2 * qk),
-           "mlp_act": (act[0] * model.ffn_dim, act[1] * model.ffn_dim), "residual": (2 * 3 * e, 2 * 3 * e)}
+    norm = rms_norm_bytes(dtype_bytes)
+    act = (5, 11) if model.ffn_type == "swiglu" else (2, 3)
+    ops = {"norms": (2 * e * norm[0], 2 * e * norm[1]),
+           "rope": (8 * dtype_bytes * qk, 10 * dtype_bytes * qk),
+           "mlp_act": (act[0] * dtype_bytes * model.ffn_dim, act[1] * dtype_bytes * model.ffn_dim),
+           "residual": (6 * dtype_bytes * e, 15 * dtype_bytes * e)}
     if model.qk_norm:
-        ops["qk_norm"] = (2 * qk, 3 * qk)
-    return {name: (fwd * dtype_bytes, bwd * dtype_bytes) for name, (fwd, bwd) in ops.items()}
+        ops["qk_norm"] = (qk * norm[0], qk * norm[1])
+    return ops
 
 
-def loss_bytes_per_token(model: mdl.ModelSpec, dtype_bytes: int, training: bool) -> float:
-    """HBM bytes per token of cross-entropy over V logits (logits upcast to fp32, as F.cross_entropy
-    on ``logits.float()``): forward reads e·V, writes and reads 4·V (upcast), writes 4·V
-    (log-softmax); backward writes the 4·V one-hot gradient, reads it and the log-softmax, writes
-    4·V, casts back (reads 4·V, writes e·V). Ignores the gather of the target logit."""
+def loss_bytes_per_token(model: mdl.ModelSpec, dtype_bytes: int) -> tuple[float, float]:
+    """(forward, backward) HBM bytes per token of the runtime's fp32 cross-entropy over V logits
+    (``F.cross_entropy(logits.float())``): forward .float() (e + 4), log-softmax (read 4, write 4)
+    = 12 + e per logit; backward the one-hot gradient (write 4), log-softmax backward (read 8,
+    write 4), cast back (4 + e) = 20 + e. Ignores the gather of the target logit."""
     v = model.vocab_size
-    forward = v * (dtype_bytes + 12)
-    return forward + (v * (20 + dtype_bytes) if training else 0.0)
+    return v * (dtype_bytes + 12.0), v * (dtype_bytes + 20.0)
 
 
 def optimizer_bytes(local_params: float, master_bytes: int) -> float:
@@ -133,15 +146,14 @@ def optimizer_bytes(local_params: float, master_bytes: int) -> float:
     return local_params * ADAMW_FOREACH_BYTES_PER_PARAM * master_bytes / FP32_BYTES
 
 
-def fsdp_unit_params(model: mdl.ModelSpec) -> tuple[tuple[str, int], ...]:
-    """FSDP2 units in forward all-gather order with their parameters: the root (final norm, and the
-    LM head unless tied), the embedding (token table, learned positions), then each block.
-    A tied LM head is counted once, in the embedding unit (its re-use by the root is not re-gathered)."""
-    root = mdl.norm_parameter_count(model, model.embed_dim) + (
-        0 if model.tied_embeddings else model.vocab_size * model.embed_dim)
-    embedding = mdl.embedding_parameter_count(model) - (root - mdl.norm_parameter_count(model, model.embed_dim))
-    block = mdl.layer_parameter_count(model)
-    return (("root", root), ("embedding", embedding)) + tuple((f"block{i}", block) for i in range(model.n_layers))
+def fsdp_unit_params(model: mdl.ModelSpec) -> dict[str, int]:
+    """Parameters of each FSDP2 unit as ``ringplan_runtime.stack_parallel.apply_fsdp`` groups them:
+    ``root`` (the final norm), ``embedding`` (token table, learned positions; the LM head too when
+    tied: one group), ``head`` (the untied LM head, else 0) and ``block`` (each of the L blocks)."""
+    head = 0 if model.tied_embeddings else model.vocab_size * model.embed_dim
+    return {"root": mdl.norm_parameter_count(model, model.embed_dim),
+            "embedding": mdl.embedding_parameter_count(model) - head, "head": head,
+            "block": mdl.layer_parameter_count(model)}
 
 
 # ----------------------------------------------------------------------------- GEMM timing profiles
@@ -480,23 +492,25 @@ def _block_pass_s(c: _Costs, attention_s: tuple[float, float], backward: bool) -
 
 
 def _head_pass_s(c: _Costs, backward: bool) -> float:
-    """Final norm, LM head (chunk by chunk, a chunk's logits recomputed in backward) and the loss."""
+    """Final norm, then (training) the LM head and loss chunk by chunk; a chunk's logits and loss
+    forward run again in backward (``checkpoint`` per chunk, loss ``chunked``)."""
     model, s, e = c.w.model, c.w.settings, c.w.settings.param_dtype_bytes
-    total = c.bytes("elementwise_s", (3 if backward else 2) * model.embed_dim * e * c.tokens)
+    norm = rms_norm_bytes(e)[1 if backward else 0]
+    total = c.bytes("elementwise_s", norm * model.embed_dim * c.tokens)
     if not c.w.training:
         return total
-    chunk = min(s.loss_chunk_tokens, c.tokens) if s.loss == "chunked" else c.tokens
+    chunked = s.loss == "chunked"
+    chunk = min(s.loss_chunk_tokens, c.tokens) if chunked else c.tokens
     sizes = [chunk] * (c.tokens // chunk) + ([c.tokens % chunk] if c.tokens % chunk else [])
-    head = lm_head_gemm(model)
+    head, loss = lm_head_gemm(model), loss_bytes_per_token(model, e)
     for size in sizes:
         if backward:
             total += c.gemm("backward_input", size, head) + c.gemm("backward_weight", size, head)
-            total += c.gemm("forward", size, head, recompute=True) if s.loss == "chunked" else 0.0
+            total += c.gemm("forward", size, head, recompute=True) if chunked else 0.0
         else:
             total += c.gemm("forward", size, head)
-    loss = loss_bytes_per_token(model, e, True) - loss_bytes_per_token(model, e, False)
-    total += c.bytes("loss_s", (loss if backward else loss_bytes_per_token(model, e, False)) * c.tokens)
-    return total
+    total += c.bytes("loss_s", loss[1 if backward else 0] * c.tokens)
+    return total + (c.bytes("loss_s", loss[0] * c.tokens, recompute=True) if backward and chunked else 0.0)
 
 
 def _embedding_pass_s(c: _Costs, backward: bool) -> float:
@@ -509,12 +523,12 @@ def _embedding_pass_s(c: _Costs, backward: bool) -> float:
 
 
 def _fsdp_copies_s(c: _Costs, params: int, *, gathers: int, reduces: bool) -> float:
-    """FSDP2's copies around one unit's collectives (zero3 only), at HBM speed: per all-gather the
-    cast of the local master shard to the param dtype (read m, write e per local parameter) and the
-    copy-out of the gathered buffer into the parameters (read e, write e per parameter); per
-    reduce-scatter the copy of the gradients into the master-dtype buffer (read e, write m) and the
-    division of the local shard (read m, write m). Ignores the all-gather of a group of one being skipped."""
-    if c.w.settings.sharding != "zero3" or not c.w.training:
+    """FSDP2's copies around one unit's collectives, at HBM speed (training runs; the runtime runs
+    ``none`` as FSDP2 over groups of one): per all-gather the cast of the local master shard to the
+    param dtype (read m, write e per local parameter) and the copy-out of the gathered buffer into
+    the parameters (read e, write e per parameter); per reduce-scatter the copy of the gradients into
+    the master-dtype buffer (read e, write m) and the division of the local shard (read m, write m)."""
+    if not c.w.training or params == 0:
         return 0.0
     g, e, m = shard_group_size(c.w), c.w.settings.param_dtype_bytes, c.w.settings.master_dtype_bytes
     gather = (m + e) * params / g + 2 * e * params
@@ -561,30 +575,42 @@ def _grad_sync_s(w: StackWorkload, links: _Links, params: int) -> float:
 
 def _stream_units(c: _Costs, attention: tuple[float, float], links: _Links | None,
                   backward: bool) -> tuple[list[StreamUnit], list[float]]:
-    """The forward (root, embedding, blocks, head) or backward (head, blocks, embedding, root) units
-    with their FSDP transfers, and each block's compute (for the offload schedule)."""
-    w = c.w
-    units = dict(fsdp_unit_params(w.model))
-    zero3, train = w.settings.sharding == "zero3" and w.training, w.training and links is not None
-    block_params = units["block0"]
-    gather = (lambda params: _gather_s(w, links, params)) if zero3 else (lambda params: 0.0)
-    sync = (lambda params: _grad_sync_s(w, links, params)) if train else (lambda params: 0.0)
+    """The units in FSDP2's order with their transfers, and each block's compute (for offload).
+
+    Forward: root (final-norm weight), embedding, blocks, head (final norm, LM head, loss).
+    Backward: head, blocks in reverse, embedding, root. Every unit but the root is gathered again
+    for backward (``reshard_after_forward=True``); a tied head is gathered with the embedding's
+    group at each use and reduced once with it. Prefill: no transfers (weights replicated).
+    """
+    w, units = c.w, fsdp_unit_params(c.w.model)
+    gathered = w.training and w.settings.sharding == "zero3"
+    head_params = units["head"] or units["embedding"]  # what the LM head gathers
+
+    def gather(params: int) -> float:
+        return _gather_s(w, links, params) if gathered else 0.0
+
+    def sync(params: int) -> float:
+        return _grad_sync_s(w, links, params) if w.training and backward else 0.0
+
+    def copies(params: int, gathers: int = 1) -> float:
+        return _fsdp_copies_s(c, params, gathers=gathers, reduces=backward)
+
     c.weight = w.model.n_layers
-    block = _block_pass_s(c, attention, backward) + _fsdp_copies_s(
-        c, block_params, gathers=1, reduces=backward)
+    block_s = _block_pass_s(c, attention, backward) + copies(units["block"])
     c.weight = 1
-    blocks = [StreamUnit(before_s=gather(block_params), compute_s=block,
-                         after_s=sync(block_params) if backward else 0.0)] * w.model.n_layers
-    emb = _embedding_pass_s(c, backward) + _fsdp_copies_s(c, units["embedding"], gathers=1, reduces=backward)
-    embedding = StreamUnit(before_s=gather(units["embedding"]), compute_s=emb,
-                           after_s=sync(units["embedding"]) if backward else 0.0)
-    head = StreamUnit(compute_s=_head_pass_s(c, backward))
+    blocks = [StreamUnit(before_s=gather(units["block"]), compute_s=block_s, after_s=sync(units["block"]))
+              ] * w.model.n_layers
+    embedding = StreamUnit(before_s=gather(units["embedding"]),
+                           compute_s=_embedding_pass_s(c, backward) + copies(units["embedding"]),
+                           after_s=sync(units["embedding"]))
+    head_compute = (_head_pass_s(c, backward) + _fsdp_copies_s(c, head_params, gathers=1, reduces=False)
+                    + copies(units["head"], 0))  # a tied head's gradients are reduced with the embedding
+    head = StreamUnit(before_s=gather(head_params), compute_s=head_compute, after_s=sync(units["head"]))
     if not backward:
-        root = StreamUnit(before_s=gather(units["root"]),
-                          compute_s=_fsdp_copies_s(c, units["root"], gathers=1, reduces=False))
-        return [root, embedding, *blocks, head], [block] * w.model.n_layers
-    root = StreamUnit(compute_s=_fsdp_copies_s(c, units["root"], gathers=0, reduces=True), after_s=sync(units["root"]))
-    return [head, *blocks, embedding, root], [block] * w.model.n_layers
+        root = StreamUnit(before_s=gather(units["root"]), compute_s=copies(units["root"]))
+        return [root, embedding, *blocks, head], [block_s] * w.model.n_layers
+    root = StreamUnit(compute_s=copies(units["root"], 0), after_s=sync(units["root"]))
+    return [head, *blocks, embedding, root], [block_s] * w.model.n_layers
 
 
 def _offload_s(c: _Costs, spec, forward_blocks: list[float], backward_blocks: list[float]) -> tuple[float, float]:

@@ -296,3 +296,12 @@ def test_measure_gemm_cpu_smoke(tmp_path):
     # the smoke profile feeds a GemmModel (fp32 on a GPU type that is not in the catalog: own curves only)
     assert isinstance(GemmModel(gpu_name="cpu", peak_flops_per_s=1e12).time_s("forward", 32, block_gemms(
         small_model())[0])[0], float)
+
+
+def test_selective_recomputes_every_block_gemm_but_not_attention():
+    """The runtime's selective checkpointing re-runs the block's GEMMs and elementwise ops, not the
+    ring attention: its GEMM FLOPs equal full checkpointing's and its attention time equals none's."""
+    args = dict(tokens=16384, world=2)
+    none, selective, full = (step_time(workload(**args, checkpointing=c), "h100") for c in ("none", "selective", "full"))
+    assert selective.gemm_flops == pytest.approx(full.gemm_flops, rel=REL)
+    assert selective.attention_s == pytest.approx(none.attention_s, rel=REL) < full.attention_s
