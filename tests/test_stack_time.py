@@ -304,4 +304,5 @@ def test_selective_recomputes_every_block_gemm_but_not_attention():
     args = dict(tokens=16384, world=2)
     none, selective, full = (step_time(workload(**args, checkpointing=c), "h100") for c in ("none", "selective", "full"))
     assert selective.gemm_flops == pytest.approx(full.gemm_flops, rel=REL)
-    assert selective.attention_s == pytest.approx(none.attention_s, rel=REL) < full.attention_s
+    assert selective.attention_s == pytest.approx(none.attention_s, rel=REL)
+    assert selective.attention_s < full.attention_s
