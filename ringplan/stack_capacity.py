@@ -58,11 +58,13 @@ def settings_space(*, training: bool, base: StackSettings | None = None,
                    fixed: frozenset[str] | set[str] = frozenset()) -> tuple[StackSettings, ...]:
     """Every valid combination of the searched fields not in ``fixed`` (those keep ``base``'s
     values, as do the dtypes, loss chunk and shard group), in ``preference_key`` order.
-    Forward: sharding none (no shard group), no checkpointing, no offload unless fixed (nothing
-    is sharded or saved for a backward pass)."""
+    Forward: sharding none (a shard group only where fixed), no checkpointing, no offload unless
+    fixed (nothing is sharded or saved for a backward pass)."""
     base = base if base is not None else StackSettings()
     forward = {"sharding": ("none",), "checkpointing": ("none",), "offload_checkpoints": (False,)}
-    if not training and "sharding" not in fixed:
+    if not training and "shard_group_size" in fixed:
+        forward["sharding"] = (base.sharding,)
+    elif not training and "sharding" not in fixed:
         base = replace(base, shard_group_size=None)
     choices = {"sharding": SHARDINGS, "checkpointing": CHECKPOINTING, "offload_checkpoints": (False, True),
                "loss": LOSS_MODES}

@@ -210,12 +210,22 @@ class StackMemoryModel:
         return ChosenParts(workspace=first(lambda c: c.workspace.get(family)),
                            slack=first(lambda c: c.slack.get(family)), overhead=first(lambda c: c.overhead))
 
+    def _attention_transfer(self, w: StackWorkload, gpu: GpuSpec) -> "_AttentionTransfer":
+        """The attention-level parts lent to ``w`` (memoised: they do not depend on the settings
+        searched, only on one layer's attention, the ring and the number of communicators)."""
+        from ringplan.stack import attention_workload
+
+        key = ("attention", attention_workload(w), w.layout, communicator_count(w), gpu.name,
+               gpu.runtime_overhead_bytes)
+        if key not in self._cache:
+            self._cache[key] = _AttentionTransfer.of(self.attention, w, gpu)
+        return self._cache[key]
+
     def _predict(self, w: StackWorkload, gpu: GpuSpec) -> MemoryPrediction:
         phi = analytic_terms(w)
         analytic = sum(phi.values())
         chosen = self.parts_for(w, gpu)
-        attention = _AttentionTransfer.of(self.attention, w, gpu) if chosen.workspace is None or \
-            chosen.overhead is None else None
+        attention = self._attention_transfer(w, gpu) if chosen.workspace is None or chosen.overhead is None else None
         workspace = chosen.workspace.bytes(workspace_features(w)) if chosen.workspace else attention.workspace_bytes
         allocated = analytic + workspace
         slack = chosen.slack.bytes(slack_features(w, allocated)) if chosen.slack else 0.0

@@ -196,6 +196,11 @@ def _write(paths: tuple[str, ...], output_format: str) -> None:
     if paths:
         raise ValueError(f"--write fits every profile in profiles/measured; it takes no PROFILE (got {list(paths)})")
     payload = write_fit_cache()
+    from ringplan.stack_model import stack_fit_path, write_stack_fit  # whole-model fit (issue 9), same rule
+
+    stack = write_stack_fit()
+    click.echo(f"wrote {stack_fit_path()} ({len(stack['inputs']['profiles'])} stack profiles, "
+               f"{len(stack['calibrations'])} GPU(s))", err=True)
     calibrations = {gpu: calibration_from_json(raw) for gpu, raw in payload["calibrations"].items()}
     if output_format == "json":
         click.echo(json.dumps({"path": str(fit_cache_path()), **payload}, indent=2))

@@ -44,12 +44,11 @@ def base_settings(kw: dict[str, Any]):
     """(``StackSettings`` of the options the user gave, the searched fields they fixed). A given
     --offload without --checkpointing implies full checkpointing; the rest keep the defaults."""
     from ringplan.cli.model_options import explicit_options, explicit_setting_fields, settings_from_options
-    from ringplan.stack_capacity import SEARCHED_FIELDS
 
     given = explicit_options({k: kw.get(k) for k in _SETTING_KEYS})
     if given.get("offload_checkpoints") and "checkpointing" not in given:
         given["checkpointing"] = "full"
-    fixed = explicit_setting_fields(**{k: kw.get(k) for k in _SETTING_KEYS}) & set(SEARCHED_FIELDS)
+    fixed = explicit_setting_fields(**{k: kw.get(k) for k in _SETTING_KEYS})
     return settings_from_options(**given), fixed
 
 
@@ -127,7 +126,7 @@ def stack_table_rows(rows, *, terms: bool = True) -> list[dict[str, str]]:
         line.update({k.removesuffix("_bytes"): f"{rec[k] / GIB:.2f}" for k in shown})
         line.update({"total": f"{rec['total_bytes'] / GIB:.2f}", "bound": f"{rec['residual_bound_bytes'] / GIB:.2f}",
                      "headroom": f"{rec['headroom_bytes'] / GIB:.2f}", "fits": "yes" if rec["feasible"] else "no",
-                     "step_s": "-" if rec["step_time_s"] is None else f"{rec['step_time_s']:.3g}"})
+                     "step_s": "-" if rec["step_time_s"] is None else f"{rec['step_time_s']:.4g}"})
         if any(not r["feasible"] for r in records):
             line["why not"] = rec["why"] or ""
         line["memory from"] = row.prediction.provenance_kind
