@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from ringplan.hardware import GpuSpec
 from ringplan.memory_terms import memory_terms
+from ringplan.stack import StackWorkload
 from ringplan.workload import RingLayout, Workload
 from ringplan_runtime.measure import MeasureSettings
 from ringplan_runtime.points import PointResult, SweepPoint, run_points
@@ -79,9 +80,15 @@ class Validation:
 
     @property
     def passed(self) -> bool:
-        if not self.result.feasible:
-            return self.result.failure == "oom" and self.predicted_feasible is False
-        return all(f.within is not False for f in self.figures) and self.predicted_feasible is not False
+        return verdict(self.result, self.figures, self.predicted_feasible)
+
+
+def verdict(result, figures: tuple[Figure, ...], predicted_feasible: bool | None) -> bool:
+    """A run passes when it ran with every figure within tolerance and was not predicted infeasible,
+    or when it ran out of memory and was predicted infeasible."""
+    if not result.feasible:
+        return result.failure == "oom" and predicted_feasible is False
+    return all(f.within is not False for f in figures) and predicted_feasible is not False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -328,3 +335,205 @@ def validate_in_process(plan: Plan, *, model, settings: MeasureSettings, toleran
     figures, feasible, label = predicted_figures(plan, model, tolerance=tolerance, time_tolerance=time_tolerance,
                                                  measured=result)
     return Validation(plan=plan, result=result, figures=figures, predicted_feasible=feasible, provenance=label)
+
+
+# ----------------------------------------------------------------------------- whole models (validate --model)
+# A whole model's run is one StackWorkload on W ranks (built-in spawner: NCCL on GPUs, gloo on CPU;
+# or torchrun). Figures as above, predicted by the whole-model planner:
+#   tracked_peak_bytes   Σ ringplan.stack_terms (θ = 1), on CPU and GPU
+#   peak_allocated_bytes, peak_reserved_bytes, device_used_bytes   StackMemoryModel.predict (GPU)
+#   step_time_s          ringplan.stack_time.step_time (GPU)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StackPlan:
+    """A whole-model step to run: the workload, the GPU the prediction is for (None on CPU without
+    --gpu) and the device type."""
+
+    workload: StackWorkload
+    gpu: GpuSpec | None
+    device_type: str = "cuda"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StackResult:
+    """A whole-model run over all ranks: memory figures the largest rank's, step time the slowest's;
+    ``failure`` is ``oom``, ``rank failure: …`` or ``timeout: …`` when it did not run."""
+
+    workload: StackWorkload
+    feasible: bool
+    failure: str | None = None
+    backend: str = ""
+    peak_allocated_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    device_used_bytes: int | None = None
+    non_allocator_bytes: int | None = None
+    tracked_peak_bytes: int | None = None
+    resident_bytes: int | None = None
+    host_bytes: int | None = None
+    step_time_s: float | None = None
+    provenance: object | None = field(default=None, repr=False)
+    ranks: tuple = field(default=(), repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StackValidation:
+    """A whole model's run, its figures against the planner, and whether the prediction held."""
+
+    plan: StackPlan
+    result: StackResult
+    figures: tuple[Figure, ...]
+    predicted_feasible: bool | None
+    provenance: str
+
+    @property
+    def passed(self) -> bool:
+        return verdict(self.result, self.figures, self.predicted_feasible)
+
+
+_STACK_FIGURES = ("peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes", "non_allocator_bytes",
+                  "tracked_peak_bytes", "resident_bytes", "host_bytes")
+
+
+def stack_result(w: StackWorkload, ranks, provenance=None, failure: str | None = None) -> StackResult:
+    """Combine the ranks' measurements (max memory, slowest step); an OOM on any rank → ``oom``."""
+    if failure is not None or any(not m.feasible for m in ranks) or len(ranks) < w.world_size:
+        oom = failure == "oom" or any(m.failure == "oom" for m in ranks)
+        return StackResult(workload=w, feasible=False, failure="oom" if oom else failure or "rank lost",
+                           provenance=provenance, ranks=tuple(ranks))
+    figures = {name: _max_or_none(getattr(m, name, None) for m in ranks) for name in _STACK_FIGURES}
+    return StackResult(workload=w, feasible=True, backend=ranks[0].backend, provenance=provenance,
+                       step_time_s=max(m.step_time_s for m in ranks), ranks=tuple(ranks), **figures)
+
+
+def _max_or_none(values) -> int | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def check_stack_cpu_size(plan: StackPlan) -> None:
+    """CPU runs check byte terms at small sizes: at most ``CPU_MAX_TOKENS_PER_RANK`` tokens per rank."""
+    n = plan.workload.seq_len_tokens // plan.workload.layout.ring_size
+    if plan.device_type == "cpu" and n > CPU_MAX_TOKENS_PER_RANK:
+        raise ValueError(f"{n:,} tokens per rank on CPU: CPU validation checks byte terms at small sizes "
+                         f"(≤ {CPU_MAX_TOKENS_PER_RANK:,} tokens per rank); use GPUs for real sizes")
+
+
+def stack_rank(w: StackWorkload, settings: MeasureSettings, command: str | None):
+    """Body of every spawned rank: ``measure_stack``; (measurement, rank 0's provenance). An OOM on a
+    ring of several raises ``RingOutOfMemory`` so the spawner tears the ranks down (a peer may be
+    blocked in a collective with this rank)."""
+    import torch.distributed as dist
+
+    from ringplan_runtime.points import RingOutOfMemory
+    from ringplan_runtime.provenance import current_provenance
+    from ringplan_runtime.stack_measure import measure_stack
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    measurement = measure_stack(w, settings=settings)
+    if not measurement.feasible and world > 1:
+        raise RingOutOfMemory(f"rank {rank} ran out of memory at {w.seq_len_tokens:,} tokens")
+    device = measurement_device()
+    provenance = current_provenance(method=settings.method, gpu_count=world, command=command,
+                                    device_index=device.index if device.type == "cuda" else None) if rank == 0 else None
+    return measurement, provenance
+
+
+def measurement_device():
+    """This rank's device: its CUDA device under NCCL, else the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def run_stack(plan: StackPlan, *, settings: MeasureSettings, timeout_s: float = 600.0,
+              command: str | None = None) -> StackResult:
+    """One whole-model step on ``W`` fresh local processes; every process exits, a failure is a result."""
+    from ringplan_runtime import RankFailure, spawn
+    from ringplan_runtime.points import _failure_text
+
+    w = plan.workload
+    backend = "nccl" if plan.device_type == "cuda" else "gloo"
+    try:
+        values = spawn(stack_rank, world_size=w.world_size, backend=backend, args=(w, settings, command),
+                       timeout_s=timeout_s)
+    except RankFailure as error:
+        oom = "RingOutOfMemory" in error.traceback_text or "OutOfMemoryError" in error.traceback_text
+        return stack_result(w, [], failure="oom" if oom else _failure_text(error))
+    except TimeoutError as error:
+        return stack_result(w, [], failure=_failure_text(error))
+    return stack_result(w, [m for m, _ in values], provenance=values[0][1])
+
+
+def predicted_stack_step_time_s(plan: StackPlan) -> tuple[float | None, str]:
+    """``stack_time.step_time`` of the plan, or None (CPU, no GPU, or no data)."""
+    if plan.device_type != "cuda" or plan.gpu is None:
+        return None, "no time model on CPU"
+    from ringplan.stack_time import step_time
+
+    try:
+        prediction = step_time(plan.workload, plan.gpu)
+    except ValueError as error:
+        return None, f"stack time model: {error}"
+    return prediction.step_time_s, f"stack time model ({prediction.provenance})"
+
+
+def predicted_stack_figures(plan: StackPlan, model, *, tolerance: float, time_tolerance: float,
+                            measured: StackResult) -> tuple[tuple[Figure, ...], bool | None, str]:
+    """The whole-model figures (see the section comment), the predicted feasibility and its provenance."""
+    from ringplan.stack_terms import stack_terms
+
+    analytic = float(sum(stack_terms(plan.workload).values()))
+    figures = [Figure(name="tracked_peak_bytes", predicted=analytic, measured=measured.tracked_peak_bytes,
+                      source="Σ stack_terms", tolerance=tolerance)]
+    if plan.device_type != "cuda" or plan.gpu is None:
+        return tuple(figures), None, "analytic stack terms (CPU)"
+    prediction = model.predict(plan.workload, plan.gpu)
+    figures += [
+        Figure(name="peak_allocated_bytes", predicted=prediction.peak_allocated_bytes,
+               measured=measured.peak_allocated_bytes, source="stack memory model", tolerance=tolerance),
+        Figure(name="peak_reserved_bytes", predicted=prediction.peak_reserved_bytes,
+               measured=measured.peak_reserved_bytes, source="stack memory model", tolerance=tolerance),
+        Figure(name="device_used_bytes", predicted=prediction.total_bytes, measured=measured.device_used_bytes,
+               source="stack memory model", tolerance=tolerance)]
+    step_s, step_source = predicted_stack_step_time_s(plan)
+    figures.append(Figure(name="step_time_s", predicted=step_s, measured=measured.step_time_s, source=step_source,
+                          tolerance=time_tolerance))
+    return tuple(figures), prediction.total_bytes <= plan.gpu.usable_memory_bytes, prediction.provenance
+
+
+def validate_stack(plan: StackPlan, *, model, settings: MeasureSettings, tolerance: float = 0.05,
+                   time_tolerance: float = 0.25, timeout_s: float = 600.0,
+                   command: str | None = None) -> StackValidation:
+    """Run the whole model's step once (spawned ranks) and compare every figure with the planner."""
+    check_stack_cpu_size(plan)
+    result = run_stack(plan, settings=settings, timeout_s=timeout_s, command=command)
+    figures, feasible, label = predicted_stack_figures(plan, model, tolerance=tolerance, time_tolerance=time_tolerance,
+                                                       measured=result)
+    return StackValidation(plan=plan, result=result, figures=figures, predicted_feasible=feasible, provenance=label)
+
+
+def validate_stack_in_process(plan: StackPlan, *, model, settings: MeasureSettings, tolerance: float = 0.05,
+                              time_tolerance: float = 0.25, command: str | None = None) -> StackValidation:
+    """``validate_stack`` for a process started by torchrun: every rank measures its share and gets
+    every rank's measurement (``all_gather_object``), so all reach the same verdict. An OOM on a
+    ring of several raises (torchrun then stops every rank)."""
+    import torch.distributed as dist
+
+    from ringplan_runtime import init_from_env
+
+    check_stack_cpu_size(plan)
+    context = init_from_env(backend="gloo" if plan.device_type == "cpu" else None)
+    if context.world_size != plan.workload.world_size:
+        raise ValueError(f"torchrun started {context.world_size} ranks but --world-size is {plan.workload.world_size}")
+    mine, provenance = stack_rank(plan.workload, settings, command)
+    ranks: list = [None] * context.world_size
+    dist.all_gather_object(ranks, mine)
+    dist.destroy_process_group()
+    result = stack_result(plan.workload, ranks, provenance=provenance)
+    figures, feasible, label = predicted_stack_figures(plan, model, tolerance=tolerance, time_tolerance=time_tolerance,
+                                                       measured=result)
+    return StackValidation(plan=plan, result=result, figures=figures, predicted_feasible=feasible, provenance=label)

@@ -35,7 +35,10 @@ VALIDATE_OPTIONS = {
     "--gpu", "--world-size", "--tokens", "--tolerance", "--time-tolerance", "--bisect", "--capacity-tolerance",
     "--resolution", "--safety-margin", "--emulate-gpu", "--profile", "--record", "--device", "--warmup", "--steps",
     "--timeout", "--batch", "--heads", "--kv-heads", "--head-dim", "--embed-dim", "--dtype", "--causal",
-    "--segment-lengths", "--dilation-rates", "--train", "--projections", "--layout", "--backend", "--format"}
+    "--segment-lengths", "--dilation-rates", "--train", "--projections", "--layout", "--backend", "--format",
+    # whole models (validate --model)
+    "--model", "--config", "--layers", "--ffn", "--vocab", "--sharding", "--shard-group", "--checkpointing",
+    "--offload", "--loss", "--loss-chunk", "--ring-size", "--write"}
 
 
 def _options(name: str) -> set[str]:

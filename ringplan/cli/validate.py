@@ -8,6 +8,13 @@ under torchrun (one or several nodes; rank 0 prints, every rank exits with the v
 
     torchrun --standalone --nproc-per-node 2 --no-python ringplan validate --world-size 2 --tokens 128Ki
 
+A whole model (``--model NAME``, ``--config PATH`` or a custom shape with ``--layers``): one training
+step (or prefill) of the stack under FSDP2 + ring attention, its memory and step time against the
+whole-model planner; ``--write PATH`` keeps the measured row in a stack profile::
+
+    ringplan validate --model llama-3-8b --layers 8 --gpu h100 --world-size 2 --tokens 64Ki --train \
+        --checkpointing full --write profiles/measured/stack/h100x2.json
+
 torch is imported inside the command (through ``ringplan_runtime``), never at module import.
 """
 
@@ -21,6 +28,7 @@ import click
 
 from ringplan.cli.capacity import build_workload, workload_options
 from ringplan.cli.common import TOKENS, OneLineErrorCommand, bad_input_exits_2, format_option, render_rows
+from ringplan.cli.model_options import model_selection_options, stack_settings_options
 from ringplan.cli.profile import bytes_text, measure_settings, result_record, runtime_options
 
 PERCENT = click.FloatRange(min=0.0, max=100.0)
@@ -121,8 +129,16 @@ def _model(profile_paths: tuple[str, ...]):
               help="Fit the memory model on these profiles instead of profiles/measured (repeatable).")
 @click.option("--record", "record_path", default=None, type=click.Path(dir_okay=False),
               help="Also merge every measured point (and bisect probe) into this profile file.")
+@click.option("--ring-size", type=click.IntRange(min=1), default=None,
+              help="With a whole model: context-parallel ring size P, the rest data-parallel (W = P x DP); "
+                   "default: every rank in one ring.")
+@click.option("--write", "write_path", default=None, type=click.Path(dir_okay=False),
+              help="With a whole model: merge the measured row (or its OOM) into this stack profile "
+                   "(ringplan.stack/1, e.g. profiles/measured/stack/NAME.json).")
 @runtime_options
 @workload_options
+@model_selection_options
+@stack_settings_options
 @format_option
 @click.pass_context
 @bad_input_exits_2
@@ -137,10 +153,23 @@ def validate(ctx: click.Context, gpu_name: str | None, world_size: int, tokens: 
     --bisect, the predicted capacity is within --capacity-tolerance of the measured boundary and
     never above it), 1 otherwise, 2 on bad input (unknown GPU, emulated GPU larger than the real
     one, more ranks than visible GPUs) — checked before anything is launched.
+
+    --model NAME, --config PATH or a custom shape (--layers, --heads, --ffn, --vocab, --embed-dim or
+    --head-dim) validates a whole model instead: --world-size W ranks in rings of --ring-size P, the
+    stack settings options, one training step (--train) or prefill (--forward); an out-of-memory
+    run passes only when it was predicted not to fit.
     """
     from ringplan_runtime.provenance import command_line
     from ringplan_runtime.validate import bisect_boundary, under_torchrun, validate_in_process, validate_plan
 
+    if whole_model_requested(workload_args):
+        ctx.exit(_validate_model(
+            ctx, gpu_name=gpu_name, world_size=world_size, tokens=tokens, tolerance=tolerance,
+            time_tolerance=time_tolerance, device=device, warmup_steps=warmup_steps, timed_steps=timed_steps,
+            timeout_s=timeout_s, output_format=output_format, workload_args=workload_args,
+            attention_only={"bisect": bisect, "emulate_gpu": emulate_gpu, "profile_paths": profile_paths,
+                            "record_path": record_path}))
+    _refuse_model_options(workload_args)
     torchrun = under_torchrun()
     plan = _plan(gpu_name, emulate_gpu, world_size, tokens, device, workload_args, check_devices=not torchrun)
     if bisect and plan.device_type != "cuda":
@@ -211,3 +240,147 @@ def _boundary_text(boundary) -> str:
             f"{tokens(boundary.measured_max_tokens)} (first OOM at {tokens(boundary.first_oom_tokens)}), "
             f"error {error}, never above: {boundary.never_above}; {len(boundary.probes)} probes; "
             f"{'PASS' if boundary.passed else 'FAIL'}")
+
+
+# ----------------------------------------------------------------------------- whole models (--model)
+
+#: Whole-model options (key → flag): an error for one attention layer.
+_MODEL_ONLY = {"ffn_dim": "--ffn", "vocab_size": "--vocab", "sharding": "--sharding", "shard_group_size": "--shard-group",
+               "checkpointing": "--checkpointing", "offload_checkpoints": "--offload", "loss": "--loss",
+               "loss_chunk_tokens": "--loss-chunk", "ring_size": "--ring-size", "write_path": "--write"}
+#: Attention-layer options (key → flag): an error for a whole model (its attention is dense and causal,
+#: its projections are in the stack terms; bisection, emulation and attention profiles are layer tools).
+_ATTENTION_ONLY = {"segment_lengths": "--segment-lengths", "dilation_rates": "--dilation-rates",
+                   "projections": "--projections", "causal": "--causal/--no-causal", "bisect": "--bisect",
+                   "emulate_gpu": "--emulate-gpu", "profile_paths": "--profile", "record_path": "--record"}
+
+
+def whole_model_requested(workload_args: dict[str, Any]) -> bool:
+    """--model, --config, or a custom shape (--layers given): validate a whole model."""
+    from ringplan.cli.model_options import explicit_options, model_requested
+
+    return model_requested(**workload_args) or "n_layers" in explicit_options({"n_layers": workload_args.get("n_layers")})
+
+
+def _given(values: dict[str, Any], flags: dict[str, str]) -> list[str]:
+    from ringplan.cli.model_options import explicit_options
+
+    return [flags[key] for key in explicit_options({key: values.get(key) for key in flags})]
+
+
+def _refuse_model_options(workload_args: dict[str, Any]) -> None:
+    given = _given(workload_args, _MODEL_ONLY)
+    if given:
+        raise ValueError(f"{', '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of a whole "
+                         f"model: give --model NAME, --config PATH or a custom shape with --layers")
+
+
+def _stack_plan(gpu_name: str | None, world_size: int, tokens: int, device: str, workload_args: dict[str, Any], *,
+                check_devices: bool = True):
+    """The whole-model plan the options describe; every bad input raises ValueError before a launch."""
+    import torch
+
+    from ringplan.cli.model_options import model_from_options, settings_from_options
+    from ringplan.hardware import load_catalog
+    from ringplan.stack import StackWorkload
+    from ringplan.workload import RingLayout
+    from ringplan_runtime.stack_parallel import check_runnable_workload
+    from ringplan_runtime.validate import StackPlan, check_launch
+
+    device_type = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but CUDA is not available")
+    catalog = load_catalog()
+    gpu = catalog.gpu(gpu_name) if gpu_name else _local_gpu(catalog, device_type)
+    layout = RingLayout(ring_size=workload_args.get("ring_size") or world_size, layout=workload_args["layout"],
+                        backend=workload_args["backend"])
+    w = StackWorkload(model=model_from_options(**workload_args), seq_len_tokens=tokens, batch=workload_args["batch"],
+                      training=workload_args["training"], world_size=world_size, layout=layout,
+                      settings=settings_from_options(**workload_args))
+    check_runnable_workload(w)
+    check_launch(world_size=world_size if check_devices else 1, device_type=device_type, emulate=None)
+    if workload_args.get("write_path") and gpu is None:
+        raise ValueError("--write records a row for a catalog GPU and a CPU has none: pass --gpu NAME")
+    return StackPlan(workload=w, gpu=gpu, device_type=device_type)
+
+
+def _validate_model(ctx: click.Context, *, gpu_name: str | None, world_size: int, tokens: int, tolerance: float,
+                    time_tolerance: float, device: str, warmup_steps: int, timed_steps: int, timeout_s: float,
+                    output_format: str, workload_args: dict[str, Any], attention_only: dict[str, Any]) -> int:
+    """``validate --model``: run one whole-model step, compare, record; exit code 0 passed, 1 not."""
+    from ringplan.stack_model import default_stack_memory_model
+    from ringplan_runtime.provenance import command_line
+    from ringplan_runtime.validate import under_torchrun, validate_stack, validate_stack_in_process
+
+    given = _given({**workload_args, **attention_only}, _ATTENTION_ONLY)
+    if given:
+        raise ValueError(f"{', '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of one "
+                         f"attention layer, not of a whole model")
+    torchrun = under_torchrun()
+    plan = _stack_plan(gpu_name, world_size, tokens, device, workload_args, check_devices=not torchrun)
+    kwargs = dict(model=default_stack_memory_model(), settings=measure_settings(warmup_steps, timed_steps),
+                  tolerance=tolerance / 100, time_tolerance=time_tolerance / 100, command=command_line())
+    if torchrun:
+        result = validate_stack_in_process(plan, **kwargs)
+        if int(os.environ["RANK"]) != 0:
+            return 0 if result.passed else 1
+    else:
+        result = validate_stack(plan, timeout_s=timeout_s, **kwargs)
+    _write_stack(workload_args.get("write_path"), result, kwargs["settings"], kwargs["command"])
+    _emit_stack(result, output_format)
+    return 0 if result.passed else 1
+
+
+def stack_result_record(result) -> dict[str, Any]:
+    """One whole-model run as a flat record (bytes, seconds) for json/csv output."""
+    w = result.workload
+    return {"model": w.model.name, "seq_len_tokens": w.seq_len_tokens, "batch": w.batch, "world_size": w.world_size,
+            "ring_size": w.layout.ring_size, "mode": "training" if w.training else "prefill",
+            "settings": {name: getattr(w.settings, name) for name in w.settings.__dataclass_fields__},
+            "backend": result.backend, "feasible": result.feasible, "failure": result.failure,
+            **{name: getattr(result, name) for name in ("peak_allocated_bytes", "peak_reserved_bytes",
+                                                        "device_used_bytes", "tracked_peak_bytes", "resident_bytes",
+                                                        "host_bytes", "step_time_s")}}
+
+
+def _emit_stack(validation, output_format: str) -> None:
+    from ringplan.cli.plan import settings_label
+
+    w, r = validation.plan.workload, validation.result
+    gpu = validation.plan.gpu.name if validation.plan.gpu and validation.plan.device_type == "cuda" else "CPU"
+    header = (f"{w.model.name}: {w.seq_len_tokens:,} tokens on {w.world_size} x {gpu} (ring {w.layout.ring_size}, "
+              f"{'training' if w.training else 'prefill'}, {settings_label(w.settings)}): "
+              f"{'ran' if r.feasible else 'FAILED: ' + str(r.failure)}; prediction {validation.provenance}; "
+              f"{'PASS' if validation.passed else 'FAIL'}")
+    if output_format == "json":
+        click.echo(json.dumps({"plan": header, "passed": validation.passed, "measured": stack_result_record(r),
+                               "figures": [figure_record(f) for f in validation.figures]}, indent=2, default=str))
+        return
+    if output_format == "csv":
+        click.echo(render_rows([figure_record(f) for f in validation.figures], "csv"))
+        return
+    click.echo(header)
+    click.echo(render_rows([figure_row(f) for f in validation.figures], "table"))
+
+
+def _write_stack(path: str | None, validation, settings, command: str) -> None:
+    """Merge the run's row (measured figures, or oom) into the stack profile at ``path``."""
+    if not path:
+        return
+    r = validation.result
+    if not r.feasible and r.failure != "oom":
+        click.echo(f"not written to {path}: the run failed ({r.failure})", err=True)
+        return
+    from ringplan.stack_profiles import STACK_FIGURE_FIELDS, StackProfile, measurement_from_workload, \
+        write_stack_profile
+    from ringplan_runtime.provenance import current_provenance
+    from ringplan_runtime.sweep import profile_provenance
+
+    w = validation.plan.workload
+    provenance = r.provenance or current_provenance(
+        method=settings.method, gpu_count=w.world_size, command=command,
+        device_index=0 if validation.plan.device_type == "cuda" else None)
+    row = measurement_from_workload(w, gpu=validation.plan.gpu.name, oom=not r.feasible, kind="measured",
+                                    **{name: getattr(r, name) for name in STACK_FIGURE_FIELDS})
+    write_stack_profile(path, StackProfile(provenance=profile_provenance(provenance), rows=(row,)))
+    click.echo(f"row merged into {path}", err=True)

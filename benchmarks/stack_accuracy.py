@@ -1,0 +1,226 @@
+"""ringplan's whole-model prediction error: memory held out, step time, and capacity against OOM.
+
+Run (CPU is enough; reads only committed files)::
+
+    python benchmarks/stack_accuracy.py                         # profiles/measured/stack/*.json
+    python benchmarks/stack_accuracy.py --profiles A.json B.json --out /tmp/stack_accuracy
+
+Three checks over the measured rows of ``ringplan.stack/1`` profiles (error = (predicted − measured)
+/ measured):
+
+1. **Memory, held out** — per GPU, the feasible rows of each series (one model shape, GPUs, ring,
+   layout, settings and mode; rising tokens; ``series_key``) are split as
+   ``benchmarks/accuracy_report.py`` splits attention rows: the 2nd, 4th, … row of each series is
+   held out, the whole-model memory model (``ringplan.stack_model``: stack terms + workspace, slack
+   and outside-allocator parts fitted per GPU) is fitted on the rest and predicts the held-out rows'
+   peak allocated, peak reserved and device used bytes. Series of one row are fitted on only.
+2. **Step time** — ``ringplan.stack_time.step_time`` for every feasible row with a step time. Its
+   inputs are the timing profiles (GEMMs, attention kernels, links), never these rows: every row
+   is held out.
+3. **Capacity vs OOM** — a memory model fitted on every feasible row judges every row as
+   ``ringplan capacity --model`` does (feasible when the prediction + its residual bound fits the
+   usable memory × (1 − margin)), at margins 0 and 0.05: a row that ran out of memory must be
+   judged infeasible (else capacity is over-predicted); a row that ran should be judged feasible
+   (else capacity is under-predicted). Both directions are counted.
+
+Writes ``OUT/stack_accuracy.md`` and ``OUT/stack_accuracy.json`` (default OUT: benchmarks/results).
+Exit code 0, or 1 when there are no rows, or when an OOM row is judged feasible at margin 0.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from accuracy_report import MARGINS, error_stats  # noqa: E402
+
+from ringplan.hardware import load_catalog  # noqa: E402
+from ringplan.stack_profiles import StackMeasurement, load_stack_profile, stack_profiles_dir  # noqa: E402
+
+MEMORY_FIGURES = {"peak_allocated_bytes": "peak_allocated_bytes", "peak_reserved_bytes": "peak_reserved_bytes",
+                  "device_used_bytes": "total_bytes"}  # measured figure → MemoryPrediction attribute
+GIB = 2**30
+
+
+def series_key(row: StackMeasurement) -> tuple:
+    """Everything but the sequence length (the series name keeps emulations on different hosts apart)."""
+    return (row.gpu, row.series, row.model, row.batch, row.world_size, row.ring_size, row.layout, row.backend,
+            row.training, row.settings)
+
+
+def split_held_out(rows: Sequence[StackMeasurement]) -> tuple[list[StackMeasurement], list[StackMeasurement]]:
+    """(fit rows, held-out rows): in each series sorted by tokens, the 2nd, 4th, … are held out."""
+    series: dict[tuple, list[StackMeasurement]] = defaultdict(list)
+    for row in rows:
+        series[series_key(row)].append(row)
+    fit, held = [], []
+    for members in series.values():
+        members.sort(key=lambda r: r.seq_len_tokens)
+        fit += members[0::2]
+        held += members[1::2]
+    return fit, held
+
+
+def config_label(row: StackMeasurement) -> str:
+    """``llama-3-8b@8L S=65,536 W=2 P=2 train zero3/full chunked``."""
+    s = row.settings
+    ckpt = s.checkpointing + ("+offload" if s.offload_checkpoints else "")
+    batch = f" B={row.batch}" if row.batch != 1 else ""
+    return (f"{row.model.name} S={row.seq_len_tokens:,}{batch} W={row.world_size} P={row.ring_size} "
+            f"{'train' if row.training else 'prefill'} {s.sharding}/{ckpt} {s.loss}")
+
+
+def fitted_model(rows: Sequence[StackMeasurement]):
+    """The whole-model memory model fitted on ``rows`` (feasible, measured ones)."""
+    from ringplan.stack_model import StackMemoryModel, StackPoint, fit_stack_calibrations
+
+    points = [StackPoint(gpu=r.gpu, workload=r.workload(), peak_allocated_bytes=r.peak_allocated_bytes,
+                         peak_reserved_bytes=r.peak_reserved_bytes, device_used_bytes=r.device_used_bytes)
+              for r in rows if not r.oom and r.kind == "measured"]
+    return StackMemoryModel(calibrations=fit_stack_calibrations(points, source="held-out fit") if points else {})
+
+
+def memory_lines(rows: Sequence[StackMeasurement]) -> list[dict]:
+    """Check 1: one line per held-out row and memory figure."""
+    catalog, lines = load_catalog(), []
+    feasible = [r for r in rows if not r.oom and r.kind == "measured"]
+    for gpu in sorted({r.gpu for r in feasible}):
+        fit, held = split_held_out([r for r in feasible if r.gpu == gpu])
+        model = fitted_model(fit)
+        for row in held:
+            prediction = model.predict(row.workload(), catalog.gpu(row.gpu))
+            for figure, attribute in MEMORY_FIGURES.items():
+                measured, predicted = getattr(row, figure), getattr(prediction, attribute)
+                if measured and predicted is not None:
+                    lines.append({"check": "memory (held out)", "gpu": gpu, "config": config_label(row),
+                                  "figure": figure, "predicted": predicted, "measured": measured,
+                                  "error": (predicted - measured) / measured, "fit_rows": len(fit),
+                                  "provenance": prediction.provenance})
+    return lines
+
+
+def step_time_lines(rows: Sequence[StackMeasurement]) -> list[dict]:
+    """Check 2: one line per feasible row with a step time (GPU rows only: the time model is for GPUs)."""
+    from ringplan.stack_time import step_time
+
+    catalog, lines = load_catalog(), []
+    for row in rows:
+        if row.oom or row.kind != "measured" or not row.step_time_s:
+            continue
+        try:
+            predicted = step_time(row.workload(), catalog.gpu(row.gpu))
+        except ValueError as error:  # no time model for this GPU/dtype
+            print(f"step time of {config_label(row)} not predicted: {error}", file=sys.stderr)
+            continue
+        lines.append({"check": "step time", "gpu": row.gpu, "config": config_label(row), "figure": "step_time_s",
+                      "predicted": predicted.step_time_s, "measured": row.step_time_s,
+                      "error": (predicted.step_time_s - row.step_time_s) / row.step_time_s, "fit_rows": 0,
+                      "provenance": predicted.provenance})
+    return lines
+
+
+def capacity_lines(rows: Sequence[StackMeasurement]) -> list[dict]:
+    """Check 3: every measured row (OOM or not) judged by a model fitted on all feasible rows."""
+    catalog = load_catalog()
+    model = fitted_model(rows)
+    lines = []
+    for row in rows:
+        if row.kind != "measured":
+            continue
+        gpu = catalog.gpu(row.gpu)
+        prediction = model.predict(row.workload(), gpu)
+        for margin in MARGINS:
+            budget = gpu.usable_memory_bytes * (1 - margin)
+            judged = prediction.upper_bytes <= budget
+            lines.append({"gpu": row.gpu, "config": config_label(row), "margin": margin, "ran": not row.oom,
+                          "predicted_upper_bytes": prediction.upper_bytes, "budget_bytes": budget,
+                          "judged_feasible": judged, "agrees": judged == (not row.oom),
+                          "over_predicts": judged and row.oom})
+    return lines
+
+
+def summary(lines: Sequence[dict]) -> list[dict]:
+    """Median and max |error| per (check, GPU, figure)."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for line in lines:
+        groups[(line["check"], line["gpu"], line["figure"])].append(line["error"])
+    return [{"check": c, "gpu": g, "figure": f, **error_stats(errors)} for (c, g, f), errors in sorted(groups.items())]
+
+
+def capacity_summary(lines: Sequence[dict]) -> list[dict]:
+    """Per margin: OOM rows judged feasible (over-predicted capacity) and ran rows judged infeasible."""
+    out = []
+    for margin in MARGINS:
+        at = [line for line in lines if line["margin"] == margin]
+        oom, ran = [x for x in at if not x["ran"]], [x for x in at if x["ran"]]
+        out.append({"margin": margin, "oom_rows": len(oom), "oom_judged_feasible": sum(x["judged_feasible"] for x in oom),
+                    "ran_rows": len(ran), "ran_judged_infeasible": sum(not x["judged_feasible"] for x in ran)})
+    return out
+
+
+def _value(figure: str, value: float) -> str:
+    return f"{value * 1e3:,.1f} ms" if figure.endswith("_s") else f"{value / GIB:,.3f} GiB"
+
+
+def markdown(lines: Sequence[dict], stats: Sequence[dict], capacity: Sequence[dict],
+             capacity_stats: Sequence[dict], command: str) -> str:
+    def pct(value):
+        return "-" if value is None else f"{100 * value:+.2f}%"
+
+    out = [f"Generated by `{command}`.", "", "| check | GPU | config | figure | predicted | measured | error |",
+           "|---|---|---|---|---|---|---|"]
+    out += [f"| {x['check']} | {x['gpu']} | {x['config']} | {x['figure']} | {_value(x['figure'], x['predicted'])} | "
+            f"{_value(x['figure'], x['measured'])} | {pct(x['error'])} |" for x in lines]
+    out += ["", "| check | GPU | figure | points | median abs error | max abs error |", "|---|---|---|---|---|---|"]
+    out += [f"| {s['check']} | {s['gpu']} | {s['figure']} | {s['points']} | {pct(s['median_abs_error'])[1:]} | "
+            f"{pct(s['max_abs_error'])[1:]} |" for s in stats]
+    out += ["", "| GPU | config | ran | margin | predicted + bound | budget | judged feasible | agrees |",
+            "|---|---|---|---|---|---|---|---|"]
+    out += [f"| {c['gpu']} | {c['config']} | {'yes' if c['ran'] else 'OOM'} | {c['margin']:.2f} | "
+            f"{c['predicted_upper_bytes'] / GIB:,.2f} GiB | {c['budget_bytes'] / GIB:,.2f} GiB | "
+            f"{c['judged_feasible']} | {c['agrees']} |" for c in capacity]
+    out += ["", "| margin | OOM rows | OOM judged feasible (over-predicted) | rows that ran | ran judged infeasible "
+            "(under-predicted) |", "|---|---|---|---|---|"]
+    out += [f"| {s['margin']:.2f} | {s['oom_rows']} | {s['oom_judged_feasible']} | {s['ran_rows']} | "
+            f"{s['ran_judged_infeasible']} |" for s in capacity_stats]
+    return "\n".join(out) + "\n"
+
+
+def report(paths: Sequence[Path], out: Path, command: str) -> dict:
+    rows = [row for path in paths for row in load_stack_profile(path).rows]
+    lines = memory_lines(rows) + step_time_lines(rows)
+    capacity = capacity_lines(rows)
+    payload = {"command": command, "profiles": [str(p) for p in paths], "lines": lines, "summary": summary(lines),
+               "capacity": capacity, "capacity_summary": capacity_summary(capacity)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stack_accuracy.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    (out / "stack_accuracy.md").write_text(markdown(lines, payload["summary"], capacity,
+                                                    payload["capacity_summary"], command))
+    return payload
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--profiles", nargs="*", type=Path, default=None,
+                        help="Stack profile files (default: profiles/measured/stack/*.json).")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    paths = args.profiles or sorted(stack_profiles_dir().glob("*.json"))
+    command = shlex.join(["python", "benchmarks/stack_accuracy.py", *(argv if argv is not None else sys.argv[1:])])
+    payload = report(paths, args.out, command)
+    print((args.out / "stack_accuracy.md").read_text())
+    over = [s for s in payload["capacity_summary"] if s["margin"] == max(MARGINS) and s["oom_judged_feasible"]]
+    return 0 if payload["lines"] and not over else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
