@@ -139,12 +139,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return _RoPE.apply(x, cos, sin)
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32, or as it is when already fp32 / fp64 (no copy then)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class _RMSNorm(torch.autograd.Function):
     """weight · (x · rstd).to(x.dtype), rstd = 1/sqrt(mean(x²) + eps) in fp32; saves x, weight, rstd."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        x32 = x.float()
+        x32 = _wide(x)
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps))
         out = weight * (x32 * rstd).to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
@@ -153,10 +158,10 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        xhat = x.float() * rstd
-        grad32 = grad.float()
+        xhat = _wide(x) * rstd
+        grad32 = _wide(grad)
         grad_weight = (grad32 * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        g = grad32 * weight.float()
+        g = grad32 * _wide(weight)
         grad_x = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
         return grad_x.to(x.dtype), grad_weight, None
 
@@ -270,7 +275,7 @@ class Block(nn.Module):
 
 def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of fp32 cross-entropy over ``logits`` ``[T, V]`` (any dtype) and ``labels`` ``[T]`` (−100 ignored)."""
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(_wide(logits), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 class LMHead(nn.Module):
@@ -365,7 +370,7 @@ def lm_loss(model: Transformer, hidden: torch.Tensor, labels: torch.Tensor, *, m
 
 def initial_value(name: str, shape: torch.Size, generator: torch.Generator, device) -> torch.Tensor:
     """fp32 initial value of parameter ``name``: norms 1, biases 0, weights N(0, INIT_STD²) (HF Llama init)."""
-    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+    if name.endswith("norm.weight"):  # every RMSNorm: layernorm.weight, q_norm/k_norm, the final norm
         return torch.ones(shape, device=device)
     if name.endswith(".bias"):
         return torch.zeros(shape, device=device)
