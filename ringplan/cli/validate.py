@@ -284,7 +284,8 @@ def _stack_plan(gpu_name: str | None, world_size: int, tokens: int, device: str,
     from ringplan.hardware import load_catalog
     from ringplan.stack import StackWorkload
     from ringplan.workload import RingLayout
-    from ringplan_runtime.stack_parallel import check_runnable_workload
+    from ringplan_runtime.stack_parallel import RUN_SHARDINGS
+    from ringplan_runtime.transformer import check_runnable
     from ringplan_runtime.validate import StackPlan, check_launch
 
     device_type = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -297,7 +298,10 @@ def _stack_plan(gpu_name: str | None, world_size: int, tokens: int, device: str,
     w = StackWorkload(model=model_from_options(**workload_args), seq_len_tokens=tokens, batch=workload_args["batch"],
                       training=workload_args["training"], world_size=world_size, layout=layout,
                       settings=settings_from_options(**workload_args))
-    check_runnable_workload(w)
+    check_runnable(w.model)
+    if w.training and w.settings.sharding not in RUN_SHARDINGS:
+        raise ValueError(f"sharding {w.settings.sharding!r} is planned, not run: the runtime runs "
+                         f"{list(RUN_SHARDINGS)} (zero3 = FSDP2 fully_shard; none = every rank holds everything)")
     check_launch(world_size=world_size if check_devices else 1, device_type=device_type, emulate=None)
     if workload_args.get("write_path") and gpu is None:
         raise ValueError("--write records a row for a catalog GPU and a CPU has none: pass --gpu NAME")
