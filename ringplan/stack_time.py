@@ -15,7 +15,8 @@ Per rank of m = B·S/P local tokens (``StepTime`` names every part; they sum to 
 - elementwise: norms, RoPE, q/k norms, the MLP activation, residual adds, the embedding and FSDP's
   copies and casts: minimal bytes / (0.9 × HBM bandwidth).
 - loss (cross-entropy over V logits per token) and optimizer (foreach AdamW): bytes / HBM bandwidth.
-- FSDP communication and offload: α–β transfers played against compute by ``overlapped_end_s``.
+- FSDP communication: α–β collectives played against compute by ``overlapped_end_s``; checkpoint
+  offload: PCIe copies on the compute stream (the runtime's ``save_on_cpu``), not hidden.
 
 numpy/scipy (through the time model) load only when a step time is asked for.
 """
@@ -393,7 +394,8 @@ def collective_s(link, total_bytes: float, group: int) -> float:
 class StepTime:
     """Predicted seconds of one step on the busiest rank, by part (the parts sum to ``step_time_s``).
 
-    ``fsdp_comm_s`` and ``offload_s`` are the exposed parts of the transfers (totals beside them);
+    ``fsdp_comm_s`` is the exposed part of the collectives (``fsdp_comm_total_s`` all of them),
+    ``offload_s`` the checkpoint copies (all exposed, ``offload_total_s`` the same);
     ``recompute_s`` is the share of GEMMs, attention and elementwise spent recomputing (already in
     them). ``relative_uncertainty`` covers only GEMMs timed from the prior efficiency; the measured
     parts' errors are what ``benchmarks/stack_accuracy.py`` reports. ``provenance`` is the weakest
@@ -574,8 +576,8 @@ def _grad_sync_s(w: StackWorkload, links: _Links, params: int) -> float:
 
 
 def _stream_units(c: _Costs, attention: tuple[float, float], links: _Links | None,
-                  backward: bool) -> tuple[list[StreamUnit], list[float]]:
-    """The units in FSDP2's order with their transfers, and each block's compute (for offload).
+                  backward: bool) -> list[StreamUnit]:
+    """The units in FSDP2's order with their transfers.
 
     Forward: root (final-norm weight), embedding, blocks, head (final norm, LM head, loss).
     Backward: head, blocks in reverse, embedding, root. Every unit but the root is gathered again
@@ -608,17 +610,18 @@ def _stream_units(c: _Costs, attention: tuple[float, float], links: _Links | Non
     head = StreamUnit(before_s=gather(head_params), compute_s=head_compute, after_s=sync(units["head"]))
     if not backward:
         root = StreamUnit(before_s=gather(units["root"]), compute_s=copies(units["root"]))
-        return [root, embedding, *blocks, head], [block_s] * w.model.n_layers
+        return [root, embedding, *blocks, head]
     root = StreamUnit(compute_s=copies(units["root"], 0), after_s=sync(units["root"]))
-    return [head, *blocks, embedding, root], [block_s] * w.model.n_layers
+    return [head, *blocks, embedding, root]
 
 
-def _offload_s(c: _Costs, spec, forward_blocks: list[float], backward_blocks: list[float]) -> tuple[float, float]:
-    """(exposed, total) seconds of moving each block's saved input (B·n·E·e bytes) to pinned CPU
-    memory after its forward and back before its backward, over the GPU's PCIe link (``HOST_LINK``),
-    on a copy stream overlapped with the blocks' compute (``overlapped_end_s``)."""
+def _offload_s(c: _Costs, spec) -> float:
+    """Seconds of moving each block's saved input (B·n·E·e bytes) to pinned CPU memory in forward
+    and back in backward over the GPU's PCIe link (``HOST_LINK``), α + bytes/β each way. The
+    runtime's ``torch.autograd.graph.save_on_cpu`` issues these copies on the compute stream
+    (non-blocking for the host, serialised with the kernels on the GPU): nothing hides them."""
     if not (c.w.training and c.w.settings.offload_checkpoints):
-        return 0.0, 0.0
+        return 0.0
     from ringplan.comm_model import link_model_from_spec
     from ringplan.hardware import load_catalog
 
@@ -627,9 +630,7 @@ def _offload_s(c: _Costs, spec, forward_blocks: list[float], backward_blocks: li
     link = link_model_from_spec(load_catalog().link(HOST_LINK[spec.name]))
     c.note("offload link", f"default: catalog {link.name}")
     copy = float(link.transfer_time_s(c.tokens * c.w.model.embed_dim * c.w.settings.param_dtype_bytes))
-    forward = overlapped_end_s([StreamUnit(compute_s=t, after_s=copy) for t in forward_blocks]) - sum(forward_blocks)
-    backward = overlapped_end_s([StreamUnit(compute_s=t, before_s=copy) for t in backward_blocks]) - sum(backward_blocks)
-    return forward + backward, 2 * copy * len(forward_blocks)
+    return 2 * copy * c.w.model.n_layers
 
 
 def _attention_s(c: _Costs, spec, timing_dir) -> tuple[float, float]:
@@ -652,8 +653,8 @@ def step_time(w: StackWorkload, gpu, *, timing_dir: str | Path | None = None,
               call_overhead_s: float | None = None) -> StepTime:
     """Predict one step of ``w`` on GPUs of type ``gpu`` (catalog name or ``GpuSpec``).
 
-    Training: forward, backward (with recomputation), optimizer, with FSDP/ZeRO communication and
-    checkpoint offload played against compute. ``training=False`` (prefill): the forward only,
+    Training: forward, backward (with recomputation) and optimizer, FSDP/ZeRO collectives played
+    against compute, checkpoint offload copies added. ``training=False`` (prefill): the forward only,
     weights replicated (no collectives), hidden states without the LM head. ``call_overhead_s``:
     host time before the first kernel (default ``time_model.DEFAULT_CALL_OVERHEAD_S``). Bad input
     (unknown GPU, no data for the dtype) raises ValueError.
@@ -668,23 +669,23 @@ def step_time(w: StackWorkload, gpu, *, timing_dir: str | Path | None = None,
     c.note("elementwise", f"default: assumed {ELEMENTWISE_HBM_EFFICIENCY} of catalog HBM bandwidth")
     attention = _attention_s(c, spec, timing_dir)
     links = _links(c, spec, timing_dir) if w.training else None
-    forward, fwd_blocks = _stream_units(c, attention, links, backward=False)
-    comm = overlapped_end_s(forward) - sum(u.compute_s for u in forward)
-    total = sum(u.before_s + u.after_s for u in forward)
-    offload = (0.0, 0.0)
+    units = _stream_units(c, attention, links, backward=False)
     if w.training:
-        backward, bwd_blocks = _stream_units(c, attention, links, backward=True)
-        comm += overlapped_end_s(backward) - sum(u.compute_s for u in backward)
-        total += sum(u.before_s + u.after_s for u in backward)
+        backward = _stream_units(c, attention, links, backward=True)
+        comm = overlapped_end_s(units) + overlapped_end_s(backward) - sum(u.compute_s for u in units + backward)
+        units += backward
         local = mdl.parameter_count(w.model) / shard_group_size(w)
         c.bytes("optimizer_s", optimizer_bytes(local, w.settings.master_dtype_bytes))
-        if w.settings.sharding in ("zero1", "zero2") and shard_group_size(w) > 1:  # updated shards re-gathered
-            regather = _gather_s(w, links, mdl.parameter_count(w.model))
-            comm, total = comm + regather, total + regather
-        offload = _offload_s(c, spec, fwd_blocks, bwd_blocks)
-    c.parts.update(fsdp_comm_s=comm, offload_s=offload[0],
+    else:
+        comm = overlapped_end_s(units) - sum(u.compute_s for u in units)
+    total = sum(u.before_s + u.after_s for u in units)
+    if w.training and w.settings.sharding in ("zero1", "zero2") and shard_group_size(w) > 1:
+        regather = _gather_s(w, links, mdl.parameter_count(w.model))  # the updated shards, after the step
+        comm, total = comm + regather, total + regather
+    offload = _offload_s(c, spec)
+    c.parts.update(fsdp_comm_s=comm, offload_s=offload,
                    host_overhead_s=tm.DEFAULT_CALL_OVERHEAD_S if call_overhead_s is None else float(call_overhead_s))
-    return _result(c, fsdp_total=total, offload_total=offload[1])
+    return _result(c, fsdp_total=total, offload_total=offload)
 
 
 def _result(c: _Costs, *, fsdp_total: float, offload_total: float) -> StepTime:
