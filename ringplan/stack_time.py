@@ -656,7 +656,9 @@ def step_time(w: StackWorkload, gpu, *, timing_dir: str | Path | None = None,
     Training: forward, backward (with recomputation) and optimizer, FSDP/ZeRO collectives played
     against compute, checkpoint offload copies added. ``training=False`` (prefill): the forward only,
     weights replicated (no collectives), hidden states without the LM head. ``call_overhead_s``:
-    host time before the first kernel (default ``time_model.DEFAULT_CALL_OVERHEAD_S``). Bad input
+    host time before the first kernel (default ``time_model.DEFAULT_CALL_OVERHEAD_S``), paid at the
+    start and, in training, again after the loss is read on the host (``StackRun.backward``'s
+    ``.item()``) before the optimizer's kernels are queued. Bad input
     (unknown GPU, no data for the dtype) raises ValueError.
     """
     from ringplan import time_model as tm
@@ -683,8 +685,8 @@ def step_time(w: StackWorkload, gpu, *, timing_dir: str | Path | None = None,
         regather = _gather_s(w, links, mdl.parameter_count(w.model))  # the updated shards, after the step
         comm, total = comm + regather, total + regather
     offload = _offload_s(c, spec)
-    c.parts.update(fsdp_comm_s=comm, offload_s=offload,
-                   host_overhead_s=tm.DEFAULT_CALL_OVERHEAD_S if call_overhead_s is None else float(call_overhead_s))
+    overhead = tm.DEFAULT_CALL_OVERHEAD_S if call_overhead_s is None else float(call_overhead_s)
+    c.parts.update(fsdp_comm_s=comm, offload_s=offload, host_overhead_s=overhead * (2 if w.training else 1))
     return _result(c, fsdp_total=total, offload_total=offload)
 
 
