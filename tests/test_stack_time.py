@@ -306,3 +306,43 @@ def test_selective_recomputes_every_block_gemm_but_not_attention():
     assert selective.gemm_flops == pytest.approx(full.gemm_flops, rel=REL)
     assert selective.attention_s == pytest.approx(none.attention_s, rel=REL)
     assert selective.attention_s < full.attention_s
+
+
+def _stack_terms_ready() -> bool:
+    try:
+        from ringplan.stack_terms import stack_terms  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _stack_terms_ready(), reason="ringplan.stack_terms not present yet")
+def test_stack_accuracy_recovers_synthetic_runs(tmp_path):
+    """benchmarks/stack_accuracy.py on runs synthesised from known parts (workspace = 300 MiB + ½
+    hidden, slack 3%, 700 MiB outside the allocator): held-out memory errors vanish, and the rows
+    whose memory exceeds the GPU (recorded as OOM, without figures) are judged infeasible."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import stack_accuracy
+
+    from ringplan.profiles import Provenance
+    from ringplan.stack_model import analytic_terms
+    from ringplan.stack_profiles import StackProfile, measurement_from_workload, write_stack_profile
+
+    model = load_model_catalog().model("llama-3-8b").with_layers(4)
+    usable, rows = load_catalog().gpu("h100").usable_memory_bytes, []
+    for tokens in (8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576, 2097152):
+        w = workload(tokens, world=2, model=model, checkpointing="full")
+        allocated = sum(analytic_terms(w).values()) + 300 * 2**20 + 0.5 * tokens // 2 * model.embed_dim * 2
+        used = allocated * 1.03 + 700 * 2**20
+        figures = dict(peak_allocated_bytes=allocated, peak_reserved_bytes=allocated * 1.03, device_used_bytes=used)
+        rows.append(measurement_from_workload(w, gpu="h100-80gb-sxm", oom=used > usable,
+                                              **({} if used > usable else figures)))
+    assert any(r.oom for r in rows) and sum(not r.oom for r in rows) >= 4
+    path = tmp_path / "synthetic.json"
+    write_stack_profile(path, StackProfile(provenance=Provenance(gpu_driver_name=H100_DRIVER, method="synthetic"),
+                                           rows=tuple(rows)))
+    payload = stack_accuracy.report([path], tmp_path / "out", "test")
+    memory = [line for line in payload["lines"] if line["check"] == "memory (held out)"]
+    assert memory and max(abs(line["error"]) for line in memory) < 1e-3
+    assert all(s["oom_judged_feasible"] == 0 for s in payload["capacity_summary"])
+    assert (tmp_path / "out" / "stack_accuracy.md").read_text().count("memory (held out)") == len(memory)
