@@ -345,4 +345,5 @@ def test_stack_accuracy_recovers_synthetic_runs(tmp_path):
     memory = [line for line in payload["lines"] if line["check"] == "memory (held out)"]
     assert memory and max(abs(line["error"]) for line in memory) < 1e-3
     assert all(s["oom_judged_feasible"] == 0 for s in payload["capacity_summary"])
-    assert (tmp_path / "out" / "stack_accuracy.md").read_text().count("memory (held out)") == len(memory)
+    text = (tmp_path / "out" / "stack_accuracy.md").read_text()
+    assert text.count("| memory (held out) | h100-80gb-sxm | llama-3-8b@4L") == len(memory)
