@@ -22,6 +22,11 @@ offload), then less communication (sharding none < zero1 < zero2 < zero3), then 
 * ``max_tokens``: per-GPU memory never decreases with S at fixed settings, so each setting's
   largest S is an exponential + binary search over valid lengths; a setting that cannot hold the
   best length found so far is not searched.
+
+Every candidate is judged, none is assumed to dominate another (fewer saved activations do not
+always mean less memory: the peak instant moves). What keeps a search cheap is a certified lower
+bound (``StackMemoryModel.lower_bound_bytes``, one instant's terms at ~1/50 of the cost): a
+candidate whose bound exceeds the budget is infeasible without its full prediction.
 """
 
 from __future__ import annotations
@@ -221,8 +226,8 @@ def ranked(rows: list[StackRow]) -> list[StackRow]:
 
 
 def candidate_rows(query: StackQuery, seq_len_tokens: int, world_size: int) -> tuple[list[StackRow], list[Rejected]]:
-    """Every candidate at one (S, W): rows (memory only; duplicates of a preferred candidate's
-    prediction dropped) and the candidates that are not valid runs there."""
+    """Every candidate at one (S, W), each predicted (duplicates of a preferred candidate's
+    prediction dropped), and the candidates that are not valid runs there."""
     rows, rejected, seen = [], [], set()
     for settings in query.candidates:
         try:
@@ -238,10 +243,54 @@ def candidate_rows(query: StackQuery, seq_len_tokens: int, world_size: int) -> t
     return rows, rejected
 
 
-def best_row(query: StackQuery, rows: list[StackRow]) -> StackRow | None:
-    """The chosen feasible row (timed, ranked), or None."""
-    feasible = ranked([timed(query, r) for r in rows if r.feasible])
-    return feasible[0] if feasible else None
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Scan:
+    """The candidates at one (S, W) as the searches see them: ``feasible`` rows in preference
+    order, ``evaluated`` rows predicted in full, ``pruned`` (lower bound, workload) pairs judged
+    infeasible by ``StackMemoryModel.lower_bound_bytes`` alone, and ``rejected`` invalid runs."""
+
+    feasible: tuple[StackRow, ...]
+    evaluated: tuple[StackRow, ...]
+    pruned: tuple[tuple[float, StackWorkload], ...]
+    rejected: tuple[Rejected, ...]
+
+
+def scan(query: StackQuery, seq_len_tokens: int, world_size: int, *, first_only: bool) -> Scan:
+    """Candidates at one (S, W) in preference order (stopping at the first feasible one when
+    ``first_only``). A candidate whose certified lower bound exceeds the budget is infeasible
+    without a full prediction: that keeps a cold start's search to a few full predictions."""
+    feasible, evaluated, pruned, rejected = [], [], [], []
+    for settings in query.candidates:
+        try:
+            w = query.workload(seq_len_tokens, world_size, settings)
+        except ValueError as exc:
+            rejected.append(Rejected(settings=settings, world_size=world_size, reason=str(exc)))
+            continue
+        bound = query.memory.lower_bound_bytes(w, query.gpu)
+        if bound > query.budget_bytes:
+            pruned.append((bound, w))
+            continue
+        row = memory_row(query, w)
+        evaluated.append(row)
+        if row.feasible:
+            feasible.append(row)
+            if first_only:
+                break
+    return Scan(feasible=tuple(feasible), evaluated=tuple(evaluated), pruned=tuple(pruned), rejected=tuple(rejected))
+
+
+def chosen_rows(query: StackQuery, found: Scan) -> list[StackRow]:
+    """The feasible rows of a scan, timed and ranked (the first is the answer)."""
+    return ranked([timed(query, r) for r in found.feasible])
+
+
+def frugal_row(query: StackQuery, found: Scan) -> StackRow | None:
+    """For a (S, W) where nothing fits: the predicted row of the candidate with the least memory
+    among those predicted and the one with the lowest lower bound among the pruned."""
+    rows = list(found.evaluated)
+    if found.pruned:
+        rows.append(memory_row(query, min(found.pruned, key=lambda pair: pair[0])[1]))
+    return min(rows, key=lambda r: (r.prediction.upper_bytes, preference_key(r.settings))) if rows else None
 
 
 def lowest_memory_row(rows: list[StackRow]) -> StackRow:
@@ -279,8 +328,9 @@ def valid_world_sizes(query: StackQuery, seq_len_tokens: int) -> list[int]:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StackMinWorldSize:
     """Fewest GPUs for S tokens: ``minimum`` (None when nothing fits up to the maximum), ``choices``
-    every feasible setting there (ranked), ``rows`` one per shown W (its chosen setting, or the
-    lowest-memory one where none fits)."""
+    the feasible settings there, ranked (all of them with a time model; without one the search
+    stops at the first in preference order), ``rows`` one per shown W (its chosen setting, or the
+    most frugal one where none fits)."""
 
     seq_len_tokens: int
     minimum: StackRow | None
@@ -290,29 +340,27 @@ class StackMinWorldSize:
 
 def min_world_size(query: StackQuery, seq_len_tokens: int) -> StackMinWorldSize:
     """Smallest W with a feasible setting (linear scan over ``valid_world_sizes``); the table shows
-    the valid powers of two up to 4× the answer (all of them when none fits) and the answer."""
-    evaluated: dict[int, list[StackRow]] = {}
-    reasons: list[str] = []
+    the valid powers of two up to 2× the answer (all of them when none fits) and the answer."""
+    first_only = query.step_time is None
+    scans: dict[int, Scan] = {}
     minimum = None
     for size in valid_world_sizes(query, seq_len_tokens):
-        rows, rejected = candidate_rows(query, seq_len_tokens, size)
-        reasons += [r.reason for r in rejected]
-        if rows:
-            evaluated[size] = rows
-        if any(r.feasible for r in rows):
+        scans[size] = scan(query, seq_len_tokens, size, first_only=first_only)
+        if scans[size].feasible:
             minimum = size
             break
-    if not evaluated:
-        raise ValueError(reasons[0] if reasons else "no candidate settings")
-    limit = 4 * minimum if minimum else query.max_world_size
+    if not any(found.evaluated or found.pruned for found in scans.values()):
+        raise ValueError(next((r.reason for found in scans.values() for r in found.rejected), "no candidate settings"))
+    limit = 2 * minimum if minimum else query.max_world_size
     shown = sorted({w for w in valid_world_sizes(query, seq_len_tokens) if w & (w - 1) == 0 and w <= limit}
                    | ({minimum} if minimum else set()))
     table = []
     for size in shown:
-        rows = evaluated[size] if size in evaluated else candidate_rows(query, seq_len_tokens, size)[0]
-        if rows:
-            table.append(best_row(query, rows) or lowest_memory_row(rows))
-    choices = tuple(ranked([timed(query, r) for r in evaluated[minimum] if r.feasible])) if minimum else ()
+        found = scans.get(size) or scan(query, seq_len_tokens, size, first_only=first_only)
+        row = (chosen_rows(query, found) or [None])[0] or frugal_row(query, found)
+        if row is not None:
+            table.append(row)
+    choices = tuple(chosen_rows(query, scans[minimum])) if minimum else ()
     table = [choices[0] if choices and row.world_size == minimum else row for row in table]
     return StackMinWorldSize(seq_len_tokens=seq_len_tokens, minimum=choices[0] if choices else None,
                              choices=choices, rows=tuple(table))
@@ -324,8 +372,8 @@ def min_world_size(query: StackQuery, seq_len_tokens: int) -> StackMinWorldSize:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StackMaxTokens:
     """Most tokens on W GPUs: ``best`` (None when not even the shortest valid length fits),
-    ``choices`` every feasible setting at that length (ranked), ``next_infeasible`` the best
-    setting at the next valid length (no candidate fits there)."""
+    ``choices`` the feasible settings at that length (as in ``StackMinWorldSize``),
+    ``next_infeasible`` the chosen setting at the next valid length (no candidate fits there)."""
 
     world_size: int
     best: StackRow | None
@@ -339,45 +387,63 @@ def token_unit(query: StackQuery, world_size: int) -> int:
     return p * RingLayout(ring_size=p, layout=query.layout, backend=query.backend).chunks_per_rank
 
 
-def largest_true(fits: Callable[[int], bool], lo: int = 0, limit: int = MAX_SEARCH_TOKENS) -> int:
-    """Largest m with ``fits(m)`` for a predicate true up to some m and false after, given
-    ``fits(lo)`` (lo = 0: nothing known): doubling, then bisection (O(log m) calls). ``ValueError``
-    when it still holds beyond ``limit``."""
+def largest_within(value: Callable[[int], float], budget: float, lo: int = 0,
+                   limit: int = MAX_SEARCH_TOKENS) -> int:
+    """Largest m ≥ ``lo`` with ``value(m) <= budget`` for a non-decreasing ``value``, given that
+    ``lo`` qualifies (lo = 0: nothing known). Bracketing by secant extrapolation (at least
+    doubling), then regula falsi safeguarded by bisection: a near-linear memory curve takes a few
+    calls, any monotone one O(log m). ``ValueError`` when m passes ``limit``."""
+    v_lo = value(lo) if lo > 0 else None
     hi = lo + max(lo, 1)
-    while fits(hi):
+    v_hi = value(hi)
+    while v_hi <= budget:
         if hi > limit:
             raise ValueError(f"no memory limit found below {MAX_SEARCH_TOKENS:,} tokens; check the GPU and model")
-        lo, hi = hi, 2 * hi
+        guess = 2 * hi
+        if v_lo is not None and v_hi > v_lo:
+            guess = max(guess, int(hi + 1.05 * (budget - v_hi) * (hi - lo) / (v_hi - v_lo)) + 1)
+        lo, v_lo, hi = hi, v_hi, guess
+        v_hi = value(hi)
+    bisect = False
     while hi - lo > 1:
+        width = hi - lo
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        if not bisect and v_lo is not None and v_hi > v_lo:
+            mid = min(max(lo + int((budget - v_lo) * width / (v_hi - v_lo)), lo + 1), hi - 1)
+        v = value(mid)
+        lo, v_lo, hi, v_hi = (mid, v, hi, v_hi) if v <= budget else (lo, v_lo, mid, v)
+        bisect = not bisect and hi - lo > width // 2  # the bracket did not halve: bisect next
     return lo
 
 
 def max_tokens(query: StackQuery, world_size: int) -> StackMaxTokens:
-    """Largest S on ``world_size`` GPUs over every candidate setting. Candidates are searched in
-    preference order; one that cannot hold the best length found so far plus one unit is skipped."""
+    """Largest S on ``world_size`` GPUs over every candidate setting. Candidates are searched from
+    the least preferred (most memory-frugal) on; one that cannot hold the best length found so far
+    plus one unit is skipped. The chosen setting at that length follows ``scan``."""
     unit = token_unit(query, world_size)
     best_m, reasons = 0, []
-    for settings in query.candidates:
+    for settings in reversed(query.candidates):
         try:
             query.workload(unit, world_size, settings)
         except ValueError as exc:
             reasons.append(str(exc))
             continue
 
-        def fits(m: int, settings: StackSettings = settings) -> bool:
-            return memory_row(query, query.workload(m * unit, world_size, settings)).feasible
+        def needed(m: int, settings: StackSettings = settings) -> float:
+            """Memory + bound of S = m·unit (the lower bound where that already exceeds the budget)."""
+            w = query.workload(m * unit, world_size, settings)
+            bound = query.memory.lower_bound_bytes(w, query.gpu)
+            return bound if bound > query.budget_bytes else query.memory.predict(w, query.gpu).upper_bytes
 
-        if best_m == 0 or fits(best_m + 1):
-            best_m = max(best_m, largest_true(fits, best_m + 1 if best_m else 0, MAX_SEARCH_TOKENS // unit))
+        if best_m == 0 or needed(best_m + 1) <= query.budget_bytes:
+            start = best_m + 1 if best_m else 0
+            best_m = max(best_m, largest_within(needed, query.budget_bytes, start, MAX_SEARCH_TOKENS // unit))
     if len(reasons) == len(query.candidates):
         raise ValueError(reasons[0])
     if best_m == 0:
-        rows, _ = candidate_rows(query, unit, world_size)
-        return StackMaxTokens(world_size=world_size, best=None, choices=(), next_infeasible=lowest_memory_row(rows))
-    rows, _ = candidate_rows(query, best_m * unit, world_size)
-    choices = tuple(ranked([timed(query, r) for r in rows if r.feasible]))
+        frugal = frugal_row(query, scan(query, unit, world_size, first_only=False))
+        return StackMaxTokens(world_size=world_size, best=None, choices=(), next_infeasible=frugal)
+    choices = tuple(chosen_rows(query, scan(query, best_m * unit, world_size, first_only=query.step_time is None)))
     following = memory_row(query, query.workload((best_m + 1) * unit, world_size, choices[0].settings))
     return StackMaxTokens(world_size=world_size, best=choices[0], choices=choices, next_infeasible=following)
 

@@ -45,7 +45,7 @@ from ringplan.memory_calibration import (CALIBRATION_KINDS, Calibration, PartFit
 from ringplan.memory_model import (PRIOR_RELATIVE_UNCERTAINTY, ChosenParts, MemoryModel, MemoryPrediction,
                                    calibrated_provenance)
 from ringplan.models import layer_parameter_count
-from ringplan.profiles import profiles_dir, write_merged_json
+from ringplan.profiles import measured_dir, profiles_dir, write_merged_json
 from ringplan.stack import StackWorkload, shard_group_size, tokens_per_rank
 
 STACK_FIT_SCHEMA = "ringplan.stack-fit/1"
@@ -114,6 +114,18 @@ def analytic_terms(w: StackWorkload) -> dict[str, float]:
     from ringplan.stack_terms import stack_terms
 
     return stack_terms(w)
+
+
+def lower_bound_terms(w: StackWorkload) -> dict[str, float] | None:
+    """The terms of one training instant, the loss backward (``stack_terms.loss_backward_instant``:
+    model states and every block's saved activations), ~1/50 of ``stack_terms``' cost: the peak is
+    the largest instant, so Σ of these never exceeds Σ ``stack_terms(w)`` (a test checks it).
+    None for a forward pass (few candidates, nothing to prune)."""
+    if not w.training:
+        return None
+    from ringplan.stack_terms import loss_backward_instant
+
+    return loss_backward_instant(w)
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -196,57 +208,92 @@ class StackMemoryModel:
         """Per-rank device memory of one step of ``w`` on ``gpu`` (memoised per workload and GPU)."""
         key = (w, gpu.name, gpu.runtime_overhead_bytes)
         if key not in self._cache:
-            self._cache[key] = self._predict(w, gpu)
+            self._cache[key] = self._predict(w, gpu, analytic_terms(w))
         return self._cache[key]
+
+    def lower_bound_bytes(self, w: StackWorkload, gpu: GpuSpec) -> float:
+        """A certified lower bound of ``predict(w, gpu).upper_bytes`` at a fraction of its cost (0
+        when there is none): total + bound from one instant's terms (``lower_bound_terms``), since
+        every fitted part and bound is non-decreasing in Σφ."""
+        key = (w, gpu.name, gpu.runtime_overhead_bytes)
+        if key in self._cache:  # predicted already: the exact figure
+            return self._cache[key].upper_bytes
+        phi = lower_bound_terms(w)
+        if phi is None:
+            return 0.0
+        figures = self._figures(w, gpu, sum(phi.values()))
+        return figures.total_bytes + figures.bound_bytes
 
     def parts_for(self, w: StackWorkload, gpu: GpuSpec) -> ChosenParts:
         """The stack fits used for ``w`` on ``gpu``: this GPU's, else the GPU's with the most runs."""
         family = mode_family(w)
+        key = ("parts", gpu.name, family)
+        if key in self._cache:
+            return self._cache[key]
         ordered = sorted(self.calibrations.values(), key=lambda c: (c.gpu != gpu.name, -len(c.workspace), c.gpu))
 
         def first(pick) -> PartFit | None:
             return next((f for c in ordered if (f := pick(c)) is not None), None)
 
-        return ChosenParts(workspace=first(lambda c: c.workspace.get(family)),
-                           slack=first(lambda c: c.slack.get(family)), overhead=first(lambda c: c.overhead))
+        self._cache[key] = ChosenParts(workspace=first(lambda c: c.workspace.get(family)),
+                                       slack=first(lambda c: c.slack.get(family)),
+                                       overhead=first(lambda c: c.overhead))
+        return self._cache[key]
 
     def _attention_transfer(self, w: StackWorkload, gpu: GpuSpec) -> "_AttentionTransfer":
         """The attention-level parts lent to ``w`` (memoised: they do not depend on the settings
         searched, only on one layer's attention, the ring and the number of communicators)."""
-        from ringplan.stack import attention_workload
-
-        key = ("attention", attention_workload(w), w.layout, communicator_count(w), gpu.name,
-               gpu.runtime_overhead_bytes)
+        key = ("attention", w.model, w.seq_len_tokens, w.batch, w.training, w.settings.param_dtype, w.layout,
+               communicator_count(w), gpu.name, gpu.runtime_overhead_bytes)
         if key not in self._cache:
             self._cache[key] = _AttentionTransfer.of(self.attention, w, gpu)
         return self._cache[key]
 
-    def _predict(self, w: StackWorkload, gpu: GpuSpec) -> MemoryPrediction:
-        phi = analytic_terms(w)
-        analytic = sum(phi.values())
+    def _figures(self, w: StackWorkload, gpu: GpuSpec, analytic: float) -> "_Figures":
+        """Workspace, slack, outside memory and the residual bound around Σφ = ``analytic``."""
         chosen = self.parts_for(w, gpu)
         attention = self._attention_transfer(w, gpu) if chosen.workspace is None or chosen.overhead is None else None
         workspace = chosen.workspace.bytes(workspace_features(w)) if chosen.workspace else attention.workspace_bytes
         allocated = analytic + workspace
         slack = chosen.slack.bytes(slack_features(w, allocated)) if chosen.slack else 0.0
-        reserved = allocated + slack
         outside = chosen.overhead.bytes(outside_features(w)) if chosen.overhead else attention.outside_bytes
-        total = reserved + outside
+        total = allocated + slack + outside
         bound = sum(fit.uncertainty_bytes(figure) for fit, figure in
-                    ((chosen.workspace, allocated), (chosen.slack, reserved), (chosen.overhead, total)) if fit)
+                    ((chosen.workspace, allocated), (chosen.slack, allocated + slack), (chosen.overhead, total)) if fit)
         if chosen.workspace is None or chosen.slack is None:
             bound += PRIOR_RELATIVE_UNCERTAINTY * analytic
         if attention is not None:
             bound += attention.bound_bytes(total, workspace=chosen.workspace is None,
                                            outside=chosen.overhead is None)
-        kind, label = _provenance(chosen, attention, w, gpu)
-        uncertainty = bound + (PRIOR_RELATIVE_UNCERTAINTY * (total - analytic) if kind != "measured" else 0.0)
-        parts = {**phi, "workspace_bytes": workspace, "allocator_slack_bytes": slack, "runtime_overhead_bytes": outside}
-        return MemoryPrediction(terms_bytes=parts, total_bytes=total, tokens_per_rank=tokens_per_rank(w),
+        return _Figures(chosen=chosen, attention=attention, workspace_bytes=workspace, slack_bytes=slack,
+                        outside_bytes=outside, total_bytes=total, bound_bytes=bound)
+
+    def _predict(self, w: StackWorkload, gpu: GpuSpec, phi: dict[str, float]) -> MemoryPrediction:
+        analytic = sum(phi.values())
+        f = self._figures(w, gpu, analytic)
+        kind, label = _provenance(f.chosen, f.attention, w, gpu)
+        uncertainty = f.bound_bytes + (PRIOR_RELATIVE_UNCERTAINTY * (f.total_bytes - analytic)
+                                       if kind != "measured" else 0.0)
+        parts = {**phi, "workspace_bytes": f.workspace_bytes, "allocator_slack_bytes": f.slack_bytes,
+                 "runtime_overhead_bytes": f.outside_bytes}
+        allocated = analytic + f.workspace_bytes
+        return MemoryPrediction(terms_bytes=parts, total_bytes=f.total_bytes, tokens_per_rank=tokens_per_rank(w),
                                 fitted_figure="device_used_bytes", peak_allocated_bytes=allocated,
-                                peak_reserved_bytes=reserved if chosen.slack else None,
-                                relative_uncertainty=uncertainty / total if total > 0 else 0.0, provenance=label,
-                                provenance_kind=kind, model_form="analytic", residual_bound_bytes=bound)
+                                peak_reserved_bytes=allocated + f.slack_bytes if f.chosen.slack else None,
+                                relative_uncertainty=uncertainty / f.total_bytes if f.total_bytes > 0 else 0.0,
+                                provenance=label, provenance_kind=kind, model_form="analytic",
+                                residual_bound_bytes=f.bound_bytes)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Figures:
+    chosen: ChosenParts
+    attention: "_AttentionTransfer | None"
+    workspace_bytes: float
+    slack_bytes: float
+    outside_bytes: float
+    total_bytes: float
+    bound_bytes: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -306,6 +353,12 @@ def _provenance(chosen: ChosenParts, attention: _AttentionTransfer | None, w: St
 # ----------------------------------------------------------------------------- the committed fit
 
 
+def stack_dir() -> Path:
+    """``profiles/measured/stack`` (``stack_profiles.stack_profiles_dir``, without importing the
+    profile reader at plan time; a test checks they agree)."""
+    return measured_dir() / "stack"
+
+
 def stack_fit_path() -> Path:
     """``profiles/fitted/stack-fit.json`` (under ``$RINGPLAN_PROFILES_DIR`` when that is set)."""
     return profiles_dir() / "fitted" / "stack-fit.json"
@@ -317,9 +370,7 @@ def _sha256(path: Path) -> str:
 
 def stack_input_hashes(directory: str | Path | None = None) -> dict[str, dict[str, str]]:
     """SHA-256 of every stack profile (by file name) and of every fit source (by module file)."""
-    from ringplan.stack_profiles import stack_profiles_dir
-
-    directory = Path(directory) if directory is not None else stack_profiles_dir()
+    directory = Path(directory) if directory is not None else stack_dir()
     package = Path(__file__).resolve().parent
     profiles = {p.name: _sha256(p) for p in sorted(directory.glob("*.json"))} if directory.is_dir() else {}
     return {"profiles": profiles,

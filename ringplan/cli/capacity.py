@@ -154,9 +154,6 @@ def capacity(ctx: click.Context, gpu_name: str, tokens: int | None, world_size: 
     projections, contiguous layout, backend auto. Exit code 0 when a feasible plan exists, 1 when
     none does (within --max-world-size), 2 on bad input.
     """
-    from ringplan.capacity import CapacityQuery
-    from ringplan.hardware import load_catalog
-
     if tokens is None and world_size is None:
         raise ValueError("give --tokens N (fewest GPUs), --world-size K (most tokens), or both")
     if model_requested(**workload_args):
@@ -165,6 +162,9 @@ def capacity(ctx: click.Context, gpu_name: str, tokens: int | None, world_size: 
                               workload_args=workload_args, refused={"plot_path": plot_path, "profile_paths": profile_paths,
                                                                     "model_form": model_form}))
     _refuse_whole_model_options(workload_args)
+    from ringplan.capacity import CapacityQuery
+    from ringplan.hardware import load_catalog
+
     gpu = load_catalog().gpu(gpu_name)
     workload = build_workload(seq_len_tokens=tokens, **workload_args)
     query = CapacityQuery(workload=workload, layout=workload_args["layout"], backend=workload_args["backend"],
