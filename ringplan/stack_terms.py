@@ -29,6 +29,7 @@ unit's activations exist), RoPE and projection backward (after the ring buffers 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from ringplan.memory_terms import (TermInputs, attention_instant, backward_instant, kv_bytes, output_bytes,
@@ -77,6 +78,7 @@ class StackShape:
         return self.batch * self.n
 
 
+@functools.lru_cache(maxsize=512)
 def stack_shape(w: StackWorkload) -> StackShape:
     m, s = w.model, w.settings
     return StackShape(batch=w.batch, n=tokens_per_rank(w), E=m.embed_dim, H=m.n_heads, H_kv=m.n_kv_heads,
@@ -108,27 +110,33 @@ def unit_param_shapes(w: StackWorkload) -> dict[str, list[tuple[int, int]]]:
     """Parameters of each FSDP2 unit of the runtime: ``block`` (one of L), ``embed`` (the token
     table, plus learned positions; the head too when tied), ``head`` (untied LM head), ``root``
     (final norm)."""
+    return {name: list(shapes) for name, shapes in _unit_shapes(w).items()}
+
+
+@functools.lru_cache(maxsize=512)
+def _unit_shapes(w: StackWorkload) -> dict[str, tuple[tuple[int, int], ...]]:
     m = w.model
     embed = [(m.vocab_size, m.embed_dim)] + ([(m.max_positions, m.embed_dim)] if m.position == "learned" else [])
     root = [(m.embed_dim, 1)] * (2 if m.norm == "layernorm" else 1)
-    return {"block": block_param_shapes(w), "embed": embed,
-            "head": [] if m.tied_embeddings else [(m.vocab_size, m.embed_dim)], "root": root}
+    return {"block": tuple(block_param_shapes(w)), "embed": tuple(embed),
+            "head": () if m.tied_embeddings else ((m.vocab_size, m.embed_dim),), "root": tuple(root)}
 
 
-def shard_elements(shapes: list[tuple[int, int]], group: int) -> int:
+def shard_elements(shapes, group: int) -> int:
     """Elements of one rank's shards: Σ ⌈rows/G⌉·columns (FSDP2 pads rows to a multiple of G;
     the largest shard, rank 0's, is the one that decides the peak)."""
     return sum(-(-rows // group) * cols for rows, cols in shapes)
 
 
-def padded_elements(shapes: list[tuple[int, int]], group: int) -> int:
+def padded_elements(shapes, group: int) -> int:
     """Elements of the unsharded (gathered) unit: Σ ⌈rows/G⌉·G·columns."""
     return shard_elements(shapes, group) * group
 
 
+@functools.lru_cache(maxsize=512)
 def rank_param_elements(w: StackWorkload) -> int:
     """Ψ_G: parameter elements one rank holds, Σ over units of ``shard_elements`` (L blocks)."""
-    units, g = unit_param_shapes(w), stack_shape(w).G
+    units, g = _unit_shapes(w), stack_shape(w).G
     return w.model.n_layers * shard_elements(units["block"], g) + sum(
         shard_elements(units[name], g) for name in ("embed", "head", "root"))
 
@@ -214,6 +222,7 @@ def optimizer_step_bytes(w: StackWorkload) -> float:
     return float(stack_shape(w).e_m * _psi(w) / shard_group_size(w))
 
 
+@functools.lru_cache(maxsize=512)
 def _psi(w: StackWorkload) -> int:
     from ringplan.models import parameter_count
 
@@ -228,10 +237,10 @@ def gathered_unit_bytes(w: StackWorkload, unit: str) -> float:
     all-gather outputs, padded rows included). Zero outside FSDP2 training."""
     if not (w.training and runs_fsdp(w)):
         return 0.0
-    return float(padded_elements(unit_param_shapes(w)[unit], stack_shape(w).G) * stack_shape(w).e)
+    return float(padded_elements(_unit_shapes(w)[unit], stack_shape(w).G) * stack_shape(w).e)
 
 
-def unit_grad_bytes(w: StackWorkload, shapes: list[tuple[int, int]]) -> float:
+def unit_grad_bytes(w: StackWorkload, shapes) -> float:
     """Unsharded gradients of some of a unit's parameters in the compute dtype (autograd writes them
     into the gathered bf16 parameters' ``.grad`` before FSDP2 reduce-scatters): Σ rows·columns·e."""
     return float(sum(rows * cols for rows, cols in shapes) * stack_shape(w).e)
@@ -240,6 +249,7 @@ def unit_grad_bytes(w: StackWorkload, shapes: list[tuple[int, int]]) -> float:
 # ----------------------------------------------------------------------------- activations of one block
 
 
+@functools.lru_cache(maxsize=512)
 def attention_point(w: StackWorkload) -> TermInputs:
     """One layer's ring attention as ``ringplan.memory_terms`` evaluates it (q, k, v after RoPE)."""
     return term_inputs(attention_workload(w), w.layout)
@@ -416,7 +426,7 @@ def _fsdp_at(w: StackWorkload, position: str, index: int = 0) -> dict[str, float
     does, and nothing is gathered."""
     if not runs_fsdp(w):
         return {"gradients_bytes": gradients_bytes(w)}
-    s, units, tied = stack_shape(w), unit_param_shapes(w), w.model.tied_embeddings
+    s, units, tied = stack_shape(w), _unit_shapes(w), w.model.tied_embeddings
     order = ["loss", "final_norm", "block", "embed"]
     if position not in order:
         raise ValueError(f"position must be one of {order}, got {position!r}")
@@ -435,7 +445,7 @@ def _fsdp_at(w: StackWorkload, position: str, index: int = 0) -> dict[str, float
         # over G > 1 ranks: the prefetched unit's all-gather output, and a tied table's, which stays
         # from the loss's all-gather until the embedding's backward
         gathered += ([nxt] if nxt else []) + (["embed"] if tied else [])
-    reduced = s.L * 0 + done_blocks * shard_elements(units["block"], s.G)
+    reduced = done_blocks * shard_elements(units["block"], s.G)
     if after_loss and not tied:
         reduced += shard_elements(units["head"], s.G)
     kept = None
@@ -474,7 +484,7 @@ def _loss_rows(w: StackWorkload) -> tuple[int, bool]:
 
 def head_grad_bytes(w: StackWorkload) -> float:
     """The LM head's unsharded gradient, V·E·e (the table's when tied)."""
-    return unit_grad_bytes(w, unit_param_shapes(w)["embed" if w.model.tied_embeddings else "head"][:1])
+    return unit_grad_bytes(w, _unit_shapes(w)["embed" if w.model.tied_embeddings else "head"][:1])
 
 
 def loss_backward_instant(w: StackWorkload) -> dict[str, float]:
@@ -557,7 +567,7 @@ def embedding_backward_instant(w: StackWorkload) -> dict[str, float]:
     """The embedding's backward (the last): every other gradient reduced, block 0's reduce-scatter
     input kept, the table gathered, its dense gradient V·E·e and the embedding output's gradient
     T·E·e."""
-    table = unit_grad_bytes(w, unit_param_shapes(w)["embed"])
+    table = unit_grad_bytes(w, _unit_shapes(w)["embed"])
     return _plus({**_model_states(w), **_fsdp_at(w, "embed"), "hidden_bytes": hidden_state_bytes(w)},
                  unit_grads_bytes=table)
 
@@ -571,7 +581,7 @@ def reduce_scatter_instants(w: StackWorkload, unit: str, index: int = 0) -> dict
     gradient flowing back (T·E·e). A tied table is reduced once, after the embedding's backward."""
     if not runs_fsdp(w) or (unit == "head" and w.model.tied_embeddings):
         return {}
-    s, units = stack_shape(w), unit_param_shapes(w)
+    s, units = stack_shape(w), _unit_shapes(w)
     if unit == "head":
         state = {**_fsdp_at(w, "final_norm"), "saved_activations_bytes": _saved(w, s.L, final_norm=True),
                  "rope_tables_bytes": rope_tables_bytes(w), "hidden_bytes": hidden_state_bytes(w)}
@@ -650,6 +660,11 @@ def forward_instants(w: StackWorkload) -> dict[str, dict[str, float]]:
 
 def stack_instants(w: StackWorkload) -> dict[str, dict[str, float]]:
     """Every modelled peak instant (name → terms), each keyed by ``STACK_TERM_NAMES``."""
+    return {name: dict(terms) for name, terms in _instants(w).items()}
+
+
+@functools.lru_cache(maxsize=256)
+def _instants(w: StackWorkload) -> dict[str, dict[str, float]]:
     instants = training_instants(w) if w.training else forward_instants(w)
     return {name: {key: float(terms.get(key, 0.0)) for key in STACK_TERM_NAMES} for name, terms in instants.items()}
 
