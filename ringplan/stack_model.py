@@ -386,7 +386,8 @@ def stack_points(directory: str | Path | None = None) -> tuple[list[StackPoint],
         for row in profile.rows:
             if row.oom or row.kind not in CALIBRATION_KINDS:
                 continue
-            points.append(StackPoint(gpu=row.gpu, workload=row.workload(), peak_allocated_bytes=row.peak_allocated_bytes,
+            points.append(StackPoint(gpu=row.gpu, workload=row.workload(),
+                                     peak_allocated_bytes=row.peak_allocated_bytes,
                                      peak_reserved_bytes=row.peak_reserved_bytes,
                                      device_used_bytes=row.device_used_bytes))
             names.add(Path(profile.path or "").name)

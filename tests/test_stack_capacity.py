@@ -60,7 +60,8 @@ def test_settings_space():
     assert {(s.sharding, s.loss) for s in pinned} == {("zero2", "chunked")} and len(pinned) == 4
     grouped_forward = settings_space(training=False, base=StackSettings(shard_group_size=2), fixed={"shard_group_size"})
     assert {(s.sharding, s.shard_group_size) for s in grouped_forward} == {("zero3", 2)} and len(grouped_forward) == 2
-    assert {s.shard_group_size for s in settings_space(training=False, base=StackSettings(shard_group_size=2))} == {None}
+    ungrouped = settings_space(training=False, base=StackSettings(shard_group_size=2))
+    assert {s.shard_group_size for s in ungrouped} == {None}
 
 
 @settings(max_examples=25, deadline=None)
@@ -163,9 +164,9 @@ def test_identical_candidates_count_once():
 
     kept = {key(r.prediction): r.settings for r in rows}
     assert len(kept) == len(rows) < len(TRAIN_SPACE) and not rejected
-    for settings in TRAIN_SPACE:
-        chosen = kept[key(UNFITTED.predict(query.workload(4096, 1, settings), query.gpu))]
-        assert preference_key(chosen) <= preference_key(settings)
+    for candidate in TRAIN_SPACE:
+        chosen = kept[key(UNFITTED.predict(query.workload(4096, 1, candidate), query.gpu))]
+        assert preference_key(chosen) <= preference_key(candidate)
 
 
 def test_plan_reports_invalid_candidates():

@@ -134,7 +134,8 @@ def write_synthetic_profile(directory, points):
     rows = tuple(measurement_from_workload(p.workload, gpu=p.gpu, peak_allocated_bytes=p.peak_allocated_bytes,
                                            peak_reserved_bytes=p.peak_reserved_bytes,
                                            device_used_bytes=p.device_used_bytes) for p in points)
-    write_stack_profile(directory / "synthetic.json", StackProfile(provenance=Provenance(source="synthetic"), rows=rows))
+    profile = StackProfile(provenance=Provenance(source="synthetic"), rows=rows)
+    write_stack_profile(directory / "synthetic.json", profile)
 
 
 def test_stack_fit_round_trip_and_staleness(tmp_path):

@@ -157,10 +157,10 @@ def capacity(ctx: click.Context, gpu_name: str, tokens: int | None, world_size: 
     if tokens is None and world_size is None:
         raise ValueError("give --tokens N (fewest GPUs), --world-size K (most tokens), or both")
     if model_requested(**workload_args):
+        refused = {"plot_path": plot_path, "profile_paths": profile_paths, "model_form": model_form}
         ctx.exit(_whole_model(gpu_name=gpu_name, tokens=tokens, world_size=world_size, max_world_size=max_world_size,
                               safety_margin=safety_margin, step_time=step_time, output_format=output_format,
-                              workload_args=workload_args, refused={"plot_path": plot_path, "profile_paths": profile_paths,
-                                                                    "model_form": model_form}))
+                              workload_args=workload_args, refused=refused))
     _refuse_whole_model_options(workload_args)
     from ringplan.capacity import CapacityQuery
     from ringplan.hardware import load_catalog

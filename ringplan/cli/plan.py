@@ -188,27 +188,35 @@ def _gpus_text(row) -> str:
     return f"{row.world_size} x (ring {row.ring_size} x data-parallel {row.data_parallel})"
 
 
+def _check_answer(query, tokens: int, world_size: int):
+    """(answer, rows, feasible) of one check: S tokens on W GPUs with the chosen setting, or the
+    most frugal one when none fits."""
+    from ringplan.stack_capacity import chosen_rows, describe_settings, frugal_row, scan
+
+    gpu = query.gpu.name
+    found = scan(query, tokens, world_size, first_only=query.step_time is None)
+    chosen = chosen_rows(query, found)
+    if not chosen and not found.evaluated and not found.pruned:
+        raise ValueError(found.rejected[0].reason if found.rejected else "no candidate settings")
+    if chosen:
+        row = chosen[0]
+        text = (f"{tokens:,} tokens on {world_size} x {gpu}: fits with {describe_settings(row.settings)} "
+                f"({row.tokens_per_rank:,} tokens/GPU, {_memory_text(row, query)})")
+    else:
+        row = frugal_row(query, found)
+        text = (f"{tokens:,} tokens on {world_size} x {gpu}: does NOT fit; the most frugal setting "
+                f"({describe_settings(row.settings)}) needs {_memory_text(row, query)}")
+    return {"kind": "check", "text": text, "feasible": bool(chosen)}, [row], bool(chosen)
+
+
 def whole_model_capacity(query, tokens: int | None, world_size: int | None):
     """(answer dict, rows, feasible) of ``ringplan capacity --model``: the fewest GPUs for S tokens,
     the most tokens on K GPUs, or one check of S on K."""
-    from ringplan.stack_capacity import (chosen_rows, describe_settings, frugal_row, max_tokens, min_world_size,
-                                         scan)
+    from ringplan.stack_capacity import describe_settings, max_tokens, min_world_size
 
     gpu = query.gpu.name
     if tokens is not None and world_size is not None:
-        found = scan(query, tokens, world_size, first_only=query.step_time is None)
-        chosen = chosen_rows(query, found)
-        if not chosen and not found.evaluated and not found.pruned:
-            raise ValueError(found.rejected[0].reason if found.rejected else "no candidate settings")
-        if chosen:
-            row = chosen[0]
-            text = (f"{tokens:,} tokens on {world_size} x {gpu}: fits with {describe_settings(row.settings)} "
-                    f"({row.tokens_per_rank:,} tokens/GPU, {_memory_text(row, query)})")
-        else:
-            row = frugal_row(query, found)
-            text = (f"{tokens:,} tokens on {world_size} x {gpu}: does NOT fit; the most frugal setting "
-                    f"({describe_settings(row.settings)}) needs {_memory_text(row, query)}")
-        return {"kind": "check", "text": text, "feasible": bool(chosen)}, [row], bool(chosen)
+        return _check_answer(query, tokens, world_size)
     if tokens is not None:
         result = min_world_size(query, tokens)
         best = result.minimum
