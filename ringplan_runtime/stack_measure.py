@@ -17,7 +17,17 @@ Method (recorded in every stack profile's provenance, see ``STACK_METHOD``):
 4. ``timed_steps`` steps timed with CUDA events (``perf_counter`` on CPU); the median is the step time.
 
 Out of memory is a result (``feasible=False``, ``failure="oom"``), never a crash; a caller running
-several ranks must then tear the ring down (``ringplan_runtime.stack_sweep`` does).
+several ranks must then tear the ring down: ``run_stack_points`` measures points on spawned rings
+(a fresh ring after an out-of-memory point or a lost rank, a per-point timeout, a time budget) and
+``write_stack_results`` merges the rows into a ``ringplan.stack/1`` profile with provenance.
+
+Sweep of the points in ``points.json`` (a list of ``workload_to_json`` objects) on 2 local GPUs::
+
+    python -m ringplan_runtime.stack_measure --points points.json --out stack.json --budget-s 420
+
+or under torchrun (every rank measures; an out-of-memory point ends the run)::
+
+    torchrun --standalone --nproc_per_node=2 -m ringplan_runtime.stack_measure --points points.json --out stack.json
 """
 
 from __future__ import annotations

@@ -216,3 +216,42 @@ def test_no_budget_skips_every_point():
     """With no time left no ring starts: every point reads ``skipped (budget)``."""
     results = run_stack_points([case_workload("none", 1)], settings=FAST, budget_s=0.0, device="cpu")
     assert [r.failure for r in results] == ["skipped (budget)"]
+
+
+def _benchmark():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "stack_sweep_benchmark" not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "benchmarks" / "stack_sweep.py"
+        spec = importlib.util.spec_from_file_location("stack_sweep_benchmark", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    return sys.modules["stack_sweep_benchmark"]
+
+
+def test_benchmark_grid_fits_the_gpu_and_the_time_cap():
+    """The device grid (75 GiB H100): every point's budgeted memory within its fill of the GPU and its
+    predicted time within the cap, both Llama-3-8B-shaped depths and the full Qwen3-0.6B present."""
+    from ringplan.hardware import load_catalog
+
+    bench = _benchmark()
+    gpu = load_catalog().gpu("h100")
+    points = bench.build_grid(total_bytes=75 * bench.GIB, world_size=2, gpu=gpu, point_cap_s=30.0)
+    assert {p.model.n_layers for p in points} >= {4, 8, 16, 28}
+    assert any(not p.training for p in points) and any(p.settings.loss == "full" for p in points)
+    for p in points:
+        assert bench.predicted_bytes(p) <= 0.85 * 75 * bench.GIB
+        assert bench.predicted_point_s(p, gpu) <= 30.0
+
+
+@pytest.mark.slow
+def test_benchmark_cpu_smoke_writes_a_stack_profile(tmp_path):
+    """``benchmarks/stack_sweep.py --cpu-smoke``: two tiny points on a gloo ring of 2, measured and
+    written to a loadable stack profile with provenance."""
+    assert _benchmark().main([str(tmp_path), "--cpu-smoke"]) == 0
+    profile = load_stack_profile(tmp_path / "stack-h100.json")
+    assert len(profile.rows) == 2 and not any(r.oom for r in profile.rows)
+    assert profile.provenance.git_sha and "warm-up" in profile.provenance.method
