@@ -11,20 +11,22 @@ their sum against the live-tensor tracker on CPU (``tests/test_stack_measure_cpu
 
 **Peak instants** (the peak is the largest; terms not alive at an instant are 0):
 
-* training: the loss forward and backward (full logits, or one chunk), the backward of the last
-  block (its MLP, its post-attention norm, its ring attention (``ringplan.memory_terms``), its input
-  norm: all saved activations still alive, the block's own recomputed under checkpointing), the
-  final norm's backward, the embedding's backward (every gradient reduced but the table's), and
-  the optimizer step;
+* training: the loss backward (full logits, or the largest chunk; the loss forward holds less),
+  a chunk's head-gradient accumulation, the final norm's backward, the backward of the last block,
+  the one before it and the first (each at its MLP, its post-attention norm, its ring attention
+  (``ringplan.memory_terms``) and its input norm: the blocks before it saved, its own tensors
+  recomputed under checkpointing, the gradients reduced so far), FSDP2's reduce-scatter of the
+  head, of those blocks and of the table, the embedding's backward, and the AdamW step;
 * forward only (prefill): inside the last block (input norm, RoPE, ring attention, output
-  projection, MLP) and the final norm, with replicated weights and nothing saved.
+  projection and residual, MLP norm, MLP) and the final norm, with replicated weights and nothing
+  saved (``inference_mode``).
 
-Not modelled (smaller than the instants above for any shape where activations are at least one
-block's weights, T·E ≥ 12·E²/G): the forward of the blocks in training (the backward of the last
-block holds a superset), the all-gather copy-in/copy-out instants of FSDP2 (they run before a
-unit's activations exist), RoPE and projection backward (after the ring buffers are freed), AdamW's
-``step`` counters (CPU tensors) and scalars; allocator rounding and kernel workspaces are fitted
-(``ringplan.stack_model``).
+Not modelled: the forward of the blocks in training (the backward of the same block holds a
+superset), FSDP2's all-gather copy-in instants (they run before a unit's activations exist), RoPE
+and projection backward (after the ring buffers are freed), AdamW's ``step`` counters (CPU tensors)
+and scalar tensors; kernel workspaces, allocator rounding and memory outside the allocator are
+fitted per GPU (``ringplan.stack_model``). CPU-only tensors (gloo's copy of a reduce-scatter input,
+the CPU kernel's strided LSE) are left out: they are not on a GPU.
 """
 
 from __future__ import annotations
@@ -487,16 +489,29 @@ def head_grad_bytes(w: StackWorkload) -> float:
     return unit_grad_bytes(w, _unit_shapes(w)["embed" if w.model.tied_embeddings else "head"][:1])
 
 
+def log_probabilities_bytes(w: StackWorkload, rows: int) -> float:
+    """fp32 log-softmax of t rows of logits, saved by the NLL for backward: t·V·4 (the logits in the
+    compute dtype and their fp32 copy are freed once it exists). Source: ``F.cross_entropy`` on
+    ``logits.float()`` (``transformer._token_loss_sum``)."""
+    return float(rows * stack_shape(w).V * FP32_BYTES)
+
+
+def loss_gradients_bytes(w: StackWorkload, rows: int) -> float:
+    """The loss's backward at its peak (``_log_softmax_backward_data``): the NLL gradient and the
+    log-softmax gradient of t rows, 2·t·V·4."""
+    return float(2 * rows * stack_shape(w).V * FP32_BYTES)
+
+
 def loss_backward_instant(w: StackWorkload) -> dict[str, float]:
-    """Backward of the loss (full: all logits; chunked: the largest chunk, recomputed): the fp32
-    log-softmax saved, the NLL gradient and the log-softmax gradient, 3·t·V·4 for t rows, with every
-    block's activations, the final norm's and the final hidden state T·E·e. Chunked with several
-    chunks: the head's gradient V·E·e and the hidden state's gradient T·E·e accumulate over chunks."""
+    """Backward of the loss (full: all logits; chunked: the largest chunk, recomputed): the saved
+    fp32 log-probabilities and the two gradients, 3·t·V·4 for t rows, with every block's activations,
+    the final norm's and the final hidden state T·E·e. Chunked with several chunks: the head's
+    gradient V·E·e and the hidden state's gradient T·E·e accumulate over chunks."""
     rows, several = _loss_rows(w)
     terms = {**_model_states(w), **_fsdp_at(w, "loss"), "rope_tables_bytes": rope_tables_bytes(w),
              "saved_activations_bytes": _saved(w, stack_shape(w).L, final_norm=True),
              "hidden_bytes": hidden_state_bytes(w) * (2 if several else 1),
-             "loss_bytes": float(3 * rows * stack_shape(w).V * FP32_BYTES)}
+             "logits_bytes": log_probabilities_bytes(w, rows), "loss_bytes": loss_gradients_bytes(w, rows)}
     return _plus(terms, unit_grads_bytes=head_grad_bytes(w) if several else 0.0)
 
 

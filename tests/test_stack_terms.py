@@ -119,10 +119,14 @@ def test_forward_only_holds_weights_and_one_block():
 
 
 def test_full_logits_dominate_long_sequences():
-    """Full loss at 64K tokens per GPU of a 128K vocabulary: 3·T·V·4 bytes of fp32 logits and gradients."""
+    """Full loss at 64K tokens per GPU of a 128K vocabulary: T·V·4 bytes of fp32 log-probabilities
+    and 2·T·V·4 of their gradients; a 4,096-token chunk holds 3·4096·V·4 instead."""
     w = workload(LLAMA.with_layers(4), seq=131072, world=2, ring=2, loss="full", checkpointing="full")
     assert peak_instant(w) == "loss_backward"
-    assert stack_terms(w)["loss_bytes"] == 3 * 65536 * LLAMA.vocab_size * 4
+    terms = stack_terms(w)
+    assert (terms["logits_bytes"], terms["loss_bytes"]) == (65536 * LLAMA.vocab_size * 4, 2 * 65536 * LLAMA.vocab_size * 4)
+    chunked = stack_instants(replace(w, settings=replace(w.settings, loss="chunked")))["loss_backward"]
+    assert chunked["logits_bytes"] + chunked["loss_bytes"] == 3 * 4096 * LLAMA.vocab_size * 4
 
 
 # ----------------------------------------------------------------------------- invariants
