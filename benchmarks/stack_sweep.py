@@ -30,16 +30,16 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ringplan.models import ModelSpec, load_model_catalog  # noqa: E402
-from ringplan.stack import StackSettings, StackWorkload  # noqa: E402
-from ringplan.stack_terms import peak_instant, stack_terms  # noqa: E402
-from ringplan.workload import RingLayout  # noqa: E402
+from ringplan.models import ModelSpec, load_model_catalog
+from ringplan.stack import StackSettings, StackWorkload
+from ringplan.stack_terms import peak_instant, stack_terms
+from ringplan.workload import RingLayout
 
 GIB = 2**30
 TOKEN_STEP = 4096
@@ -158,7 +158,7 @@ def summary_rows(results) -> list[dict]:
         phi = sum(stack_terms(r.workload).values())
         f = r.figures
 
-        def err(value):
+        def err(value, phi=phi):
             return f"{(phi - value) / value:+.1%}" if value else ""
 
         def gib(value):
@@ -185,7 +185,11 @@ def run(points: list[StackWorkload], out: Path, *, budget_s: float, point_timeou
         record_as: str | None) -> list:
     from ringplan_runtime.measure import MeasureSettings
     from ringplan_runtime.provenance import command_line
-    from ringplan_runtime.stack_measure import result_summary, run_stack_points, write_stack_results
+    from ringplan_runtime.stack_measure import (
+        result_summary,
+        run_stack_points,
+        write_stack_results,
+    )
 
     label = record_as or "gpu"
     if record_as is None and device != "cpu":

@@ -27,8 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from ringplan.models import ModelSpec
-from ringplan.profiles import (ROW_KINDS, Provenance, _canonical_gpu, _Checker, _provenance_from_json, measured_dir,
-                               merge_rows, write_merged_json)
+from ringplan.profiles import (
+    ROW_KINDS,
+    Provenance,
+    _canonical_gpu,
+    _Checker,
+    _provenance_from_json,
+    measured_dir,
+    merge_rows,
+    write_merged_json,
+)
 from ringplan.stack import StackSettings, StackWorkload
 from ringplan.workload import BACKENDS, LAYOUTS, RingLayout
 

@@ -34,9 +34,23 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from ringplan.memory_terms import (TermInputs, attention_instant, backward_instant, kv_bytes, output_bytes,
-                                  output_instant, q_bytes, saved_lse_bytes, term_inputs)
-from ringplan.stack import StackWorkload, attention_workload, shard_group_size, tokens_per_rank
+from ringplan.memory_terms import (
+    TermInputs,
+    attention_instant,
+    backward_instant,
+    kv_bytes,
+    output_bytes,
+    output_instant,
+    q_bytes,
+    saved_lse_bytes,
+    term_inputs,
+)
+from ringplan.stack import (
+    StackWorkload,
+    attention_workload,
+    shard_group_size,
+    tokens_per_rank,
+)
 from ringplan.workload import DTYPE_BYTES
 
 FP32_BYTES = 4

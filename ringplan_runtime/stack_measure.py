@@ -46,8 +46,14 @@ from pathlib import Path
 import torch
 
 from ringplan.stack import StackWorkload
-from ringplan_runtime.measure import (MeasureSettings, RankMeasurement, _allocator_and_device_peaks, _release,
-                                      _synchronize, is_out_of_memory)
+from ringplan_runtime.measure import (
+    MeasureSettings,
+    RankMeasurement,
+    _allocator_and_device_peaks,
+    _release,
+    _synchronize,
+    is_out_of_memory,
+)
 from ringplan_runtime.tracker import LiveTensorTracker, _describe, _storage_or_none
 
 STACK_METHOD = (
@@ -252,7 +258,7 @@ def measure_stack_rank(w: StackWorkload, *, settings: MeasureSettings | None = N
             run_one_step(run, batch)
         figures = _memory_step(run, batch, settings)
         times = tuple(_timed(run, batch) for _ in range(settings.timed_steps))
-    except Exception as error:  # noqa: BLE001 - only OOM is turned into a result
+    except Exception as error:
         if not is_out_of_memory(error):
             raise
         out_of_memory = True  # leave the except block first: its traceback still holds the tensors

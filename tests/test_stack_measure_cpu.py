@@ -16,22 +16,28 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ringplan.models import ModelSpec  # noqa: E402
-from ringplan.stack import StackSettings, StackWorkload  # noqa: E402
-from ringplan.stack_profiles import load_stack_profile  # noqa: E402
-from ringplan.stack_terms import stack_instants, stack_shape, unit_param_shapes  # noqa: E402
-from ringplan.workload import RingLayout  # noqa: E402
-from ringplan_runtime import spawn  # noqa: E402
-from ringplan_runtime.measure import MeasureSettings  # noqa: E402
-from ringplan_runtime.stack_measure import (StackTracker, local_tensor, run_stack_points, workload_from_json,  # noqa: E402
-                                            workload_to_json, write_stack_results)
+from ringplan.models import ModelSpec
+from ringplan.stack import StackSettings, StackWorkload
+from ringplan.stack_profiles import load_stack_profile
+from ringplan.stack_terms import stack_instants, stack_shape, unit_param_shapes
+from ringplan.workload import RingLayout
+from ringplan_runtime import spawn
+from ringplan_runtime.measure import MeasureSettings
+from ringplan_runtime.stack_measure import (
+    StackTracker,
+    local_tensor,
+    run_stack_points,
+    workload_from_json,
+    workload_to_json,
+    write_stack_results,
+)
 
 #: Issue 9: "the analytic Σφ (θ = 1) equals the tracker's peak within 1%".
 TRACKER_REL_TOL = 0.01
 FAST = MeasureSettings(warmup_steps=1, timed_steps=1, count_sent_bytes=False)
 SPAWN_TIMEOUT_S = 300.0
-TINY = dict(name="tiny", n_layers=2, embed_dim=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
-            ffn_type="swiglu", vocab_size=256, norm="rmsnorm")
+TINY = {"name": "tiny", "n_layers": 2, "embed_dim": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16,
+        "ffn_dim": 128, "ffn_type": "swiglu", "vocab_size": 256, "norm": "rmsnorm"}
 TOKENS_PER_RANK = 256
 #: name -> (model overrides, settings overrides, training)
 CASES = {

@@ -12,9 +12,17 @@ import pytest
 from ringplan.models import load_model_catalog
 from ringplan.profiles import Provenance
 from ringplan.stack import StackSettings, StackWorkload
-from ringplan.stack_profiles import (STACK_SCHEMA, StackProfile, load_stack_profile, load_stack_profiles,
-                                     measurement_from_workload, stack_profile_to_json, stack_profiles_dir, stack_rows,
-                                     write_stack_profile)
+from ringplan.stack_profiles import (
+    STACK_SCHEMA,
+    StackProfile,
+    load_stack_profile,
+    load_stack_profiles,
+    measurement_from_workload,
+    stack_profile_to_json,
+    stack_profiles_dir,
+    stack_rows,
+    write_stack_profile,
+)
 from ringplan.workload import RingLayout
 
 MODEL = load_model_catalog().model("llama-3-8b").with_layers(4)
