@@ -28,15 +28,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ringplan.workload import (
-    BACKENDS,
-    DTYPE_BYTES,
-    LAYOUTS,
-    AttentionPattern,
-    AttentionShape,
-    RingLayout,
-    Workload,
-)
+from ringplan.workload import (BACKENDS, DTYPE_BYTES, LAYOUTS, AttentionPattern, AttentionShape, RingLayout,
+                               Workload)
 
 PROFILE_SCHEMA = "ringplan.profile/1"
 ROW_KINDS: tuple[str, ...] = ("measured", "reported", "estimated")
