@@ -338,8 +338,8 @@ def validate_in_process(plan: Plan, *, model, settings: MeasureSettings, toleran
 
 
 # ----------------------------------------------------------------------------- whole models (validate --model)
-# A whole model's run is one StackWorkload on W ranks (built-in spawner: NCCL on GPUs, gloo on CPU;
-# or torchrun). Figures as above, predicted by the whole-model planner:
+# A whole model's run is one StackWorkload on W ranks (``stack_measure.run_stack_points``: spawned
+# ranks, NCCL on GPUs, gloo on CPU; or torchrun). Figures as above, predicted by the whole-model planner:
 #   tracked_peak_bytes   Σ ringplan.stack_terms (θ = 1), on CPU and GPU
 #   peak_allocated_bytes, peak_reserved_bytes, device_used_bytes   StackMemoryModel.predict (GPU)
 #   step_time_s          ringplan.stack_time.step_time (GPU)
@@ -356,32 +356,12 @@ class StackPlan:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class StackResult:
-    """A whole-model run over all ranks: memory figures the largest rank's, step time the slowest's;
-    ``failure`` is ``oom``, ``rank failure: …`` or ``timeout: …`` when it did not run."""
-
-    workload: StackWorkload
-    feasible: bool
-    failure: str | None = None
-    backend: str = ""
-    peak_allocated_bytes: int | None = None
-    peak_reserved_bytes: int | None = None
-    device_used_bytes: int | None = None
-    non_allocator_bytes: int | None = None
-    tracked_peak_bytes: int | None = None
-    resident_bytes: int | None = None
-    host_bytes: int | None = None
-    step_time_s: float | None = None
-    provenance: object | None = field(default=None, repr=False)
-    ranks: tuple = field(default=(), repr=False)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class StackValidation:
-    """A whole model's run, its figures against the planner, and whether the prediction held."""
+    """A whole model's run (``stack_measure.StackPointResult``: figures the largest rank's, step time
+    the slowest's), its figures against the planner, and whether the prediction held."""
 
     plan: StackPlan
-    result: StackResult
+    result: object
     figures: tuple[Figure, ...]
     predicted_feasible: bool | None
     provenance: str
@@ -389,26 +369,6 @@ class StackValidation:
     @property
     def passed(self) -> bool:
         return verdict(self.result, self.figures, self.predicted_feasible)
-
-
-_STACK_FIGURES = ("peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes", "non_allocator_bytes",
-                  "tracked_peak_bytes", "resident_bytes", "host_bytes")
-
-
-def stack_result(w: StackWorkload, ranks, provenance=None, failure: str | None = None) -> StackResult:
-    """Combine the ranks' measurements (max memory, slowest step); an OOM on any rank → ``oom``."""
-    if failure is not None or any(not m.feasible for m in ranks) or len(ranks) < w.world_size:
-        oom = failure == "oom" or any(m.failure == "oom" for m in ranks)
-        return StackResult(workload=w, feasible=False, failure="oom" if oom else failure or "rank lost",
-                           provenance=provenance, ranks=tuple(ranks))
-    figures = {name: _max_or_none(getattr(m, name, None) for m in ranks) for name in _STACK_FIGURES}
-    return StackResult(workload=w, feasible=True, backend=ranks[0].backend, provenance=provenance,
-                       step_time_s=max(m.step_time_s for m in ranks), ranks=tuple(ranks), **figures)
-
-
-def _max_or_none(values) -> int | None:
-    present = [v for v in values if v is not None]
-    return max(present) if present else None
 
 
 def check_stack_cpu_size(plan: StackPlan) -> None:
@@ -419,53 +379,13 @@ def check_stack_cpu_size(plan: StackPlan) -> None:
                          f"(≤ {CPU_MAX_TOKENS_PER_RANK:,} tokens per rank); use GPUs for real sizes")
 
 
-def stack_rank(w: StackWorkload, settings: MeasureSettings, command: str | None):
-    """Body of every spawned rank: ``measure_stack``; (measurement, rank 0's provenance). An OOM on a
-    ring of several raises ``RingOutOfMemory`` so the spawner tears the ranks down (a peer may be
-    blocked in a collective with this rank)."""
-    import torch.distributed as dist
+def run_stack(plan: StackPlan, *, settings: MeasureSettings, timeout_s: float = 600.0, command: str | None = None):
+    """One whole-model step on W fresh local processes (every process exits; OOM, a lost rank or a
+    timeout is a result): ``stack_measure.run_stack_points`` of the one point."""
+    from ringplan_runtime.stack_measure import run_stack_points
 
-    from ringplan_runtime.points import RingOutOfMemory
-    from ringplan_runtime.provenance import current_provenance
-    from ringplan_runtime.stack_measure import measure_stack
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    measurement = measure_stack(w, settings=settings)
-    if not measurement.feasible and world > 1:
-        raise RingOutOfMemory(f"rank {rank} ran out of memory at {w.seq_len_tokens:,} tokens")
-    device = measurement_device()
-    provenance = current_provenance(method=settings.method, gpu_count=world, command=command,
-                                    device_index=device.index if device.type == "cuda" else None) if rank == 0 else None
-    return measurement, provenance
-
-
-def measurement_device():
-    """This rank's device: its CUDA device under NCCL, else the CPU."""
-    import torch
-    import torch.distributed as dist
-
-    if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def run_stack(plan: StackPlan, *, settings: MeasureSettings, timeout_s: float = 600.0,
-              command: str | None = None) -> StackResult:
-    """One whole-model step on ``W`` fresh local processes; every process exits, a failure is a result."""
-    from ringplan_runtime import RankFailure, spawn
-    from ringplan_runtime.points import _failure_text
-
-    w = plan.workload
-    backend = "nccl" if plan.device_type == "cuda" else "gloo"
-    try:
-        values = spawn(stack_rank, world_size=w.world_size, backend=backend, args=(w, settings, command),
-                       timeout_s=timeout_s)
-    except RankFailure as error:
-        oom = "RingOutOfMemory" in error.traceback_text or "OutOfMemoryError" in error.traceback_text
-        return stack_result(w, [], failure="oom" if oom else _failure_text(error))
-    except TimeoutError as error:
-        return stack_result(w, [], failure=_failure_text(error))
-    return stack_result(w, [m for m, _ in values], provenance=values[0][1])
+    return run_stack_points([plan.workload], settings=settings, point_timeout_s=timeout_s, command=command,
+                            device=plan.device_type)[0]
 
 
 def predicted_stack_step_time_s(plan: StackPlan) -> tuple[float | None, str]:
@@ -482,27 +402,33 @@ def predicted_stack_step_time_s(plan: StackPlan) -> tuple[float | None, str]:
 
 
 def predicted_stack_figures(plan: StackPlan, model, *, tolerance: float, time_tolerance: float,
-                            measured: StackResult) -> tuple[tuple[Figure, ...], bool | None, str]:
-    """The whole-model figures (see the section comment), the predicted feasibility and its provenance."""
+                            measured) -> tuple[tuple[Figure, ...], bool | None, str]:
+    """The whole-model figures (see the section comment), the predicted feasibility and its provenance.
+    ``measured``: a ``StackPointResult`` (its ``figures`` dict is empty when the run did not complete)."""
     from ringplan.stack_terms import stack_terms
 
+    seen = measured.figures
     analytic = float(sum(stack_terms(plan.workload).values()))
-    figures = [Figure(name="tracked_peak_bytes", predicted=analytic, measured=measured.tracked_peak_bytes,
+    figures = [Figure(name="tracked_peak_bytes", predicted=analytic, measured=seen.get("tracked_peak_bytes"),
                       source="Σ stack_terms", tolerance=tolerance)]
     if plan.device_type != "cuda" or plan.gpu is None:
         return tuple(figures), None, "analytic stack terms (CPU)"
     prediction = model.predict(plan.workload, plan.gpu)
-    figures += [
-        Figure(name="peak_allocated_bytes", predicted=prediction.peak_allocated_bytes,
-               measured=measured.peak_allocated_bytes, source="stack memory model", tolerance=tolerance),
-        Figure(name="peak_reserved_bytes", predicted=prediction.peak_reserved_bytes,
-               measured=measured.peak_reserved_bytes, source="stack memory model", tolerance=tolerance),
-        Figure(name="device_used_bytes", predicted=prediction.total_bytes, measured=measured.device_used_bytes,
-               source="stack memory model", tolerance=tolerance)]
+    figures += [Figure(name=name, predicted=predicted, measured=seen.get(name), source="stack memory model",
+                       tolerance=tolerance)
+                for name, predicted in (("peak_allocated_bytes", prediction.peak_allocated_bytes),
+                                        ("peak_reserved_bytes", prediction.peak_reserved_bytes),
+                                        ("device_used_bytes", prediction.total_bytes))]
     step_s, step_source = predicted_stack_step_time_s(plan)
-    figures.append(Figure(name="step_time_s", predicted=step_s, measured=measured.step_time_s, source=step_source,
+    figures.append(Figure(name="step_time_s", predicted=step_s, measured=seen.get("step_time_s"), source=step_source,
                           tolerance=time_tolerance))
     return tuple(figures), prediction.total_bytes <= plan.gpu.usable_memory_bytes, prediction.provenance
+
+
+def _stack_validation(plan: StackPlan, model, result, *, tolerance: float, time_tolerance: float) -> StackValidation:
+    figures, feasible, label = predicted_stack_figures(plan, model, tolerance=tolerance, time_tolerance=time_tolerance,
+                                                       measured=result)
+    return StackValidation(plan=plan, result=result, figures=figures, predicted_feasible=feasible, provenance=label)
 
 
 def validate_stack(plan: StackPlan, *, model, settings: MeasureSettings, tolerance: float = 0.05,
@@ -511,29 +437,33 @@ def validate_stack(plan: StackPlan, *, model, settings: MeasureSettings, toleran
     """Run the whole model's step once (spawned ranks) and compare every figure with the planner."""
     check_stack_cpu_size(plan)
     result = run_stack(plan, settings=settings, timeout_s=timeout_s, command=command)
-    figures, feasible, label = predicted_stack_figures(plan, model, tolerance=tolerance, time_tolerance=time_tolerance,
-                                                       measured=result)
-    return StackValidation(plan=plan, result=result, figures=figures, predicted_feasible=feasible, provenance=label)
+    return _stack_validation(plan, model, result, tolerance=tolerance, time_tolerance=time_tolerance)
 
 
 def validate_stack_in_process(plan: StackPlan, *, model, settings: MeasureSettings, tolerance: float = 0.05,
                               time_tolerance: float = 0.25, command: str | None = None) -> StackValidation:
     """``validate_stack`` for a process started by torchrun: every rank measures its share and gets
-    every rank's measurement (``all_gather_object``), so all reach the same verdict. An OOM on a
-    ring of several raises (torchrun then stops every rank)."""
+    every rank's result (``all_gather_object``), so all reach the same verdict. An OOM on a ring of
+    several raises (torchrun then stops every rank)."""
     import torch.distributed as dist
 
     from ringplan_runtime import init_from_env
+    from ringplan_runtime.provenance import current_provenance
+    from ringplan_runtime.stack_measure import STACK_METHOD, RingOutOfMemory, measure_stack_rank, point_result
 
     check_stack_cpu_size(plan)
     context = init_from_env(backend="gloo" if plan.device_type == "cpu" else None)
     if context.world_size != plan.workload.world_size:
         raise ValueError(f"torchrun started {context.world_size} ranks but --world-size is {plan.workload.world_size}")
-    mine, provenance = stack_rank(plan.workload, settings, command)
+    mine = measure_stack_rank(plan.workload, settings=settings, device=context.device)
+    if not mine.measurement.feasible and context.world_size > 1:
+        raise RingOutOfMemory(f"rank {context.rank} ran out of memory at {plan.workload.seq_len_tokens:,} tokens")
     ranks: list = [None] * context.world_size
     dist.all_gather_object(ranks, mine)
     dist.destroy_process_group()
-    result = stack_result(plan.workload, ranks, provenance=provenance)
-    figures, feasible, label = predicted_stack_figures(plan, model, tolerance=tolerance, time_tolerance=time_tolerance,
-                                                       measured=result)
-    return StackValidation(plan=plan, result=result, figures=figures, predicted_feasible=feasible, provenance=label)
+    provenance = current_provenance(method=STACK_METHOD.format(warmup=settings.warmup_steps,
+                                                               timed=settings.timed_steps),
+                                    gpu_count=context.world_size, command=command,
+                                    device_index=context.device.index if context.device.type == "cuda" else None)
+    result = point_result(plan.workload, ranks, None, provenance)
+    return _stack_validation(plan, model, result, tolerance=tolerance, time_tolerance=time_tolerance)

@@ -17,8 +17,7 @@ from ringplan.models import ModelSpec  # noqa: E402
 from ringplan.stack import StackSettings, StackWorkload  # noqa: E402
 from ringplan.workload import RingLayout  # noqa: E402
 from ringplan_runtime import validate as validate_module  # noqa: E402
-from ringplan_runtime.measure import RankMeasurement  # noqa: E402
-from ringplan_runtime.validate import Figure, StackPlan, StackResult, stack_result, verdict  # noqa: E402
+from ringplan_runtime.validate import Figure, verdict  # noqa: E402
 
 #: A tiny custom Llama-shaped model (E = 4 x 16 = 64) measured in fp32 on CPU.
 TINY = ["--layers", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--embed-dim", "64", "--ffn", "128",
@@ -26,17 +25,19 @@ TINY = ["--layers", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", 
 
 
 def _have_stack_runtime() -> bool:
-    """H3's pieces (stack terms, measure_stack) are present."""
+    """The whole-model runtime pieces (stack terms, stack_measure's point runner) are present."""
     if importlib.util.find_spec("ringplan.stack_terms") is None:
         return False
     try:
-        from ringplan_runtime.stack_measure import measure_stack  # noqa: F401
+        from ringplan_runtime.stack_measure import StackPointResult, run_stack_points  # noqa: F401
     except ImportError:
         return False
     return True
 
 
 HAVE_STACK_RUNTIME = _have_stack_runtime()
+if HAVE_STACK_RUNTIME:
+    from ringplan_runtime.stack_measure import StackPointResult
 needs_stack_runtime = pytest.mark.skipif(not HAVE_STACK_RUNTIME, reason="stack terms / measure_stack not present yet")
 
 
@@ -81,25 +82,12 @@ def test_bad_input_exits_2_before_launching(args, message, monkeypatch):
     assert message in result.output and "Traceback" not in result.output
 
 
-def test_ranks_combine_to_the_largest_memory_and_slowest_step():
-    """Memory figures are the largest rank's, the step time the slowest's; an OOM on any rank, a
-    missing rank or a launch failure makes the run infeasible."""
-    w = tiny_workload()
-    ranks = [RankMeasurement(rank=0, feasible=True, peak_allocated_bytes=10, tracked_peak_bytes=7, step_time_s=0.5),
-             RankMeasurement(rank=1, feasible=True, peak_allocated_bytes=12, tracked_peak_bytes=6, step_time_s=0.4)]
-    result = stack_result(w, ranks)
-    assert (result.feasible, result.peak_allocated_bytes, result.tracked_peak_bytes, result.step_time_s) == \
-        (True, 12, 7, 0.5)
-    assert stack_result(w, [ranks[0], RankMeasurement(rank=1, feasible=False, failure="oom")]).failure == "oom"
-    assert stack_result(w, ranks[:1]).failure == "rank lost"
-    assert stack_result(w, [], failure="timeout: 600 s").failure == "timeout: 600 s"
-
-
+@needs_stack_runtime
 def test_an_oom_passes_only_when_predicted_infeasible():
     """The existing validate convention: OOM + predicted infeasible passes; OOM otherwise fails; a run
     passes when every figure is within tolerance and it was not predicted infeasible."""
-    oom = StackResult(workload=tiny_workload(), feasible=False, failure="oom")
-    ran = StackResult(workload=tiny_workload(), feasible=True)
+    oom = StackPointResult(workload=tiny_workload(), feasible=False, failure="oom")
+    ran = StackPointResult(workload=tiny_workload(), feasible=True)
     close = (Figure(name="tracked_peak_bytes", predicted=101.0, measured=100.0, source="t", tolerance=0.05),)
     far = (Figure(name="tracked_peak_bytes", predicted=120.0, measured=100.0, source="t", tolerance=0.05),)
     assert verdict(oom, (), False) and not verdict(oom, (), True) and not verdict(oom, (), None)
@@ -111,7 +99,7 @@ def test_an_oom_passes_only_when_predicted_infeasible():
 def test_oom_is_reported_as_a_result_with_exit_1(monkeypatch):
     """A run that ran out of memory (not predicted: CPU has no memory model) prints FAILED: oom, exit 1."""
     def fake_run(plan, **_):
-        return StackResult(workload=plan.workload, feasible=False, failure="oom")
+        return StackPointResult(workload=plan.workload, feasible=False, failure="oom")
 
     monkeypatch.setattr(validate_module, "run_stack", fake_run)
     result = run(*TINY, "--world-size", "2", "--tokens", "256", "--train")

@@ -330,21 +330,18 @@ def _validate_model(ctx: click.Context, *, gpu_name: str | None, world_size: int
             return 0 if result.passed else 1
     else:
         result = validate_stack(plan, timeout_s=timeout_s, **kwargs)
-    _write_stack(workload_args.get("write_path"), result, kwargs["settings"], kwargs["command"])
+    _write_stack(workload_args.get("write_path"), result)
     _emit_stack(result, output_format)
     return 0 if result.passed else 1
 
 
 def stack_result_record(result) -> dict[str, Any]:
-    """One whole-model run as a flat record (bytes, seconds) for json/csv output."""
+    """One whole-model run (``StackPointResult``) as a flat record (bytes, seconds) for json/csv output."""
     w = result.workload
     return {"model": w.model.name, "seq_len_tokens": w.seq_len_tokens, "batch": w.batch, "world_size": w.world_size,
             "ring_size": w.layout.ring_size, "mode": "training" if w.training else "prefill",
             "settings": {name: getattr(w.settings, name) for name in w.settings.__dataclass_fields__},
-            "backend": result.backend, "feasible": result.feasible, "failure": result.failure,
-            **{name: getattr(result, name) for name in ("peak_allocated_bytes", "peak_reserved_bytes",
-                                                        "device_used_bytes", "tracked_peak_bytes", "resident_bytes",
-                                                        "host_bytes", "step_time_s")}}
+            "feasible": result.feasible, "failure": result.failure, **result.figures}
 
 
 def _emit_stack(validation, output_format: str) -> None:
@@ -367,24 +364,14 @@ def _emit_stack(validation, output_format: str) -> None:
     click.echo(render_rows([figure_row(f) for f in validation.figures], "table"))
 
 
-def _write_stack(path: str | None, validation, settings, command: str) -> None:
-    """Merge the run's row (measured figures, or oom) into the stack profile at ``path``."""
+def _write_stack(path: str | None, validation) -> None:
+    """Merge the run's row (measured figures, or its OOM) into the stack profile at ``path``."""
     if not path:
         return
-    r = validation.result
-    if not r.feasible and r.failure != "oom":
-        click.echo(f"not written to {path}: the run failed ({r.failure})", err=True)
-        return
-    from ringplan.stack_profiles import STACK_FIGURE_FIELDS, StackProfile, measurement_from_workload, \
-        write_stack_profile
-    from ringplan_runtime.provenance import current_provenance
-    from ringplan_runtime.sweep import profile_provenance
+    from ringplan_runtime.stack_measure import write_stack_results
 
-    w = validation.plan.workload
-    provenance = r.provenance or current_provenance(
-        method=settings.method, gpu_count=w.world_size, command=command,
-        device_index=0 if validation.plan.device_type == "cuda" else None)
-    row = measurement_from_workload(w, gpu=validation.plan.gpu.name, oom=not r.feasible, kind="measured",
-                                    **{name: getattr(r, name) for name in STACK_FIGURE_FIELDS})
-    write_stack_profile(path, StackProfile(provenance=profile_provenance(provenance), rows=(row,)))
-    click.echo(f"row merged into {path}", err=True)
+    r = validation.result
+    if write_stack_results(path, [r], record_as=validation.plan.gpu.name):
+        click.echo(f"row merged into {path}", err=True)
+    else:
+        click.echo(f"not written to {path}: the run failed ({r.failure})", err=True)
