@@ -126,3 +126,21 @@ def test_tiny_model_end_to_end_on_two_gloo_ranks(tmp_path):
     assert (row.gpu, row.world_size, row.ring_size, row.oom, row.settings.checkpointing) == \
         ("h100-80gb-sxm", 2, 2, False, "full")
     assert row.tracked_peak_bytes == payload["measured"]["tracked_peak_bytes"]
+
+
+@needs_stack_runtime
+@pytest.mark.slow
+def test_tiny_model_under_torchrun(tmp_path):
+    """torchrun … ringplan validate --layers …: rank 0 prints the verdict, every rank exits 0."""
+    import subprocess
+    import sys
+
+    entry = tmp_path / "ringplan_entry.py"
+    entry.write_text("from ringplan.cli import main\nmain()\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(entry),
+           "validate", *TINY, "--world-size", "2", "--tokens", "256", "--train", "--checkpointing", "selective",
+           "--format", "json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    payload = json.loads(done.stdout[done.stdout.index("{"):])
+    assert payload["passed"] is True and payload["measured"]["settings"]["checkpointing"] == "selective"
