@@ -7,7 +7,7 @@ Default grid, W = P = 2 (zero3 over both GPUs, contiguous ring), bf16 compute / 
 priority order (the budget drops the tail): a Llama-3-8B-shaped block (E 4096, 32/8 heads × 128,
 F 14336, the real vocabulary 128,256) with 4, 8 and 16 layers, training with checkpointing
 none / selective / full and a chunked loss (4,096 tokens), one full-loss point, forward only
-(prefill); and one full small model, Qwen3-0.6B (all 28 layers, tied embeddings, qk norm).
+(prefill), one point with offloaded checkpoints; and one full small model, Qwen3-0.6B (all 28 layers, tied embeddings, qk norm).
 Each point's tokens per GPU are the largest multiple of 4,096 whose predicted memory (Σ stack terms
 × ``ALLOCATOR_MARGIN`` + ``OUTSIDE_ALLOCATOR_BYTES``) fits a fraction of the local GPU's memory
 (NVML total: ~75 GiB H100s and ~135 GiB H200s get different counts) and whose predicted step time
@@ -63,6 +63,7 @@ class GridEntry:
     training: bool
     checkpointing: str = "full"
     loss: str = "chunked"
+    offload: bool = False
     fill: float = 0.7
 
 
@@ -80,6 +81,7 @@ DEFAULT_GRID: tuple[GridEntry, ...] = (
     GridEntry(model="llama-3-8b", layers=16, training=True, checkpointing="selective", fill=0.7),
     GridEntry(model="qwen3-0.6b", layers=None, training=False, fill=0.5),
     GridEntry(model="llama-3-8b", layers=8, training=False, fill=0.85),
+    GridEntry(model="llama-3-8b", layers=8, training=True, checkpointing="full", offload=True, fill=0.85),
 )
 
 
@@ -89,7 +91,8 @@ def entry_workload(entry: GridEntry, tokens_per_gpu: int, world_size: int, model
         spec = spec.with_layers(entry.layers)
     return StackWorkload(model=spec, seq_len_tokens=tokens_per_gpu * world_size, world_size=world_size,
                          layout=RingLayout(ring_size=world_size), training=entry.training,
-                         settings=StackSettings(checkpointing=entry.checkpointing, loss=entry.loss))
+                         settings=StackSettings(checkpointing=entry.checkpointing, loss=entry.loss,
+                                                offload_checkpoints=entry.offload))
 
 
 def predicted_bytes(w: StackWorkload) -> float:
@@ -143,7 +146,8 @@ def local_gpu() -> tuple[float | None, object]:
 
 def describe(w: StackWorkload, gpu=None) -> dict:
     s = w.settings
-    mode = f"train {s.checkpointing}" + (" full-loss" if s.loss == "full" else "") if w.training else "forward"
+    mode = (f"train {s.checkpointing}" + (" offload" if s.offload_checkpoints else "")
+            + (" full-loss" if s.loss == "full" else "")) if w.training else "forward"
     row = {"model": w.model.name, "L": w.model.n_layers, "mode": mode, "tokens/GPU": w.seq_len_tokens // w.world_size,
            "Σφ GiB": round(sum(stack_terms(w).values()) / GIB, 2), "instant": peak_instant(w)}
     if gpu is not None:
