@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,9 +65,11 @@ class GridEntry:
     loss: str = "chunked"
     offload: bool = False
     fill: float = 0.7
+    #: Tokens as a fraction of what ``fill`` and the time cap allow (rounded down to ``TOKEN_STEP``).
+    scale: float = 1.0
 
 
-DEFAULT_GRID: tuple[GridEntry, ...] = (
+PRIMARY_GRID: tuple[GridEntry, ...] = (
     GridEntry(model="llama-3-8b", layers=4, training=True, checkpointing="full", fill=0.5),
     GridEntry(model="llama-3-8b", layers=4, training=True, checkpointing="none", fill=0.7),
     GridEntry(model="llama-3-8b", layers=4, training=True, checkpointing="selective", fill=0.7),
@@ -83,6 +85,10 @@ DEFAULT_GRID: tuple[GridEntry, ...] = (
     GridEntry(model="llama-3-8b", layers=8, training=False, fill=0.85),
     GridEntry(model="llama-3-8b", layers=8, training=True, checkpointing="full", offload=True, fill=0.85),
 )
+#: Every point again at a smaller token count (lowest priority: the budget drops these first), so
+#: each configuration is measured at two lengths and a fit on one can be checked on the other.
+SECOND_LENGTHS: tuple[GridEntry, ...] = tuple(replace(e, scale=0.5) for e in PRIMARY_GRID)
+DEFAULT_GRID: tuple[GridEntry, ...] = PRIMARY_GRID + SECOND_LENGTHS
 
 
 def entry_workload(entry: GridEntry, tokens_per_gpu: int, world_size: int, model: ModelSpec | None = None) -> StackWorkload:
@@ -128,6 +134,7 @@ def build_grid(*, total_bytes: float, world_size: int, gpu, point_cap_s: float,
     for entry in grid:
         tokens = choose_tokens(entry, total_bytes=total_bytes, world_size=world_size, gpu=gpu, point_cap_s=point_cap_s)
         if tokens is not None:
+            tokens = max(TOKEN_STEP, int(tokens * entry.scale) // TOKEN_STEP * TOKEN_STEP)
             points.append(entry_workload(entry, tokens, world_size))
     return points
 
