@@ -43,6 +43,8 @@ from ringplan.workload import RingLayout
 
 GIB = 2**30
 TOKEN_STEP = 4096
+#: Finer steps for capacity-boundary points (a 4,096-token step is ~6 GiB of full-loss logits).
+BOUNDARY_TOKEN_STEP = 1024
 #: Allocated bytes above Σφ the grid leaves room for (workspaces, FSDP copy buffers, allocator slack).
 ALLOCATOR_MARGIN = 1.12
 #: CUDA context, NCCL communicators and P2P buffers (2×H200 attention runs: ~2.7 GB).
@@ -67,6 +69,9 @@ class GridEntry:
     fill: float = 0.7
     #: Tokens as a fraction of what ``fill`` and the time cap allow (rounded down to ``TOKEN_STEP``).
     scale: float = 1.0
+    #: A capacity-boundary point: tokens from Σφ + ``OUTSIDE_ALLOCATOR_BYTES`` alone (no allocator
+    #: margin, no time cap), so fills just under and just over 1 probe where the GPU runs out.
+    boundary: bool = False
 
 
 PRIMARY_GRID: tuple[GridEntry, ...] = (
@@ -87,8 +92,16 @@ PRIMARY_GRID: tuple[GridEntry, ...] = (
 )
 #: Every point again at a smaller token count (lowest priority: the budget drops these first), so
 #: each configuration is measured at two lengths and a fit on one can be checked on the other.
+#: Points at the edge of the GPU: they must run (fill < 1) or run out of memory (fill > 1), and the
+#: planner must call every one that ran out infeasible.
+BOUNDARY_GRID: tuple[GridEntry, ...] = (
+    GridEntry(model="llama-3-8b", layers=4, training=True, checkpointing="full", loss="full", fill=0.97, boundary=True),
+    GridEntry(model="llama-3-8b", layers=4, training=True, checkpointing="full", loss="full", fill=1.03, boundary=True),
+    GridEntry(model="llama-3-8b", layers=8, training=True, checkpointing="full", loss="full", fill=0.97, boundary=True),
+    GridEntry(model="llama-3-8b", layers=8, training=True, checkpointing="full", loss="full", fill=1.03, boundary=True),
+)
 SECOND_LENGTHS: tuple[GridEntry, ...] = tuple(replace(e, scale=0.5) for e in PRIMARY_GRID)
-DEFAULT_GRID: tuple[GridEntry, ...] = PRIMARY_GRID + SECOND_LENGTHS
+DEFAULT_GRID: tuple[GridEntry, ...] = PRIMARY_GRID + BOUNDARY_GRID + SECOND_LENGTHS
 
 
 def entry_workload(entry: GridEntry, tokens_per_gpu: int, world_size: int, model: ModelSpec | None = None) -> StackWorkload:
@@ -122,9 +135,13 @@ def choose_tokens(entry: GridEntry, *, total_bytes: float, world_size: int, gpu,
     tokens = TOKEN_STEP
     while tokens <= max_tokens:
         w = entry_workload(entry, tokens, world_size, model)
-        if predicted_bytes(w) > budget or (gpu is not None and predicted_point_s(w, gpu) > point_cap_s):
+        if entry.boundary:
+            if sum(stack_terms(w).values()) + OUTSIDE_ALLOCATOR_BYTES > budget:
+                break
+        elif predicted_bytes(w) > budget or (gpu is not None and predicted_point_s(w, gpu) > point_cap_s):
             break
-        best, tokens = tokens, tokens + TOKEN_STEP if tokens < 32768 else tokens + 2 * TOKEN_STEP
+        step = BOUNDARY_TOKEN_STEP if entry.boundary else TOKEN_STEP if tokens < 32768 else 2 * TOKEN_STEP
+        best, tokens = tokens, tokens + step
     return best
 
 

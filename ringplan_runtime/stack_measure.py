@@ -6,7 +6,9 @@ Method (recorded in every stack profile's provenance, see ``STACK_METHOD``):
    replicated weights under ``inference_mode`` for forward-only; this rank's seeded batch.
 2. ``warmup_steps`` steps (at least one in training, so AdamW's states exist and FSDP2 has made
    its all-gather buffers, as in every later step of a real run).
-3. ``torch.cuda.reset_peak_memory_stats``; one *memory step* under the live-tensor tracker. The
+3. ``gc.collect``, ``torch.cuda.empty_cache`` (blocks the build and warm-up left cached are not the
+   step's: the allocator would give them back before failing), ``torch.cuda.reset_peak_memory_stats``;
+   one *memory step* under the live-tensor tracker. The
    tensors that exist before it starts are registered first (``resident_tensors``: the sharded
    master parameters, AdamW's states, buffers, the RoPE positions, the batch): their bytes are
    ``resident_bytes``. FSDP2 frees and re-allocates its gathered parameters by resizing their
@@ -58,7 +60,8 @@ from ringplan_runtime.tracker import LiveTensorTracker, _describe, _storage_or_n
 
 STACK_METHOD = (
     "seeded batch; {warmup} warm-up steps (training: forward, backward, AdamW step, zero_grad(set_to_none)); "
-    "torch.cuda.reset_peak_memory_stats; one step read for peak allocated/reserved (torch allocator), device used "
+    "caching allocator with expandable_segments:True (ringplan_runtime.stack_parallel.ALLOCATOR_SETTING); "
+    "gc.collect + torch.cuda.empty_cache + torch.cuda.reset_peak_memory_stats; one step read for peak allocated/reserved (torch allocator), device used "
     "(NVML, after the step) and live tensors (TorchDispatchMode tracker, counting the sharded parameters, AdamW "
     "states, buffers and batch alive before the step, and FSDP2's resized all-gather storages); step time = "
     "median of {timed} CUDA-event timings (perf_counter on CPU)")
@@ -213,9 +216,10 @@ def _memory_step(run, batch, settings: MeasureSettings) -> dict[str, int | None]
 
     device = run.device
     _synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # blocks cached by the build and warm-up are not this step's
+        torch.cuda.reset_peak_memory_stats(device)
     tracker = StackTracker(device=device.type) if settings.track_live_tensors else None
     host = StackTracker(device="cpu") if device.type == "cuda" and run.workload.settings.offload_checkpoints else None
     counter = SentBytesCounter() if settings.count_sent_bytes else None

@@ -28,6 +28,8 @@ final norm (no KV cache is kept; the next-token logits, B·V, are not computed).
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import torch
@@ -168,6 +170,7 @@ def build_stack(w: StackWorkload, *, device, seed: int = 0) -> StackRun:
     """The model of ``w`` on ``device``, sharded and initialised, with its optimizer (see module docstring)."""
     check_runnable_workload(w)
     device = torch.device(device)
+    use_expandable_segments(device)
     rank, _ = _world()
     group = ring_group(w)
     model = _new_model(w, group)
@@ -184,6 +187,22 @@ def build_stack(w: StackWorkload, *, device, seed: int = 0) -> StackRun:
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, foreach=True)
     return StackRun(workload=w, model=model, optimizer=optimizer, device=device, rank=rank,
                     loss_scale=float(w.world_size), positions=_positions(w, rank, device))
+
+
+#: The CUDA caching allocator setting the runtime runs (and the planner plans) whole models with.
+ALLOCATOR_SETTING = "expandable_segments:True"
+
+
+def use_expandable_segments(device) -> None:
+    """Run the caching allocator with expandable segments (unless ``PYTORCH_CUDA_ALLOC_CONF`` says
+    otherwise), as long-context trainers do: FSDP2's gathered weights, the ring's buffers and the
+    chunked loss free and re-allocate blocks of many sizes, and with fixed segments the blocks the
+    allocator keeps grew reserved memory 20-60 % above allocated on 2×H200 (c017531 sweep,
+    benchmarks/results/h200x2-2026-11-26/). No effect on CPU."""
+    if torch.device(device).type != "cuda" or "expandable_segments" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        return
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.9; older: the cuda one
+    (setter or torch.cuda.memory._set_allocator_settings)(ALLOCATOR_SETTING)
 
 
 def _positions(w: StackWorkload, rank: int, device) -> torch.Tensor:
