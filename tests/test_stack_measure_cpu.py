@@ -238,6 +238,21 @@ def _benchmark():
     return sys.modules["stack_sweep_benchmark"]
 
 
+def test_benchmark_boundary_points_straddle_the_gpu():
+    """Capacity-boundary points: Σφ + the outside-allocator allowance just under (fill 0.97) and just
+    over (fill 1.03) the GPU, whatever the time cap."""
+    from ringplan.hardware import load_catalog
+
+    bench = _benchmark()
+    total = 75 * bench.GIB
+    for entry in bench.BOUNDARY_GRID:
+        points = bench.build_grid(total_bytes=total, world_size=2, gpu=load_catalog().gpu("h100"), point_cap_s=1.0,
+                                  grid=(entry,))
+        assert len(points) == 1
+        need = sum(bench.stack_terms(points[0]).values()) + bench.OUTSIDE_ALLOCATOR_BYTES
+        assert need <= entry.fill * total < need * 1.10  # a 1,024-token step is up to ~5 % here
+
+
 def test_benchmark_grid_fits_the_gpu_and_the_time_cap():
     """The device grid (75 GiB H100): every point's budgeted memory within its fill of the GPU and its
     predicted time within the cap, both Llama-3-8B-shaped depths and the full Qwen3-0.6B present."""
@@ -245,7 +260,8 @@ def test_benchmark_grid_fits_the_gpu_and_the_time_cap():
 
     bench = _benchmark()
     gpu = load_catalog().gpu("h100")
-    points = bench.build_grid(total_bytes=75 * bench.GIB, world_size=2, gpu=gpu, point_cap_s=30.0)
+    grid = tuple(e for e in bench.DEFAULT_GRID if not e.boundary)
+    points = bench.build_grid(total_bytes=75 * bench.GIB, world_size=2, gpu=gpu, point_cap_s=30.0, grid=grid)
     assert {p.model.n_layers for p in points} >= {4, 8, 16, 28}
     assert any(not p.training for p in points) and any(p.settings.loss == "full" for p in points)
     for p in points:
