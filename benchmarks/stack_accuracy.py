@@ -11,9 +11,15 @@ Three checks over the measured rows of ``ringplan.stack/1`` profiles (error = (p
 1. **Memory, held out** — per GPU, the feasible rows of each series (one model shape, GPUs, ring,
    layout, settings and mode; rising tokens; ``series_key``) are split as
    ``benchmarks/accuracy_report.py`` splits attention rows: the 2nd, 4th, … row of each series is
-   held out, the whole-model memory model (``ringplan.stack_model``: stack terms + workspace, slack
-   and outside-allocator parts fitted per GPU) is fitted on the rest and predicts the held-out rows'
-   peak allocated, peak reserved and device used bytes. Series of one row are fitted on only.
+   held out (deterministic; every configuration measured at two lengths gives one row to each
+   half), the whole-model memory model (``ringplan.stack_model``: stack terms + workspace, slack at
+   rest, fragmentation reserve and outside-allocator parts fitted per GPU) is fitted on the rest and
+   predicts the held-out rows' peak allocated bytes and device used at rest
+   (``device_used_at_rest_bytes``). Series of one row are fitted on only.
+   **Pressure rows** (peak allocated > ``PRESSURE_FRACTION`` of usable memory: runs at the capacity
+   boundary, where the allocator gave cached blocks back) are what the need is about: for each, the
+   need (``total_bytes`` = allocated + reserve + outside) against its measured device used, from a
+   model fitted on every other feasible row (the reserve then comes from the other pressure rows).
 2. **Step time** — ``ringplan.stack_time.step_time`` for every feasible row with a step time. Its
    inputs are the timing profiles (GEMMs, attention kernels, links), never these rows: every row
    is held out.
@@ -44,10 +50,13 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from accuracy_report import MARGINS, error_stats  # noqa: E402
 
 from ringplan.hardware import load_catalog  # noqa: E402
+from ringplan.stack_model import PRESSURE_FRACTION  # noqa: E402
 from ringplan.stack_profiles import StackMeasurement, load_stack_profile, stack_profiles_dir  # noqa: E402
 
-MEMORY_FIGURES = {"peak_allocated_bytes": "peak_allocated_bytes", "peak_reserved_bytes": "peak_reserved_bytes",
-                  "device_used_bytes": "total_bytes"}  # measured figure → MemoryPrediction attribute
+#: figure name → (measured attribute of the row, predicted attribute of the MemoryPrediction)
+MEMORY_FIGURES = {"peak allocated": ("peak_allocated_bytes", "peak_allocated_bytes"),
+                  "device used at rest": ("device_used_bytes", "device_used_at_rest_bytes")}
+NEED_FIGURE = "need vs device used (pressure rows, row left out)"
 GIB = 2**30
 
 
@@ -81,11 +90,9 @@ def config_label(row: StackMeasurement) -> str:
 
 def fitted_model(rows: Sequence[StackMeasurement]):
     """The whole-model memory model fitted on ``rows`` (feasible, measured ones)."""
-    from ringplan.stack_model import StackMemoryModel, StackPoint, fit_stack_calibrations
+    from ringplan.stack_model import StackMemoryModel, fit_stack_calibrations, stack_point
 
-    points = [StackPoint(gpu=r.gpu, workload=r.workload(), peak_allocated_bytes=r.peak_allocated_bytes,
-                         peak_reserved_bytes=r.peak_reserved_bytes, device_used_bytes=r.device_used_bytes)
-              for r in rows if not r.oom and r.kind == "measured"]
+    points = [stack_point(r) for r in rows if not r.oom and r.kind == "measured"]
     return StackMemoryModel(calibrations=fit_stack_calibrations(points, source="held-out fit") if points else {})
 
 
@@ -98,13 +105,32 @@ def memory_lines(rows: Sequence[StackMeasurement]) -> list[dict]:
         model = fitted_model(fit)
         for row in held:
             prediction = model.predict(row.workload(), catalog.gpu(row.gpu))
-            for figure, attribute in MEMORY_FIGURES.items():
-                measured, predicted = getattr(row, figure), getattr(prediction, attribute)
+            for figure, (measured_name, predicted_name) in MEMORY_FIGURES.items():
+                measured, predicted = getattr(row, measured_name), getattr(prediction, predicted_name)
                 if measured and predicted is not None:
-                    lines.append({"check": "memory (held out)", "gpu": gpu, "config": config_label(row),
-                                  "figure": figure, "predicted": predicted, "measured": measured,
-                                  "error": (predicted - measured) / measured, "fit_rows": len(fit),
-                                  "provenance": prediction.provenance})
+                    lines.append(memory_line(row, figure, predicted, measured, len(fit), prediction.provenance))
+    return lines + need_lines(feasible)
+
+
+def memory_line(row: StackMeasurement, figure: str, predicted: float, measured: float, fit_rows: int,
+                provenance: str) -> dict:
+    return {"check": "memory (held out)", "gpu": row.gpu, "config": config_label(row), "figure": figure,
+            "predicted": predicted, "measured": measured, "error": (predicted - measured) / measured,
+            "fit_rows": fit_rows, "provenance": provenance}
+
+
+def need_lines(feasible: Sequence[StackMeasurement]) -> list[dict]:
+    """The need of each pressure row against its device used, from a fit of every other feasible row."""
+    from ringplan.stack_model import stack_point
+
+    catalog, lines = load_catalog(), []
+    for row in feasible:
+        if not (row.device_used_bytes and stack_point(row).pressure):
+            continue
+        others = [r for r in feasible if r is not row and r.gpu == row.gpu]
+        prediction = fitted_model(others).predict(row.workload(), catalog.gpu(row.gpu))
+        lines.append(memory_line(row, NEED_FIGURE, prediction.total_bytes, row.device_used_bytes, len(others),
+                                 prediction.provenance))
     return lines
 
 
@@ -171,19 +197,47 @@ def _value(figure: str, value: float) -> str:
     return f"{value * 1e3:,.1f} ms" if figure.endswith("_s") else f"{value / GIB:,.3f} GiB"
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.2f}%"
+
+
+def memory_table(lines: Sequence[dict]) -> list[str]:
+    """Held-out rows, one line each: allocated and device used at rest, predicted / measured / error."""
+    by_row: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for x in lines:
+        if x["check"] == "memory (held out)" and x["figure"] in MEMORY_FIGURES:
+            by_row[(x["gpu"], x["config"])][x["figure"]] = x
+    out = ["| GPU | config (held out) | allocated pred | allocated meas | error | at rest pred | at rest meas | "
+           "error |", "|---|---|---|---|---|---|---|---|"]
+    for (gpu, config), figures in by_row.items():
+        cells = []
+        for figure in MEMORY_FIGURES:
+            x = figures.get(figure)
+            cells += [_value("", x["predicted"]), _value("", x["measured"]), _pct(x["error"])] if x else ["-"] * 3
+        out.append(f"| {gpu} | {config} | " + " | ".join(cells) + " |")
+    return out
+
+
 def markdown(lines: Sequence[dict], stats: Sequence[dict], capacity: Sequence[dict],
              capacity_stats: Sequence[dict], command: str) -> str:
-    def pct(value):
-        return "-" if value is None else f"{100 * value:+.2f}%"
-
-    out = [f"Generated by `{command}`.", "", "| check | GPU | config | figure | predicted | measured | error |",
-           "|---|---|---|---|---|---|---|"]
-    out += [f"| {x['check']} | {x['gpu']} | {x['config']} | {x['figure']} | {_value(x['figure'], x['predicted'])} | "
-            f"{_value(x['figure'], x['measured'])} | {pct(x['error'])} |" for x in lines]
+    out = [f"Generated by `{command}`.", "", "Memory, held out (fit on the other half of the rows):", ""]
+    out += memory_table(lines)
+    out += ["", f"Pressure rows (peak allocated > {PRESSURE_FRACTION:.0%} of usable memory): the need (allocated + "
+            "fragmentation reserve + outside, what capacity checks) against the measured device used, each from a "
+            "fit of every other feasible row:", "",
+            "| GPU | config | need pred | device used meas | error |", "|---|---|---|---|---|"]
+    out += [f"| {x['gpu']} | {x['config']} | {_value('', x['predicted'])} | {_value('', x['measured'])} | "
+            f"{_pct(x['error'])} |" for x in lines if x["figure"] == NEED_FIGURE]
+    out += ["", "Step time (every row held out: the time model never sees these rows):", "",
+            "| GPU | config | predicted | measured | error |", "|---|---|---|---|---|"]
+    out += [f"| {x['gpu']} | {x['config']} | {_value(x['figure'], x['predicted'])} | "
+            f"{_value(x['figure'], x['measured'])} | {_pct(x['error'])} |" for x in lines if x["check"] == "step time"]
     out += ["", "| check | GPU | figure | points | median abs error | max abs error |", "|---|---|---|---|---|---|"]
-    out += [f"| {s['check']} | {s['gpu']} | {s['figure']} | {s['points']} | {pct(s['median_abs_error'])[1:]} | "
-            f"{pct(s['max_abs_error'])[1:]} |" for s in stats]
-    out += ["", "| GPU | config | ran | margin | predicted + bound | budget | judged feasible | agrees |",
+    out += [f"| {s['check']} | {s['gpu']} | {s['figure']} | {s['points']} | {_pct(s['median_abs_error'])[1:]} | "
+            f"{_pct(s['max_abs_error'])[1:]} |" for s in stats]
+    out += ["", "Capacity vs OOM (model fitted on every feasible row; feasible when need + residual bound <= usable "
+            "memory x (1 - margin); device used at rest is higher than the need):", "",
+            "| GPU | config | ran | margin | need + bound | budget | judged feasible | agrees |",
             "|---|---|---|---|---|---|---|---|"]
     out += [f"| {c['gpu']} | {c['config']} | {'yes' if c['ran'] else 'OOM'} | {c['margin']:.2f} | "
             f"{c['predicted_upper_bytes'] / GIB:,.2f} GiB | {c['budget_bytes'] / GIB:,.2f} GiB | "

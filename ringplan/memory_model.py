@@ -65,6 +65,9 @@ class MemoryPrediction:
     provenance_kind: str
     model_form: str = "analytic"
     residual_bound_bytes: float = 0.0
+    #: Whole-model predictions: device used at rest (allocated + the slack the caching allocator
+    #: keeps while memory is free + outside), above ``total_bytes`` (the need); None elsewhere.
+    device_used_at_rest_bytes: float | None = None
 
     @property
     def uncertainty_bytes(self) -> float:

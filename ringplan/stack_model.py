@@ -10,14 +10,25 @@ squares fit (``memory_calibration.nonnegative_least_squares``) over a few physic
   prefetch buffers beyond the terms): a constant, the gathered unit (one block's weights in the
   compute dtype, zero unless parameters are gathered) and one hidden state of the rank's tokens
   ``B·n·E·e``. Per mode (training / forward).
-* **allocator slack** ``reserved − allocated``: a constant, the allocated bytes, and the gathered
-  unit again (the caching allocator keeps the all-gather stream's blocks apart from the compute
-  stream's). Per mode.
+* **allocator slack at rest** ``reserved − allocated`` on runs with room to spare (peak allocated ≤
+  ``PRESSURE_FRACTION`` of usable memory): a constant, one q-sized tensor per layer ``L·B·n·H·D·e``
+  (under CPU run-ahead the ring keeps one communication buffer per layer cached), the fp32 logits
+  of a full loss ``B·n·V·4`` (the block stays cached after the loss) and the gathered unit (FSDP's
+  all-gather / reduce-scatter blocks, kept per stream). One fit over both modes (``family="at_rest"``).
+* **fragmentation reserve** (``family="pressure"``): the caching allocator gives cached blocks back
+  when an allocation would fail, so slack at rest is not what decides an OOM. The reserve is the
+  largest slack seen on a *pressure row* of that GPU (peak allocated > ``PRESSURE_FRACTION`` of
+  usable memory, a run at the capacity boundary that did not OOM): what the allocator could not
+  give back. Without pressure rows, the slack at rest (conservative).
 * **memory outside the allocator** ``device used − reserved``: a CUDA context constant, one
   NCCL communicator per process group of more than one rank (FSDP's world, a ring smaller than it)
   and the ring's P2P buffers (P > 1). One fit per GPU.
 
-Plans use ``total + residual bound`` (each fit's worst residual, grown beyond the measured figures).
+Two figures: **device used at rest** (``MemoryPrediction.device_used_at_rest_bytes``, what
+nvidia-smi shows for a run with room to spare) = allocated + slack at rest + outside, and the
+**need** (``total_bytes``, what must fit) = allocated + min(reserve, slack at rest) + outside.
+Plans use ``need + residual bound`` (workspace and outside fits' worst residuals, grown beyond the
+measured figures; the slack fit's too where the slack at rest is the reserve).
 
 Where a GPU has no whole-model rows, another GPU's whole-model fit is used ("transferred"); where
 none exists at all, the prediction is the terms + one layer's attention workspace and the memory
@@ -52,7 +63,9 @@ STACK_FIT_SCHEMA = "ringplan.stack-fit/1"
 #: Planner sources whose content decides the stack fit (hashed beside the stack profiles).
 STACK_FIT_SOURCES: tuple[str, ...] = ("stack_terms.py", "stack_model.py", "memory_terms.py")
 WORKSPACE_FEATURES: tuple[str, ...] = ("constant_bytes", "gathered_unit", "hidden")
-SLACK_FEATURES: tuple[str, ...] = ("constant_bytes", "allocated", "gathered_unit")
+SLACK_FEATURES: tuple[str, ...] = ("constant_bytes", "stashed_q", "full_logits", "gathered_unit")
+#: A run whose peak allocated exceeds this fraction of the GPU's usable memory ran under pressure.
+PRESSURE_FRACTION = 0.85
 OUTSIDE_FEATURES: tuple[str, ...] = ("context_bytes", "communicator_bytes", "p2p_buffers_bytes")
 
 
@@ -76,6 +89,23 @@ def hidden_bytes(w: StackWorkload) -> float:
     return float(w.batch * tokens_per_rank(w) * w.model.embed_dim * w.settings.param_dtype_bytes)
 
 
+def stashed_q_bytes(w: StackWorkload) -> float:
+    """One query-sized tensor per layer: L·B·n·H·D·e_param bytes. Under CPU run-ahead the ring's
+    communication buffers of every layer are allocated before the first is freed on the compute
+    stream, so the caching allocator keeps about one per layer (fitted coefficient ~1.3). Forward
+    and training alike."""
+    m = w.model
+    return float(m.n_layers * w.batch * tokens_per_rank(w) * m.n_heads * m.head_dim * w.settings.param_dtype_bytes)
+
+
+def full_logits_bytes(w: StackWorkload) -> float:
+    """The fp32 logits of a full (unchunked) training loss: B·n·V·4 bytes, else 0. After the loss
+    the block stays cached (nothing else of its size is allocated until the next step)."""
+    if not (w.training and w.settings.loss == "full"):
+        return 0.0
+    return float(w.batch * tokens_per_rank(w) * w.model.vocab_size * 4)
+
+
 def communicator_count(w: StackWorkload) -> int:
     """NCCL communicators of more than one rank a rank holds: FSDP's / the data-parallel world
     (W > 1) and the ring when it is a smaller group (1 < P < W)."""
@@ -87,8 +117,14 @@ def workspace_features(w: StackWorkload) -> dict[str, float]:
     return {"constant_bytes": 1.0, "gathered_unit": gathered_unit_bytes(w), "hidden": hidden_bytes(w)}
 
 
-def slack_features(w: StackWorkload, allocated_bytes: float) -> dict[str, float]:
-    return {"constant_bytes": 1.0, "allocated": allocated_bytes, "gathered_unit": gathered_unit_bytes(w)}
+def slack_features(w: StackWorkload) -> dict[str, float]:
+    return {"constant_bytes": 1.0, "stashed_q": stashed_q_bytes(w), "full_logits": full_logits_bytes(w),
+            "gathered_unit": gathered_unit_bytes(w)}
+
+
+def under_pressure(peak_allocated_bytes: float, usable_memory_bytes: float | None) -> bool:
+    """A run at the capacity boundary: peak allocated > ``PRESSURE_FRACTION`` × usable memory."""
+    return usable_memory_bytes is not None and peak_allocated_bytes > PRESSURE_FRACTION * usable_memory_bytes
 
 
 def outside_features(w: StackWorkload) -> dict[str, float]:
@@ -140,6 +176,12 @@ class StackPoint:
     peak_allocated_bytes: float | None
     peak_reserved_bytes: float | None
     device_used_bytes: float | None
+    usable_memory_bytes: float | None = None  # the GPU's; None: no row counts as a pressure row
+
+    @property
+    def pressure(self) -> bool:
+        return self.peak_allocated_bytes is not None and under_pressure(self.peak_allocated_bytes,
+                                                                        self.usable_memory_bytes)
 
 
 def _fit(part: str, gpu: str, family: str, points: list[tuple[StackWorkload, dict[str, float], float, float]],
@@ -159,11 +201,37 @@ def _fit(part: str, gpu: str, family: str, points: list[tuple[StackWorkload, dic
                    identified=tuple(n for n in names if any(features[n] for _, features, _, _ in points)))
 
 
+def reserve_fit(gpu: str, points: list[StackPoint], *, source: str) -> PartFit | None:
+    """The fragmentation reserve: the largest ``reserved − allocated`` of the pressure rows (a
+    constant; residuals = each row's slack − reserve ≤ 0), None without pressure rows."""
+    rows = [p for p in points if p.pressure and p.peak_reserved_bytes is not None]
+    if not rows:
+        return None
+    observed = [p.peak_reserved_bytes - p.peak_allocated_bytes for p in rows]
+    reserve = max(observed)
+    n_tokens = [tokens_per_rank(p.workload) for p in rows]
+    return PartFit(part="slack", gpu=gpu, family="pressure", coefficients={"constant_bytes": reserve},
+                   residuals_bytes=tuple(o - reserve for o in observed),
+                   figures_bytes=tuple(p.peak_reserved_bytes for p in rows),
+                   tokens_per_rank_range=(min(n_tokens), max(n_tokens)),
+                   ring_sizes=tuple(sorted({p.workload.layout.ring_size for p in rows})), source=source,
+                   identified=("constant_bytes",))
+
+
 def fit_stack_calibration(points: list[StackPoint], *, source: str = "") -> Calibration:
-    """Workspace and slack per mode and the outside memory of one GPU's runs (each part where the
-    runs carry its two figures)."""
+    """Workspace per mode, slack at rest (rows not under pressure), the fragmentation reserve
+    (pressure rows) and the outside memory of one GPU's runs (each part where the runs carry its
+    two figures)."""
     gpu = points[0].gpu
     workspace, slack = {}, {}
+    at_rest = [p for p in points if p.peak_allocated_bytes is not None and p.peak_reserved_bytes is not None
+               and not p.pressure]
+    if at_rest:
+        slack["at_rest"] = _fit("slack", gpu, "at_rest", [
+            (p.workload, slack_features(p.workload), p.peak_reserved_bytes - p.peak_allocated_bytes,
+             p.peak_reserved_bytes) for p in at_rest], SLACK_FEATURES, relative=False, source=source)
+    if (reserve := reserve_fit(gpu, points, source=source)) is not None:
+        slack["pressure"] = reserve
     for family in ("training", "forward"):
         members = [p for p in points if mode_family(p.workload) == family and p.peak_allocated_bytes is not None]
         if members:
@@ -171,12 +239,6 @@ def fit_stack_calibration(points: list[StackPoint], *, source: str = "") -> Cali
             workspace[family] = _fit("workspace", gpu, family, [
                 (p.workload, workspace_features(p.workload), p.peak_allocated_bytes - analytic[id(p)],
                  p.peak_allocated_bytes) for p in members], WORKSPACE_FEATURES, relative=True, source=source)
-        reserved = [p for p in members if p.peak_reserved_bytes is not None]
-        if reserved:
-            slack[family] = _fit("slack", gpu, family, [
-                (p.workload, slack_features(p.workload, p.peak_allocated_bytes),
-                 p.peak_reserved_bytes - p.peak_allocated_bytes, p.peak_reserved_bytes) for p in reserved],
-                SLACK_FEATURES, relative=False, source=source)
     used = [p for p in points if p.device_used_bytes is not None and p.peak_reserved_bytes is not None]
     outside = _fit("overhead", gpu, "all", [
         (p.workload, outside_features(p.workload), p.device_used_bytes - p.peak_reserved_bytes, p.device_used_bytes)
@@ -236,7 +298,7 @@ class StackMemoryModel:
             return next((f for c in ordered if (f := pick(c)) is not None), None)
 
         self._cache[key] = ChosenParts(workspace=first(lambda c: c.workspace.get(family)),
-                                       slack=first(lambda c: c.slack.get(family)),
+                                       slack=first(lambda c: c.slack.get("at_rest")),
                                        overhead=first(lambda c: c.overhead))
         return self._cache[key]
 
@@ -249,40 +311,54 @@ class StackMemoryModel:
             self._cache[key] = _AttentionTransfer.of(self.attention, w, gpu)
         return self._cache[key]
 
+    def reserve_for(self, chosen: ChosenParts) -> PartFit | None:
+        """The fragmentation reserve of the GPU whose slack fit is used (None: none measured)."""
+        calibration = self.calibrations.get(chosen.slack.gpu) if chosen.slack else None
+        return calibration.slack.get("pressure") if calibration else None
+
     def _figures(self, w: StackWorkload, gpu: GpuSpec, analytic: float) -> "_Figures":
-        """Workspace, slack, outside memory and the residual bound around Σφ = ``analytic``."""
+        """Workspace, slack at rest, the reserve, outside memory and the residual bound of the need
+        around Σφ = ``analytic`` (the slack features do not depend on Σφ: the bound stays monotone)."""
         chosen = self.parts_for(w, gpu)
         attention = self._attention_transfer(w, gpu) if chosen.workspace is None or chosen.overhead is None else None
         workspace = chosen.workspace.bytes(workspace_features(w)) if chosen.workspace else attention.workspace_bytes
         allocated = analytic + workspace
-        slack = chosen.slack.bytes(slack_features(w, allocated)) if chosen.slack else 0.0
+        slack = chosen.slack.bytes(slack_features(w)) if chosen.slack else 0.0
+        reserve_fit_ = self.reserve_for(chosen)
+        reserve = min(slack, reserve_fit_.bytes({"constant_bytes": 1.0})) if reserve_fit_ else slack
         outside = chosen.overhead.bytes(outside_features(w)) if chosen.overhead else attention.outside_bytes
-        total = allocated + slack + outside
+        total = allocated + reserve + outside
+        slack_fit = chosen.slack if reserve == slack else None  # the reserve is the slack at rest
         bound = sum(fit.uncertainty_bytes(figure) for fit, figure in
-                    ((chosen.workspace, allocated), (chosen.slack, allocated + slack), (chosen.overhead, total)) if fit)
+                    ((chosen.workspace, allocated), (slack_fit, allocated + slack), (chosen.overhead, total)) if fit)
         if chosen.workspace is None or chosen.slack is None:
             bound += PRIOR_RELATIVE_UNCERTAINTY * analytic
         if attention is not None:
             bound += attention.bound_bytes(total, workspace=chosen.workspace is None,
                                            outside=chosen.overhead is None)
         return _Figures(chosen=chosen, attention=attention, workspace_bytes=workspace, slack_bytes=slack,
-                        outside_bytes=outside, total_bytes=total, bound_bytes=bound)
+                        reserve_bytes=reserve, outside_bytes=outside, total_bytes=total, bound_bytes=bound)
 
     def _predict(self, w: StackWorkload, gpu: GpuSpec, phi: dict[str, float]) -> MemoryPrediction:
         analytic = sum(phi.values())
         f = self._figures(w, gpu, analytic)
         kind, label = _provenance(f.chosen, f.attention, w, gpu)
+        if f.slack_bytes > f.reserve_bytes:
+            label += (f"; memory = need (fragmentation reserve {f.reserve_bytes / 2**30:.1f} GiB from runs at the "
+                      f"capacity boundary); at rest the allocator caches more: "
+                      f"{(analytic + f.workspace_bytes + f.slack_bytes + f.outside_bytes) / 2**30:.1f} GiB used")
         uncertainty = f.bound_bytes + (PRIOR_RELATIVE_UNCERTAINTY * (f.total_bytes - analytic)
                                        if kind != "measured" else 0.0)
-        parts = {**phi, "workspace_bytes": f.workspace_bytes, "allocator_slack_bytes": f.slack_bytes,
+        parts = {**phi, "workspace_bytes": f.workspace_bytes, "fragmentation_reserve_bytes": f.reserve_bytes,
                  "runtime_overhead_bytes": f.outside_bytes}
         allocated = analytic + f.workspace_bytes
+        at_rest = allocated + f.slack_bytes + f.outside_bytes
         return MemoryPrediction(terms_bytes=parts, total_bytes=f.total_bytes, tokens_per_rank=tokens_per_rank(w),
                                 fitted_figure="device_used_bytes", peak_allocated_bytes=allocated,
                                 peak_reserved_bytes=allocated + f.slack_bytes if f.chosen.slack else None,
                                 relative_uncertainty=uncertainty / f.total_bytes if f.total_bytes > 0 else 0.0,
                                 provenance=label, provenance_kind=kind, model_form="analytic",
-                                residual_bound_bytes=f.bound_bytes)
+                                residual_bound_bytes=f.bound_bytes, device_used_at_rest_bytes=at_rest)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -291,6 +367,7 @@ class _Figures:
     attention: "_AttentionTransfer | None"
     workspace_bytes: float
     slack_bytes: float
+    reserve_bytes: float
     outside_bytes: float
     total_bytes: float
     bound_bytes: float
@@ -377,6 +454,20 @@ def stack_input_hashes(directory: str | Path | None = None) -> dict[str, dict[st
             "sources": {name: _sha256(package / name) for name in STACK_FIT_SOURCES if (package / name).exists()}}
 
 
+def stack_point(row) -> StackPoint:
+    """A ``StackMeasurement`` as the fits see it (the GPU's usable memory from the catalog, so that
+    pressure rows are known; None for a GPU the catalog lacks)."""
+    from ringplan.hardware import load_catalog
+
+    try:
+        usable = float(load_catalog().gpu(row.gpu).usable_memory_bytes)
+    except ValueError:
+        usable = None
+    return StackPoint(gpu=row.gpu, workload=row.workload(), peak_allocated_bytes=row.peak_allocated_bytes,
+                      peak_reserved_bytes=row.peak_reserved_bytes, device_used_bytes=row.device_used_bytes,
+                      usable_memory_bytes=usable)
+
+
 def stack_points(directory: str | Path | None = None) -> tuple[list[StackPoint], str]:
     """The runs the fits use (not OOM, of ``CALIBRATION_KINDS``) and the names of their files."""
     from ringplan.stack_profiles import load_stack_profiles
@@ -386,10 +477,7 @@ def stack_points(directory: str | Path | None = None) -> tuple[list[StackPoint],
         for row in profile.rows:
             if row.oom or row.kind not in CALIBRATION_KINDS:
                 continue
-            points.append(StackPoint(gpu=row.gpu, workload=row.workload(),
-                                     peak_allocated_bytes=row.peak_allocated_bytes,
-                                     peak_reserved_bytes=row.peak_reserved_bytes,
-                                     device_used_bytes=row.device_used_bytes))
+            points.append(stack_point(row))
             names.add(Path(profile.path or "").name)
     return points, ", ".join(sorted(names))
 
