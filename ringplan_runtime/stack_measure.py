@@ -464,7 +464,7 @@ def run_stack_points(points: list[StackWorkload], *, settings: MeasureSettings |
                     spawn(stack_points_worker, world_size=world_size, backend="nccl" if use_cuda else "gloo",
                           timeout_s=timeout, args=(remaining, tmp, settings, deadline, command, progress, fault))
                 except (RankFailure, TimeoutError) as error:
-                    text = " ".join(str(error).split())[:300]
+                    text = _head_and_tail(" ".join(str(error).split()))
                     failure = f"timeout: {text}" if isinstance(error, TimeoutError) else f"rank failure: {text}"
                 by_index, provenance = _read_results(Path(tmp), world_size)
             done = _finished(remaining, by_index, failure, provenance)
@@ -480,6 +480,12 @@ def run_stack_points(points: list[StackWorkload], *, settings: MeasureSettings |
     skipped = [StackPointResult(workload=w, feasible=False, failure="skipped (budget)")
                for w in points if id(w) not in measured]
     return results + skipped
+
+
+def _head_and_tail(text: str, *, head: int = 100, tail: int = 240) -> str:
+    """A failure message short enough for a table that still ends with the exception's own words
+    (a traceback's head names only the launcher)."""
+    return text if len(text) <= head + tail else f"{text[:head]} … {text[-tail:]}"
 
 
 def _finished(points: list[StackWorkload], by_index: dict, failure: str | None, provenance) -> list[StackPointResult]:
