@@ -97,7 +97,10 @@ def fitted_model(rows: Sequence[StackMeasurement]):
 
 
 def memory_lines(rows: Sequence[StackMeasurement]) -> list[dict]:
-    """Check 1: one line per held-out row and memory figure."""
+    """Check 1: one line per held-out row and memory figure (a pressure row's device used is checked
+    as a need by ``need_lines``, not at rest)."""
+    from ringplan.stack_model import stack_point
+
     catalog, lines = load_catalog(), []
     feasible = [r for r in rows if not r.oom and r.kind == "measured"]
     for gpu in sorted({r.gpu for r in feasible}):
@@ -105,7 +108,10 @@ def memory_lines(rows: Sequence[StackMeasurement]) -> list[dict]:
         model = fitted_model(fit)
         for row in held:
             prediction = model.predict(row.workload(), catalog.gpu(row.gpu))
-            for figure, (measured_name, predicted_name) in MEMORY_FIGURES.items():
+            pressure = stack_point(row).pressure  # near the end of the GPU the cache is given back:
+            for figure, (measured_name, predicted_name) in MEMORY_FIGURES.items():  # checked as a need
+                if pressure and predicted_name == "device_used_at_rest_bytes":
+                    continue
                 measured, predicted = getattr(row, measured_name), getattr(prediction, predicted_name)
                 if measured and predicted is not None:
                     lines.append(memory_line(row, figure, predicted, measured, len(fit), prediction.provenance))
