@@ -14,12 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ringplan.gemm_profiles import (GEMM_FORMAT, GemmModel, GemmShape, block_gemms, gemm_flops, gemm_model_for,
+                                    gemm_profiles_in, lm_head_gemm, load_gemm_profile, write_gemm_profile)
 from ringplan.hardware import load_catalog
 from ringplan.models import ModelSpec, layer_parameter_count, load_model_catalog, parameter_count
 from ringplan.stack import StackSettings, StackWorkload
-from ringplan.stack_time import (GEMM_FORMAT, STEP_PARTS, GemmModel, GemmShape, StreamUnit, block_gemms,
-                                 collective_s, gemm_flops, gemm_model_for, gemm_profiles_in, lm_head_gemm,
-                                 load_gemm_profile, overlapped_end_s, step_time, write_gemm_profile)
+from ringplan.stack_time import STEP_PARTS, StreamUnit, collective_s, overlapped_end_s, step_time
 from ringplan.workload import RingLayout
 
 REPO = Path(__file__).resolve().parent.parent
