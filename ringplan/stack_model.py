@@ -61,7 +61,7 @@ from ringplan.stack import StackWorkload, shard_group_size, tokens_per_rank
 
 STACK_FIT_SCHEMA = "ringplan.stack-fit/1"
 #: Planner sources whose content decides the stack fit (hashed beside the stack profiles).
-STACK_FIT_SOURCES: tuple[str, ...] = ("stack_terms.py", "stack_model.py", "memory_terms.py")
+STACK_FIT_SOURCES: tuple[str, ...] = ("stack_terms.py", "stack_state_terms.py", "stack_model.py", "memory_terms.py")
 WORKSPACE_FEATURES: tuple[str, ...] = ("constant_bytes", "gathered_unit", "hidden")
 SLACK_FEATURES: tuple[str, ...] = ("constant_bytes", "stashed_q", "full_logits", "gathered_unit")
 #: A run whose peak allocated exceeds this fraction of the GPU's usable memory ran under pressure.

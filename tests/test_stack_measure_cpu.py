@@ -19,7 +19,8 @@ torch = pytest.importorskip("torch")
 from ringplan.models import ModelSpec
 from ringplan.stack import StackSettings, StackWorkload
 from ringplan.stack_profiles import load_stack_profile
-from ringplan.stack_terms import stack_instants, stack_shape, unit_param_shapes
+from ringplan.stack_state_terms import unit_param_shapes
+from ringplan.stack_terms import stack_instants, stack_shape
 from ringplan.workload import RingLayout
 from ringplan_runtime import spawn
 from ringplan_runtime.measure import MeasureSettings

@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 
 from ringplan.models import ModelSpec, load_model_catalog, parameter_count
 from ringplan.stack import StackSettings, StackWorkload
+from ringplan.stack_state_terms import rank_param_elements
 from ringplan.stack_terms import (
     HOST_TERM_NAMES,
     STACK_TERM_NAMES,
     block_tensors,
     host_terms,
     peak_instant,
-    rank_param_elements,
     saved_block_bytes,
     shard_elements,
     stack_instants,
