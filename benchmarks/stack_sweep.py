@@ -213,7 +213,7 @@ def run(points: list[StackWorkload], out: Path, *, budget_s: float, point_timeou
         record_as: str | None) -> list:
     from ringplan_runtime.measure import MeasureSettings
     from ringplan_runtime.provenance import command_line
-    from ringplan_runtime.stack_measure import (
+    from ringplan_runtime.stack_sweep import (
         result_summary,
         run_stack_points,
         write_stack_results,

@@ -338,7 +338,7 @@ def validate_in_process(plan: Plan, *, model, settings: MeasureSettings, toleran
 
 
 # ----------------------------------------------------------------------------- whole models (validate --model)
-# A whole model's run is one StackWorkload on W ranks (``stack_measure.run_stack_points``: spawned
+# A whole model's run is one StackWorkload on W ranks (``stack_sweep.run_stack_points``: spawned
 # ranks, NCCL on GPUs, gloo on CPU; or torchrun). Figures as above, predicted by the whole-model planner:
 #   tracked_peak_bytes   Σ ringplan.stack_terms (θ = 1), on CPU and GPU
 #   peak_allocated_bytes, peak_reserved_bytes, device_used_bytes   StackMemoryModel.predict (GPU)
@@ -357,7 +357,7 @@ class StackPlan:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StackValidation:
-    """A whole model's run (``stack_measure.StackPointResult``: figures the largest rank's, step time
+    """A whole model's run (``stack_sweep.StackPointResult``: figures the largest rank's, step time
     the slowest's), its figures against the planner, and whether the prediction held."""
 
     plan: StackPlan
@@ -381,8 +381,8 @@ def check_stack_cpu_size(plan: StackPlan) -> None:
 
 def run_stack(plan: StackPlan, *, settings: MeasureSettings, timeout_s: float = 600.0, command: str | None = None):
     """One whole-model step on W fresh local processes (every process exits; OOM, a lost rank or a
-    timeout is a result): ``stack_measure.run_stack_points`` of the one point."""
-    from ringplan_runtime.stack_measure import run_stack_points
+    timeout is a result): ``stack_sweep.run_stack_points`` of the one point."""
+    from ringplan_runtime.stack_sweep import run_stack_points
 
     return run_stack_points([plan.workload], settings=settings, point_timeout_s=timeout_s, command=command,
                             device=plan.device_type)[0]
@@ -456,7 +456,8 @@ def validate_stack_in_process(plan: StackPlan, *, model, settings: MeasureSettin
 
     from ringplan_runtime import init_from_env
     from ringplan_runtime.provenance import current_provenance
-    from ringplan_runtime.stack_measure import STACK_METHOD, RingOutOfMemory, measure_stack_rank, point_result
+    from ringplan_runtime.stack_measure import STACK_METHOD, measure_stack_rank
+    from ringplan_runtime.stack_sweep import RingOutOfMemory, point_result
 
     check_stack_cpu_size(plan)
     context = init_from_env(backend="gloo" if plan.device_type == "cpu" else None)

@@ -25,11 +25,11 @@ TINY = ["--layers", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", 
 
 
 def _have_stack_runtime() -> bool:
-    """The whole-model runtime pieces (stack terms, stack_measure's point runner) are present."""
+    """The whole-model runtime pieces (stack terms, stack_sweep's point runner) are present."""
     if importlib.util.find_spec("ringplan.stack_terms") is None:
         return False
     try:
-        from ringplan_runtime.stack_measure import StackPointResult, run_stack_points  # noqa: F401
+        from ringplan_runtime.stack_sweep import StackPointResult, run_stack_points  # noqa: F401
     except ImportError:
         return False
     return True
@@ -37,7 +37,7 @@ def _have_stack_runtime() -> bool:
 
 HAVE_STACK_RUNTIME = _have_stack_runtime()
 if HAVE_STACK_RUNTIME:
-    from ringplan_runtime.stack_measure import StackPointResult
+    from ringplan_runtime.stack_sweep import StackPointResult
 needs_stack_runtime = pytest.mark.skipif(not HAVE_STACK_RUNTIME, reason="stack terms / measure_stack not present yet")
 
 

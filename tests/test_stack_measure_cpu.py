@@ -24,9 +24,8 @@ from ringplan.stack_terms import stack_instants, stack_shape
 from ringplan.workload import RingLayout
 from ringplan_runtime import spawn
 from ringplan_runtime.measure import MeasureSettings
-from ringplan_runtime.stack_measure import (
-    StackTracker,
-    local_tensor,
+from ringplan_runtime.stack_measure import StackTracker, local_tensor
+from ringplan_runtime.stack_sweep import (
     run_stack_points,
     workload_from_json,
     workload_to_json,

@@ -368,7 +368,7 @@ def _write_stack(path: str | None, validation) -> None:
     """Merge the run's row (measured figures, or its OOM) into the stack profile at ``path``."""
     if not path:
         return
-    from ringplan_runtime.stack_measure import write_stack_results
+    from ringplan_runtime.stack_sweep import write_stack_results
 
     r = validation.result
     if write_stack_results(path, [r], record_as=validation.plan.gpu.name):
