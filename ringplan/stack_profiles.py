@@ -15,7 +15,7 @@ File format (JSON, ``profiles/measured/stack/*.json``)::
 records the shape that ran, whatever it was called) and ``settings`` the
 ``ringplan.stack.StackSettings`` fields. The provenance block, the row ``kind`` rule (only a
 ``measured`` row replaces a row with the same key) and the atomic merged write under a lock are
-those of ``ringplan.profiles``, reused, not copied. ``ringplan_runtime.stack_measure`` writes the
+those of ``ringplan.profiles``, reused, not copied. ``ringplan_runtime.stack_sweep`` writes the
 files; the planner reads them (``load_stack_profile``, ``load_stack_profiles``), which validates
 every field and names the file and the field on error.
 """
