@@ -87,6 +87,8 @@ class ModelSpec:
             raise ValueError(f"{what}: max_positions must be an integer >= 0, got {self.max_positions!r}")
         if self.position == "learned" and self.max_positions == 0:
             raise ValueError(f"{what}: learned positions need max_positions > 0 (the table size)")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"{what}: RoPE rotates pairs of dimensions, so head_dim must be even, got {self.head_dim}")
         for flag in ("tied_embeddings", "qkv_bias", "out_bias", "mlp_bias", "qk_norm"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{what}: {flag} must be true or false, got {getattr(self, flag)!r}")

@@ -52,11 +52,16 @@ SEARCHED_FIELDS: tuple[str, ...] = ("sharding", "checkpointing", "offload_checkp
 # ----------------------------------------------------------------------------- settings
 
 
+#: Shardings in the order ``capacity`` prefers them without a time model (measured ones first).
+SHARDING_PREFERENCE: tuple[str, ...] = ("none", "zero3", "zero1", "zero2")
+
+
 def preference_key(settings: StackSettings) -> tuple[int, int, int]:
     """Order without a time model: recomputation (none, selective, full, full + offload), then
-    sharding (none … zero3: more collectives), then loss (full before chunked)."""
+    sharding — what the runtime runs and was measured with (none, zero3) before the ZeRO-1/2 stages
+    planned from the paper's formulas — then loss (full before chunked)."""
     recompute = CHECKPOINTING.index(settings.checkpointing) + int(settings.offload_checkpoints)
-    return recompute, SHARDINGS.index(settings.sharding), LOSS_MODES.index(settings.loss)
+    return recompute, SHARDING_PREFERENCE.index(settings.sharding), LOSS_MODES.index(settings.loss)
 
 
 def settings_space(*, training: bool, base: StackSettings | None = None,

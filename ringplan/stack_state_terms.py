@@ -188,14 +188,15 @@ def optimizer_states_bytes(w: StackWorkload) -> float:
 def gradients_bytes(w: StackWorkload, *, reduced_elements: int | None = None) -> float:
     """Reduced gradients in the master dtype (FSDP2: reduce-scatter output, fp32 reduce_dtype):
     Ψ_G·e_m once every unit has been reduced (optimizer step), else the units reduced so far
-    (``reduced_elements``). ZeRO-1: e_m·Ψ (not partitioned), ZeRO-2: e_m·Ψ/G. Zero in forward
-    (``zero_grad(set_to_none=True)``)."""
+    (``reduced_elements``). ZeRO-1/2 (planned, not run): the gradients of the e-byte weights, in
+    e bytes as in the ZeRO paper (2Ψ in fp16/bf16): ZeRO-1 e·Ψ (not partitioned), ZeRO-2 e·Ψ/G.
+    Zero in forward (``zero_grad(set_to_none=True)``)."""
     s = stack_shape(w)
     if runs_fsdp(w):
         elements = rank_param_elements(w) if reduced_elements is None else reduced_elements
         return float(elements * s.e_m)
     stage = ZERO_STAGES[w.settings.sharding]
-    return zero_state_bytes(_psi(w), stage=stage, n_d=shard_group_size(w), param_bytes=0, grad_bytes=s.e_m,
+    return zero_state_bytes(_psi(w), stage=stage, n_d=shard_group_size(w), param_bytes=0, grad_bytes=s.e,
                             optimizer_bytes=0)["grads_bytes"]
 
 

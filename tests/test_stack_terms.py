@@ -78,16 +78,16 @@ def test_model_states_of_the_runtime_at_the_optimizer_step():
 
 
 def test_planned_zero_stages_shrink_model_states():
-    """ZeRO-1/2 (planned) follow the paper with this runtime's dtypes: bf16 copy e·Ψ, fp32 gradients
-    4Ψ (÷G from stage 2), master + m + v 12Ψ/G; stage by stage the states never grow."""
+    """ZeRO-1/2 (planned) follow the paper (2Ψ + 2Ψ + 12Ψ/N_d with bf16): bf16 copy e·Ψ, bf16
+    gradients 2Ψ (÷G from stage 2), master + m + v 12Ψ/G; stage by stage the states never grow."""
     states = ("master_params_bytes", "param_copy_bytes", "optimizer_states_bytes", "gradients_bytes")
     totals = []
     for sharding in ("none", "zero1", "zero2", "zero3"):
         w = workload(LLAMA, seq=8192, world=8, ring=8, sharding=sharding)
         totals.append(sum(stack_instants(w)["optimizer"][k] for k in states))
     psi = parameter_count(LLAMA)
-    assert totals[1] == pytest.approx(2 * psi + 4 * psi + 12 * psi / 8)
-    assert totals[2] == pytest.approx(2 * psi + 4 * psi / 8 + 12 * psi / 8)
+    assert totals[1] == pytest.approx(2 * psi + 2 * psi + 12 * psi / 8)
+    assert totals[2] == pytest.approx(2 * psi + 2 * psi / 8 + 12 * psi / 8)
     assert totals == sorted(totals, reverse=True)
 
 
