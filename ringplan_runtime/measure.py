@@ -182,12 +182,20 @@ def run_step(inputs: StepInputs) -> None:
     root.backward()
 
 
+#: Messages of allocation failures that do not come as ``torch.cuda.OutOfMemoryError``: a CPU
+#: allocation, and a library handle or workspace made outside the caching allocator (seen on 2×H200:
+#: ``CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)`` in the loss backward at the edge).
+OUT_OF_MEMORY_MESSAGES: tuple[str, ...] = ("out of memory", "can't allocate memory", "cublas_status_alloc_failed",
+                                           "cudnn_status_alloc_failed")
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    """True for a CUDA OOM (``torch.cuda.OutOfMemoryError``) or a CPU allocation failure."""
+    """True for a CUDA OOM (``torch.cuda.OutOfMemoryError``), a library's allocation failure or a CPU
+    allocation failure (``OUT_OF_MEMORY_MESSAGES``)."""
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return True
-    return isinstance(error, RuntimeError) and ("out of memory" in str(error).lower()
-                                                or "can't allocate memory" in str(error).lower())
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(message in text for message in OUT_OF_MEMORY_MESSAGES)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -197,3 +197,15 @@ def test_dilated_gather_scatter_cover_each_head_group_offset(segment, rate):
     sparse = gather(x, segment, rate, None)
     assert sparse.shape == (16 // segment, segment // rate, 4, 1) and sparse.is_contiguous()
     assert torch.equal(sparse.reshape(dilated_view(x, segment, rate).shape), dilated_view(x, segment, rate))
+
+
+def test_library_allocation_failures_count_as_out_of_memory():
+    """A cuBLAS handle that cannot be made at the edge of the GPU is an OOM (a result), not a crash;
+    other runtime errors are not."""
+    from ringplan_runtime.measure import is_out_of_memory
+
+    assert is_out_of_memory(RuntimeError(
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_out_of_memory(RuntimeError("CUBLAS_STATUS_INVALID_VALUE when calling cublasGemmEx"))
+    assert not is_out_of_memory(ValueError("out of memory"))
