@@ -39,8 +39,9 @@ def provenance_rank(label: str) -> int:
     """0 measured/override, 1 extrapolated, 2 transferred, 3 default (higher = weaker)."""
     if label.startswith("default"):
         return _RANK["default"]
-    if label.startswith("extrapolated"):
-        return max(_RANK["extrapolated"], provenance_rank(label[label.find("(") + 1:]))
+    if label.startswith("extrapolated"):  # "extrapolated (…: source)" ranks by its source too
+        inner = label[label.find("(") + 1:] if "(" in label else ""
+        return max(_RANK["extrapolated"], provenance_rank(inner) if inner else _RANK["extrapolated"])
     return _RANK["transferred"] if "transferred" in label else _RANK["measured"]
 
 

@@ -244,11 +244,11 @@ class _Costs:
 
 
 def provenance_rank(label: str) -> int:
-    """``ring_passes.provenance_rank`` (0 measured … 3 default), also for the time model's bare
-    "extrapolated outside measured range" headline (no parenthesised source)."""
+    """``ring_passes.provenance_rank`` (0 measured … 3 default), imported when needed (ring_passes
+    loads numpy)."""
     from ringplan.ring_passes import provenance_rank as rank
 
-    return 1 if label.startswith("extrapolated") and "(" not in label else rank(label)
+    return rank(label)
 
 
 def _block_pass_s(c: _Costs, attention_s: tuple[float, float], backward: bool) -> float:

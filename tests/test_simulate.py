@@ -467,3 +467,11 @@ def test_defaults_are_the_committed_fit(accuracy_report):
     assert tm.DEFAULT_CALL_OVERHEAD_S == pytest.approx(fitted["call_overhead_s"], rel=DEFAULT_PARAMETER_TOL)
     for default, value in zip(tm.DEFAULT_EXCHANGE_INTERFERENCE, fitted["exchange_interference"]):
         assert default == pytest.approx(value, abs=DEFAULT_PARAMETER_TOL)
+
+
+def test_provenance_rank_of_a_bare_extrapolated_label():
+    """"extrapolated …" without a parenthesised source ranks as extrapolated (it once recursed forever)."""
+    from ringplan.ring_passes import provenance_rank
+
+    assert provenance_rank("extrapolated outside measured range") == provenance_rank("extrapolated (x: measured)") == 1
+    assert provenance_rank("extrapolated (n beyond: transferred from h100)") == 2
