@@ -60,6 +60,18 @@ def test_capacity_model_fewest_gpus():
     assert answer_row["total_bytes"] + answer_row["residual_bound_bytes"] <= answer_row["budget_bytes"] + 1
 
 
+def test_capacity_model_hints_a_length_that_splits():
+    """1,000,001 = 101 × 9,901 splits over few world sizes: the answer (101 GPUs) is right under the
+    constraints, and the note names the rounded length's answer, which needs fewer GPUs; a length
+    whose answer is a power of two gets no note."""
+    result = run("capacity", "--model", "llama-3-8b", "--gpu", "h100", "--tokens", "1000001", "--train")
+    assert result.exit_code == 0, result.output
+    assert "101 x" in result.output and "note: 1,000,001 splits evenly over few world sizes" in result.output
+    rounded = as_json("capacity", "--model", "llama-3-8b", "--gpu", "h100", "--tokens", "999424", "--train")
+    assert f"999,424 tokens fit on {rounded['answer']['minimum_world_size']} x" in result.output
+    assert "note:" not in run(*LLAMA_1M).output
+
+
 def test_capacity_model_max_tokens_and_check():
     """--gpus K alone: the most tokens (that length fits, the next valid one is named); with
     --tokens: one check, exit 0 when it fits and 1 when not."""

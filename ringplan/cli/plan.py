@@ -209,6 +209,25 @@ def _check_answer(query, tokens: int, world_size: int):
     return {"kind": "check", "text": text, "feasible": bool(chosen)}, [row], bool(chosen)
 
 
+#: A sequence rounded down to a multiple of this splits over every power-of-two ring up to 512.
+ROUND_TOKENS = 1024
+
+
+def _rounder_length_hint(query, tokens: int, best) -> str:
+    """When S splits only over odd world sizes (the answer is not a power of two, or nothing fits),
+    the fewest GPUs for S rounded down to a multiple of ``ROUND_TOKENS``, if that is fewer."""
+    from ringplan.stack_capacity import min_world_size
+
+    rounded = tokens - tokens % ROUND_TOKENS
+    if rounded <= 0 or rounded == tokens or (best is not None and best.world_size & (best.world_size - 1) == 0):
+        return ""
+    other = min_world_size(query, rounded).minimum
+    if other is None or (best is not None and other.world_size >= best.world_size):
+        return ""
+    return (f"; note: {tokens:,} splits evenly over few world sizes — {rounded:,} tokens fit on "
+            f"{other.world_size} x {query.gpu.name}")
+
+
 def whole_model_capacity(query, tokens: int | None, world_size: int | None):
     """(answer dict, rows, feasible) of ``ringplan capacity --model``: the fewest GPUs for S tokens,
     the most tokens on K GPUs, or one check of S on K."""
@@ -226,6 +245,7 @@ def whole_model_capacity(query, tokens: int | None, world_size: int | None):
         else:
             text = (f"minimum GPUs for {tokens:,} tokens: {_gpus_text(best)} {gpu}, {best.tokens_per_rank:,} "
                     f"tokens/GPU, with {describe_settings(best.settings)}: {_memory_text(best, query)}")
+        text += _rounder_length_hint(query, tokens, best)
         answer = {"kind": "min_world_size", "text": text, "minimum_world_size": best.world_size if best else None,
                   "settings": stack_row_record(best) if best else None}
         return answer, list(result.rows), best is not None
