@@ -253,13 +253,13 @@ def _provenance_from_json(check: _Checker, raw: Any, where: str = "provenance") 
     return Provenance(**values)
 
 
-def profile_from_json(data: Any, path: str = "<profile>") -> Profile:
-    """Validate parsed JSON and build a ``Profile``; ``ValueError`` names ``path`` and the field."""
-    check = _Checker(path)
+def envelope_from_json(check: "_Checker", data: Any, schema: str) -> tuple[Provenance, tuple, list]:
+    """The envelope every profile format shares: ``schema``, ``provenance``, ``history`` (earlier
+    provenance blocks, validated) and ``rows`` (a list, returned raw for the format to parse)."""
     if not isinstance(data, dict):
         check.fail("top level", "is not an object", show_value=False)
-    if data.get("schema") != PROFILE_SCHEMA:
-        check.fail("schema", f"must be {PROFILE_SCHEMA!r}", data.get("schema"))
+    if data.get("schema") != schema:
+        check.fail("schema", f"must be {schema!r}", data.get("schema"))
     for name in data:
         if name not in ("schema", "provenance", "rows", "history"):
             check.fail(name, "is not a known top-level key (known: schema, provenance, rows, history)",
@@ -273,24 +273,35 @@ def profile_from_json(data: Any, path: str = "<profile>") -> Profile:
     rows = data.get("rows")
     if not isinstance(rows, list):
         check.fail("rows", "is not a list", show_value=False)
+    return provenance, tuple(history), rows
+
+
+def profile_from_json(data: Any, path: str = "<profile>") -> Profile:
+    """Validate parsed JSON and build a ``Profile``; ``ValueError`` names ``path`` and the field."""
+    check = _Checker(path)
+    provenance, history, rows = envelope_from_json(check, data, PROFILE_SCHEMA)
     parsed = tuple(_row_from_json(check, i, raw) for i, raw in enumerate(rows))
-    return Profile(provenance=provenance, rows=parsed, history=tuple(history), path=path)
+    return Profile(provenance=provenance, rows=parsed, history=history, path=path)
 
 
-def load_profile(path: str | Path) -> Profile:
-    """Read and validate one profile file. Missing, unreadable or malformed → ``ValueError``."""
+def read_json_file(path: str | Path, what: str = "profile") -> Any:
+    """Parsed JSON of ``path``; missing, unreadable or malformed → ``ValueError`` naming the file."""
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ValueError(f"{path}: profile file not found") from None
+        raise ValueError(f"{path}: {what} file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read profile ({exc})") from None
+        raise ValueError(f"{path}: cannot read {what} ({exc})") from None
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    return profile_from_json(data, str(path))
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate one profile file. Missing, unreadable or malformed → ``ValueError``."""
+    return profile_from_json(read_json_file(path), str(path))
 
 
 def load_profiles(directory: str | Path | None = None) -> list[Profile]:

@@ -32,9 +32,10 @@ from ringplan.profiles import (
     Provenance,
     _canonical_gpu,
     _Checker,
-    _provenance_from_json,
+    envelope_from_json,
     measured_dir,
     merge_rows,
+    read_json_file,
     write_merged_json,
 )
 from ringplan.stack import StackSettings, StackWorkload
@@ -192,41 +193,14 @@ def _row_from_json(check: _Checker, index: int, raw: Any) -> StackMeasurement:
 def stack_profile_from_json(data: Any, path: str = "<stack profile>") -> StackProfile:
     """Validate parsed JSON and build a ``StackProfile``; ``ValueError`` names ``path`` and the field."""
     check = _Checker(path)
-    if not isinstance(data, dict):
-        check.fail("top level", "is not an object", show_value=False)
-    if data.get("schema") != STACK_SCHEMA:
-        check.fail("schema", f"must be {STACK_SCHEMA!r}", data.get("schema"))
-    for name in data:
-        if name not in ("schema", "provenance", "rows", "history"):
-            check.fail(name, "is not a known top-level key (known: schema, provenance, rows, history)",
-                       show_value=False)
-    provenance = _provenance_from_json(check, data.get("provenance", {}))
-    history = data.get("history", [])
-    if not isinstance(history, list):
-        check.fail("history", "is not a list", show_value=False)
-    for i, entry in enumerate(history):
-        _provenance_from_json(check, entry, f"history[{i}]")
-    rows = data.get("rows")
-    if not isinstance(rows, list):
-        check.fail("rows", "is not a list", show_value=False)
+    provenance, history, rows = envelope_from_json(check, data, STACK_SCHEMA)
     parsed = tuple(_row_from_json(check, i, raw) for i, raw in enumerate(rows))
-    return StackProfile(provenance=provenance, rows=parsed, history=tuple(history), path=path)
+    return StackProfile(provenance=provenance, rows=parsed, history=history, path=path)
 
 
 def load_stack_profile(path: str | Path) -> StackProfile:
     """Read and validate one stack profile. Missing, unreadable or malformed → ``ValueError``."""
-    import json
-
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: stack profile not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read stack profile ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    return stack_profile_from_json(data, str(path))
+    return stack_profile_from_json(read_json_file(path, "stack profile"), str(path))
 
 
 def load_stack_profiles(directory: str | Path | None = None) -> list[StackProfile]:
