@@ -52,11 +52,13 @@ def series_key(row: Measurement) -> tuple:
             row.training, row.projections)
 
 
-def split_held_out(rows: Sequence[Measurement]) -> tuple[list[Measurement], list[Measurement]]:
-    """(fit rows, held-out rows): within each series sorted by tokens, the 2nd, 4th, … are held out."""
-    series: dict[tuple, list[Measurement]] = defaultdict(list)
+def split_held_out(rows: Sequence, key=None) -> tuple[list, list]:
+    """(fit rows, held-out rows): within each series (``key``, default ``series_key``) sorted by
+    tokens, the 2nd, 4th, … are held out."""
+    key = key or series_key
+    series: dict[tuple, list] = defaultdict(list)
     for row in rows:
-        series[series_key(row)].append(row)
+        series[key(row)].append(row)
     fit, held = [], []
     for members in series.values():
         members.sort(key=lambda r: r.seq_len_tokens)

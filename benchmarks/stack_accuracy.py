@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from accuracy_report import MARGINS, error_stats  # noqa: E402
+from accuracy_report import split_held_out as split_series  # noqa: E402
 
 from ringplan.hardware import load_catalog  # noqa: E402
 from ringplan.stack_model import PRESSURE_FRACTION  # noqa: E402
@@ -67,16 +68,9 @@ def series_key(row: StackMeasurement) -> tuple:
 
 
 def split_held_out(rows: Sequence[StackMeasurement]) -> tuple[list[StackMeasurement], list[StackMeasurement]]:
-    """(fit rows, held-out rows): in each series sorted by tokens, the 2nd, 4th, … are held out."""
-    series: dict[tuple, list[StackMeasurement]] = defaultdict(list)
-    for row in rows:
-        series[series_key(row)].append(row)
-    fit, held = [], []
-    for members in series.values():
-        members.sort(key=lambda r: r.seq_len_tokens)
-        fit += members[0::2]
-        held += members[1::2]
-    return fit, held
+    """(fit rows, held-out rows): in each series sorted by tokens, the 2nd, 4th, … are held out
+    (``accuracy_report``'s split over this file's ``series_key``)."""
+    return split_series(rows, key=series_key)
 
 
 def config_label(row: StackMeasurement) -> str:
