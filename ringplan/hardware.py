@@ -86,36 +86,38 @@ class Catalog:
 
     def gpu(self, name: str) -> GpuSpec:
         """The GPU called ``name`` (or one of its aliases, any case); ``ValueError`` otherwise."""
-        key = _normalise(name)
+        key = normalise_name(name)
         for spec in self.gpus:
-            if key == spec.name or key in spec.aliases or key == _normalise(spec.driver_name):
+            if key == spec.name or key in spec.aliases or key == normalise_name(spec.driver_name):
                 return spec
         if key in self.ambiguous_aliases:
             raise ValueError(f"GPU name {name!r} is ambiguous; choose one of: "
                              f"{', '.join(self.ambiguous_aliases[key])}")
         names = [spec.name for spec in self.gpus] + [a for spec in self.gpus for a in spec.aliases]
-        raise ValueError(f"unknown GPU {name!r}; closest names: {_closest(key, names)} "
+        raise ValueError(f"unknown GPU {name!r}; closest names: {closest_names(key, names)} "
                          f"(run `ringplan gpus` for the full list)")
 
     def gpu_by_driver_name(self, driver_name: str) -> GpuSpec | None:
         """The catalog entry whose ``driver_name`` matches what NVML/torch reports, or None."""
-        key = _normalise(driver_name)
-        return next((spec for spec in self.gpus if _normalise(spec.driver_name) == key), None)
+        key = normalise_name(driver_name)
+        return next((spec for spec in self.gpus if normalise_name(spec.driver_name) == key), None)
 
     def link(self, name: str) -> LinkSpec:
         """The link called ``name`` (any case); ``ValueError`` with the closest names otherwise."""
-        key = _normalise(name)
+        key = normalise_name(name)
         for spec in self.links:
             if spec.name == key:
                 return spec
-        raise ValueError(f"unknown link {name!r}; closest names: {_closest(key, [s.name for s in self.links])}")
+        raise ValueError(f"unknown link {name!r}; closest names: {closest_names(key, [s.name for s in self.links])}")
 
 
-def _normalise(name: str) -> str:
+def normalise_name(name: str) -> str:
+    """Lower case, surrounding space dropped, inner spaces and underscores as dashes (catalog keys)."""
     return "-".join(str(name).strip().lower().replace("_", " ").split())
 
 
-def _closest(key: str, names: list[str]) -> str:
+def closest_names(key: str, names: list[str]) -> str:
+    """Up to three catalog names close to ``key`` (difflib), else ones sharing its first letter."""
     close = difflib.get_close_matches(key, names, n=3, cutoff=0.4)
     if not close:
         close = sorted(n for n in names if n[:1] == key[:1])[:3] or sorted(names)[:3]
@@ -164,7 +166,7 @@ def _catalog_from_json(data: dict[str, Any], source_path: str) -> Catalog:
             if key in seen:
                 raise ValueError(f"{source_path}: name {key!r} used by both {seen[key]!r} and {gpu.name!r}")
             seen[key] = gpu.name
-    ambiguous = {_normalise(k): tuple(v) for k, v in data.get("ambiguous_aliases", {}).items()}
+    ambiguous = {normalise_name(k): tuple(v) for k, v in data.get("ambiguous_aliases", {}).items()}
     return Catalog(gpus=gpus, links=links, ambiguous_aliases=ambiguous, source_path=source_path)
 
 
@@ -176,6 +178,6 @@ def _gpu_from_json(entry: dict[str, Any], defaults: dict[str, Any]) -> GpuSpec:
         default_source = defaults.get("sources", {}).get("runtime_overhead_bytes")
         if default_source:
             sources.setdefault("runtime_overhead_bytes", default_source)
-    entry["aliases"] = tuple(_normalise(a) for a in entry.get("aliases", ()))
-    entry["name"] = _normalise(entry["name"])
+    entry["aliases"] = tuple(normalise_name(a) for a in entry.get("aliases", ()))
+    entry["name"] = normalise_name(entry["name"])
     return GpuSpec(sources=sources, **entry)

@@ -14,12 +14,13 @@ F FFN width, V vocab.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from ringplan.hardware import closest_names, normalise_name
 
 MODEL_CATALOG_SCHEMA = "ringplan.models/1"
 FFN_TYPES: tuple[str, ...] = ("swiglu", "gelu")
@@ -182,7 +183,7 @@ class ModelCatalog:
             if key == spec.name or key in spec.aliases:
                 return spec
         names = [spec.name for spec in self.models] + [a for spec in self.models for a in spec.aliases]
-        raise ValueError(f"unknown model {name!r}; closest names: {_closest(key, names)} "
+        raise ValueError(f"unknown model {name!r}; closest names: {closest_names(key, names)} "
                          f"(run `ringplan models` for the full list)")
 
     @property
@@ -192,15 +193,8 @@ class ModelCatalog:
 
 def normalise_model_name(name: str) -> str:
     """Lower case, surrounding space dropped, inner spaces and underscores as dashes
-    (``Llama 3 8B`` → ``llama-3-8b``)."""
-    return "-".join(str(name).strip().lower().replace("_", " ").split())
-
-
-def _closest(key: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(key, names, n=3, cutoff=0.4)
-    if not close:
-        close = sorted(n for n in names if n[:1] == key[:1])[:3] or sorted(names)[:3]
-    return ", ".join(close)
+    (``Llama 3 8B`` → ``llama-3-8b``); the GPU catalog's rule."""
+    return normalise_name(name)
 
 
 def default_model_catalog_path() -> Path:
