@@ -7,7 +7,7 @@ Run (after committing the GPU run's profiles, see ``benchmarks/gpu_sweep.py``)::
 
 Three checks, each a table of median and max |error| (error = (predicted − measured) / measured):
 
-1. **Held-out points** — per GPU and shape family (``ringplan.memory_model.row_family``), the
+1. **Held-out points** — per GPU and shape family (``ringplan.memory.attention_model.row_family``), the
    non-OOM rows of each series (same shape, mode and ring, rising tokens) are split: every other
    row (the 2nd, 4th, …) is held out, the analytic model is fitted on the rest for each figure
    (peak allocated, peak reserved, device used) and predicts the held-out rows. Rows of the
@@ -16,7 +16,7 @@ Three checks, each a table of median and max |error| (error = (predicted − mea
    when h200 rows exist).
 3. **Capacity vs the bisected boundary** — for each bisection series (feasible and OOM probes of one
    shape and ring), the measured boundary is the largest feasible length below the smallest OOM;
-   ``ringplan.capacity.max_tokens`` predicts it from a model fitted on the non-bisection measured
+   ``ringplan.capacity.attention.max_tokens`` predicts it from a model fitted on the non-bisection measured
    rows (not the seed's reported ones; an emulated GPU's prediction is transferred), at safety
    margin 0 and at the CLI default 0.05. "never above" must hold: a plan called feasible must run
    ("unresolved" when the prediction falls between the last length that ran and the first OOM).
@@ -37,8 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ringplan.memory_model import MemoryModel, row_family  # noqa: E402
-from ringplan.profiles import Measurement, load_profile  # noqa: E402
+from ringplan.memory.attention_model import MemoryModel, row_family  # noqa: E402
+from ringplan.profiles.attention import Measurement, load_profile  # noqa: E402
 
 FIGURES = ("peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes")
 MARGINS = (0.0, 0.05)
@@ -154,7 +154,7 @@ def never_above(predicted: int | None, boundary: int, first_oom: int) -> bool | 
 def capacity_table(fit_rows: Sequence[Measurement], bisect_rows: Sequence[Measurement],
                    emulated_on: str = "h100-80gb-sxm") -> list[dict]:
     """Check 3: one line per bisection series and safety margin."""
-    from ringplan.capacity import CapacityQuery, max_tokens
+    from ringplan.capacity.attention import CapacityQuery, max_tokens
     from ringplan.hardware import load_catalog
 
     catalog = load_catalog()

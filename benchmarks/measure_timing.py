@@ -10,7 +10,7 @@ CPU smoke test (gloo, tiny sizes, seconds)::
     torchrun --standalone --nproc-per-node 2 benchmarks/measure_timing.py --cpu-smoke --out /tmp/timing
 
 Writes ``ringplan.p2p/1`` (rank 0, when world size > 1) and ``ringplan.kernels/1`` (rank 0) JSON files
-with provenance; ``ringplan.timing_profiles`` reads them. Never hangs: process-group operations
+with provenance; ``ringplan.profiles.timing`` reads them. Never hangs: process-group operations
 time out after --collective-timeout-s, a watchdog kills the process after --hard-timeout-s, and
 kernel configurations that would not fit the --budget-s are skipped (and listed in the method).
 Kernels are timed through ``ringplan_runtime.kernels.block_forward``/``block_backward`` and the
@@ -39,7 +39,7 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ringplan.timing_profiles import KERNELS_FORMAT, P2P_FORMAT, write_timing_profile  # noqa: E402
+from ringplan.profiles.timing import KERNELS_FORMAT, P2P_FORMAT, write_timing_profile  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ringplan.time_model import step_time_prediction  # noqa: E402
+from ringplan.time.attention_time import step_time_prediction  # noqa: E402
 from ringplan.workload import AttentionPattern, AttentionShape, RingLayout, Workload  # noqa: E402
 
 CASES = [  # (label, causal, layout, training)

@@ -12,7 +12,7 @@ Three checks over the measured rows of ``ringplan.stack/1`` profiles (error = (p
    layout, settings and mode; rising tokens; ``series_key``) are split as
    ``benchmarks/accuracy_report.py`` splits attention rows: the 2nd, 4th, … row of each series is
    held out (deterministic; every configuration measured at two lengths gives one row to each
-   half), the whole-model memory model (``ringplan.stack_model``: stack terms + workspace, slack at
+   half), the whole-model memory model (``ringplan.memory.stack_model``: stack terms + workspace, slack at
    rest, fragmentation reserve and outside-allocator parts fitted per GPU) is fitted on the rest and
    predicts the held-out rows' peak allocated bytes and device used at rest
    (``device_used_at_rest_bytes``). Series of one row are fitted on only.
@@ -20,7 +20,7 @@ Three checks over the measured rows of ``ringplan.stack/1`` profiles (error = (p
    boundary, where the allocator gave cached blocks back) are what the need is about: for each, the
    need (``total_bytes`` = allocated + reserve + outside) against its measured device used, from a
    model fitted on every other feasible row (the reserve then comes from the other pressure rows).
-2. **Step time** — ``ringplan.stack_time.step_time`` for every feasible row with a step time. Its
+2. **Step time** — ``ringplan.time.stack_time.step_time`` for every feasible row with a step time. Its
    inputs are the timing profiles (GEMMs, attention kernels, links), never these rows: every row
    is held out.
 3. **Capacity vs OOM** — a memory model fitted on every feasible row judges every row as
@@ -51,8 +51,8 @@ from accuracy_report import MARGINS, error_stats  # noqa: E402
 from accuracy_report import split_held_out as split_series  # noqa: E402
 
 from ringplan.hardware import load_catalog  # noqa: E402
-from ringplan.stack_model import PRESSURE_FRACTION  # noqa: E402
-from ringplan.stack_profiles import StackMeasurement, load_stack_profile, stack_profiles_dir  # noqa: E402
+from ringplan.memory.stack_model import PRESSURE_FRACTION  # noqa: E402
+from ringplan.profiles.stack import StackMeasurement, load_stack_profile, stack_profiles_dir  # noqa: E402
 
 #: figure name → (measured attribute of the row, predicted attribute of the MemoryPrediction)
 MEMORY_FIGURES = {"peak allocated": ("peak_allocated_bytes", "peak_allocated_bytes"),
@@ -84,7 +84,7 @@ def config_label(row: StackMeasurement) -> str:
 
 def fitted_model(rows: Sequence[StackMeasurement]):
     """The whole-model memory model fitted on ``rows`` (feasible, measured ones)."""
-    from ringplan.stack_model import StackMemoryModel, fit_stack_calibrations, stack_point
+    from ringplan.memory.stack_model import StackMemoryModel, fit_stack_calibrations, stack_point
 
     points = [stack_point(r) for r in rows if not r.oom and r.kind == "measured"]
     return StackMemoryModel(calibrations=fit_stack_calibrations(points, source="held-out fit") if points else {})
@@ -93,7 +93,7 @@ def fitted_model(rows: Sequence[StackMeasurement]):
 def memory_lines(rows: Sequence[StackMeasurement]) -> list[dict]:
     """Check 1: one line per held-out row and memory figure (a pressure row's device used is checked
     as a need by ``need_lines``, not at rest)."""
-    from ringplan.stack_model import stack_point
+    from ringplan.memory.stack_model import stack_point
 
     catalog, lines = load_catalog(), []
     feasible = [r for r in rows if not r.oom and r.kind == "measured"]
@@ -121,7 +121,7 @@ def memory_line(row: StackMeasurement, figure: str, predicted: float, measured: 
 
 def need_lines(feasible: Sequence[StackMeasurement]) -> list[dict]:
     """The need of each pressure row against its device used, from a fit of every other feasible row."""
-    from ringplan.stack_model import stack_point
+    from ringplan.memory.stack_model import stack_point
 
     catalog, lines = load_catalog(), []
     for row in feasible:
@@ -136,7 +136,7 @@ def need_lines(feasible: Sequence[StackMeasurement]) -> list[dict]:
 
 def step_time_lines(rows: Sequence[StackMeasurement]) -> list[dict]:
     """Check 2: one line per feasible row with a step time (GPU rows only: the time model is for GPUs)."""
-    from ringplan.stack_time import step_time
+    from ringplan.time.stack_time import step_time
 
     catalog, lines = load_catalog(), []
     for row in rows:

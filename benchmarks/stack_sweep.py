@@ -11,7 +11,7 @@ none / selective / full and a chunked loss (4,096 tokens), one full-loss point, 
 Each point's tokens per GPU are the largest multiple of 4,096 whose predicted memory (Σ stack terms
 × ``ALLOCATOR_MARGIN`` + ``OUTSIDE_ALLOCATOR_BYTES``) fits a fraction of the local GPU's memory
 (NVML total: ~75 GiB H100s and ~135 GiB H200s get different counts) and whose predicted step time
-(``ringplan.stack_time``) keeps the point under ``--point-cap-s``. Points run in one ring of two
+(``ringplan.time.stack_time``) keeps the point under ``--point-cap-s``. Points run in one ring of two
 spawned ranks (a fresh ring after an OOM, which is recorded as an ``oom`` row).
 
 Writes ``OUT/stack-<gpu>.json`` (``ringplan.stack/1``, with provenance) and
@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from ringplan.models import ModelSpec, load_model_catalog
 from ringplan.stack import StackSettings, StackWorkload
-from ringplan.stack_terms import peak_instant, stack_terms
+from ringplan.memory.stack_terms import peak_instant, stack_terms
 from ringplan.workload import RingLayout
 
 GIB = 2**30
@@ -120,8 +120,8 @@ def predicted_bytes(w: StackWorkload) -> float:
 
 
 def predicted_point_s(w: StackWorkload, gpu) -> float:
-    """Seconds a point takes: ``BUILD_S`` + ``STEPS_PER_POINT`` predicted steps (``ringplan.stack_time``)."""
-    from ringplan.stack_time import step_time
+    """Seconds a point takes: ``BUILD_S`` + ``STEPS_PER_POINT`` predicted steps (``ringplan.time.stack_time``)."""
+    from ringplan.time.stack_time import step_time
 
     return BUILD_S + STEPS_PER_POINT * step_time(w, gpu).step_time_s
 

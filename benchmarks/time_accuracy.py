@@ -8,7 +8,7 @@ Run (CPU is enough; reads only committed files)::
 Fit data vs validation data (never mixed):
 
 - FIT: ``profiles/measured/timing/`` — the p2p ring-exchange sweep and the block-kernel sweep
-  (``ringplan.p2p/1``, ``ringplan.kernels/1``). ``ringplan.time_model.step_time_prediction`` reads
+  (``ringplan.p2p/1``, ``ringplan.kernels/1``). ``ringplan.time.attention_time.step_time_prediction`` reads
   them; nothing in this script changes them.
 - VALIDATION: the ``step_time_s`` of every measured row of ``--profile`` (``ringplan profile`` runs:
   P = 1 and 2, forward and training, dense and the seed's dilated module with projections) and the
@@ -45,10 +45,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ringplan.profiles import load_profile  # noqa: E402
+from ringplan.profiles.attention import load_profile  # noqa: E402
 from ringplan.hardware import load_catalog  # noqa: E402
-from ringplan.time_model import step_time_prediction  # noqa: E402
-from ringplan.timing_profiles import KernelProfile, timing_profiles_in  # noqa: E402
+from ringplan.time.attention_time import step_time_prediction  # noqa: E402
+from ringplan.profiles.timing import KernelProfile, timing_profiles_in  # noqa: E402
 from ringplan.workload import AttentionPattern, AttentionShape, RingLayout, Workload  # noqa: E402
 
 DEFAULT_PROFILE = REPO / "profiles/measured/h200-profile-2026-11-25.json"
@@ -267,7 +267,7 @@ def markdown(report: dict) -> str:
     parts = [
         "# Step-time accuracy on the H200 (`benchmarks/time_accuracy.py`)", "",
         f"Command: `{report['command']}`  ", f"Generated: {report['generated_utc']}", "",
-        "Every measured ring step time of the GPU run is predicted by `ringplan.time_model.step_time_prediction` "
+        "Every measured ring step time of the GPU run is predicted by `ringplan.time.attention_time.step_time_prediction` "
         "(gpu from the run's provenance), error = (predicted − measured) / measured.", "",
         "**Fit data** (not validated on): " + ", ".join(f"`{p}`" for p in report["fit_data"]) + ".  ",
         "**Validation data**: " + ", ".join(f"`{p}`" for p in report["validation_data"]) + ".", "",

@@ -45,9 +45,9 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from ringplan.capacity import CapacityQuery, CapacityRow, max_tokens, min_world_size
+    from ringplan.capacity.attention import CapacityQuery, CapacityRow, max_tokens, min_world_size
     from ringplan.hardware import Catalog, GpuSpec, LinkSpec, load_catalog
-    from ringplan.memory_model import (MemoryFit, MemoryModel, MemoryPrediction, SeedFit, default_memory_model,
+    from ringplan.memory.attention_model import (MemoryFit, MemoryModel, MemoryPrediction, SeedFit, default_memory_model,
                                        fit_memory_model, fit_seed_form, predict_memory)
-    from ringplan.memory_terms import TERM_NAMES, memory_terms
-    from ringplan.profiles import Measurement, Profile, Provenance, load_profile, load_profiles, write_profile
+    from ringplan.memory.attention_terms import TERM_NAMES, memory_terms
+    from ringplan.profiles.attention import Measurement, Profile, Provenance, load_profile, load_profiles, write_profile

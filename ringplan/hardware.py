@@ -125,8 +125,8 @@ def closest_names(key: str, names: list[str]) -> str:
 
 
 def default_catalog_path() -> Path:
-    """``profiles/gpus.json`` of the profiles directory (see ``ringplan.profiles.profiles_dir``)."""
-    from ringplan.profiles import profiles_dir
+    """``profiles/gpus.json`` of the profiles directory (see ``ringplan.profiles.attention.profiles_dir``)."""
+    from ringplan.profiles.attention import profiles_dir
 
     return profiles_dir() / "gpus.json"
 

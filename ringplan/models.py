@@ -198,8 +198,8 @@ def normalise_model_name(name: str) -> str:
 
 
 def default_model_catalog_path() -> Path:
-    """``profiles/models.json`` of the profiles directory (see ``ringplan.profiles.profiles_dir``)."""
-    from ringplan.profiles import profiles_dir
+    """``profiles/models.json`` of the profiles directory (see ``ringplan.profiles.attention.profiles_dir``)."""
+    from ringplan.profiles.attention import profiles_dir
 
     return profiles_dir() / "models.json"
 

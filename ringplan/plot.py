@@ -13,7 +13,7 @@ GIB = 2**30
 def token_grid(query, world_size: int, points: int = 48) -> list[int]:
     """Valid sequence lengths for ``world_size`` spaced evenly in log scale over two and a half
     decades up to twice the largest feasible length (or 64 token units when nothing fits)."""
-    from ringplan.capacity import max_tokens, token_unit
+    from ringplan.capacity.attention import max_tokens, token_unit
 
     unit = token_unit(query, world_size)
     best = max_tokens(query, world_size).best
@@ -38,7 +38,7 @@ def plot_capacity(path: str | Path, query, *, world_sizes: list[int]) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ValueError('--plot needs matplotlib: pip install -e ".[plot]"') from None
-    from ringplan.capacity import evaluate
+    from ringplan.capacity.attention import evaluate
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for world_size in world_sizes:

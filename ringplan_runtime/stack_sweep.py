@@ -50,7 +50,7 @@ class StackPointResult:
 
 def workload_to_json(w: StackWorkload) -> dict:
     """A point as JSON: the ``ringplan.stack/1`` row fields of its workload (model shape included)."""
-    from ringplan.stack_profiles import MODEL_FIELDS
+    from ringplan.profiles.stack import MODEL_FIELDS
 
     return {"model": {name: getattr(w.model, name) for name in MODEL_FIELDS}, "seq_len_tokens": w.seq_len_tokens,
             "batch": w.batch, "training": w.training, "world_size": w.world_size, "ring_size": w.layout.ring_size,
@@ -240,7 +240,7 @@ def _finished(points: list[StackWorkload], by_index: dict, failure: str | None, 
 
 def stack_row(result: StackPointResult, *, gpu: str, series: str | None = None):
     """One ``ringplan.stack/1`` row from a point's result (OOM → ``oom=True``)."""
-    from ringplan.stack_profiles import measurement_from_workload
+    from ringplan.profiles.stack import measurement_from_workload
 
     f = result.figures
     names = ("peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes", "non_allocator_bytes",
@@ -255,7 +255,7 @@ def write_stack_results(path: str | Path, results: list[StackPointResult], *, re
                         series: str | None = None, interconnect: str | None = None) -> int:
     """Merge the feasible and out-of-memory results into the stack profile at ``path`` (atomic, by
     key, never dropping rows); other failures measured nothing and are not written. Returns rows written."""
-    from ringplan.stack_profiles import StackProfile, write_stack_profile
+    from ringplan.profiles.stack import StackProfile, write_stack_profile
     from ringplan_runtime.sweep import catalog_gpu_name, profile_provenance
 
     kept = [r for r in results if r.feasible or r.failure == "oom"]

@@ -3,7 +3,7 @@
 ``sweep_points`` builds the grid, ``run_sweep`` measures it ring size by ring size with
 ``ringplan_runtime.points.run_points`` (failures cost one point, never the sweep) under a tqdm
 progress bar, and merges every finished point into the profile through
-``ringplan.profiles.write_profile`` (atomic, merged by key: rows already on disk are never
+``ringplan.profiles.attention.write_profile`` (atomic, merged by key: rows already on disk are never
 dropped). Out-of-memory points are written as ``oom`` rows; points lost to a dead rank or a
 timeout measured nothing and are only reported.
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ringplan.profiles import Measurement as ProfileRow
-from ringplan.profiles import Profile, write_profile
-from ringplan.profiles import Provenance as ProfileProvenance
+from ringplan.profiles.attention import Measurement as ProfileRow
+from ringplan.profiles.attention import Profile, write_profile
+from ringplan.profiles.attention import Provenance as ProfileProvenance
 from ringplan.workload import AttentionPattern, AttentionShape, RingLayout, Workload
 from ringplan_runtime.measure import MeasureSettings
 from ringplan_runtime.points import PointResult, SweepPoint, run_points
@@ -56,7 +56,7 @@ def run_sweep(points: Sequence[SweepPoint], *, profile_path: str | Path, setting
     """Measure ``points`` (grouped by ring size) and merge each finished point into ``profile_path``.
 
     Rows are written as they arrive, so an interrupted sweep keeps what it measured; rows already
-    in the file are merged by key (``ringplan.profiles.write_profile``), never dropped.
+    in the file are merged by key (``ringplan.profiles.attention.write_profile``), never dropped.
     """
     from tqdm import tqdm
 
@@ -99,7 +99,7 @@ def catalog_gpu_name(driver_name: str, record_as: str | None = None) -> str:
 
 
 def profile_row(result: PointResult, *, gpu: str, series: str | None = None) -> ProfileRow:
-    """One profile row (``ringplan.profiles.Measurement``) from a point's result; OOM → ``oom=True``."""
+    """One profile row (``ringplan.profiles.attention.Measurement``) from a point's result; OOM → ``oom=True``."""
     w, ring = result.point.workload, result.point.layout
     notes = []
     if result.non_allocator_bytes is not None:

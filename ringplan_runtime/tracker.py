@@ -4,7 +4,7 @@
 under it. Every op's outputs are registered; each storage is counted once (views and in-place
 results share a storage) and uncounted when its Python storage object is finalised, i.e. when
 the last tensor that uses it dies. On CPU, where there is no caching allocator to ask, this is
-how CI checks the planner's analytic byte terms (``ringplan.memory_terms``) exactly.
+how CI checks the planner's analytic byte terms (``ringplan.memory.attention_terms``) exactly.
 
 What it cannot see, by construction: workspace allocated and freed *inside* one aten kernel
 (e.g. the blocks of ``_scaled_dot_product_flash_attention_for_cpu``), tensors created before the

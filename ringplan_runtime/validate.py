@@ -9,11 +9,11 @@ NCCL on GPUs, gloo on CPU) and sets each measured figure beside the planner's pr
 | peak_allocated_bytes | the memory model when it fits that figure, else Σ ``memory_terms`` |
 | peak_reserved_bytes  | the memory model, when it fits that figure                       |
 | device_used_bytes    | the memory model's total (what must fit in usable memory)        |
-| step_time_s          | ``ringplan.time_model`` (if present and it has data)             |
+| step_time_s          | ``ringplan.time.attention_time`` (if present and it has data)             |
 | bytes_sent_per_rank  | the ring's K/V (and dK/dV) traffic, dense patterns               |
 
 ``bisect_boundary`` searches the real OOM boundary in tokens (valid lengths only: S = m·unit·P,
-``ringplan.capacity.token_unit``) and compares it with ``ringplan.capacity.max_tokens``.
+``ringplan.capacity.attention.token_unit``) and compares it with ``ringplan.capacity.attention.max_tokens``.
 ``--emulate-gpu`` runs cap each rank's allocator (``ringplan_runtime.emulate``); the checks that
 must fail before anything is launched are in ``check_launch``.
 """
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ringplan.hardware import GpuSpec
-from ringplan.memory_terms import memory_terms
+from ringplan.memory.attention_terms import memory_terms
 from ringplan.stack import StackWorkload
 from ringplan.workload import RingLayout, Workload
 from ringplan_runtime.measure import MeasureSettings
@@ -173,9 +173,9 @@ def predicted_step_time_s(plan: Plan) -> tuple[float | None, str]:
     if plan.device_type != "cuda" or plan.gpu is None:
         return None, "no time model on CPU"
     try:
-        from ringplan.time_model import step_time_prediction
+        from ringplan.time.attention_time import step_time_prediction
     except ImportError:
-        return None, "ringplan.time_model absent"
+        return None, "ringplan.time.attention_time absent"
     try:
         prediction = step_time_prediction(plan.workload, plan.layout, plan.gpu)
     except ValueError as error:
@@ -238,7 +238,7 @@ def bisect_boundary(plan: Plan, *, model, settings: MeasureSettings, safety_marg
                     resolution: float = 0.01, tolerance: float = 0.03, max_probes: int = 16, timeout_s: float = 600.0,
                     command: str | None = None, on_probe: Callable[[PointResult], None] | None = None) -> Boundary:
     """Largest S that runs (between a feasible and an OOM probe, ``resolution`` apart) vs prediction."""
-    from ringplan.capacity import CapacityQuery, max_tokens, token_unit
+    from ringplan.capacity.attention import CapacityQuery, max_tokens, token_unit
 
     gpu = plan.emulate or plan.gpu
     if gpu is None:
@@ -340,9 +340,9 @@ def validate_in_process(plan: Plan, *, model, settings: MeasureSettings, toleran
 # ----------------------------------------------------------------------------- whole models (validate --model)
 # A whole model's run is one StackWorkload on W ranks (``stack_sweep.run_stack_points``: spawned
 # ranks, NCCL on GPUs, gloo on CPU; or torchrun). Figures as above, predicted by the whole-model planner:
-#   tracked_peak_bytes   Σ ringplan.stack_terms (θ = 1), on CPU and GPU
+#   tracked_peak_bytes   Σ ringplan.memory.stack_terms (θ = 1), on CPU and GPU
 #   peak_allocated_bytes, peak_reserved_bytes, device_used_bytes   StackMemoryModel.predict (GPU)
-#   step_time_s          ringplan.stack_time.step_time (GPU)
+#   step_time_s          ringplan.time.stack_time.step_time (GPU)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -392,7 +392,7 @@ def predicted_stack_step_time_s(plan: StackPlan) -> tuple[float | None, str]:
     """``stack_time.step_time`` of the plan, or None (CPU, no GPU, or no data)."""
     if plan.device_type != "cuda" or plan.gpu is None:
         return None, "no time model on CPU"
-    from ringplan.stack_time import step_time
+    from ringplan.time.stack_time import step_time
 
     try:
         prediction = step_time(plan.workload, plan.gpu)
@@ -405,7 +405,7 @@ def predicted_stack_figures(plan: StackPlan, model, *, tolerance: float, time_to
                             measured) -> tuple[tuple[Figure, ...], bool | None, str]:
     """The whole-model figures (see the section comment), the predicted feasibility and its provenance.
     ``measured``: a ``StackPointResult`` (its ``figures`` dict is empty when the run did not complete)."""
-    from ringplan.stack_terms import stack_terms
+    from ringplan.memory.stack_terms import stack_terms
 
     seen = measured.figures
     analytic = float(sum(stack_terms(plan.workload).values()))

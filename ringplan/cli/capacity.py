@@ -100,10 +100,10 @@ def describe_workload(workload, layout: str, backend: str) -> str:
 
 def step_time_hook():
     """The time model's step-time function for capacity rows (``fn(workload, layout, gpu) ->
-    (step_time_s, exposed_comm_s) | None``), importing ``ringplan.time_model`` (numpy) only when
+    (step_time_s, exposed_comm_s) | None``), importing ``ringplan.time.attention_time`` (numpy) only when
     the first row shown asks for it: the searches evaluate memory alone."""
     def step_time(workload, layout, gpu):
-        from ringplan.time_model import capacity_step_time
+        from ringplan.time.attention_time import capacity_step_time
 
         return capacity_step_time(workload, layout, gpu)
 
@@ -128,7 +128,7 @@ def step_time_hook():
 @click.option("--profile", "profile_paths", multiple=True, type=click.Path(dir_okay=False),
               help="Fit on these profile files instead of every file in profiles/measured (repeatable).")
 @click.option("--step-time/--no-step-time", default=False, show_default=True,
-              help="Add each shown row's predicted step time and exposed communication (ringplan.time_model; "
+              help="Add each shown row's predicted step time and exposed communication (ringplan.time.attention_time; "
                    "costs ~0.5 s more at start: numpy, and scipy while the time model fits its timing profiles).")
 @workload_options
 @model_selection_options
@@ -162,7 +162,7 @@ def capacity(ctx: click.Context, gpu_name: str, tokens: int | None, world_size: 
                               safety_margin=safety_margin, step_time=step_time, output_format=output_format,
                               workload_args=workload_args, refused=refused))
     _refuse_whole_model_options(workload_args)
-    from ringplan.capacity import CapacityQuery
+    from ringplan.capacity.attention import CapacityQuery
     from ringplan.hardware import load_catalog
 
     gpu = load_catalog().gpu(gpu_name)
@@ -203,7 +203,7 @@ def _refuse_whole_model_options(workload_args: dict[str, Any]) -> None:
 def _whole_model(*, gpu_name: str, tokens: int | None, world_size: int | None, max_world_size: int,
                  safety_margin: float, step_time: bool, output_format: str, workload_args: dict[str, Any],
                  refused: dict[str, Any]) -> int:
-    """``capacity --model``: answer with ``ringplan.stack_capacity``; exit code 0 fits, 1 not."""
+    """``capacity --model``: answer with ``ringplan.capacity.stack``; exit code 0 fits, 1 not."""
     from ringplan.cli.model_options import explicit_options
     from ringplan.cli.plan import emit_stack, stack_query, whole_model_capacity
 
@@ -219,8 +219,8 @@ def _whole_model(*, gpu_name: str, tokens: int | None, world_size: int | None, m
 
 
 def _model(model_form: str, profile_paths: tuple[str, ...]):
-    from ringplan.memory_model import MemoryModel, default_memory_model
-    from ringplan.profiles import load_profile
+    from ringplan.memory.attention_model import MemoryModel, default_memory_model
+    from ringplan.profiles.attention import load_profile
 
     if not profile_paths:
         return default_memory_model(model_form)
@@ -230,7 +230,7 @@ def _model(model_form: str, profile_paths: tuple[str, ...]):
 
 def _answer(query, tokens: int | None, world_size: int | None):
     """(answer dict, table rows, feasible) for the three query kinds."""
-    from ringplan.capacity import evaluate, min_world_size
+    from ringplan.capacity.attention import evaluate, min_world_size
 
     if tokens is not None and world_size is not None:
         row = evaluate(query, tokens, world_size)
@@ -252,7 +252,7 @@ def _answer(query, tokens: int | None, world_size: int | None):
 
 
 def _max_tokens_answer(query, world_size: int):
-    from ringplan.capacity import max_tokens
+    from ringplan.capacity.attention import max_tokens
 
     result = max_tokens(query, world_size)
     sizes = sorted({p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if p < world_size} | {world_size})

@@ -40,7 +40,7 @@ def theta_record(fit, profile: str, active_terms: list[str]) -> dict[str, Any]:
 def part_record(fit, profile: str) -> dict[str, Any]:
     """One calibrated part (workspace / slack / overhead): coefficients (bytes, or bytes per byte of
     feature), points, residuals relative to the part's figure, range, rows of an older runtime."""
-    from ringplan.memory_calibration import relative_residual_summary
+    from ringplan.memory.calibration import relative_residual_summary
 
     median, worst = relative_residual_summary(fit)
     lo, hi = fit.tokens_per_rank_range
@@ -72,7 +72,7 @@ def _groups(rows, key) -> dict[tuple, list]:
 def _fit_profile(name: str, all_rows, form: str, target: str | None, kinds: tuple[str, ...], prior_weight: float,
                  series: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Fits and per-point residuals of one profile's rows (seed and free-θ: one per GPU and shape group)."""
-    from ringplan.memory_model import fit_rows, fit_seed_form, row_family, seed_shape_key
+    from ringplan.memory.attention_model import fit_rows, fit_seed_form, row_family, seed_shape_key
 
     rows = [r for r in all_rows if series is None or r.series == series]
     if not rows:
@@ -101,8 +101,8 @@ def _calibrated(rows, name: str) -> tuple[list[dict[str, Any]], list[dict[str, A
     """Calibrated parts of the rows (this runtime's measurements only, as the planner fits them),
     and each such row's device used (else the best figure it has) predicted as it ran."""
     from ringplan.hardware import load_catalog
-    from ringplan.memory_calibration import CALIBRATION_KINDS, fit_calibrations
-    from ringplan.memory_model import MemoryModel
+    from ringplan.memory.calibration import CALIBRATION_KINDS, fit_calibrations
+    from ringplan.memory.attention_model import MemoryModel
 
     calibrations = fit_calibrations(rows, source=name)
     model = MemoryModel(calibrations=calibrations)
@@ -119,8 +119,8 @@ def _calibrated(rows, name: str) -> tuple[list[dict[str, Any]], list[dict[str, A
 
 def _theta(group, target: str | None, kinds: tuple[str, ...], prior_weight: float,
            name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    from ringplan.memory_model import fit_memory_model, fit_rows, row_inputs
-    from ringplan.memory_terms import TERM_NAMES, terms_at
+    from ringplan.memory.attention_model import fit_memory_model, fit_rows, row_inputs
+    from ringplan.memory.attention_terms import TERM_NAMES, terms_at
 
     fit = fit_memory_model(group, target=target, kinds=kinds, prior_weight=prior_weight, source=name)
     _, used = fit_rows(group, fit.target, kinds)
@@ -162,7 +162,7 @@ def fit(profile_paths: tuple[str, ...], form: str, target: str, series: str | No
         prior_weight: float, show_residuals: bool, write_cache: bool, output_format: str) -> None:
     """Fit the memory model on each PROFILE file (default: every file in profiles/measured together,
     as the planner does) and report coefficients and residuals; --write stores the planner's fit."""
-    from ringplan.memory_model import FIT_KINDS
+    from ringplan.memory.attention_model import FIT_KINDS
 
     if write_cache:
         _write(profile_paths, output_format)
@@ -179,7 +179,7 @@ def fit(profile_paths: tuple[str, ...], form: str, target: str, series: str | No
 
 def _inputs(paths: tuple[str, ...]) -> list[tuple[str, tuple]]:
     """(name, rows) per PROFILE file, or one pooled entry for every file in profiles/measured."""
-    from ringplan.profiles import load_profile, load_profiles, measured_dir
+    from ringplan.profiles.attention import load_profile, load_profiles, measured_dir
 
     if paths:
         return [(path, load_profile(path).rows) for path in paths]
@@ -190,13 +190,13 @@ def _inputs(paths: tuple[str, ...]) -> list[tuple[str, tuple]]:
 
 
 def _write(paths: tuple[str, ...], output_format: str) -> None:
-    from ringplan.memory_calibration import calibration_from_json
-    from ringplan.memory_fit_cache import fit_cache_path, write_fit_cache
+    from ringplan.memory.calibration import calibration_from_json
+    from ringplan.memory.fit_cache import fit_cache_path, write_fit_cache
 
     if paths:
         raise ValueError(f"--write fits every profile in profiles/measured; it takes no PROFILE (got {list(paths)})")
     payload = write_fit_cache()
-    from ringplan.stack_model import stack_fit_path, write_stack_fit  # whole-model fit (issue 9), same rule
+    from ringplan.memory.stack_model import stack_fit_path, write_stack_fit  # whole-model fit (issue 9), same rule
 
     stack = write_stack_fit()
     click.echo(f"wrote {stack_fit_path()} ({len(stack['inputs']['profiles'])} stack profiles, "

@@ -42,7 +42,7 @@ def overlap(gpus: tuple[str, ...], n_heads: int, n_kv_heads: int | None, head_di
     step overhead >= alpha + 2*B*n*H_kv*D*e / beta, with fitted or default F, alpha, beta.
     'F/B tokens' is Ring Attention's bound (Liu et al. 2023) for comparison.
     """
-    from ringplan.time_model import overlap_threshold, resolve_gpu
+    from ringplan.time.attention_time import overlap_threshold, resolve_gpu
 
     shape = build_shape(n_heads, n_kv_heads, head_dim, batch, dtype)
     overrides = {"intra_node": link_override(intra_link, intra_bandwidth, intra_latency_us, "intra"),

@@ -1,8 +1,8 @@
 """``ringplan plan``: every setting that fits a model, S tokens and W GPUs, ranked by step time.
 
 Also the whole-model pieces ``ringplan capacity --model`` uses: the query built from the options,
-the row records and the tables. Memory comes from ``ringplan.stack_model``, step time from
-``ringplan.stack_time`` (numpy, and scipy while the time model fits its timing profiles: imported
+the row records and the tables. Memory comes from ``ringplan.memory.stack_model``, step time from
+``ringplan.time.stack_time`` (numpy, and scipy while the time model fits its timing profiles: imported
 only when a step time is asked for).
 """
 
@@ -27,10 +27,10 @@ _SETTING_KEYS = ("sharding", "shard_group_size", "checkpointing", "offload_check
 
 
 def stack_step_time_hook():
-    """``fn(workload, gpu) -> step_time_s | None`` from ``ringplan.stack_time`` (imported on the
+    """``fn(workload, gpu) -> step_time_s | None`` from ``ringplan.time.stack_time`` (imported on the
     first call; None when the time model cannot time the workload)."""
     def step_time(w, gpu):
-        from ringplan.stack_time import step_time as predict_step_time
+        from ringplan.time.stack_time import step_time as predict_step_time
 
         try:
             return predict_step_time(w, gpu).step_time_s
@@ -57,7 +57,7 @@ def stack_query(*, gpu_name: str, training: bool, batch: int, layout: str, backe
     """The ``StackQuery`` the options describe (model, GPU, pinned and searched settings)."""
     from ringplan.cli.model_options import model_from_options
     from ringplan.hardware import load_catalog
-    from ringplan.stack_capacity import StackQuery, settings_space
+    from ringplan.capacity.stack import StackQuery, settings_space
 
     gpu = load_catalog().gpu(gpu_name)
     model = model_from_options(**kw)
@@ -135,7 +135,7 @@ def stack_table_rows(rows, *, terms: bool = True) -> list[dict[str, str]]:
 
 
 def stack_query_record(query) -> dict[str, Any]:
-    from ringplan.stack_profiles import MODEL_FIELDS
+    from ringplan.profiles.stack import MODEL_FIELDS
 
     return {"model": {name: getattr(query.model, name) for name in MODEL_FIELDS}, "gpu": query.gpu.name,
             "usable_memory_bytes": query.gpu.usable_memory_bytes, "safety_margin": query.safety_margin,
@@ -191,7 +191,7 @@ def _gpus_text(row) -> str:
 def _check_answer(query, tokens: int, world_size: int):
     """(answer, rows, feasible) of one check: S tokens on W GPUs with the chosen setting, or the
     most frugal one when none fits."""
-    from ringplan.stack_capacity import chosen_rows, describe_settings, frugal_row, scan
+    from ringplan.capacity.stack import chosen_rows, describe_settings, frugal_row, scan
 
     gpu = query.gpu.name
     found = scan(query, tokens, world_size, first_only=query.step_time is None)
@@ -216,7 +216,7 @@ ROUND_TOKENS = 1024
 def _rounder_length_hint(query, tokens: int, best) -> str:
     """When S splits only over odd world sizes (the answer is not a power of two, or nothing fits),
     the fewest GPUs for S rounded down to a multiple of ``ROUND_TOKENS``, if that is fewer."""
-    from ringplan.stack_capacity import min_world_size
+    from ringplan.capacity.stack import min_world_size
 
     rounded = tokens - tokens % ROUND_TOKENS
     if rounded <= 0 or rounded == tokens or (best is not None and best.world_size & (best.world_size - 1) == 0):
@@ -231,7 +231,7 @@ def _rounder_length_hint(query, tokens: int, best) -> str:
 def whole_model_capacity(query, tokens: int | None, world_size: int | None):
     """(answer dict, rows, feasible) of ``ringplan capacity --model``: the fewest GPUs for S tokens,
     the most tokens on K GPUs, or one check of S on K."""
-    from ringplan.stack_capacity import describe_settings, max_tokens, min_world_size
+    from ringplan.capacity.stack import describe_settings, max_tokens, min_world_size
 
     gpu = query.gpu.name
     if tokens is not None and world_size is not None:
@@ -301,7 +301,7 @@ def plan(ctx: click.Context, tokens: int, world_size: int | None, show_all: bool
     Settings options given on the command line are pinned; the others are searched. Exit code 0
     when some setting fits, 1 when none does, 2 on bad input.
     """
-    from ringplan.stack_capacity import plan as plan_settings
+    from ringplan.capacity.stack import plan as plan_settings
 
     query = stack_query(**kw)
     result = plan_settings(query, tokens, world_size)

@@ -61,7 +61,7 @@ def link_override(name: str | None, bandwidth: int | None, latency_us: float | N
         return name
     if bandwidth is None or latency_us is None:
         raise ValueError(f"--{scope}-bandwidth and --{scope}-latency-us go together")
-    from ringplan.comm_model import LinkModel
+    from ringplan.time.links import LinkModel
 
     return LinkModel(name=f"{scope} (user)", latency_s=latency_us * 1e-6, bandwidth_bytes_per_s=float(bandwidth),
                      source="command line")
@@ -121,7 +121,7 @@ def plot_timeline(result: Any, path: str, ranks: list[int]) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise click.ClickException("--plot needs matplotlib: pip install 'ringplan[plot]'") from None
-    from ringplan.simulate import rank_intervals
+    from ringplan.time.simulate import rank_intervals
 
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(ranks) + 1.5))
     finish = result.timelines[-1].finish_s
@@ -166,8 +166,8 @@ def simulate(gpu: str, seq_len: int, ring_size: int, n_heads: int, n_kv_heads: i
              inter_link: str | None, inter_bandwidth: int | None, inter_latency_us: float | None,
              timeline_width: int, timeline_ranks: str | None, plot_path: str | None, output_format: str) -> None:
     """Simulate one layer step on the ring: time breakdown, efficiency and a per-rank timeline."""
-    from ringplan.simulate import text_timeline, timeline_ranks as default_ranks
-    from ringplan.time_model import step_time_prediction
+    from ringplan.time.simulate import text_timeline, timeline_ranks as default_ranks
+    from ringplan.time.attention_time import step_time_prediction
     from ringplan.workload import AttentionPattern, RingLayout, Workload
 
     shape = build_shape(n_heads, n_kv_heads, head_dim, batch, dtype, embed_dim)

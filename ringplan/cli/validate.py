@@ -96,8 +96,8 @@ def _local_gpu(catalog, device_type: str):
 
 
 def _model(profile_paths: tuple[str, ...]):
-    from ringplan.memory_model import MemoryModel, default_memory_model
-    from ringplan.profiles import load_profile
+    from ringplan.memory.attention_model import MemoryModel, default_memory_model
+    from ringplan.profiles.attention import load_profile
 
     if not profile_paths:
         return default_memory_model("analytic")
@@ -312,7 +312,7 @@ def _validate_model(ctx: click.Context, *, gpu_name: str | None, world_size: int
                     time_tolerance: float, device: str, warmup_steps: int, timed_steps: int, timeout_s: float,
                     output_format: str, workload_args: dict[str, Any], attention_only: dict[str, Any]) -> int:
     """``validate --model``: run one whole-model step, compare, record; exit code 0 passed, 1 not."""
-    from ringplan.stack_model import default_stack_memory_model
+    from ringplan.memory.stack_model import default_stack_memory_model
     from ringplan_runtime.provenance import command_line
     from ringplan_runtime.validate import under_torchrun, validate_stack, validate_stack_in_process
 

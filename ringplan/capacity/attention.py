@@ -1,0 +1,224 @@
+"""Capacity search: the fewest GPUs for S tokens, and the most tokens K GPUs can hold.
+
+A plan is feasible when the predicted per-GPU device memory, plus the memory model's worst fit
+residual, fits in the usable memory less a safety margin:
+``total_bytes + residual_bound_bytes <= usable_memory_bytes · (1 − safety_margin)`` (a plan called
+feasible must run: on 2×H200 an emulated A100's boundary sat 1.5 MB above the point prediction).
+
+* ``min_world_size``: every ring size 1..max where the sequence splits as the layout requires is
+  tried in order (a linear scan, ≤ max_world_size cheap evaluations). Not a bisection: per-GPU
+  memory is not monotone from 1 to 2 GPUs (a ring adds received K/V buffers and fp32 accumulators
+  that a single device does not need), so feasibility need not be monotone there.
+* ``max_tokens``: for a fixed ring size, per-GPU memory never decreases with tokens, so the largest
+  feasible sequence is found by exponential + binary search over the valid lengths (logarithmic).
+
+Step time: another module (``ringplan.time.attention_time``) fills ``CapacityRow.step_time_s`` and
+``exposed_comm_s`` through the ``step_time`` hook, for the rows an answer returns only (the
+searches evaluate memory alone); ``None`` leaves them empty.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from ringplan.hardware import GpuSpec
+from ringplan.memory.attention_model import MemoryModel, MemoryPrediction, default_memory_model
+from ringplan.workload import RingLayout, Workload, check_layout_fits
+
+#: (workload, layout, gpu) → (step_time_s, exposed_comm_s), or None when the time model cannot say.
+StepTimeFn = Callable[[Workload, RingLayout, GpuSpec], "tuple[float, float] | None"]
+#: Largest sequence the token search will consider (2^50 tokens): beyond it something is wrong.
+MAX_SEARCH_TOKENS = 2**50
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CapacityRow:
+    """One candidate plan: ``world_size`` GPUs (the ring) holding ``seq_len_tokens`` tokens."""
+
+    world_size: int
+    seq_len_tokens: int
+    tokens_per_rank: int
+    prediction: MemoryPrediction
+    usable_memory_bytes: int
+    budget_bytes: float
+    feasible: bool
+    # Time model hook (ringplan.time.attention_time): filled when a step_time function is given.
+    step_time_s: float | None = None
+    exposed_comm_s: float | None = None
+
+    @property
+    def headroom_bytes(self) -> float:
+        """Budget left after the predicted peak and its residual bound (negative when infeasible)."""
+        return self.budget_bytes - self.prediction.upper_bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CapacityQuery:
+    """What is asked: a workload shape, a layout/backend, a GPU, a margin, a model."""
+
+    workload: Workload
+    layout: str = "contiguous"
+    backend: str = "auto"
+    gpu: GpuSpec
+    safety_margin: float = 0.05
+    max_world_size: int = 1024
+    model: MemoryModel = field(default_factory=default_memory_model)
+    step_time: StepTimeFn | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.safety_margin, (int, float)) and 0 <= self.safety_margin < 1):
+            raise ValueError(f"safety margin must be in [0, 1), got {self.safety_margin!r}")
+        if isinstance(self.max_world_size, bool) or not isinstance(self.max_world_size, int) \
+                or self.max_world_size <= 0:
+            raise ValueError(f"max world size must be a positive integer, got {self.max_world_size!r}")
+        RingLayout(ring_size=1, layout=self.layout, backend=self.backend)  # validates names
+
+    @property
+    def budget_bytes(self) -> float:
+        return self.gpu.usable_memory_bytes * (1.0 - self.safety_margin)
+
+    def ring(self, world_size: int) -> RingLayout:
+        return RingLayout(ring_size=world_size, layout=self.layout, backend=self.backend)
+
+
+def evaluate(query: CapacityQuery, seq_len_tokens: int, world_size: int) -> CapacityRow:
+    """Predict one plan, memory and step time (raises ``ValueError`` when the sequence does not
+    split over the ring)."""
+    return timed(query, memory_row(query, seq_len_tokens, world_size))
+
+
+def memory_row(query: CapacityQuery, seq_len_tokens: int, world_size: int) -> CapacityRow:
+    """Predict one plan's memory only (what the searches evaluate)."""
+    workload = query.workload.with_seq_len(seq_len_tokens)
+    prediction = query.model.predict(workload, query.ring(world_size), query.gpu)
+    return CapacityRow(world_size=world_size, seq_len_tokens=seq_len_tokens, tokens_per_rank=prediction.tokens_per_rank,
+                       prediction=prediction, usable_memory_bytes=query.gpu.usable_memory_bytes,
+                       budget_bytes=query.budget_bytes, feasible=prediction.upper_bytes <= query.budget_bytes)
+
+
+def timed(query: CapacityQuery, row: CapacityRow) -> CapacityRow:
+    """``row`` with the step-time hook's (step_time_s, exposed_comm_s), when there is a hook."""
+    if query.step_time is None:
+        return row
+    step = query.step_time(query.workload.with_seq_len(row.seq_len_tokens), query.ring(row.world_size), query.gpu)
+    return replace(row, step_time_s=step[0] if step else None, exposed_comm_s=step[1] if step else None)
+
+
+def splits(query: CapacityQuery, seq_len_tokens: int, world_size: int) -> bool:
+    """True when S tokens form a valid workload that splits over ``world_size`` ranks."""
+    try:
+        check_layout_fits(query.workload.with_seq_len(seq_len_tokens), query.ring(world_size))
+    except ValueError:
+        return False
+    return True
+
+
+def valid_world_sizes(query: CapacityQuery, seq_len_tokens: int) -> list[int]:
+    """Every ring size 1..max_world_size over which the sequence splits (all integers, not only
+    powers of two). Raises ``ValueError`` with the reason when there is none."""
+    sizes = [p for p in range(1, query.max_world_size + 1) if splits(query, seq_len_tokens, p)]
+    if not sizes:
+        query.workload.with_seq_len(seq_len_tokens)  # raises the workload's own message if invalid
+        check_layout_fits(query.workload.with_seq_len(seq_len_tokens), query.ring(1))
+        raise ValueError(f"{seq_len_tokens:,} tokens do not split over any ring of 1..{query.max_world_size} ranks")
+    return sizes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MinWorldSize:
+    """Answer to "how many GPUs for S tokens": ``minimum`` is None when none fits."""
+
+    seq_len_tokens: int
+    minimum: CapacityRow | None
+    rows: tuple[CapacityRow, ...]
+
+
+def min_world_size(query: CapacityQuery, seq_len_tokens: int) -> MinWorldSize:
+    """Smallest feasible ring size for S tokens (linear scan over the valid sizes), plus a table:
+    the valid powers of two up to 4× the answer (all of them when none fits) and the answer."""
+    sizes = valid_world_sizes(query, seq_len_tokens)
+    evaluated: dict[int, CapacityRow] = {}
+    minimum = None
+    for p in sizes:
+        evaluated[p] = memory_row(query, seq_len_tokens, p)
+        if evaluated[p].feasible:
+            minimum = evaluated[p]
+            break
+    limit = 4 * minimum.world_size if minimum else query.max_world_size
+    shown = sorted({p for p in sizes if p & (p - 1) == 0 and p <= limit} | ({minimum.world_size} if minimum else set()))
+    rows = tuple(timed(query, evaluated[p]) if p in evaluated else evaluate(query, seq_len_tokens, p) for p in shown)
+    minimum = next((row for row in rows if minimum and row.world_size == minimum.world_size), None)
+    return MinWorldSize(seq_len_tokens=seq_len_tokens, minimum=minimum, rows=rows)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MaxTokens:
+    """Answer to "how many tokens on K GPUs": ``best`` None when not even the shortest valid
+    sequence fits; ``next_infeasible`` is the next valid length (proof that ``best`` is maximal)."""
+
+    world_size: int
+    best: CapacityRow | None
+    next_infeasible: CapacityRow | None
+
+
+def token_unit(query: CapacityQuery, world_size: int) -> int:
+    """Tokens per rank n = m·unit is valid for every m ≥ 1: lcm of the layout's chunks per rank,
+    every segment length and every dilation rate."""
+    unit = query.ring(world_size).chunks_per_rank
+    for value in (*query.workload.pattern.segment_lengths_tokens, *query.workload.pattern.dilation_rates):
+        unit = math.lcm(unit, value)
+    return unit
+
+
+def valid_tokens_per_rank_below_unit(query: CapacityQuery, world_size: int) -> list[int]:
+    """Valid n smaller than ``token_unit`` (divisors of the unit that split; dilated patterns allow
+    a rank to hold part of a segment)."""
+    unit = token_unit(query, world_size)
+    divisors = [d for d in range(1, int(math.isqrt(unit)) + 1) if unit % d == 0]
+    candidates = sorted({d for d in divisors} | {unit // d for d in divisors})
+    return [n for n in candidates if n < unit and splits(query, n * world_size, world_size)]
+
+
+def max_tokens(query: CapacityQuery, world_size: int) -> MaxTokens:
+    """Largest feasible S on ``world_size`` GPUs (its step time filled, the search's memory only)."""
+    result = _max_tokens_search(query, world_size)
+    best = timed(query, result.best) if result.best is not None else None
+    return MaxTokens(world_size=world_size, best=best, next_infeasible=result.next_infeasible)
+
+
+def _max_tokens_search(query: CapacityQuery, world_size: int) -> MaxTokens:
+    """Exponential then binary search over n = m·unit (O(log S) evaluations), falling back to the
+    few valid n below the unit."""
+    unit = token_unit(query, world_size)
+
+    def row(n: int) -> CapacityRow:
+        return memory_row(query, n * world_size, world_size)
+
+    small = valid_tokens_per_rank_below_unit(query, world_size)
+    first = row(unit)
+    if not first.feasible:
+        best = None
+        for n in small:
+            candidate = row(n)
+            if not candidate.feasible:
+                return MaxTokens(world_size=world_size, best=best, next_infeasible=candidate)
+            best = candidate
+        return MaxTokens(world_size=world_size, best=best, next_infeasible=first)
+    lo, lo_row, hi = 1, first, 2
+    while True:
+        if hi * unit * world_size > MAX_SEARCH_TOKENS:
+            raise ValueError(f"no memory limit found below {MAX_SEARCH_TOKENS:,} tokens; check the GPU and model")
+        hi_row = row(hi * unit)
+        if not hi_row.feasible:
+            break
+        lo, lo_row, hi = hi, hi_row, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        mid_row = row(mid * unit)
+        if mid_row.feasible:
+            lo, lo_row = mid, mid_row
+        else:
+            hi, hi_row = mid, mid_row
+    return MaxTokens(world_size=world_size, best=lo_row, next_infeasible=hi_row)

@@ -1,0 +1,484 @@
+"""Whole-model capacity: the fewest GPUs and the settings that hold S tokens, the most tokens K
+GPUs hold, and every setting at one world size ranked (``ringplan plan``).
+
+W = P × DP GPUs: rings of P ranks (context parallelism) times DP data-parallel replicas. The
+minimum search varies whichever of P and DP the query leaves open (by default DP = 1, W = P).
+
+Settings searched (``settings_space``): sharding {none, zero1, zero2, zero3} × checkpointing {none,
+selective, full} × checkpoint offload (full only) × loss {full, chunked}; options the user fixed
+stay fixed. Forward (prefill) runs hold bf16 weights replicated on every rank with nothing saved
+for a backward pass, so only the loss varies. Candidates whose predictions are identical at a
+world size (e.g. every sharding on one GPU) count once, as the preferred one.
+
+A setting is feasible when ``total + residual bound <= usable memory × (1 − safety margin)``
+(``ringplan.memory.stack_model``): capacity is never over-predicted by more than the fits' worst residual.
+Among feasible settings the fastest predicted step time wins (the ``step_time`` hook, from
+``ringplan.time.stack_time``); settings it cannot time, or all when there is no hook, follow
+``preference_key``: less recomputation first (checkpointing none < selective < full < full with
+offload), then less communication (sharding none < zero1 < zero2 < zero3), then the full loss.
+
+* ``min_world_size``: a linear scan over the valid W (memory is not monotone from one GPU to a
+  ring, as in ``ringplan.capacity.attention``).
+* ``max_tokens``: per-GPU memory never decreases with S at fixed settings, so each setting's
+  largest S is an exponential + binary search over valid lengths; a setting that cannot hold the
+  best length found so far is not searched.
+
+Every candidate is judged, none is assumed to dominate another (fewer saved activations do not
+always mean less memory: the peak instant moves). What keeps a search cheap is a certified lower
+bound (``StackMemoryModel.lower_bound_bytes``, one instant's terms at ~1/50 of the cost): a
+candidate whose bound exceeds the budget is infeasible without its full prediction.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from ringplan.hardware import GpuSpec
+from ringplan.memory.attention_model import MemoryPrediction
+from ringplan.models import ModelSpec
+from ringplan.stack import CHECKPOINTING, LOSS_MODES, SHARDINGS, StackSettings, StackWorkload
+from ringplan.memory.stack_model import StackMemoryModel, default_stack_memory_model
+from ringplan.workload import RingLayout
+
+#: (workload, gpu) → predicted step time in seconds, or None when the time model cannot say.
+StackStepTimeFn = Callable[[StackWorkload, GpuSpec], "float | None"]
+#: Largest sequence the token search will consider: beyond it something is wrong.
+MAX_SEARCH_TOKENS = 2**50
+SEARCHED_FIELDS: tuple[str, ...] = ("sharding", "checkpointing", "offload_checkpoints", "loss")
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+#: Shardings in the order ``capacity`` prefers them without a time model (measured ones first).
+SHARDING_PREFERENCE: tuple[str, ...] = ("none", "zero3", "zero1", "zero2")
+
+
+def preference_key(settings: StackSettings) -> tuple[int, int, int]:
+    """Order without a time model: recomputation (none, selective, full, full + offload), then
+    sharding — what the runtime runs and was measured with (none, zero3) before the ZeRO-1/2 stages
+    planned from the paper's formulas — then loss (full before chunked)."""
+    recompute = CHECKPOINTING.index(settings.checkpointing) + int(settings.offload_checkpoints)
+    return recompute, SHARDING_PREFERENCE.index(settings.sharding), LOSS_MODES.index(settings.loss)
+
+
+def settings_space(*, training: bool, base: StackSettings | None = None,
+                   fixed: frozenset[str] | set[str] = frozenset()) -> tuple[StackSettings, ...]:
+    """Every valid combination of the searched fields not in ``fixed`` (those keep ``base``'s
+    values, as do the dtypes, loss chunk and shard group), in ``preference_key`` order.
+    Forward: sharding none (a shard group only where fixed), no checkpointing, no offload unless
+    fixed (nothing is sharded or saved for a backward pass)."""
+    base = base if base is not None else StackSettings()
+    forward = {"sharding": ("none",), "checkpointing": ("none",), "offload_checkpoints": (False,)}
+    if not training and "shard_group_size" in fixed:
+        forward["sharding"] = (base.sharding,)
+    elif not training and "sharding" not in fixed:
+        base = replace(base, shard_group_size=None)
+    choices = {"sharding": SHARDINGS, "checkpointing": CHECKPOINTING, "offload_checkpoints": (False, True),
+               "loss": LOSS_MODES}
+    if not training:
+        choices.update(forward)
+    axes = [(getattr(base, name),) if name in fixed else choices[name] for name in SEARCHED_FIELDS]
+    space = []
+    for values in itertools.product(*axes):
+        try:
+            space.append(replace(base, **dict(zip(SEARCHED_FIELDS, values))))
+        except ValueError:  # offload without full checkpointing, a shard group without sharding
+            continue
+    if not space:
+        raise ValueError(f"no valid settings with {', '.join(f'{n}={getattr(base, n)!r}' for n in sorted(fixed))}")
+    return tuple(sorted(dict.fromkeys(space), key=preference_key))
+
+
+def describe_settings(settings: StackSettings) -> str:
+    """``zero3, full checkpointing + CPU offload, chunked loss (4,096 tokens)``."""
+    sharding = settings.sharding + (f" over {settings.shard_group_size} GPUs" if settings.shard_group_size else "")
+    ckpt = f"{settings.checkpointing} checkpointing" + (" + CPU offload" if settings.offload_checkpoints else "")
+    loss = "chunked loss" + f" ({settings.loss_chunk_tokens:,} tokens)" if settings.loss == "chunked" else "full loss"
+    return f"{sharding} sharding, {ckpt}, {loss}"
+
+
+# ----------------------------------------------------------------------------- query and rows
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StackQuery:
+    """What is asked: a model, a GPU, a mode, a layout, the candidate settings and the margin.
+
+    ``ring_size`` P and ``data_parallel`` DP: None means searched (at most one of them; the
+    default searches P with DP = 1)."""
+
+    model: ModelSpec
+    gpu: GpuSpec
+    training: bool = True
+    batch: int = 1
+    layout: str = "contiguous"
+    backend: str = "auto"
+    candidates: tuple[StackSettings, ...] = ()
+    ring_size: int | None = None
+    data_parallel: int | None = 1
+    safety_margin: float = 0.05
+    max_world_size: int = 1024
+    memory: StackMemoryModel = field(default_factory=default_stack_memory_model)
+    step_time: StackStepTimeFn | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.safety_margin, (int, float)) and 0 <= self.safety_margin < 1):
+            raise ValueError(f"safety margin must be in [0, 1), got {self.safety_margin!r}")
+        for name in ("batch", "max_world_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+        for name in ("ring_size", "data_parallel"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+        if self.ring_size is None and self.data_parallel is None:
+            raise ValueError("fix the ring size or the data-parallel size (the search varies the other)")
+        RingLayout(ring_size=1, layout=self.layout, backend=self.backend)  # validates names
+        if not self.candidates:
+            object.__setattr__(self, "candidates", settings_space(training=self.training))
+
+    @property
+    def budget_bytes(self) -> float:
+        return self.gpu.usable_memory_bytes * (1.0 - self.safety_margin)
+
+    def ring_for(self, world_size: int) -> int:
+        """P for W GPUs: the fixed ring size, else W / DP (``ValueError`` when it does not divide)."""
+        p = self.ring_size if self.ring_size is not None else world_size // self.data_parallel
+        if p <= 0 or world_size % p or (self.ring_size is None and world_size % self.data_parallel):
+            fixed = f"ring size {self.ring_size}" if self.ring_size is not None else \
+                f"{self.data_parallel} data-parallel replicas"
+            raise ValueError(f"{world_size} GPUs cannot be split into {fixed}")
+        return p
+
+    def workload(self, seq_len_tokens: int, world_size: int, settings: StackSettings) -> StackWorkload:
+        """The ``StackWorkload`` of one candidate (``ValueError`` when it is not a valid run)."""
+        layout = RingLayout(ring_size=self.ring_for(world_size), layout=self.layout, backend=self.backend)
+        return StackWorkload(model=self.model, seq_len_tokens=seq_len_tokens, batch=self.batch,
+                             training=self.training, world_size=world_size, layout=layout, settings=settings)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StackRow:
+    """One candidate: a workload (GPUs, ring, tokens, settings), its memory and its verdict."""
+
+    workload: StackWorkload
+    prediction: MemoryPrediction
+    usable_memory_bytes: int
+    budget_bytes: float
+    feasible: bool
+    step_time_s: float | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.workload.world_size
+
+    @property
+    def ring_size(self) -> int:
+        return self.workload.layout.ring_size
+
+    @property
+    def data_parallel(self) -> int:
+        return self.workload.world_size // self.workload.layout.ring_size
+
+    @property
+    def seq_len_tokens(self) -> int:
+        return self.workload.seq_len_tokens
+
+    @property
+    def tokens_per_rank(self) -> int:
+        return self.prediction.tokens_per_rank
+
+    @property
+    def settings(self) -> StackSettings:
+        return self.workload.settings
+
+    @property
+    def headroom_bytes(self) -> float:
+        """Budget left after the predicted peak and its residual bound (negative when infeasible)."""
+        return self.budget_bytes - self.prediction.upper_bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rejected:
+    """A candidate that is not a valid run at this world size (e.g. a shard group larger than W)."""
+
+    settings: StackSettings
+    world_size: int
+    reason: str
+
+
+def memory_row(query: StackQuery, w: StackWorkload) -> StackRow:
+    """Predict one candidate's memory (what the searches evaluate)."""
+    prediction = query.memory.predict(w, query.gpu)
+    return StackRow(workload=w, prediction=prediction, usable_memory_bytes=query.gpu.usable_memory_bytes,
+                    budget_bytes=query.budget_bytes, feasible=prediction.upper_bytes <= query.budget_bytes)
+
+
+def timed(query: StackQuery, row: StackRow) -> StackRow:
+    """``row`` with the hook's step time, when there is a hook."""
+    if query.step_time is None or row.step_time_s is not None:
+        return row
+    return replace(row, step_time_s=query.step_time(row.workload, query.gpu))
+
+
+def ranked(rows: list[StackRow]) -> list[StackRow]:
+    """Fastest predicted step first; rows without a step time after, in ``preference_key`` order."""
+    return sorted(rows, key=lambda r: (r.step_time_s is None, r.step_time_s or 0.0, preference_key(r.settings)))
+
+
+def candidate_rows(query: StackQuery, seq_len_tokens: int, world_size: int) -> tuple[list[StackRow], list[Rejected]]:
+    """Every candidate at one (S, W), each predicted (duplicates of a preferred candidate's
+    prediction dropped), and the candidates that are not valid runs there."""
+    rows, rejected, seen = [], [], set()
+    for settings in query.candidates:
+        try:
+            w = query.workload(seq_len_tokens, world_size, settings)
+        except ValueError as exc:
+            rejected.append(Rejected(settings=settings, world_size=world_size, reason=str(exc)))
+            continue
+        row = memory_row(query, w)
+        key = tuple(sorted(row.prediction.terms_bytes.items()))
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
+    return rows, rejected
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Scan:
+    """The candidates at one (S, W) as the searches see them: ``feasible`` rows in preference
+    order, ``evaluated`` rows predicted in full, ``pruned`` (lower bound, workload) pairs judged
+    infeasible by ``StackMemoryModel.lower_bound_bytes`` alone, and ``rejected`` invalid runs."""
+
+    feasible: tuple[StackRow, ...]
+    evaluated: tuple[StackRow, ...]
+    pruned: tuple[tuple[float, StackWorkload], ...]
+    rejected: tuple[Rejected, ...]
+
+
+def scan(query: StackQuery, seq_len_tokens: int, world_size: int, *, first_only: bool) -> Scan:
+    """Candidates at one (S, W) in preference order (stopping at the first feasible one when
+    ``first_only``). A candidate whose certified lower bound exceeds the budget is infeasible
+    without a full prediction: that keeps a cold start's search to a few full predictions."""
+    feasible, evaluated, pruned, rejected = [], [], [], []
+    for settings in query.candidates:
+        try:
+            w = query.workload(seq_len_tokens, world_size, settings)
+        except ValueError as exc:
+            rejected.append(Rejected(settings=settings, world_size=world_size, reason=str(exc)))
+            continue
+        bound = query.memory.lower_bound_bytes(w, query.gpu)
+        if bound > query.budget_bytes:
+            pruned.append((bound, w))
+            continue
+        row = memory_row(query, w)
+        evaluated.append(row)
+        if row.feasible:
+            feasible.append(row)
+            if first_only:
+                break
+    return Scan(feasible=tuple(feasible), evaluated=tuple(evaluated), pruned=tuple(pruned), rejected=tuple(rejected))
+
+
+def chosen_rows(query: StackQuery, found: Scan) -> list[StackRow]:
+    """The feasible rows of a scan, timed and ranked (the first is the answer)."""
+    return ranked([timed(query, r) for r in found.feasible])
+
+
+def frugal_row(query: StackQuery, found: Scan) -> StackRow | None:
+    """For a (S, W) where nothing fits: the predicted row of the candidate with the least memory
+    among those predicted and the one with the lowest lower bound among the pruned."""
+    rows = list(found.evaluated)
+    if found.pruned:
+        rows.append(memory_row(query, min(found.pruned, key=lambda pair: pair[0])[1]))
+    return min(rows, key=lambda r: (r.prediction.upper_bytes, preference_key(r.settings))) if rows else None
+
+
+def lowest_memory_row(rows: list[StackRow]) -> StackRow:
+    return min(rows, key=lambda r: (r.prediction.upper_bytes, preference_key(r.settings)))
+
+
+# ----------------------------------------------------------------------------- fewest GPUs
+
+
+def splits(query: StackQuery, seq_len_tokens: int, ring_size: int) -> bool:
+    """True when S tokens split over a ring of ``ring_size`` as the layout requires (S a multiple
+    of P, or of 2P for zigzag)."""
+    chunks = RingLayout(ring_size=ring_size, layout=query.layout, backend=query.backend).chunks_per_rank
+    return seq_len_tokens % (ring_size * chunks) == 0
+
+
+def valid_world_sizes(query: StackQuery, seq_len_tokens: int) -> list[int]:
+    """Every W ≤ ``max_world_size`` of the form P × DP (the open one varied) over whose ring S
+    splits, ascending. ``ValueError`` with the layout's reason when there is none."""
+    if query.ring_size is not None and query.data_parallel is not None:
+        sizes = [query.ring_size * query.data_parallel]
+    elif query.ring_size is not None:
+        sizes = list(range(query.ring_size, query.max_world_size + 1, query.ring_size))
+    else:
+        sizes = list(range(query.data_parallel, query.max_world_size + 1, query.data_parallel))
+    valid = [w for w in sizes if w <= query.max_world_size and splits(query, seq_len_tokens, query.ring_for(w))]
+    if not valid:
+        if sizes:
+            query.workload(seq_len_tokens, sizes[0], query.candidates[0])  # raises the layout's own message
+        raise ValueError(f"{seq_len_tokens:,} tokens do not split over any ring of at most "
+                         f"{query.max_world_size} GPUs with the {query.layout} layout")
+    return valid
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StackMinWorldSize:
+    """Fewest GPUs for S tokens: ``minimum`` (None when nothing fits up to the maximum), ``choices``
+    the feasible settings there, ranked (all of them with a time model; without one the search
+    stops at the first in preference order), ``rows`` one per shown W (its chosen setting, or the
+    most frugal one where none fits)."""
+
+    seq_len_tokens: int
+    minimum: StackRow | None
+    choices: tuple[StackRow, ...]
+    rows: tuple[StackRow, ...]
+
+
+def min_world_size(query: StackQuery, seq_len_tokens: int) -> StackMinWorldSize:
+    """Smallest W with a feasible setting (linear scan over ``valid_world_sizes``); the table shows
+    the valid powers of two up to 2× the answer (all of them when none fits) and the answer."""
+    first_only = query.step_time is None
+    scans: dict[int, Scan] = {}
+    minimum = None
+    for size in valid_world_sizes(query, seq_len_tokens):
+        scans[size] = scan(query, seq_len_tokens, size, first_only=first_only)
+        if scans[size].feasible:
+            minimum = size
+            break
+    if not any(found.evaluated or found.pruned for found in scans.values()):
+        raise ValueError(next((r.reason for found in scans.values() for r in found.rejected), "no candidate settings"))
+    limit = 2 * minimum if minimum else query.max_world_size
+    shown = sorted({w for w in valid_world_sizes(query, seq_len_tokens) if w & (w - 1) == 0 and w <= limit}
+                   | ({minimum} if minimum else set()))
+    table = []
+    for size in shown:
+        found = scans.get(size) or scan(query, seq_len_tokens, size, first_only=first_only)
+        row = (chosen_rows(query, found) or [None])[0] or frugal_row(query, found)
+        if row is not None:
+            table.append(row)
+    choices = tuple(chosen_rows(query, scans[minimum])) if minimum else ()
+    table = [choices[0] if choices and row.world_size == minimum else row for row in table]
+    return StackMinWorldSize(seq_len_tokens=seq_len_tokens, minimum=choices[0] if choices else None,
+                             choices=choices, rows=tuple(table))
+
+
+# ----------------------------------------------------------------------------- most tokens
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StackMaxTokens:
+    """Most tokens on W GPUs: ``best`` (None when not even the shortest valid length fits),
+    ``choices`` the feasible settings at that length (as in ``StackMinWorldSize``),
+    ``next_infeasible`` the chosen setting at the next valid length (no candidate fits there)."""
+
+    world_size: int
+    best: StackRow | None
+    choices: tuple[StackRow, ...]
+    next_infeasible: StackRow | None
+
+
+def token_unit(query: StackQuery, world_size: int) -> int:
+    """S = m·unit is valid for every m ≥ 1: P × chunks per rank (1 contiguous, 2 zigzag)."""
+    p = query.ring_for(world_size)
+    return p * RingLayout(ring_size=p, layout=query.layout, backend=query.backend).chunks_per_rank
+
+
+def largest_within(value: Callable[[int], float], budget: float, lo: int = 0,
+                   limit: int = MAX_SEARCH_TOKENS) -> int:
+    """Largest m ≥ ``lo`` with ``value(m) <= budget`` for a non-decreasing ``value``, given that
+    ``lo`` qualifies (lo = 0: nothing known). Bracketing by secant extrapolation (at least
+    doubling), then regula falsi safeguarded by bisection: a near-linear memory curve takes a few
+    calls, any monotone one O(log m). ``ValueError`` when m passes ``limit``."""
+    v_lo = value(lo) if lo > 0 else None
+    hi = lo + max(lo, 1)
+    v_hi = value(hi)
+    while v_hi <= budget:
+        if hi > limit:
+            raise ValueError(f"no memory limit found below {MAX_SEARCH_TOKENS:,} tokens; check the GPU and model")
+        guess = 2 * hi
+        if v_lo is not None and v_hi > v_lo:
+            guess = max(guess, int(hi + 1.05 * (budget - v_hi) * (hi - lo) / (v_hi - v_lo)) + 1)
+        lo, v_lo, hi = hi, v_hi, guess
+        v_hi = value(hi)
+    bisect = False
+    while hi - lo > 1:
+        width = hi - lo
+        mid = (lo + hi) // 2
+        if not bisect and v_lo is not None and v_hi > v_lo:
+            mid = min(max(lo + int((budget - v_lo) * width / (v_hi - v_lo)), lo + 1), hi - 1)
+        v = value(mid)
+        lo, v_lo, hi, v_hi = (mid, v, hi, v_hi) if v <= budget else (lo, v_lo, mid, v)
+        bisect = not bisect and hi - lo > width // 2  # the bracket did not halve: bisect next
+    return lo
+
+
+def max_tokens(query: StackQuery, world_size: int) -> StackMaxTokens:
+    """Largest S on ``world_size`` GPUs over every candidate setting. Candidates are searched from
+    the least preferred (most memory-frugal) on; one that cannot hold the best length found so far
+    plus one unit is skipped. The chosen setting at that length follows ``scan``."""
+    unit = token_unit(query, world_size)
+    best_m, reasons = 0, []
+    for settings in reversed(query.candidates):
+        try:
+            query.workload(unit, world_size, settings)
+        except ValueError as exc:
+            reasons.append(str(exc))
+            continue
+
+        def needed(m: int, settings: StackSettings = settings) -> float:
+            """Memory + bound of S = m·unit (the lower bound where that already exceeds the budget)."""
+            w = query.workload(m * unit, world_size, settings)
+            bound = query.memory.lower_bound_bytes(w, query.gpu)
+            return bound if bound > query.budget_bytes else query.memory.predict(w, query.gpu).upper_bytes
+
+        if best_m == 0 or needed(best_m + 1) <= query.budget_bytes:
+            start = best_m + 1 if best_m else 0
+            best_m = max(best_m, largest_within(needed, query.budget_bytes, start, MAX_SEARCH_TOKENS // unit))
+    if len(reasons) == len(query.candidates):
+        raise ValueError(reasons[0])
+    if best_m == 0:
+        frugal = frugal_row(query, scan(query, unit, world_size, first_only=False))
+        return StackMaxTokens(world_size=world_size, best=None, choices=(), next_infeasible=frugal)
+    choices = tuple(chosen_rows(query, scan(query, best_m * unit, world_size, first_only=query.step_time is None)))
+    following = memory_row(query, query.workload((best_m + 1) * unit, world_size, choices[0].settings))
+    return StackMaxTokens(world_size=world_size, best=choices[0], choices=choices, next_infeasible=following)
+
+
+# ----------------------------------------------------------------------------- every setting at one W
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StackPlan:
+    """Every candidate at S tokens on W GPUs: feasible ones ranked by predicted step time,
+    infeasible ones by memory, and those that are no valid run there."""
+
+    seq_len_tokens: int
+    world_size: int
+    feasible: tuple[StackRow, ...]
+    infeasible: tuple[StackRow, ...]
+    rejected: tuple[Rejected, ...]
+
+
+def plan(query: StackQuery, seq_len_tokens: int, world_size: int | None = None) -> StackPlan:
+    """Rank the settings for S tokens on ``world_size`` GPUs (default: the fewest that hold S, or
+    the largest valid W when none does)."""
+    if world_size is None:
+        answer = min_world_size(query, seq_len_tokens)
+        world_size = answer.minimum.world_size if answer.minimum else valid_world_sizes(query, seq_len_tokens)[-1]
+    rows, rejected = candidate_rows(query, seq_len_tokens, world_size)
+    if not rows:
+        raise ValueError(rejected[0].reason if rejected else "no candidate settings")
+    feasible = ranked([timed(query, r) for r in rows if r.feasible])
+    infeasible = sorted((r for r in rows if not r.feasible),
+                        key=lambda r: (r.prediction.upper_bytes, preference_key(r.settings)))
+    return StackPlan(seq_len_tokens=seq_len_tokens, world_size=world_size, feasible=tuple(feasible),
+                     infeasible=tuple(infeasible), rejected=tuple(rejected))

@@ -1,0 +1,1 @@
+"""Profiles: one envelope (schema, provenance, validation, atomic merged write) and the row types of each kind."""

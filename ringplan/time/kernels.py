@@ -1,0 +1,373 @@
+"""Compute time of the local block kernel: FLOP counts, and effective FLOP/s fitted or defaulted.
+
+Time of one kernel call = overhead + FLOPs / F, F the effective FLOP/s of that kernel on that
+GPU for (backend, head dim, causal, pass, dtype). Where kernel timings were measured
+(``ringplan.kernels/1`` profiles) the overhead and F are fitted by least squares over block sizes
+and the measured points are interpolated (``comm_model.TimeCurve``); elsewhere F defaults to the
+ANCHORS.md H100 measurement of that kernel, scaled by the catalog peak of the target GPU.
+
+FLOP conventions (as the anchors count them): a forward block of n_q queries × n_k keys costs
+4·B·H·D·n_q·n_k (QKᵀ and PV, 2 FLOPs per multiply–add); a causal diagonal block half of it;
+a backward block 2.5× its forward (FlashAttention-2's count: recompute S, dV, dP, dQ, dK).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ringplan.time.links import AffineFit, TimeCurve, fit_time_curve
+from ringplan.profiles.timing import KernelRow
+
+BACKWARD_FLOPS_PER_FORWARD = 2.5  # FlashAttention-2 paper (Dao 2023), section 4 / benchmark script
+H100_BF16_PEAK_FLOPS_PER_S = 989.5e12  # NVIDIA H100 SXM5 datasheet: 1,979 TFLOP/s bf16 with sparsity / 2
+PASSES = ("forward", "backward")
+_REFERENCE_GPU = "h100"
+
+# Effective FLOP/s of SDPA ops that return the LSE, one H100 80GB HBM3, bf16, 32 heads (12 at
+# head_dim 64), 131,072 tokens: ANCHORS.md (torch 2.11.0+cu130, 2026-11-25). Causal FLOPs = half.
+_ANCHOR = "ANCHORS.md H100 bf16 131072 tokens"
+H100_FORWARD_FLOPS_PER_S: dict[tuple[str, int, bool], tuple[float, str]] = {
+    ("cudnn", 128, False): (598e12, f"{_ANCHOR}, cudnn op 32x128 non-causal"),
+    ("cudnn", 128, True): (542e12, f"{_ANCHOR}, cudnn op 32x128 causal"),
+    ("flash", 128, False): (343e12, f"{_ANCHOR}, flash op 32x128 non-causal"),
+    ("flash", 128, True): (312e12, f"{_ANCHOR}, flash op 32x128 causal"),
+    ("efficient", 128, False): (177e12, f"{_ANCHOR}, efficient op 32x128 non-causal"),
+    ("efficient", 128, True): (168e12, f"{_ANCHOR}, efficient op 32x128 causal"),
+    ("cudnn", 64, False): (455e12, f"{_ANCHOR}, cudnn op 12x64 non-causal"),
+    ("flash", 64, False): (296e12, f"{_ANCHOR}, flash op 12x64 non-causal"),
+}
+# Backward rate / forward rate: F.scaled_dot_product_attention fwd+bwd at 8,192 tokens, 32x128,
+# 589 TFLOP/s over 3.5x forward FLOPs, with forward at 600 TFLOP/s (ANCHORS.md) gives backward
+# 2.5 / (3.5/589 - 1/600) = 585 TFLOP/s, i.e. 0.975x forward. Assumed to hold for every backend.
+BACKWARD_RATE_PER_FORWARD_RATE = 2.5 / (3.5 / 589e12 - 1 / 600e12) / 600e12
+
+
+def attention_forward_flops(*, batch: int, n_heads: int, head_dim: int, q_tokens: int, kv_tokens: int,
+                            causal: bool = False) -> float:
+    """FLOPs of one forward attention block: 4·B·H·D·n_q·n_k, half of it for a causal diagonal block.
+
+    Source: FlashAttention benchmark convention (ANCHORS.md counts causal as half). Ignores the
+    softmax's exp/max/sum (O(n_q·n_k) non-matmul work) and the exact n(n+1)/2 count of a causal block.
+    """
+    for name, value in (("batch", batch), ("n_heads", n_heads), ("head_dim", head_dim),
+                        ("q_tokens", q_tokens), ("kv_tokens", kv_tokens)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
+    if causal and q_tokens != kv_tokens:
+        raise ValueError(f"a causal diagonal block is square, got {q_tokens} queries x {kv_tokens} keys")
+    flops = 4.0 * batch * n_heads * head_dim * q_tokens * kv_tokens
+    return flops / 2 if causal else flops
+
+
+def attention_pass_flops(pass_name: str, **shape: int | bool) -> float:
+    """FLOPs of one block in ``pass_name``: forward, or backward = 2.5 × forward (FlashAttention-2)."""
+    if pass_name not in PASSES:
+        raise ValueError(f"pass {pass_name!r} is not one of {list(PASSES)}")
+    factor = BACKWARD_FLOPS_PER_FORWARD if pass_name == "backward" else 1.0
+    return factor * attention_forward_flops(**shape)
+
+
+def qkv_projection_flops(*, batch: int, tokens: int, embed_dim: int, n_heads: int, n_kv_heads: int,
+                         head_dim: int) -> float:
+    """FLOPs of the Q, K and V projections of ``tokens`` local tokens (forward): 2·B·n·E·(H + 2·H_kv)·D.
+
+    Backward is 2× this (input and weight gradients). Ignores biases.
+    """
+    return 2.0 * batch * tokens * embed_dim * (n_heads + 2 * n_kv_heads) * head_dim
+
+
+def output_projection_flops(*, batch: int, tokens: int, embed_dim: int, n_heads: int, head_dim: int) -> float:
+    """FLOPs of the output projection of ``tokens`` local tokens (forward): 2·B·n·H·D·E. Ignores biases."""
+    return 2.0 * batch * tokens * n_heads * head_dim * embed_dim
+
+
+def projection_forward_flops(*, batch: int, tokens: int, embed_dim: int, n_heads: int, n_kv_heads: int,
+                             head_dim: int) -> float:
+    """FLOPs of the QKV and output projections together (forward); backward is 2× this."""
+    return qkv_projection_flops(batch=batch, tokens=tokens, embed_dim=embed_dim, n_heads=n_heads,
+                                n_kv_heads=n_kv_heads, head_dim=head_dim) + \
+        output_projection_flops(batch=batch, tokens=tokens, embed_dim=embed_dim, n_heads=n_heads, head_dim=head_dim)
+
+
+def conversion_bytes(elements: float, *, from_bytes: int, to_bytes: int) -> float:
+    """HBM bytes of a copy or dtype cast of ``elements`` values: n·(a + b) (read each once, write once).
+
+    Used for the runtime's accumulator starts (bf16 block → fp32), final casts (fp32 → bf16),
+    dilated gathers (bf16 → bf16) and GQA-free copies. Ignores caches (tensors are ≫ L2).
+    """
+    if elements < 0:
+        raise ValueError(f"element count must be >= 0, got {elements!r}")
+    return float(elements) * (from_bytes + to_bytes)
+
+
+def accumulation_bytes(elements: float, *, accumulator_bytes: int, addend_bytes: int) -> float:
+    """HBM bytes of an in-place add into an accumulator: n·(2·a + b) (read + write a, read b).
+
+    The ring backward's dq/dK/dV ``add_`` (fp32 += bf16: 10 bytes per value) and the dilated
+    backward's scatter-add. Ignores caches.
+    """
+    if elements < 0:
+        raise ValueError(f"element count must be >= 0, got {elements!r}")
+    return float(elements) * (2 * accumulator_bytes + addend_bytes)
+
+
+def merge_bytes(*, batch: int, n_heads: int, head_dim: int, q_tokens: int, dtype_bytes: int) -> float:
+    """HBM bytes one fp32 LSE merge moves: read+write the fp32 accumulator, read the block result.
+
+    B·n_q·H·D·(4 + 4 + e) for the output plus B·H·n_q·12 for the three fp32 LSE vectors. A
+    merge implemented as several elementwise kernels moves a multiple of this (fitted or assumed).
+    """
+    rows = batch * n_heads * q_tokens
+    return float(rows * head_dim * (8 + dtype_bytes) + rows * 12)
+
+
+def gradient_accumulate_bytes(*, batch: int, n_heads: int, n_kv_heads: int, head_dim: int, q_tokens: int,
+                              kv_tokens: int, dtype_bytes: int) -> float:
+    """HBM bytes of adding one block's dQ, dK, dV into fp32 accumulators (backward ring step).
+
+    B·D·(n_q·H + 2·n_k·H_kv)·(4 + 4 + e): read and write the fp32 accumulator, read the block
+    gradient. Ignores the dO·O row sums the backward kernel computes itself.
+    """
+    return float(batch * head_dim * (q_tokens * n_heads + 2 * kv_tokens * n_kv_heads) * (8 + dtype_bytes))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KernelKey:
+    """Which kernel: backend (cudnn | flash | efficient | math | cpu), head dim, causal, pass, dtype."""
+
+    backend: str
+    head_dim: int
+    causal: bool
+    pass_name: str
+    dtype: str = "bf16"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KernelModel:
+    """Time of one kernel call versus its FLOPs, and where that came from.
+
+    ``provenance`` is one of: "measured on this GPU", "fitted on <gpu> and transferred",
+    "default: <source>"; ``fit`` is the least-squares fit when measured.
+    """
+
+    key: KernelKey
+    curve: TimeCurve
+    provenance: str
+    fit: AffineFit | None = None
+
+    @property
+    def effective_flops_per_s(self) -> float:
+        return 1.0 / self.curve.seconds_per_unit
+
+    def time_s(self, flops: float | np.ndarray) -> float | np.ndarray:
+        return self.curve.time_s(flops)
+
+    def outside_measured_range(self, flops: float) -> bool:
+        span = self.curve.measured_range
+        return span is not None and flops > 0 and not (span[0] <= flops <= span[1])
+
+
+def scaled_curve(curve: TimeCurve, factor: float) -> TimeCurve:
+    """The same curve with every time multiplied by ``factor`` (a GPU that is ``1/factor`` as fast)."""
+    return TimeCurve(intercept_s=curve.intercept_s * factor, seconds_per_unit=curve.seconds_per_unit * factor,
+                     points=tuple((x, t * factor) for x, t in curve.points), extrapolation=curve.extrapolation)
+
+
+def default_forward_flops_per_s(backend: str, head_dim: int, causal: bool) -> tuple[float, str]:
+    """H100 bf16 effective forward FLOP/s for a kernel, from ANCHORS.md, with its source.
+
+    Unlisted combinations are derived from listed ones: causal = non-causal × (causal/non-causal
+    of the same backend at head_dim 128); another head dim = the nearest listed one × (flash's
+    ratio between the two head dims when it is known). ValueError for math/cpu (no anchor).
+    """
+    if (backend, head_dim, causal) in H100_FORWARD_FLOPS_PER_S:
+        return H100_FORWARD_FLOPS_PER_S[(backend, head_dim, causal)]
+    if (backend, 128, False) not in H100_FORWARD_FLOPS_PER_S:
+        raise ValueError(f"no default FLOP/s for backend {backend!r}; measure it with benchmarks/measure_timing.py "
+                         f"(defaults exist for {sorted({k[0] for k in H100_FORWARD_FLOPS_PER_S})})")
+    base_dim = 64 if head_dim <= 96 else 128
+    rate, source = H100_FORWARD_FLOPS_PER_S.get((backend, base_dim, False), (None, ""))
+    if rate is None:  # e.g. efficient at head_dim 64: flash's 64/128 ratio
+        rate = H100_FORWARD_FLOPS_PER_S[(backend, 128, False)][0] * (296e12 / 343e12)
+        source = f"{_ANCHOR}, {backend} 128 x flash 64/128 ratio"
+    if base_dim != head_dim:
+        source += f" (head_dim {head_dim} taken as {base_dim})"
+    if causal:
+        rate *= H100_FORWARD_FLOPS_PER_S[(backend, 128, True)][0] / H100_FORWARD_FLOPS_PER_S[(backend, 128, False)][0]
+        source += " x causal/non-causal ratio at 128"
+    return rate, source
+
+
+def default_kernel_model(key: KernelKey, *, gpu_name: str, peak_flops_per_s: float) -> KernelModel:
+    """Kernel model from ANCHORS.md's H100 rate × (this GPU's peak / H100's peak), no overhead term."""
+    if key.dtype not in ("bf16", "fp16"):
+        raise ValueError(f"no default kernel rate for dtype {key.dtype!r} (anchors are bf16); measure it")
+    if key.pass_name not in PASSES:
+        raise ValueError(f"pass {key.pass_name!r} is not one of {list(PASSES)}")
+    if not np.isfinite(peak_flops_per_s) or peak_flops_per_s <= 0:
+        raise ValueError(f"{gpu_name}: peak FLOP/s must be positive, got {peak_flops_per_s!r}")
+    rate, source = default_forward_flops_per_s(key.backend, key.head_dim, key.causal)
+    if key.pass_name == "backward":
+        rate *= BACKWARD_RATE_PER_FORWARD_RATE
+        source += " x backward/forward 0.975 (F.sdpa fwd+bwd 589 TFLOP/s)"
+    rate *= peak_flops_per_s / H100_BF16_PEAK_FLOPS_PER_S
+    if _REFERENCE_GPU not in gpu_name.lower():
+        source += f" x peak ratio {peak_flops_per_s / H100_BF16_PEAK_FLOPS_PER_S:.3f} (transferred from H100)"
+    return KernelModel(key=key, curve=TimeCurve(intercept_s=0.0, seconds_per_unit=1.0 / rate, extrapolation="kernel"),
+                       provenance=f"default: {source}")
+
+
+def kernel_row_flops(row: KernelRow) -> float:
+    """FLOPs of a measured attention row (forward_backward rows count 3.5 × forward)."""
+    factor = {"forward": 1.0, "backward": BACKWARD_FLOPS_PER_FORWARD,
+              "forward_backward": 1.0 + BACKWARD_FLOPS_PER_FORWARD}[row.pass_name]
+    return factor * attention_forward_flops(batch=row.batch, n_heads=row.n_heads, head_dim=row.head_dim,
+                                            q_tokens=row.q_tokens, kv_tokens=row.kv_tokens, causal=row.causal)
+
+
+def fit_kernel_curves(rows: Iterable[KernelRow]) -> dict[KernelKey, AffineFit]:
+    """Fit overhead + FLOPs/F per (backend, head dim, causal, pass, dtype) from attention rows.
+
+    Needs ≥ 2 distinct block sizes per key; keys with fewer rows are left out (not guessed).
+    ``forward_backward`` rows are kept for reporting only: the ring times passes separately.
+    """
+    groups: dict[KernelKey, list[tuple[float, float]]] = {}
+    for row in rows:
+        if row.op != "attention" or row.pass_name not in PASSES:
+            continue
+        key = KernelKey(backend=row.backend, head_dim=row.head_dim, causal=row.causal,
+                        pass_name=row.pass_name, dtype=row.dtype)
+        groups.setdefault(key, []).append((kernel_row_flops(row), row.seconds))
+    fits = {}
+    for key, pts in groups.items():
+        if len({x for x, _ in pts}) >= 2:
+            fits[key] = fit_time_curve([x for x, _ in pts], [t for _, t in pts], extrapolation="kernel")
+    return fits
+
+
+def fit_merge_curve(rows: Iterable[KernelRow]) -> AffineFit | None:
+    """Fit seconds ≈ overhead + bytes/rate of the fp32 LSE merge from ``op='merge'`` rows (None if < 2 sizes)."""
+    pts = [(merge_bytes(batch=r.batch, n_heads=r.n_heads, head_dim=r.head_dim, q_tokens=r.q_tokens,
+                        dtype_bytes=2 if r.dtype in ("bf16", "fp16") else 4), r.seconds)
+           for r in rows if r.op == "merge"]
+    if len({x for x, _ in pts}) < 2:
+        return None
+    return fit_time_curve([x for x, _ in pts], [t for _, t in pts])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeasuredKernels:
+    """Fitted kernel curves of one GPU type (from one or more kernel profiles)."""
+
+    gpu_driver_name: str
+    peak_flops_per_s: float
+    fits: dict[KernelKey, AffineFit] = field(default_factory=dict)
+    merge_fit: AffineFit | None = None
+
+
+# One ring step's fixed GPU-side cost besides its kernels' work (the gaps between the ~10 small
+# kernels of a step, the stream wait on the exchange): ASSUMED 20 µs (time_model.fit_step_overhead_s
+# fits it from ring step times). Default merge: 3× the minimal HBM traffic (an unfused merge of
+# several elementwise kernels), ASSUMED until op='merge' rows are measured.
+DEFAULT_STEP_OVERHEAD_S = 20e-6
+_CUDNN_DEFAULT_GPUS = ("h100", "h200", "h800", "h20", "b200", "b100", "gb200")
+DEFAULT_MERGE_TRAFFIC_FACTOR = 3.0
+# ASSUMED: contiguous elementwise copies/casts/adds stream at 90% of the catalog HBM bandwidth
+# (CUDA device-to-device copies and STREAM triad reach ~3.0 of 3.35 TB/s on H100 SXM); not
+# measured by ringplan. The merge (strided LSE views, 8 small kernels) has its own fitted rate.
+ELEMENTWISE_HBM_EFFICIENCY = 0.9
+# ASSUMED (no GEMM timing in this repo): large bf16 GEMMs reach ~70% of the catalog peak.
+GEMM_EFFICIENCY = 0.7
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ComputeModel:
+    """Every local cost of one GPU type: attention kernels, the per-step merge, a fixed step overhead.
+
+    ``this_gpu`` holds fits measured on this GPU type, ``other_gpus`` fits from other types
+    (transferred by the ratio of peak FLOP/s); anything unmeasured falls back to the defaults.
+    """
+
+    gpu_name: str
+    peak_flops_per_s: float
+    hbm_bandwidth_bytes_per_s: float
+    this_gpu: MeasuredKernels | None = None
+    other_gpus: tuple[MeasuredKernels, ...] = ()
+    step_overhead_s: float = DEFAULT_STEP_OVERHEAD_S
+
+    def __post_init__(self) -> None:
+        for name in ("peak_flops_per_s", "hbm_bandwidth_bytes_per_s"):
+            value = getattr(self, name)
+            if not np.isfinite(value) or value <= 0:
+                raise ValueError(f"{self.gpu_name}: {name} must be positive, got {value!r}")
+        if not np.isfinite(self.step_overhead_s) or self.step_overhead_s < 0:
+            raise ValueError(f"step overhead must be >= 0 s, got {self.step_overhead_s!r}")
+
+    def kernel(self, key: KernelKey) -> KernelModel:
+        """The best-founded model of ``key``: measured here > measured here at a near shape >
+        measured on another GPU (scaled by peak ratio) > ANCHORS.md default."""
+        if self.this_gpu is not None:
+            found = _closest_fit(self.this_gpu.fits, key)
+            if found is not None:
+                fit_key, fit = found
+                label = "measured on this GPU" if fit_key == key else \
+                    f"measured on this GPU at head_dim {fit_key.head_dim} {fit_key.dtype} (transferred)"
+                return KernelModel(key=key, curve=fit.curve, provenance=label, fit=fit)
+        for other in self.other_gpus:
+            found = _closest_fit(other.fits, key)
+            if found is not None:
+                factor = other.peak_flops_per_s / self.peak_flops_per_s
+                return KernelModel(key=key, curve=scaled_curve(found[1].curve, factor), fit=found[1],
+                                   provenance=f"fitted on {other.gpu_driver_name} and transferred")
+        return default_kernel_model(key, gpu_name=self.gpu_name, peak_flops_per_s=self.peak_flops_per_s)
+
+    def merge_s(self, moved_bytes: float) -> tuple[float, str]:
+        """GPU seconds of one fp32 LSE merge queued behind a block kernel, with provenance.
+
+        Measured: the fitted slope × ``merge_bytes`` (the merge's rate, per minimal byte). The
+        fit's intercept (~90 µs on H200 for 8 small kernels) is host dispatch: timed alone the GPU
+        waits for it, but in a ring step the host queues the merge while the block kernel runs, so
+        it is not on the GPU's path (``step_overhead_s`` covers the kernels' launch gaps).
+        Default: 3× the minimal traffic at the catalog HBM bandwidth.
+        """
+        if self.this_gpu is not None and self.this_gpu.merge_fit is not None:
+            return moved_bytes * self.this_gpu.merge_fit.curve.seconds_per_unit, "measured on this GPU"
+        return (moved_bytes * DEFAULT_MERGE_TRAFFIC_FACTOR / self.hbm_bandwidth_bytes_per_s,
+                "default: assumed 3x minimal traffic at catalog HBM bandwidth")
+
+    def elementwise_s(self, moved_bytes: float) -> float:
+        """Seconds of contiguous copies/casts/adds moving ``moved_bytes``: bytes / (0.9 × HBM bandwidth).
+
+        Source: catalog HBM bandwidth × ELEMENTWISE_HBM_EFFICIENCY (assumed). Ignores launch gaps.
+        """
+        return moved_bytes / (ELEMENTWISE_HBM_EFFICIENCY * self.hbm_bandwidth_bytes_per_s)
+
+    def gemm_s(self, flops: float) -> float:
+        """Seconds of dense bf16 GEMMs of ``flops``: flops / (GEMM_EFFICIENCY × catalog peak). Assumed rate."""
+        return flops / (GEMM_EFFICIENCY * self.peak_flops_per_s)
+
+    def fastest_backend(self, head_dim: int, dtype: str) -> str:
+        """The backend ``auto`` is planned with: the fastest measured here at this head dim; unmeasured,
+        cudnn on Hopper/Blackwell (ANCHORS.md: 1.75x flash on H100; torch enables it there) and flash elsewhere."""
+        if self.this_gpu is not None:
+            rates = {k.backend: 1.0 / f.curve.seconds_per_unit for k, f in self.this_gpu.fits.items()
+                     if k.pass_name == "forward" and not k.causal and k.head_dim == head_dim and k.dtype == dtype}
+            if rates:
+                return max(rates, key=rates.get)
+        return "cudnn" if any(tag in self.gpu_name.lower() for tag in _CUDNN_DEFAULT_GPUS) else "flash"
+
+
+def _closest_fit(fits: dict[KernelKey, AffineFit], key: KernelKey) -> tuple[KernelKey, AffineFit] | None:
+    """Exact key, else same backend/causal/pass with bf16↔fp16 and the nearest head dim."""
+    if key in fits:
+        return key, fits[key]
+    half = {"bf16", "fp16"}
+    near = [k for k in fits if k.backend == key.backend and k.causal == key.causal and k.pass_name == key.pass_name
+            and (k.dtype == key.dtype or {k.dtype, key.dtype} <= half)]
+    if not near:
+        return None
+    best = min(near, key=lambda k: (abs(k.head_dim - key.head_dim), k.dtype != key.dtype, -k.head_dim))
+    return best, fits[best]

@@ -1,0 +1,477 @@
+"""Step time of a whole transformer stack on one rank: a training step, or a prefill forward.
+
+    step = host start + GEMMs + attention + elementwise + loss + optimizer
+           + exposed FSDP communication + exposed checkpoint offload
+
+Per rank of m = B·S/P local tokens (``StepTime`` names every part; they sum to the step):
+
+- GEMMs: per block q, k, v, o and the MLP (gate and up, down), and the LM head. Forward
+  2·m·in·out FLOPs each; backward two GEMMs of that size (input and weight gradient);
+  checkpointing adds a forward of what it recomputes (``RECOMPUTED``). Timed by shape from a
+  measured GEMM profile of the GPU (``ringplan.time.gemms``, ``benchmarks/measure_gemm.py``),
+  another GPU's scaled by the peak ratio, else the prior ``GEMM_EFFICIENCY`` × catalog peak.
+- attention: one layer's ring attention from ``ringplan.time.attention_time`` (kernels, merges, exposed ring
+  exchange) × L; full checkpointing runs its forward again in backward.
+- elementwise: norms, RoPE, q/k norms, the MLP activation, residual adds, the embedding and FSDP's
+  copies and casts: minimal bytes / (0.9 × HBM bandwidth).
+- loss (cross-entropy over V logits per token) and optimizer (foreach AdamW): bytes / HBM bandwidth.
+- FSDP communication: α–β collectives played against compute by ``overlapped_end_s``; checkpoint
+  offload: PCIe copies on the compute stream (the runtime's ``save_on_cpu``), not hidden.
+
+numpy/scipy (through the time model) load only when a step time is asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ringplan import models as mdl
+from ringplan.time.gemms import (GEMM_PRIOR_RELATIVE_UNCERTAINTY, GemmModel, GemmShape, block_gemms, gemm_flops,
+                                    gemm_model_for, lm_head_gemm)
+from ringplan.stack import StackWorkload, attention_workload, data_parallel_size, shard_group_size, tokens_per_rank
+
+#: HBM bytes per fp32 parameter of one ``torch.optim.AdamW(foreach=True)`` step, counted from
+#: ``torch.optim.adam._multi_tensor_adam`` (decoupled weight decay, not capturable): mul_ (param,
+#: 8), lerp_ (m, grad → m, 12), mul_ (v, 8), addcmul_ (v, grad → v, 12), sqrt (v → tmp, 8), div_
+#: (tmp, 8), add_ (tmp, 8), addcdiv_ (param, m, tmp → param, 16).
+ADAMW_FOREACH_BYTES_PER_PARAM = 80
+#: What a checkpointing mode runs again in backward (names of ``block_gemms`` and ``block_op_bytes``,
+#: and "attention"), as ``ringplan_runtime.transformer.Block`` does: selective recomputes the whole
+#: block but the ring attention core; full recomputes all of it.
+_BLOCK_PARTS = frozenset({"q", "kv", "o", "gate_up", "up", "down", "norms", "qk_norm", "rope", "mlp_act", "residual"})
+RECOMPUTED: dict[str, frozenset[str]] = {"none": frozenset(), "selective": _BLOCK_PARTS,
+                                          "full": _BLOCK_PARTS | {"attention"}}
+#: Host link for checkpoint offload (pinned CPU memory ↔ GPU), by catalog GPU: the card's PCIe
+#: generation from its datasheet (SXM modules talk to the CPU over PCIe too).
+HOST_LINK: dict[str, str] = {
+    "gtx-1080": "pcie-gen3-x16", "v100-16gb": "pcie-gen3-x16", "v100-32gb": "pcie-gen3-x16",
+    "a10-24gb": "pcie-gen4-x16", "l4": "pcie-gen4-x16", "l40s": "pcie-gen4-x16", "rtx-4090": "pcie-gen4-x16",
+    "a100-40gb": "pcie-gen4-x16", "a100-80gb": "pcie-gen4-x16", "h100-80gb-sxm": "pcie-gen5-x16",
+    "h100-80gb-pcie": "pcie-gen5-x16", "h200": "pcie-gen5-x16", "b200": "pcie-gen5-x16", "mi300x": "pcie-gen5-x16",
+}
+FP32_BYTES = 4
+
+
+# ----------------------------------------------------------------------------- elementwise bytes
+
+
+def rms_norm_bytes(dtype_bytes: int) -> tuple[float, float]:
+    """(forward, backward) HBM bytes per normalised value of the runtime's eager RMSNorm
+    (``ringplan_runtime.transformer._RMSNorm``), e bytes per activation value, fp32 inside.
+
+    Forward: x.float() (e + 4), pow(2) (8), mean (4), x32·rstd (8), .to(e) (4 + e), weight· (2e)
+    = 28 + 4e. Backward: x.float() (e + 4), xhat (8), grad.float() (e + 4), grad·xhat (12) and its sum
+    over rows (4), g = grad·w (8), g·xhat (12) and its mean (4), xhat·mean (8), g − … (12), rstd·…
+    (8), .to(e) (4 + e) = 88 + 3e. Ignores the per-row rstd vectors."""
+    return 28.0 + 4 * dtype_bytes, 88.0 + 3 * dtype_bytes
+
+
+def block_op_bytes(model: mdl.ModelSpec, dtype_bytes: int) -> dict[str, tuple[float, float]]:
+    """HBM bytes per token of one block's elementwise kernels: name → (forward, backward), as the
+    runtime's eager ops run them (``ringplan_runtime.transformer``), e bytes per value.
+
+    norms: two RMSNorms over E (``rms_norm_bytes``); qk_norm: RMSNorm over (H + H_kv)·D values;
+    rope: per value of q and k, x·cos (2e), rotate-half (neg of a half, cat: 3e), addcmul_ (3e)
+    = 8e; backward grad·cos, grad·sin (4e), rotate (3e), add (3e) = 10e; mlp_act: per value of F,
+    silu (2e) and ·up (3e); backward silu (2e), ·silu (3e), ·up (3e), silu_backward (3e) = 11e;
+    residual: two adds over E (6e); backward the gradient sums where a tensor has several users
+    (x and h: 2 adds; the q/k/v input: 2; the gate/up input: 1 = 5 adds of 3e). GELU models:
+    the MLP activation as 2e / 3e per value (not run by the runtime). Ignores the RoPE tables.
+    """
+    e, qk = model.embed_dim, (model.n_heads + model.n_kv_heads) * model.head_dim
+    norm = rms_norm_bytes(dtype_bytes)
+    act = (5, 11) if model.ffn_type == "swiglu" else (2, 3)
+    ops = {"norms": (2 * e * norm[0], 2 * e * norm[1]),
+           "rope": (8 * dtype_bytes * qk, 10 * dtype_bytes * qk),
+           "mlp_act": (act[0] * dtype_bytes * model.ffn_dim, act[1] * dtype_bytes * model.ffn_dim),
+           "residual": (6 * dtype_bytes * e, 15 * dtype_bytes * e)}
+    if model.qk_norm:
+        ops["qk_norm"] = (qk * norm[0], qk * norm[1])
+    return ops
+
+
+def loss_bytes_per_token(model: mdl.ModelSpec, dtype_bytes: int) -> tuple[float, float]:
+    """(forward, backward) HBM bytes per token of the runtime's fp32 cross-entropy over V logits
+    (``F.cross_entropy(logits.float())``): forward .float() (e + 4), log-softmax (read 4, write 4)
+    = 12 + e per logit; backward the one-hot gradient (write 4), log-softmax backward (read 8,
+    write 4), cast back (4 + e) = 20 + e. Ignores the gather of the target logit."""
+    v = model.vocab_size
+    return v * (dtype_bytes + 12.0), v * (dtype_bytes + 20.0)
+
+
+def optimizer_bytes(local_params: float, master_bytes: int) -> float:
+    """HBM bytes of one foreach AdamW step over ``local_params`` master parameters:
+    ``ADAMW_FOREACH_BYTES_PER_PARAM`` × master bytes / 4 per parameter."""
+    return local_params * ADAMW_FOREACH_BYTES_PER_PARAM * master_bytes / FP32_BYTES
+
+
+def fsdp_unit_params(model: mdl.ModelSpec) -> dict[str, int]:
+    """Parameters of each FSDP2 unit as ``ringplan_runtime.stack_parallel.apply_fsdp`` groups them:
+    ``root`` (the final norm), ``embedding`` (token table, learned positions; the LM head too when
+    tied: one group), ``head`` (the untied LM head, else 0) and ``block`` (each of the L blocks)."""
+    head = 0 if model.tied_embeddings else model.vocab_size * model.embed_dim
+    return {"root": mdl.norm_parameter_count(model, model.embed_dim),
+            "embedding": mdl.embedding_parameter_count(model) - head, "head": head,
+            "block": mdl.layer_parameter_count(model)}
+
+
+# ----------------------------------------------------------------------------- overlap and collectives
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamUnit:
+    """One unit on the compute stream and its transfers: ``before_s`` must end before the compute
+    starts (issued when the previous unit's compute starts), ``after_s`` is issued when it ends."""
+
+    compute_s: float
+    before_s: float = 0.0
+    after_s: float = 0.0
+
+
+def overlapped_end_s(units: list[StreamUnit]) -> float:
+    """End time of a compute stream and one transfer stream (first in, first out, prefetch depth 1).
+
+    The first unit's ``before`` transfer is exposed; later ones only where they outlast the compute
+    they overlap; the last ``after`` transfers where nothing is left to hide them. Transfers run one
+    at a time (all-gathers and reduce-scatters share the link). This is FSDP2's schedule (the next
+    unit's all-gather overlaps this unit's compute; a unit's reduce-scatter follows its backward:
+    Zhao et al. 2023, "PyTorch FSDP", on prefetching). Ignores compute slowed by concurrent transfers
+    and a host that falls behind the GPU.
+    """
+    if not units:
+        return 0.0
+    link_free = ready = units[0].before_s
+    compute_end = 0.0
+    for i, unit in enumerate(units):
+        start = max(compute_end, ready)
+        if i + 1 < len(units):
+            link_free = ready = max(link_free, start) + units[i + 1].before_s
+        compute_end = start + unit.compute_s
+        if unit.after_s:
+            link_free = max(link_free, compute_end) + unit.after_s
+    return max(compute_end, link_free)
+
+
+def collective_s(link, total_bytes: float, group: int) -> float:
+    """Seconds of a ring all-gather or reduce-scatter of a ``total_bytes`` buffer over ``group``
+    ranks: each rank moves (G − 1)/G of it through its link, α + (G − 1)/G · bytes / β (α once: NCCL
+    pipelines the G − 1 steps). An all-reduce is two of these. 0 for a group of one. Source: the
+    ring algorithm's bus bandwidth (NCCL performance notes); ignores the reduction arithmetic and
+    link contention with the ring attention exchange."""
+    if group <= 1 or total_bytes <= 0:
+        return 0.0
+    return float(link.transfer_time_s(total_bytes * (group - 1) / group))
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepTime:
+    """Predicted seconds of one step on the busiest rank, by part (the parts sum to ``step_time_s``).
+
+    ``fsdp_comm_s`` is the exposed part of the collectives (``fsdp_comm_total_s`` all of them),
+    ``offload_s`` the checkpoint copies (all exposed, ``offload_total_s`` the same);
+    ``recompute_s`` is the share of GEMMs, attention and elementwise spent recomputing (already in
+    them). ``relative_uncertainty`` covers only GEMMs timed from the prior efficiency; the measured
+    parts' errors are what ``benchmarks/stack_accuracy.py`` reports. ``provenance`` is the weakest
+    source among GEMMs, attention and links.
+    """
+
+    step_time_s: float
+    gemm_s: float
+    attention_s: float
+    elementwise_s: float
+    loss_s: float
+    optimizer_s: float
+    fsdp_comm_s: float
+    offload_s: float
+    host_overhead_s: float
+    recompute_s: float = 0.0
+    fsdp_comm_total_s: float = 0.0
+    offload_total_s: float = 0.0
+    tokens_per_rank: int = 0
+    gemm_flops: float = 0.0
+    relative_uncertainty: float = 0.0
+    provenance: str = ""
+    provenance_details: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def parts_s(self) -> dict[str, float]:
+        """The named parts that sum to ``step_time_s``."""
+        return {name: getattr(self, name) for name in STEP_PARTS}
+
+
+STEP_PARTS: tuple[str, ...] = ("gemm_s", "attention_s", "elementwise_s", "loss_s", "optimizer_s", "fsdp_comm_s",
+                               "offload_s", "host_overhead_s")
+
+
+@dataclass(slots=True, kw_only=True)
+class _Costs:
+    """Running sums of one step's compute by part, and the provenance notes."""
+
+    w: StackWorkload
+    gemms: GemmModel
+    hbm_rate_bytes_per_s: float
+    tokens: int
+    parts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STEP_PARTS, 0.0))
+    recompute_s: float = 0.0
+    flops: float = 0.0
+    prior_gemm_s: float = 0.0
+    weight: int = 1  # how many times the pass being costed runs (L for a block)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def gemm(self, pass_name: str, tokens: int, shape: GemmShape, *, recompute: bool = False) -> float:
+        seconds, label = self.gemms.time_s(pass_name, tokens, shape)
+        self.note("gemm", label)
+        self.flops += self.weight * gemm_flops(tokens, shape)
+        self.prior_gemm_s += self.weight * seconds if label.startswith("default") else 0.0
+        return self.add("gemm_s", seconds, recompute)
+
+    def bytes(self, part: str, moved_bytes: float, *, recompute: bool = False) -> float:
+        return self.add(part, moved_bytes / self.hbm_rate_bytes_per_s, recompute)
+
+    def add(self, part: str, seconds: float, recompute: bool = False) -> float:
+        self.parts[part] += self.weight * seconds
+        self.recompute_s += self.weight * seconds if recompute else 0.0
+        return seconds
+
+    def note(self, component: str, label: str) -> None:
+        if provenance_rank(label) >= provenance_rank(self.notes.get(component, "measured")):
+            self.notes[component] = label
+
+
+def provenance_rank(label: str) -> int:
+    """``ring_passes.provenance_rank`` (0 measured … 3 default), imported when needed (ring_passes
+    loads numpy)."""
+    from ringplan.time.ring_passes import provenance_rank as rank
+
+    return rank(label)
+
+
+def _block_pass_s(c: _Costs, attention_s: tuple[float, float], backward: bool) -> float:
+    """Seconds of one block's forward, or its backward with what checkpointing recomputes."""
+    model, e = c.w.model, c.w.settings.param_dtype_bytes
+    ops = block_op_bytes(model, e)
+    again = RECOMPUTED[c.w.settings.checkpointing] if backward else frozenset()
+    total = 0.0
+    for shape in block_gemms(model):
+        if not backward:
+            total += c.gemm("forward", c.tokens, shape)
+            continue
+        total += c.gemm("backward_input", c.tokens, shape) + c.gemm("backward_weight", c.tokens, shape)
+        total += c.gemm("forward", c.tokens, shape, recompute=True) if shape.name in again else 0.0
+    for name, (fwd, bwd) in ops.items():
+        total += c.bytes("elementwise_s", (bwd if backward else fwd) * c.tokens)
+        total += c.bytes("elementwise_s", fwd * c.tokens, recompute=True) if name in again else 0.0
+    total += c.add("attention_s", attention_s[1] if backward else attention_s[0])
+    total += c.add("attention_s", attention_s[0], recompute=True) if "attention" in again else 0.0
+    return total
+
+
+def _head_pass_s(c: _Costs, backward: bool) -> float:
+    """Final norm, then (training) the LM head and loss chunk by chunk; a chunk's logits and loss
+    forward run again in backward (``checkpoint`` per chunk, loss ``chunked``)."""
+    model, s, e = c.w.model, c.w.settings, c.w.settings.param_dtype_bytes
+    norm = rms_norm_bytes(e)[1 if backward else 0]
+    total = c.bytes("elementwise_s", norm * model.embed_dim * c.tokens)
+    if not c.w.training:
+        return total
+    chunked = s.loss == "chunked"
+    chunk = min(s.loss_chunk_tokens, c.tokens) if chunked else c.tokens
+    sizes = [chunk] * (c.tokens // chunk) + ([c.tokens % chunk] if c.tokens % chunk else [])
+    head, loss = lm_head_gemm(model), loss_bytes_per_token(model, e)
+    for size in sizes:
+        if backward:
+            total += c.gemm("backward_input", size, head) + c.gemm("backward_weight", size, head)
+            total += c.gemm("forward", size, head, recompute=True) if chunked else 0.0
+        else:
+            total += c.gemm("forward", size, head)
+    total += c.bytes("loss_s", loss[1 if backward else 0] * c.tokens)
+    return total + (c.bytes("loss_s", loss[0] * c.tokens, recompute=True) if backward and chunked else 0.0)
+
+
+def _embedding_pass_s(c: _Costs, backward: bool) -> float:
+    """Token (and learned position) lookup; backward zero-fills the dense V×E gradient and adds rows."""
+    model, e = c.w.model, c.w.settings.param_dtype_bytes
+    tables = 2 if model.position == "learned" else 1
+    if not backward:
+        return c.bytes("elementwise_s", tables * 2 * model.embed_dim * e * c.tokens)
+    return c.bytes("elementwise_s", model.vocab_size * model.embed_dim * e + tables * 3 * model.embed_dim * e * c.tokens)
+
+
+def _fsdp_copies_s(c: _Costs, params: int, *, gathers: int, reduces: bool) -> float:
+    """FSDP2's copies around one unit's collectives, at HBM speed (training runs; the runtime runs
+    ``none`` as FSDP2 over groups of one): per all-gather the cast of the local master shard to the
+    param dtype (read m, write e per local parameter) and the copy-out of the gathered buffer into
+    the parameters (read e, write e per parameter); per reduce-scatter the copy of the gradients into
+    the master-dtype buffer (read e, write m) and the division of the local shard (read m, write m)."""
+    if not c.w.training or params == 0:
+        return 0.0
+    g, e, m = shard_group_size(c.w), c.w.settings.param_dtype_bytes, c.w.settings.master_dtype_bytes
+    gather = (m + e) * params / g + 2 * e * params
+    reduce = (e + m) * params + 2 * m * params / g
+    return c.bytes("elementwise_s", gathers * gather + (reduce if reduces else 0.0))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Links:
+    """The link models of the sharding group and of the data-parallel replicas of a shard."""
+
+    shard: Any
+    replica: Any
+
+
+def _links(c: _Costs, spec, timing_dir) -> _Links:
+    from ringplan.time import attention_time as tm
+
+    timing, per_node = tm.load_timing_data(timing_dir), spec.gpus_per_node
+    g, w = shard_group_size(c.w), c.w.world_size
+
+    def link(group: int, name: str):
+        found, label = tm.resolve_link(spec, "intra_node" if group <= per_node else "inter_node", None, timing)
+        if group > 1:
+            c.note(name, label)
+        return found
+
+    return _Links(shard=link(g, "sharding link"), replica=link(w, "data-parallel link"))
+
+
+def _gather_s(w: StackWorkload, links: _Links, params: int) -> float:
+    """All-gather of one unit's parameters in the param dtype over the sharding group (zero3)."""
+    return collective_s(links.shard, w.settings.param_dtype_bytes * params, shard_group_size(w))
+
+
+def _grad_sync_s(w: StackWorkload, links: _Links, params: int) -> float:
+    """Gradient synchronisation of one unit: reduce-scatter of master-dtype gradients over the
+    sharding group G, then an all-reduce of the shard over the W/G replicas (``none``: G = 1, an
+    all-reduce over all W ranks, as DDP). Context-parallel ranks hold gradients of different tokens,
+    so they take part like data-parallel ones."""
+    g, m = shard_group_size(w), w.settings.master_dtype_bytes
+    return collective_s(links.shard, m * params, g) + 2 * collective_s(links.replica, m * params / g, w.world_size // g)
+
+
+def _stream_units(c: _Costs, attention: tuple[float, float], links: _Links | None,
+                  backward: bool) -> list[StreamUnit]:
+    """The units in FSDP2's order with their transfers.
+
+    Forward: root (final-norm weight), embedding, blocks, head (final norm, LM head, loss).
+    Backward: head, blocks in reverse, embedding, root. Every unit but the root is gathered again
+    for backward (``reshard_after_forward=True``); a tied head is gathered with the embedding's
+    group at each use and reduced once with it. Prefill: no transfers (weights replicated).
+    """
+    w, units = c.w, fsdp_unit_params(c.w.model)
+    gathered = w.training and w.settings.sharding == "zero3"
+    head_params = units["head"] or units["embedding"]  # what the LM head gathers
+
+    def gather(params: int) -> float:
+        return _gather_s(w, links, params) if gathered else 0.0
+
+    def sync(params: int) -> float:
+        return _grad_sync_s(w, links, params) if w.training and backward else 0.0
+
+    def copies(params: int, gathers: int = 1) -> float:
+        return _fsdp_copies_s(c, params, gathers=gathers, reduces=backward)
+
+    c.weight = w.model.n_layers
+    block_s = _block_pass_s(c, attention, backward) + copies(units["block"])
+    c.weight = 1
+    blocks = [StreamUnit(before_s=gather(units["block"]), compute_s=block_s, after_s=sync(units["block"]))
+              ] * w.model.n_layers
+    embedding = StreamUnit(before_s=gather(units["embedding"]),
+                           compute_s=_embedding_pass_s(c, backward) + copies(units["embedding"]),
+                           after_s=sync(units["embedding"]))
+    head_compute = (_head_pass_s(c, backward) + _fsdp_copies_s(c, head_params, gathers=1, reduces=False)
+                    + copies(units["head"], 0))  # a tied head's gradients are reduced with the embedding
+    head = StreamUnit(before_s=gather(head_params), compute_s=head_compute, after_s=sync(units["head"]))
+    if not backward:
+        root = StreamUnit(before_s=gather(units["root"]), compute_s=copies(units["root"]))
+        return [root, embedding, *blocks, head]
+    root = StreamUnit(compute_s=copies(units["root"], 0), after_s=sync(units["root"]))
+    return [head, *blocks, embedding, root]
+
+
+def _offload_s(c: _Costs, spec) -> float:
+    """Seconds of moving each block's saved input (B·n·E·e bytes) to pinned CPU memory in forward
+    and back in backward over the GPU's PCIe link (``HOST_LINK``), α + bytes/β each way. The
+    runtime's ``torch.autograd.graph.save_on_cpu`` issues these copies on the compute stream
+    (non-blocking for the host, serialised with the kernels on the GPU): nothing hides them."""
+    if not (c.w.training and c.w.settings.offload_checkpoints):
+        return 0.0
+    from ringplan.time.links import link_model_from_spec
+    from ringplan.hardware import load_catalog
+
+    if spec.name not in HOST_LINK:
+        raise ValueError(f"{spec.name}: no host (PCIe) link known for checkpoint offload; known: {sorted(HOST_LINK)}")
+    link = link_model_from_spec(load_catalog().link(HOST_LINK[spec.name]))
+    c.note("offload link", f"default: catalog {link.name}")
+    copy = float(link.transfer_time_s(c.tokens * c.w.model.embed_dim * c.w.settings.param_dtype_bytes))
+    return 2 * copy * c.w.model.n_layers
+
+
+def _attention_s(c: _Costs, spec, timing_dir) -> tuple[float, float]:
+    """(forward, backward) seconds of one layer's ring attention from the attention time model
+    (no host call overhead: inside a stack the host queues it behind earlier kernels)."""
+    from ringplan.time.attention_time import step_time_prediction
+
+    work = attention_workload(c.w)
+    forward = step_time_prediction(replace(work, training=False), c.w.layout, spec, timing_dir=timing_dir,
+                                   call_overhead_s=0.0)
+    c.note("attention", forward.provenance)
+    if not c.w.training:
+        return forward.step_time_s, 0.0
+    both = step_time_prediction(work, c.w.layout, spec, timing_dir=timing_dir, call_overhead_s=0.0)
+    c.note("attention", both.provenance)
+    return forward.step_time_s, max(0.0, both.step_time_s - forward.step_time_s)
+
+
+def step_time(w: StackWorkload, gpu, *, timing_dir: str | Path | None = None,
+              call_overhead_s: float | None = None) -> StepTime:
+    """Predict one step of ``w`` on GPUs of type ``gpu`` (catalog name or ``GpuSpec``).
+
+    Training: forward, backward (with recomputation) and optimizer, FSDP/ZeRO collectives played
+    against compute, checkpoint offload copies added. ``training=False`` (prefill): the forward only,
+    weights replicated (no collectives), hidden states without the LM head. ``call_overhead_s``:
+    host time before the first kernel (default ``time_model.DEFAULT_CALL_OVERHEAD_S``), paid at the
+    start and, in training, again after the loss is read on the host (``StackRun.backward``'s
+    ``.item()``) before the optimizer's kernels are queued. Bad input
+    (unknown GPU, no data for the dtype) raises ValueError.
+    """
+    from ringplan.time import attention_time as tm
+    from ringplan.time.kernels import ELEMENTWISE_HBM_EFFICIENCY
+
+    spec = tm.resolve_gpu(gpu)
+    c = _Costs(w=w, gemms=gemm_model_for(spec, w.settings.param_dtype, timing_dir),
+               hbm_rate_bytes_per_s=ELEMENTWISE_HBM_EFFICIENCY * spec.hbm_bandwidth_bytes_per_s,
+               tokens=w.batch * tokens_per_rank(w))
+    c.note("elementwise", f"default: assumed {ELEMENTWISE_HBM_EFFICIENCY} of catalog HBM bandwidth")
+    attention = _attention_s(c, spec, timing_dir)
+    links = _links(c, spec, timing_dir) if w.training else None
+    units = _stream_units(c, attention, links, backward=False)
+    if w.training:
+        backward = _stream_units(c, attention, links, backward=True)
+        comm = overlapped_end_s(units) + overlapped_end_s(backward) - sum(u.compute_s for u in units + backward)
+        units += backward
+        local = mdl.parameter_count(w.model) / shard_group_size(w)
+        c.bytes("optimizer_s", optimizer_bytes(local, w.settings.master_dtype_bytes))
+    else:
+        comm = overlapped_end_s(units) - sum(u.compute_s for u in units)
+    total = sum(u.before_s + u.after_s for u in units)
+    if w.training and w.settings.sharding in ("zero1", "zero2") and shard_group_size(w) > 1:
+        regather = _gather_s(w, links, mdl.parameter_count(w.model))  # the updated shards, after the step
+        comm, total = comm + regather, total + regather
+    offload = _offload_s(c, spec)
+    overhead = tm.DEFAULT_CALL_OVERHEAD_S if call_overhead_s is None else float(call_overhead_s)
+    c.parts.update(fsdp_comm_s=comm, offload_s=offload, host_overhead_s=overhead * (2 if w.training else 1))
+    return _result(c, fsdp_total=total, offload_total=offload)
+
+
+def _result(c: _Costs, *, fsdp_total: float, offload_total: float) -> StepTime:
+    step = sum(c.parts.values())
+    worst = max((v for k, v in c.notes.items() if k != "elementwise"), key=provenance_rank, default="measured")
+    return StepTime(step_time_s=step, **c.parts, recompute_s=c.recompute_s, fsdp_comm_total_s=fsdp_total,
+                    offload_total_s=offload_total, tokens_per_rank=c.tokens, gemm_flops=c.flops,
+                    relative_uncertainty=GEMM_PRIOR_RELATIVE_UNCERTAINTY * c.prior_gemm_s / step if step else 0.0,
+                    provenance=worst, provenance_details=tuple(sorted(c.notes.items())))
