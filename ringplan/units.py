@@ -17,7 +17,9 @@ _TOKENS_RE = re.compile(rf"^\s*{_NUMBER}\s*(?P<suffix>[KMGT]I?)?\s*$", re.IGNORE
 _BYTES_RE = re.compile(rf"^\s*{_NUMBER}\s*(?P<suffix>[KMGT]I?)?B?\s*$", re.IGNORECASE)
 
 MB = 10**6
+MIB = 2**20
 GIB = 2**30
+FP32_BYTES = 4  # bytes per fp32 value (accumulators, master weights, gradients on the wire)
 
 
 def _scaled_integer(text: str, match: re.Match | None, what: str, examples: str, *, round_to_whole: bool) -> int:
