@@ -5,12 +5,10 @@ residual, fits in the usable memory less a safety margin:
 ``total_bytes + residual_bound_bytes <= usable_memory_bytes · (1 − safety_margin)`` (a plan called
 feasible must run: on 2×H200 an emulated A100's boundary sat 1.5 MB above the point prediction).
 
-* ``min_world_size``: every ring size 1..max where the sequence splits as the layout requires is
-  tried in order (a linear scan, ≤ max_world_size cheap evaluations). Not a bisection: per-GPU
-  memory is not monotone from 1 to 2 GPUs (a ring adds received K/V buffers and fp32 accumulators
-  that a single device does not need), so feasibility need not be monotone there.
-* ``max_tokens``: for a fixed ring size, per-GPU memory never decreases with tokens, so the largest
-  feasible sequence is found by exponential + binary search over the valid lengths (logarithmic).
+* ``min_world_size``: the first feasible ring size over which S splits (``search.first_feasible``:
+  memory is not monotone from one GPU to a ring, so a linear scan, not a bisection).
+* ``max_tokens``: the largest feasible S at a fixed ring size (``search.largest_within``: per-GPU
+  memory never decreases with tokens).
 
 Step time: another module (``ringplan.time.attention_time``) fills ``CapacityRow.step_time_s`` and
 ``exposed_comm_s`` through the ``step_time`` hook, for the rows an answer returns only (the
@@ -23,14 +21,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from ringplan.capacity import search
 from ringplan.hardware import GpuSpec
 from ringplan.memory.attention_model import MemoryModel, MemoryPrediction, default_memory_model
 from ringplan.workload import RingLayout, Workload, check_layout_fits
 
 #: (workload, layout, gpu) → (step_time_s, exposed_comm_s), or None when the time model cannot say.
 StepTimeFn = Callable[[Workload, RingLayout, GpuSpec], "tuple[float, float] | None"]
-#: Largest sequence the token search will consider (2^50 tokens): beyond it something is wrong.
-MAX_SEARCH_TOKENS = 2**50
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,16 +65,12 @@ class CapacityQuery:
     step_time: StepTimeFn | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.safety_margin, (int, float)) and 0 <= self.safety_margin < 1):
-            raise ValueError(f"safety margin must be in [0, 1), got {self.safety_margin!r}")
-        if isinstance(self.max_world_size, bool) or not isinstance(self.max_world_size, int) \
-                or self.max_world_size <= 0:
-            raise ValueError(f"max world size must be a positive integer, got {self.max_world_size!r}")
+        search.check_search_limits(safety_margin=self.safety_margin, max_world_size=self.max_world_size)
         RingLayout(ring_size=1, layout=self.layout, backend=self.backend)  # validates names
 
     @property
     def budget_bytes(self) -> float:
-        return self.gpu.usable_memory_bytes * (1.0 - self.safety_margin)
+        return search.budget_bytes(self.gpu.usable_memory_bytes, self.safety_margin)
 
     def ring(self, world_size: int) -> RingLayout:
         return RingLayout(ring_size=world_size, layout=self.layout, backend=self.backend)
@@ -118,7 +111,10 @@ def splits(query: CapacityQuery, seq_len_tokens: int, world_size: int) -> bool:
 def valid_world_sizes(query: CapacityQuery, seq_len_tokens: int) -> list[int]:
     """Every ring size 1..max_world_size over which the sequence splits (all integers, not only
     powers of two). Raises ``ValueError`` with the reason when there is none."""
-    sizes = [p for p in range(1, query.max_world_size + 1) if splits(query, seq_len_tokens, p)]
+    chunks = query.ring(1).chunks_per_rank
+    dividing = search.dividing_sizes(seq_len_tokens, range(1, min(query.max_world_size, seq_len_tokens) + 1),
+                                     lambda p: p * chunks)
+    sizes = [p for p in dividing if splits(query, seq_len_tokens, p)]
     if not sizes:
         query.workload.with_seq_len(seq_len_tokens)  # raises the workload's own message if invalid
         check_layout_fits(query.workload.with_seq_len(seq_len_tokens), query.ring(1))
@@ -136,21 +132,21 @@ class MinWorldSize:
 
 
 def min_world_size(query: CapacityQuery, seq_len_tokens: int) -> MinWorldSize:
-    """Smallest feasible ring size for S tokens (linear scan over the valid sizes), plus a table:
-    the valid powers of two up to 4× the answer (all of them when none fits) and the answer."""
+    """Smallest feasible ring size for S tokens (``search.first_feasible`` over the valid sizes),
+    plus a table: the valid powers of two up to 4× the answer (all of them when none fits) and the
+    answer."""
     sizes = valid_world_sizes(query, seq_len_tokens)
     evaluated: dict[int, CapacityRow] = {}
-    minimum = None
-    for p in sizes:
+
+    def feasible(p: int) -> bool:
         evaluated[p] = memory_row(query, seq_len_tokens, p)
-        if evaluated[p].feasible:
-            minimum = evaluated[p]
-            break
-    limit = 4 * minimum.world_size if minimum else query.max_world_size
-    shown = sorted({p for p in sizes if p & (p - 1) == 0 and p <= limit} | ({minimum.world_size} if minimum else set()))
+        return evaluated[p].feasible
+
+    minimum = search.first_feasible(sizes, feasible)
+    shown = search.shown_world_sizes(sizes, minimum, factor=4, max_world_size=query.max_world_size)
     rows = tuple(timed(query, evaluated[p]) if p in evaluated else evaluate(query, seq_len_tokens, p) for p in shown)
-    minimum = next((row for row in rows if minimum and row.world_size == minimum.world_size), None)
-    return MinWorldSize(seq_len_tokens=seq_len_tokens, minimum=minimum, rows=rows)
+    return MinWorldSize(seq_len_tokens=seq_len_tokens, minimum=next((r for r in rows if r.world_size == minimum), None),
+                        rows=rows)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -189,36 +185,23 @@ def max_tokens(query: CapacityQuery, world_size: int) -> MaxTokens:
 
 
 def _max_tokens_search(query: CapacityQuery, world_size: int) -> MaxTokens:
-    """Exponential then binary search over n = m·unit (O(log S) evaluations), falling back to the
-    few valid n below the unit."""
+    """``search.largest_within`` over n = m·unit tokens per rank, falling back to the few valid n
+    below the unit when not even one unit fits."""
     unit = token_unit(query, world_size)
+    rows: dict[int, CapacityRow] = {}
 
     def row(n: int) -> CapacityRow:
-        return memory_row(query, n * world_size, world_size)
+        if n not in rows:
+            rows[n] = memory_row(query, n * world_size, world_size)
+        return rows[n]
 
-    small = valid_tokens_per_rank_below_unit(query, world_size)
-    first = row(unit)
-    if not first.feasible:
-        best = None
-        for n in small:
-            candidate = row(n)
-            if not candidate.feasible:
-                return MaxTokens(world_size=world_size, best=best, next_infeasible=candidate)
-            best = candidate
-        return MaxTokens(world_size=world_size, best=best, next_infeasible=first)
-    lo, lo_row, hi = 1, first, 2
-    while True:
-        if hi * unit * world_size > MAX_SEARCH_TOKENS:
-            raise ValueError(f"no memory limit found below {MAX_SEARCH_TOKENS:,} tokens; check the GPU and model")
-        hi_row = row(hi * unit)
-        if not hi_row.feasible:
-            break
-        lo, lo_row, hi = hi, hi_row, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        mid_row = row(mid * unit)
-        if mid_row.feasible:
-            lo, lo_row = mid, mid_row
-        else:
-            hi, hi_row = mid, mid_row
-    return MaxTokens(world_size=world_size, best=lo_row, next_infeasible=hi_row)
+    limit = search.MAX_SEARCH_TOKENS // (unit * world_size)
+    best_m = search.largest_within(lambda m: row(m * unit).prediction.upper_bytes, query.budget_bytes, 0, limit)
+    if best_m:
+        return MaxTokens(world_size=world_size, best=row(best_m * unit), next_infeasible=row((best_m + 1) * unit))
+    best = None
+    for n in valid_tokens_per_rank_below_unit(query, world_size):
+        if not row(n).feasible:
+            return MaxTokens(world_size=world_size, best=best, next_infeasible=row(n))
+        best = row(n)
+    return MaxTokens(world_size=world_size, best=best, next_infeasible=row(unit))

@@ -17,11 +17,11 @@ Among feasible settings the fastest predicted step time wins (the ``step_time`` 
 ``preference_key``: less recomputation first (checkpointing none < selective < full < full with
 offload), then less communication (sharding none < zero1 < zero2 < zero3), then the full loss.
 
-* ``min_world_size``: a linear scan over the valid W (memory is not monotone from one GPU to a
-  ring, as in ``ringplan.capacity.attention``).
+* ``min_world_size``: the first valid W with a feasible setting (``search.first_feasible``:
+  memory is not monotone from one GPU to a ring).
 * ``max_tokens``: per-GPU memory never decreases with S at fixed settings, so each setting's
-  largest S is an exponential + binary search over valid lengths; a setting that cannot hold the
-  best length found so far is not searched.
+  largest S is ``search.largest_within`` over valid lengths; a setting that cannot hold the best
+  length found so far is not searched.
 
 Every candidate is judged, none is assumed to dominate another (fewer saved activations do not
 always mean less memory: the peak instant moves). What keeps a search cheap is a certified lower
@@ -35,6 +35,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from ringplan.capacity import search
 from ringplan.hardware import GpuSpec
 from ringplan.memory.attention_model import MemoryPrediction
 from ringplan.models import ModelSpec
@@ -44,8 +45,6 @@ from ringplan.workload import RingLayout
 
 #: (workload, gpu) → predicted step time in seconds, or None when the time model cannot say.
 StackStepTimeFn = Callable[[StackWorkload, GpuSpec], "float | None"]
-#: Largest sequence the token search will consider: beyond it something is wrong.
-MAX_SEARCH_TOKENS = 2**50
 SEARCHED_FIELDS: tuple[str, ...] = ("sharding", "checkpointing", "offload_checkpoints", "loss")
 
 
@@ -125,12 +124,9 @@ class StackQuery:
     step_time: StackStepTimeFn | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.safety_margin, (int, float)) and 0 <= self.safety_margin < 1):
-            raise ValueError(f"safety margin must be in [0, 1), got {self.safety_margin!r}")
-        for name in ("batch", "max_world_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+        search.check_search_limits(safety_margin=self.safety_margin, max_world_size=self.max_world_size)
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch <= 0:
+            raise ValueError(f"batch must be a positive integer, got {self.batch!r}")
         for name in ("ring_size", "data_parallel"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -143,7 +139,7 @@ class StackQuery:
 
     @property
     def budget_bytes(self) -> float:
-        return self.gpu.usable_memory_bytes * (1.0 - self.safety_margin)
+        return search.budget_bytes(self.gpu.usable_memory_bytes, self.safety_margin)
 
     def ring_for(self, world_size: int) -> int:
         """P for W GPUs: the fixed ring size, else W / DP (``ValueError`` when it does not divide)."""
@@ -305,13 +301,6 @@ def lowest_memory_row(rows: list[StackRow]) -> StackRow:
 # ----------------------------------------------------------------------------- fewest GPUs
 
 
-def splits(query: StackQuery, seq_len_tokens: int, ring_size: int) -> bool:
-    """True when S tokens split over a ring of ``ring_size`` as the layout requires (S a multiple
-    of P, or of 2P for zigzag)."""
-    chunks = RingLayout(ring_size=ring_size, layout=query.layout, backend=query.backend).chunks_per_rank
-    return seq_len_tokens % (ring_size * chunks) == 0
-
-
 def valid_world_sizes(query: StackQuery, seq_len_tokens: int) -> list[int]:
     """Every W ≤ ``max_world_size`` of the form P × DP (the open one varied) over whose ring S
     splits, ascending. ``ValueError`` with the layout's reason when there is none."""
@@ -321,7 +310,9 @@ def valid_world_sizes(query: StackQuery, seq_len_tokens: int) -> list[int]:
         sizes = list(range(query.ring_size, query.max_world_size + 1, query.ring_size))
     else:
         sizes = list(range(query.data_parallel, query.max_world_size + 1, query.data_parallel))
-    valid = [w for w in sizes if w <= query.max_world_size and splits(query, seq_len_tokens, query.ring_for(w))]
+    chunks = RingLayout(ring_size=1, layout=query.layout, backend=query.backend).chunks_per_rank
+    valid = [w for w in search.dividing_sizes(seq_len_tokens, sizes, lambda w: query.ring_for(w) * chunks)
+             if w <= query.max_world_size]
     if not valid:
         if sizes:
             query.workload(seq_len_tokens, sizes[0], query.candidates[0])  # raises the layout's own message
@@ -344,23 +335,22 @@ class StackMinWorldSize:
 
 
 def min_world_size(query: StackQuery, seq_len_tokens: int) -> StackMinWorldSize:
-    """Smallest W with a feasible setting (linear scan over ``valid_world_sizes``); the table shows
-    the valid powers of two up to 2× the answer (all of them when none fits) and the answer."""
+    """Smallest W with a feasible setting (``search.first_feasible`` over ``valid_world_sizes``);
+    the table shows the valid powers of two up to 2× the answer (all of them when none fits) and
+    the answer."""
     first_only = query.step_time is None
+    sizes = valid_world_sizes(query, seq_len_tokens)
     scans: dict[int, Scan] = {}
-    minimum = None
-    for size in valid_world_sizes(query, seq_len_tokens):
+
+    def feasible(size: int) -> bool:
         scans[size] = scan(query, seq_len_tokens, size, first_only=first_only)
-        if scans[size].feasible:
-            minimum = size
-            break
+        return bool(scans[size].feasible)
+
+    minimum = search.first_feasible(sizes, feasible)
     if not any(found.evaluated or found.pruned for found in scans.values()):
         raise ValueError(next((r.reason for found in scans.values() for r in found.rejected), "no candidate settings"))
-    limit = 2 * minimum if minimum else query.max_world_size
-    shown = sorted({w for w in valid_world_sizes(query, seq_len_tokens) if w & (w - 1) == 0 and w <= limit}
-                   | ({minimum} if minimum else set()))
     table = []
-    for size in shown:
+    for size in search.shown_world_sizes(sizes, minimum, factor=2, max_world_size=query.max_world_size):
         found = scans.get(size) or scan(query, seq_len_tokens, size, first_only=first_only)
         row = (chosen_rows(query, found) or [None])[0] or frugal_row(query, found)
         if row is not None:
@@ -392,35 +382,6 @@ def token_unit(query: StackQuery, world_size: int) -> int:
     return p * RingLayout(ring_size=p, layout=query.layout, backend=query.backend).chunks_per_rank
 
 
-def largest_within(value: Callable[[int], float], budget: float, lo: int = 0,
-                   limit: int = MAX_SEARCH_TOKENS) -> int:
-    """Largest m ≥ ``lo`` with ``value(m) <= budget`` for a non-decreasing ``value``, given that
-    ``lo`` qualifies (lo = 0: nothing known). Bracketing by secant extrapolation (at least
-    doubling), then regula falsi safeguarded by bisection: a near-linear memory curve takes a few
-    calls, any monotone one O(log m). ``ValueError`` when m passes ``limit``."""
-    v_lo = value(lo) if lo > 0 else None
-    hi = lo + max(lo, 1)
-    v_hi = value(hi)
-    while v_hi <= budget:
-        if hi > limit:
-            raise ValueError(f"no memory limit found below {MAX_SEARCH_TOKENS:,} tokens; check the GPU and model")
-        guess = 2 * hi
-        if v_lo is not None and v_hi > v_lo:
-            guess = max(guess, int(hi + 1.05 * (budget - v_hi) * (hi - lo) / (v_hi - v_lo)) + 1)
-        lo, v_lo, hi = hi, v_hi, guess
-        v_hi = value(hi)
-    bisect = False
-    while hi - lo > 1:
-        width = hi - lo
-        mid = (lo + hi) // 2
-        if not bisect and v_lo is not None and v_hi > v_lo:
-            mid = min(max(lo + int((budget - v_lo) * width / (v_hi - v_lo)), lo + 1), hi - 1)
-        v = value(mid)
-        lo, v_lo, hi, v_hi = (mid, v, hi, v_hi) if v <= budget else (lo, v_lo, mid, v)
-        bisect = not bisect and hi - lo > width // 2  # the bracket did not halve: bisect next
-    return lo
-
-
 def max_tokens(query: StackQuery, world_size: int) -> StackMaxTokens:
     """Largest S on ``world_size`` GPUs over every candidate setting. Candidates are searched from
     the least preferred (most memory-frugal) on; one that cannot hold the best length found so far
@@ -442,7 +403,7 @@ def max_tokens(query: StackQuery, world_size: int) -> StackMaxTokens:
 
         if best_m == 0 or needed(best_m + 1) <= query.budget_bytes:
             start = best_m + 1 if best_m else 0
-            best_m = max(best_m, largest_within(needed, query.budget_bytes, start, MAX_SEARCH_TOKENS // unit))
+            best_m = max(best_m, search.largest_within(needed, query.budget_bytes, start, search.MAX_SEARCH_TOKENS // unit))
     if len(reasons) == len(query.candidates):
         raise ValueError(reasons[0])
     if best_m == 0:
