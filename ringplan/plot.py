@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-GIB = 2**30
+from ringplan.units import GIB
 
 
 def token_grid(query, world_size: int, points: int = 48) -> list[int]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ringplan.cli.common import OneLineErrorCommand, bad_input_exits_2, format_option, render_rows
+from ringplan.cli.common import FiniteFloat, InputFile, OneLineErrorCommand, bad_input_exits_2, format_option, render_rows
 
 MB = 10**6
 #: Where each measured figure is in a ``MemoryPrediction``.
@@ -40,7 +40,7 @@ def theta_record(fit, profile: str, active_terms: list[str]) -> dict[str, Any]:
 def part_record(fit, profile: str) -> dict[str, Any]:
     """One calibrated part (workspace / slack / overhead): coefficients (bytes, or bytes per byte of
     feature), points, residuals relative to the part's figure, range, rows of an older runtime."""
-    from ringplan.memory.calibration import relative_residual_summary
+    from ringplan.memory.part_fit import relative_residual_summary
 
     median, worst = relative_residual_summary(fit)
     lo, hi = fit.tokens_per_rank_range
@@ -101,7 +101,8 @@ def _calibrated(rows, name: str) -> tuple[list[dict[str, Any]], list[dict[str, A
     """Calibrated parts of the rows (this runtime's measurements only, as the planner fits them),
     and each such row's device used (else the best figure it has) predicted as it ran."""
     from ringplan.hardware import load_catalog
-    from ringplan.memory.calibration import CALIBRATION_KINDS, fit_calibrations
+    from ringplan.memory.calibration import fit_calibrations
+    from ringplan.memory.part_fit import CALIBRATION_KINDS
     from ringplan.memory.attention_model import MemoryModel
 
     calibrations = fit_calibrations(rows, source=name)
@@ -139,7 +140,7 @@ def _point(profile: str, form: str, row, figure: str, observed: float, predicted
 
 
 @click.command("fit", cls=OneLineErrorCommand)
-@click.argument("profile_paths", nargs=-1, type=click.Path(dir_okay=False))
+@click.argument("profile_paths", nargs=-1, type=InputFile())
 @click.option("--form", type=click.Choice(["seed", "analytic", "both", "theta"]), default="both", show_default=True,
               help="seed: MB-per-token + overhead; analytic: the calibrated parts (workspace, allocator slack, "
                    "memory outside the allocator) over the byte terms; both; theta: free coefficients per term "
@@ -150,7 +151,7 @@ def _point(profile: str, form: str, row, figure: str, observed: float, predicted
               help="Seed and theta forms: memory figure to fit (auto: the first one the rows have).")
 @click.option("--series", default=None, help="Fit only the rows of this series (e.g. memory-scaling).")
 @click.option("--include-estimated", is_flag=True, help="Also fit rows of kind 'estimated' (formula outputs).")
-@click.option("--prior-weight", type=click.FloatRange(min=0.0), default=1e-3, show_default=True,
+@click.option("--prior-weight", type=FiniteFloat(min=0.0), default=1e-3, show_default=True,
               help="Theta form: weight of the prior pulling each coefficient to 1.")
 @click.option("--residuals", "show_residuals", is_flag=True, help="Table format: also list every point's residual.")
 @click.option("--write", "write_cache", is_flag=True,
@@ -179,7 +180,8 @@ def fit(profile_paths: tuple[str, ...], form: str, target: str, series: str | No
 
 def _inputs(paths: tuple[str, ...]) -> list[tuple[str, tuple]]:
     """(name, rows) per PROFILE file, or one pooled entry for every file in profiles/measured."""
-    from ringplan.profiles.attention import load_profile, load_profiles, measured_dir
+    from ringplan.paths import measured_dir
+    from ringplan.profiles.attention import load_profile, load_profiles
 
     if paths:
         return [(path, load_profile(path).rows) for path in paths]
@@ -190,26 +192,26 @@ def _inputs(paths: tuple[str, ...]) -> list[tuple[str, tuple]]:
 
 
 def _write(paths: tuple[str, ...], output_format: str) -> None:
-    from ringplan.memory.calibration import calibration_from_json
-    from ringplan.memory.fit_cache import fit_cache_path, write_fit_cache
+    from ringplan.memory.attention_model import MEMORY_FIT
+    from ringplan.memory.fit_cache import write_fit
+    from ringplan.memory.part_fit import calibration_from_json
+    from ringplan.memory.stack_model import STACK_FIT
 
     if paths:
         raise ValueError(f"--write fits every profile in profiles/measured; it takes no PROFILE (got {list(paths)})")
-    payload = write_fit_cache()
-    from ringplan.memory.stack_model import stack_fit_path, write_stack_fit  # whole-model fit (issue 9), same rule
-
-    stack = write_stack_fit()
-    click.echo(f"wrote {stack_fit_path()} ({len(stack['inputs']['profiles'])} stack profiles, "
+    payload = write_fit(MEMORY_FIT)
+    stack = write_fit(STACK_FIT)
+    click.echo(f"wrote {STACK_FIT.path()} ({len(stack['inputs']['profiles'])} stack profiles, "
                f"{len(stack['calibrations'])} GPU(s))", err=True)
     calibrations = {gpu: calibration_from_json(raw) for gpu, raw in payload["calibrations"].items()}
     if output_format == "json":
-        click.echo(json.dumps({"path": str(fit_cache_path()), **payload}, indent=2))
+        click.echo(json.dumps({"path": str(MEMORY_FIT.path()), **payload}, indent=2))
         return
     records = calibrated_records(calibrations, "profiles/measured")
     if output_format == "csv":
         click.echo(render_rows(_uniform(records), "csv"))
         return
-    click.echo(f"wrote {fit_cache_path()} ({len(payload['inputs']['profiles'])} profiles, "
+    click.echo(f"wrote {MEMORY_FIT.path()} ({len(payload['inputs']['profiles'])} profiles, "
                f"{len(calibrations)} GPU(s))")
     click.echo(render_rows([_pretty(r) for r in _uniform(records)], "table"))
 

@@ -22,14 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ringplan.hardware import GpuSpec
-from ringplan.memory.calibration import (Calibration, PartFit, fit_calibrations, overhead_features, slack_features,
-                                         with_borrowed, workspace_features)
+from ringplan.memory.calibration import fit_calibrations, overhead_features, slack_features, workspace_features
+from ringplan.memory.fit_cache import FitCache, usable_calibrations
+from ringplan.memory.part_fit import Calibration, PartFit, with_borrowed
 from ringplan.memory.attention_fits import (FIT_KINDS, TARGETS, FitStats, MemoryFit, SeedFit, fit_memory_model,  # noqa: F401
                                   fit_rows, fit_seed_form, fit_stats, kernel_family, reserve_slack_measured,
                                   row_family, row_inputs, runtime_overhead_measured, seed_shape_key, shape_family,
                                   slack_family, unfitted_model, workload_family)
 from ringplan.memory.attention_terms import TermInputs, term_inputs, terms_at
-from ringplan.profiles.attention import Measurement, load_profiles, measured_dir
+from ringplan.paths import measured_dir
+from ringplan.profiles.attention import Measurement, load_profiles
 from ringplan.workload import RingLayout, Workload, tokens_per_rank
 
 #: Relative uncertainty given to what is not backed by a same-GPU fit inside its range (on the
@@ -356,14 +358,25 @@ def measured_rows(directory: str | Path | None = None) -> tuple[tuple[Measuremen
     return tuple((row, profile.path or "") for profile in load_profiles(directory) for row in profile.rows)
 
 
+def _fit_measured(directory: Path | None) -> tuple[dict[str, Calibration], str]:
+    """The calibrations of every measured profile in ``directory`` and the names of their files."""
+    rows = measured_rows(directory)
+    sources = ", ".join(sorted({Path(source).name for _, source in rows if source}))
+    return fit_calibrations([row for row, _ in rows], source=sources), sources
+
+
+#: ``profiles/fitted/memory-fit.json``: the calibrations of ``profiles/measured``.
+MEMORY_FIT = FitCache(schema="ringplan.memory-fit/1", file_name="memory-fit.json",
+                      sources=("attention_terms.py", "attention_fits.py", "calibration.py", "part_fit.py"),
+                      profiles_dir=measured_dir, fit=_fit_measured)
+
+
 @functools.lru_cache(maxsize=2)
 def default_memory_model(form: str = "analytic") -> MemoryModel:
-    """The model of ``profiles/measured``: calibrations from the fit cache when it is fresh, else
-    fitted from the profiles (files read once per process)."""
+    """The model of ``profiles/measured``: calibrations from the committed fit when it is usable,
+    else fitted from the profiles (files read once per process)."""
     if form == "analytic":
-        from ringplan.memory.fit_cache import fresh_calibrations
-
-        calibrations = fresh_calibrations()
+        calibrations = usable_calibrations(MEMORY_FIT)
         if calibrations is not None:
             return MemoryModel(calibrations=calibrations)
     return MemoryModel(rows=measured_rows(), form=form)

@@ -28,9 +28,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ringplan.units import FP32_BYTES
 from ringplan.workload import DTYPE_BYTES, RingLayout, Workload, tokens_per_rank
 
-FP32_BYTES = 4
 #: Every key ``memory_terms`` returns, in display order.
 TERM_NAMES: tuple[str, ...] = (
     "x_local_bytes", "weights_bytes", "q_bytes", "kv_bytes", "kv_recv_bytes", "accumulator_bytes",

@@ -36,18 +36,13 @@ plan must not depend on a dilated layer never exchanging. A recorded run is pred
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
 
 from ringplan.memory.attention_fits import kernel_family, row_family, row_inputs, slack_family
 from ringplan.memory.attention_terms import TermInputs, branches, terms_at
+from ringplan.memory.part_fit import CALIBRATION_KINDS, Calibration, PartFit, PartPoint, fit_part
 from ringplan.profiles.attention import Measurement
-
-FP32_BYTES = 4
-#: Row kinds the calibration uses: this runtime's own measurements (a report's figures are of
-#: another implementation; estimates are formulas).
-CALIBRATION_KINDS: tuple[str, ...] = ("measured",)
+from ringplan.units import FP32_BYTES
 #: Tracked peak above Σφ by more than this fraction: the row was measured with an older runtime.
 STALE_TOLERANCE = 0.005
 WORKSPACE_FEATURES: tuple[str, ...] = ("constant_bytes", "fp32_rows", "gqa_fp32_rows")
@@ -100,119 +95,13 @@ def overhead_features(p: TermInputs, *, assume_ring_traffic: bool = False) -> di
             "communicator_bytes": float(p.ring_size > 1), "p2p_buffers_bytes": float(traffic)}
 
 
-# ----------------------------------------------------------------------------- one fitted part
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PartFit:
-    """One fitted part on one GPU: ``bytes = Σ_k coefficients[k] · features[k]``.
-
-    ``residuals_bytes`` are observed − fitted part per row; ``figures_bytes`` the figure the part
-    belongs to on that row (allocated for the workspace, reserved for the slack, device used for the
-    memory outside the allocator). ``identified``: features non-zero on some fitted row (the others'
-    coefficients are 0 for want of data); ``borrowed``: feature → GPU whose coefficient was taken
-    for an unidentified feature (``with_borrowed``).
-    """
-
-    part: str
-    gpu: str
-    family: str
-    coefficients: dict[str, float]
-    residuals_bytes: tuple[float, ...]
-    figures_bytes: tuple[float, ...]
-    tokens_per_rank_range: tuple[float, float]
-    ring_sizes: tuple[int, ...]
-    stale_rows: int = 0
-    source: str = ""
-    identified: tuple[str, ...] = ()
-    borrowed: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def n_points(self) -> int:
-        return len(self.residuals_bytes)
-
-    @property
-    def max_abs_residual_bytes(self) -> float:
-        return max((abs(r) for r in self.residuals_bytes), default=0.0)
-
-    @property
-    def relative_residuals(self) -> tuple[float, ...]:
-        """Residual / figure per row: the error this part adds to its figure."""
-        return tuple(r / f for r, f in zip(self.residuals_bytes, self.figures_bytes))
-
-    def bytes(self, features: dict[str, float]) -> float:
-        return sum(c * features[name] for name, c in self.coefficients.items())
-
-    def uncertainty_bytes(self, figure_bytes: float) -> float:
-        """The worst residual seen, grown in proportion beyond the largest figure measured."""
-        largest = max(self.figures_bytes, default=0.0)
-        growth = figure_bytes / largest if largest > 0 else 1.0
-        return self.max_abs_residual_bytes * max(1.0, growth)
-
-    def borrowed_in_use(self, features: dict[str, float]) -> set[str]:
-        """GPUs whose borrowed coefficients contribute to ``features``."""
-        return {gpu for name, gpu in self.borrowed.items() if features.get(name)}
-
-    def covers_tokens(self, tokens_per_rank: float) -> bool:
-        """Inside the measured tokens-per-rank range."""
-        lo, hi = self.tokens_per_rank_range
-        return lo * (1 - 1e-9) <= tokens_per_rank <= hi * (1 + 1e-9)
-
-
 # ----------------------------------------------------------------------------- fitting
 
 
-def nonnegative_least_squares(design: Sequence[Sequence[float]], target: Sequence[float],
-                              weights: Sequence[float]) -> list[float]:
-    """x ≥ 0 minimising Σ_i (w_i·(design_i · x − target_i))² (``scipy.optimize.lsq_linear``, bvls).
-    Columns are scaled to unit norm first; an all-zero column gets 0."""
-    import numpy as np
-    from scipy.optimize import lsq_linear
-
-    a = np.asarray(design, dtype=float) * np.asarray(weights, dtype=float)[:, None]
-    b = np.asarray(target, dtype=float) * np.asarray(weights, dtype=float)
-    norms = np.linalg.norm(a, axis=0)
-    used = norms > 0
-    x = np.zeros(a.shape[1])
-    if used.any():
-        scaled = a[:, used] / norms[used]
-        solution = lsq_linear(scaled, b, bounds=(0.0, np.inf), method="bvls").x
-        x[used] = solution / norms[used]
-    return [float(v) for v in x]
-
-
-def _fit_part(part: str, gpu: str, family: str, rows: Sequence[Measurement], names: Sequence[str],
-              point: Callable[[Measurement], tuple[dict[str, float], float, float]], *, relative: bool,
-              stale_rows: int = 0, source: str = "") -> PartFit:
-    """Fit one part: ``point(row)`` gives (features, observed part bytes, figure bytes)."""
-    points = [point(r) for r in rows]
-    design = [[features[name] for name in names] for features, _, _ in points]
-    observed = [value for _, value, _ in points]
-    figures = [figure for _, _, figure in points]
-    weights = [1.0 / figure for figure in figures] if relative else [1.0] * len(points)
-    coefficients = dict(zip(names, nonnegative_least_squares(design, observed, weights)))
-    fitted = [sum(coefficients[name] * features[name] for name in names) for features, _, _ in points]
-    identified = tuple(name for name in names if any(features[name] for features, _, _ in points))
-    return PartFit(part=part, gpu=gpu, family=family, coefficients=coefficients,
-                   residuals_bytes=tuple(o - f for o, f in zip(observed, fitted)), figures_bytes=tuple(figures),
-                   tokens_per_rank_range=(min(r.tokens_per_rank for r in rows), max(r.tokens_per_rank for r in rows)),
-                   ring_sizes=tuple(sorted({r.ring_size for r in rows})), stale_rows=stale_rows, source=source,
-                   identified=identified)
-
-
-def with_borrowed(own: PartFit, donors: Sequence[PartFit]) -> PartFit:
-    """``own`` with each unidentified coefficient taken from the first donor that identifies it
-    (e.g. the NCCL parts of a GPU measured at P = 1 only, from a GPU measured on a ring); the
-    donors' ring sizes count as covered."""
-    coefficients, borrowed, rings = dict(own.coefficients), dict(own.borrowed), set(own.ring_sizes)
-    for name in own.coefficients:
-        donor = next((d for d in donors if name not in own.identified and name in d.identified), None)
-        if donor is not None:
-            coefficients[name], borrowed[name] = donor.coefficients[name], donor.gpu
-            rings |= set(donor.ring_sizes)
-    if not borrowed:
-        return own
-    return replace(own, coefficients=coefficients, borrowed=borrowed, ring_sizes=tuple(sorted(rings)))
+def row_point(row: Measurement, features: dict[str, float], observed_bytes: float, figure_bytes: float) -> PartPoint:
+    """A measured row as a part fit sees it."""
+    return PartPoint(features=features, observed_bytes=observed_bytes, figure_bytes=figure_bytes,
+                     tokens_per_rank=row.tokens_per_rank, ring_size=row.ring_size)
 
 
 def is_stale(row: Measurement, analytic_bytes: float) -> bool:
@@ -227,49 +116,29 @@ def fit_workspace(rows: Sequence[Measurement], *, source: str = "") -> PartFit:
     current = [r for r in rows if not is_stale(r, analytic[id(r)])]
     used = current or list(rows)
 
-    def point(row: Measurement) -> tuple[dict[str, float], float, float]:
-        allocated = row.peak_allocated_bytes
-        return workspace_features(row_inputs(row)), allocated - analytic[id(row)], allocated
-
+    points = [row_point(r, workspace_features(row_inputs(r)), r.peak_allocated_bytes - analytic[id(r)],
+                        r.peak_allocated_bytes) for r in used]
     first = used[0]
-    return _fit_part("workspace", first.gpu, kernel_family(row_family(first)), used, WORKSPACE_FEATURES, point,
-                     relative=True, stale_rows=0 if current else len(used), source=source)
+    return fit_part("workspace", first.gpu, kernel_family(row_family(first)), points, WORKSPACE_FEATURES,
+                    relative=True, stale_rows=0 if current else len(used), source=source)
 
 
 def fit_slack(rows: Sequence[Measurement], *, source: str = "") -> PartFit:
     """R = reserved − allocated on rows of one GPU and family (relative weights: reserved)."""
-    def point(row: Measurement) -> tuple[dict[str, float], float, float]:
-        features = slack_features(terms_at(row_inputs(row)), row.peak_allocated_bytes)
-        return features, row.peak_reserved_bytes - row.peak_allocated_bytes, row.peak_reserved_bytes
-
-    return _fit_part("slack", rows[0].gpu, slack_family(row_family(rows[0])), rows, SLACK_FEATURES, point,
-                     relative=False, source=source)
+    points = [row_point(r, slack_features(terms_at(row_inputs(r)), r.peak_allocated_bytes),
+                        r.peak_reserved_bytes - r.peak_allocated_bytes, r.peak_reserved_bytes) for r in rows]
+    return fit_part("slack", rows[0].gpu, slack_family(row_family(rows[0])), points, SLACK_FEATURES,
+                    relative=False, source=source)
 
 
 def fit_overhead(rows: Sequence[Measurement], *, source: str = "") -> PartFit:
     """O = device used − reserved on every row of one GPU (absolute least squares: a near-constant)."""
-    def point(row: Measurement) -> tuple[dict[str, float], float, float]:
-        used = row.device_used_bytes
-        return overhead_features(row_inputs(row)), used - row.peak_reserved_bytes, used
-
-    return _fit_part("overhead", rows[0].gpu, "all", rows, OVERHEAD_FEATURES, point, relative=False, source=source)
+    points = [row_point(r, overhead_features(row_inputs(r)), r.device_used_bytes - r.peak_reserved_bytes,
+                        r.device_used_bytes) for r in rows]
+    return fit_part("overhead", rows[0].gpu, "all", points, OVERHEAD_FEATURES, relative=False, source=source)
 
 
 # ----------------------------------------------------------------------------- one GPU's calibration
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Calibration:
-    """The fitted parts of one GPU: workspace by kernel family, slack by family, the outside memory."""
-
-    gpu: str
-    workspace: dict[str, PartFit] = field(default_factory=dict)
-    slack: dict[str, PartFit] = field(default_factory=dict)
-    overhead: PartFit | None = None
-
-    @property
-    def n_points(self) -> int:
-        return sum(f.n_points for f in self.workspace.values())
 
 
 def _grouped(rows: Sequence[Measurement], key: Callable[[Measurement], str]) -> dict[str, list[Measurement]]:
@@ -299,46 +168,3 @@ def fit_calibrations(rows: Sequence[Measurement], *, kinds: Sequence[str] = CALI
     return result
 
 
-# ----------------------------------------------------------------------------- JSON form (the fit cache)
-
-
-def part_to_json(fit: PartFit) -> dict:
-    return {"part": fit.part, "gpu": fit.gpu, "family": fit.family, "coefficients": fit.coefficients,
-            "residuals_bytes": list(fit.residuals_bytes), "figures_bytes": list(fit.figures_bytes),
-            "tokens_per_rank_range": list(fit.tokens_per_rank_range), "ring_sizes": list(fit.ring_sizes),
-            "stale_rows": fit.stale_rows, "source": fit.source, "identified": list(fit.identified)}
-
-
-def part_from_json(raw: dict) -> PartFit:
-    return PartFit(part=raw["part"], gpu=raw["gpu"], family=raw["family"],
-                   coefficients={k: float(v) for k, v in raw["coefficients"].items()},
-                   residuals_bytes=tuple(raw["residuals_bytes"]), figures_bytes=tuple(raw["figures_bytes"]),
-                   tokens_per_rank_range=tuple(raw["tokens_per_rank_range"]), ring_sizes=tuple(raw["ring_sizes"]),
-                   stale_rows=raw["stale_rows"], source=raw["source"], identified=tuple(raw["identified"]))
-
-
-def calibration_to_json(calibration: Calibration) -> dict:
-    return {"gpu": calibration.gpu,
-            "workspace": {k: part_to_json(v) for k, v in sorted(calibration.workspace.items())},
-            "slack": {k: part_to_json(v) for k, v in sorted(calibration.slack.items())},
-            "overhead": part_to_json(calibration.overhead) if calibration.overhead else None}
-
-
-def calibration_from_json(raw: dict) -> Calibration:
-    return Calibration(gpu=raw["gpu"], workspace={k: part_from_json(v) for k, v in raw["workspace"].items()},
-                       slack={k: part_from_json(v) for k, v in raw["slack"].items()},
-                       overhead=part_from_json(raw["overhead"]) if raw["overhead"] else None)
-
-
-def relative_residual_summary(fit: PartFit) -> tuple[float, float]:
-    """(median, max) |residual / figure| of one part (0, 0 without points)."""
-    values = sorted(abs(r) for r in fit.relative_residuals)
-    if not values:
-        return 0.0, 0.0
-    middle = len(values) // 2
-    median = values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
-    return median, values[-1]
-
-
-def finite_coefficients(fit: PartFit) -> bool:
-    return all(math.isfinite(v) for v in fit.coefficients.values())

@@ -79,10 +79,10 @@ def unit_param_shapes(w: StackWorkload) -> dict[str, list[tuple[int, int]]]:
     """Parameters of each FSDP2 unit of the runtime: ``block`` (one of L), ``embed`` (the token
     table, plus learned positions; the head too when tied), ``head`` (untied LM head), ``root``
     (final norm)."""
-    return {name: list(shapes) for name, shapes in _unit_shapes(w).items()}
+    return {name: list(shapes) for name, shapes in unit_shapes(w).items()}
 
 
-def _unit_shapes_upto(w: StackWorkload, stage: str) -> list[tuple[int, int]]:
+def unit_shapes_upto(w: StackWorkload, stage: str) -> list[tuple[int, int]]:
     """Parameters of one block whose gradients exist once its backward has reached ``stage``
     (backward order: down; gate, up, post-attention norm; output projection; the rest)."""
     m, shapes = w.model, block_param_shapes(w)
@@ -100,7 +100,8 @@ def _unit_shapes_upto(w: StackWorkload, stage: str) -> list[tuple[int, int]]:
 
 
 @functools.lru_cache(maxsize=512)
-def _unit_shapes(w: StackWorkload) -> dict[str, tuple[tuple[int, int], ...]]:
+def unit_shapes(w: StackWorkload) -> dict[str, tuple[tuple[int, int], ...]]:
+    """``unit_param_shapes`` as tuples, cached per workload (the terms ask for them at every instant)."""
     m = w.model
     embed = [(m.vocab_size, m.embed_dim)] + ([(m.max_positions, m.embed_dim)] if m.position == "learned" else [])
     root = [(m.embed_dim, 1)] * (2 if m.norm == "layernorm" else 1)
@@ -122,7 +123,7 @@ def padded_elements(shapes, group: int) -> int:
 @functools.lru_cache(maxsize=512)
 def rank_param_elements(w: StackWorkload) -> int:
     """Ψ_G: parameter elements one rank holds, Σ over units of ``shard_elements`` (L blocks)."""
-    units, g = _unit_shapes(w), stack_shape(w).G
+    units, g = unit_shapes(w), stack_shape(w).G
     return w.model.n_layers * shard_elements(units["block"], g) + sum(
         shard_elements(units[name], g) for name in ("embed", "head", "root"))
 
@@ -224,7 +225,7 @@ def gathered_unit_bytes(w: StackWorkload, unit: str) -> float:
     all-gather outputs, padded rows included). Zero outside FSDP2 training."""
     if not (w.training and runs_fsdp(w)):
         return 0.0
-    return float(padded_elements(_unit_shapes(w)[unit], stack_shape(w).G) * stack_shape(w).e)
+    return float(padded_elements(unit_shapes(w)[unit], stack_shape(w).G) * stack_shape(w).e)
 
 
 def unit_grad_bytes(w: StackWorkload, shapes) -> float:
@@ -233,7 +234,7 @@ def unit_grad_bytes(w: StackWorkload, shapes) -> float:
     return float(sum(rows * cols for rows, cols in shapes) * stack_shape(w).e)
 
 
-def _fsdp_at(w: StackWorkload, position: str, index: int = 0) -> dict[str, float]:
+def fsdp_state_at(w: StackWorkload, position: str, index: int = 0) -> dict[str, float]:
     """FSDP2 state while ``position`` (``loss``, ``final_norm``, ``block`` ``index``, ``embed``) runs
     its backward (backward order: head, final norm, blocks L-1 … 0, embedding):
 
@@ -250,7 +251,7 @@ def _fsdp_at(w: StackWorkload, position: str, index: int = 0) -> dict[str, float
     does, and nothing is gathered."""
     if not runs_fsdp(w):
         return {"gradients_bytes": gradients_bytes(w)}
-    s, units, tied = stack_shape(w), _unit_shapes(w), w.model.tied_embeddings
+    s, units, tied = stack_shape(w), unit_shapes(w), w.model.tied_embeddings
     order = ["loss", "final_norm", "block", "embed"]
     if position not in order:
         raise ValueError(f"position must be one of {order}, got {position!r}")

@@ -4,7 +4,7 @@ The terms φ_j of ``ringplan.memory.stack_terms`` are the bytes of the tensors l
 gradients, optimizer states, saved activations, the ring attention of one layer, logits/loss).
 As in the attention-level model (``ringplan.memory.calibration``), three parts are fitted per GPU
 from measured whole-model runs (``profiles/measured/stack/*.json``), each a non-negative least
-squares fit (``memory_calibration.nonnegative_least_squares``) over a few physical features:
+squares fit (``ringplan.memory.part_fit.fit_part``) over a few physical features:
 
 * **workspace** ``peak allocated − Σφ`` (kernel and GEMM workspaces, FSDP's copy-in/copy-out and
   prefetch buffers beyond the terms): a constant, the gathered unit (one block's weights in the
@@ -43,25 +43,19 @@ every hash matches; otherwise they are fitted from the stack profiles again.
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ringplan.hardware import GpuSpec
-from ringplan.memory.calibration import (CALIBRATION_KINDS, Calibration, PartFit, calibration_from_json,
-                                         calibration_to_json, nonnegative_least_squares)
+from ringplan.memory.fit_cache import FitCache, usable_calibrations
+from ringplan.memory.part_fit import CALIBRATION_KINDS, Calibration, PartFit, PartPoint, fit_part
 from ringplan.memory.attention_model import (PRIOR_RELATIVE_UNCERTAINTY, ChosenParts, MemoryModel, MemoryPrediction,
                                    calibrated_provenance)
 from ringplan.models import layer_parameter_count
-from ringplan.profiles.attention import measured_dir, profiles_dir, write_merged_json
+from ringplan.paths import stack_profiles_dir
 from ringplan.stack import StackWorkload, shard_group_size, tokens_per_rank
 
-STACK_FIT_SCHEMA = "ringplan.stack-fit/1"
-#: Planner sources whose content decides the stack fit (hashed beside the stack profiles).
-STACK_FIT_SOURCES: tuple[str, ...] = ("stack_terms.py", "model_states.py", "stack_model.py", "attention_terms.py")
 WORKSPACE_FEATURES: tuple[str, ...] = ("constant_bytes", "gathered_unit", "hidden")
 SLACK_FEATURES: tuple[str, ...] = ("constant_bytes", "stashed_q", "full_logits", "gathered_unit")
 #: A run whose peak allocated exceeds this fraction of the GPU's usable memory ran under pressure.
@@ -72,9 +66,11 @@ OUTSIDE_FEATURES: tuple[str, ...] = ("context_bytes", "communicator_bytes", "p2p
 # ----------------------------------------------------------------------------- features
 
 
-def gathered_unit_bytes(w: StackWorkload) -> float:
-    """Bytes of one transformer block's parameters in the compute dtype when parameters are
-    gathered (training with ``zero3`` over G > 1 ranks), else 0: layer parameters × e_param.
+def gathered_block_feature_bytes(w: StackWorkload) -> float:
+    """The fits' *feature* for gathered parameters (not the byte term, which is
+    ``model_states.gathered_unit_bytes``: padded rows, every unit): one transformer block's
+    parameters in the compute dtype when they are gathered (training with ``zero3`` over G > 1
+    ranks), else 0 — layer parameters × e_param.
 
     The unit FSDP2 all-gathers before a block runs and frees after (it prefetches the next one);
     the caching allocator keeps such blocks per stream. Ignores the embedding / LM-head unit."""
@@ -114,12 +110,12 @@ def communicator_count(w: StackWorkload) -> int:
 
 
 def workspace_features(w: StackWorkload) -> dict[str, float]:
-    return {"constant_bytes": 1.0, "gathered_unit": gathered_unit_bytes(w), "hidden": hidden_bytes(w)}
+    return {"constant_bytes": 1.0, "gathered_unit": gathered_block_feature_bytes(w), "hidden": hidden_bytes(w)}
 
 
 def slack_features(w: StackWorkload) -> dict[str, float]:
     return {"constant_bytes": 1.0, "stashed_q": stashed_q_bytes(w), "full_logits": full_logits_bytes(w),
-            "gathered_unit": gathered_unit_bytes(w)}
+            "gathered_unit": gathered_block_feature_bytes(w)}
 
 
 def under_pressure(peak_allocated_bytes: float, usable_memory_bytes: float | None) -> bool:
@@ -184,21 +180,11 @@ class StackPoint:
                                                                         self.usable_memory_bytes)
 
 
-def _fit(part: str, gpu: str, family: str, points: list[tuple[StackWorkload, dict[str, float], float, float]],
-         names: tuple[str, ...], *, relative: bool, source: str) -> PartFit:
-    """One part from (workload, features, observed part bytes, figure bytes) points."""
-    design = [[features[name] for name in names] for _, features, _, _ in points]
-    observed = [value for _, _, value, _ in points]
-    figures = [figure for _, _, _, figure in points]
-    weights = [1.0 / figure for figure in figures] if relative else [1.0] * len(points)
-    coefficients = dict(zip(names, nonnegative_least_squares(design, observed, weights)))
-    fitted = [sum(coefficients[n] * features[n] for n in names) for _, features, _, _ in points]
-    n_tokens = [tokens_per_rank(w) for w, _, _, _ in points]
-    return PartFit(part=part, gpu=gpu, family=family, coefficients=coefficients,
-                   residuals_bytes=tuple(o - f for o, f in zip(observed, fitted)), figures_bytes=tuple(figures),
-                   tokens_per_rank_range=(min(n_tokens), max(n_tokens)),
-                   ring_sizes=tuple(sorted({w.layout.ring_size for w, _, _, _ in points})), source=source,
-                   identified=tuple(n for n in names if any(features[n] for _, features, _, _ in points)))
+def stack_part_point(w: StackWorkload, features: dict[str, float], observed_bytes: float,
+                     figure_bytes: float) -> PartPoint:
+    """A whole-model run as a part fit sees it."""
+    return PartPoint(features=features, observed_bytes=observed_bytes, figure_bytes=figure_bytes,
+                     tokens_per_rank=tokens_per_rank(w), ring_size=w.layout.ring_size)
 
 
 def reserve_fit(gpu: str, points: list[StackPoint], *, source: str) -> PartFit | None:
@@ -227,22 +213,24 @@ def fit_stack_calibration(points: list[StackPoint], *, source: str = "") -> Cali
     at_rest = [p for p in points if p.peak_allocated_bytes is not None and p.peak_reserved_bytes is not None
                and not p.pressure]
     if at_rest:
-        slack["at_rest"] = _fit("slack", gpu, "at_rest", [
-            (p.workload, slack_features(p.workload), p.peak_reserved_bytes - p.peak_allocated_bytes,
-             p.peak_reserved_bytes) for p in at_rest], SLACK_FEATURES, relative=False, source=source)
+        slack["at_rest"] = fit_part("slack", gpu, "at_rest", [
+            stack_part_point(p.workload, slack_features(p.workload), p.peak_reserved_bytes - p.peak_allocated_bytes,
+                             p.peak_reserved_bytes) for p in at_rest], SLACK_FEATURES, relative=False, source=source)
     if (reserve := reserve_fit(gpu, points, source=source)) is not None:
         slack["pressure"] = reserve
     for family in ("training", "forward"):
         members = [p for p in points if mode_family(p.workload) == family and p.peak_allocated_bytes is not None]
         if members:
             analytic = {id(p): sum(analytic_terms(p.workload).values()) for p in members}
-            workspace[family] = _fit("workspace", gpu, family, [
-                (p.workload, workspace_features(p.workload), p.peak_allocated_bytes - analytic[id(p)],
-                 p.peak_allocated_bytes) for p in members], WORKSPACE_FEATURES, relative=True, source=source)
+            workspace[family] = fit_part("workspace", gpu, family, [
+                stack_part_point(p.workload, workspace_features(p.workload), p.peak_allocated_bytes - analytic[id(p)],
+                                 p.peak_allocated_bytes) for p in members], WORKSPACE_FEATURES, relative=True,
+                source=source)
     used = [p for p in points if p.device_used_bytes is not None and p.peak_reserved_bytes is not None]
-    outside = _fit("overhead", gpu, "all", [
-        (p.workload, outside_features(p.workload), p.device_used_bytes - p.peak_reserved_bytes, p.device_used_bytes)
-        for p in used], OUTSIDE_FEATURES, relative=False, source=source) if used else None
+    outside = fit_part("overhead", gpu, "all", [
+        stack_part_point(p.workload, outside_features(p.workload), p.device_used_bytes - p.peak_reserved_bytes,
+                         p.device_used_bytes) for p in used], OUTSIDE_FEATURES, relative=False,
+        source=source) if used else None
     return Calibration(gpu=gpu, workspace=workspace, slack=slack, overhead=outside)
 
 
@@ -430,30 +418,6 @@ def _provenance(chosen: ChosenParts, attention: _AttentionTransfer | None, w: St
 # ----------------------------------------------------------------------------- the committed fit
 
 
-def stack_dir() -> Path:
-    """``profiles/measured/stack`` (``stack_profiles.stack_profiles_dir``, without importing the
-    profile reader at plan time; a test checks they agree)."""
-    return measured_dir() / "stack"
-
-
-def stack_fit_path() -> Path:
-    """``profiles/fitted/stack-fit.json`` (under ``$RINGPLAN_PROFILES_DIR`` when that is set)."""
-    return profiles_dir() / "fitted" / "stack-fit.json"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def stack_input_hashes(directory: str | Path | None = None) -> dict[str, dict[str, str]]:
-    """SHA-256 of every stack profile (by file name) and of every fit source (by module file)."""
-    directory = Path(directory) if directory is not None else stack_dir()
-    package = Path(__file__).resolve().parent
-    profiles = {p.name: _sha256(p) for p in sorted(directory.glob("*.json"))} if directory.is_dir() else {}
-    return {"profiles": profiles,
-            "sources": {name: _sha256(package / name) for name in STACK_FIT_SOURCES if (package / name).exists()}}
-
-
 def stack_point(row) -> StackPoint:
     """A ``StackMeasurement`` as the fits see it (the GPU's usable memory from the catalog, so that
     pressure rows are known; None for a GPU the catalog lacks)."""
@@ -482,71 +446,24 @@ def stack_points(directory: str | Path | None = None) -> tuple[list[StackPoint],
     return points, ", ".join(sorted(names))
 
 
-def compute_stack_fit(directory: str | Path | None = None) -> dict:
-    """The fit file's content for the stack profiles in ``directory``: schema, inputs' hashes, the
-    row kinds used and one calibration per GPU (none when there are no runs: the model then works
-    from the terms and the attention-level fits)."""
+def _fit_stack_profiles(directory: Path | None) -> tuple[dict[str, Calibration], str]:
+    """One calibration per GPU with runs in ``directory`` (none when there are no runs: the model
+    then works from the terms and the attention-level fits) and the names of their files."""
     points, source = stack_points(directory)
-    calibrations = fit_stack_calibrations(points, source=source) if points else {}
-    return {"schema": STACK_FIT_SCHEMA, "generated_by": "ringplan fit --write",
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "inputs": stack_input_hashes(directory), "kinds": list(CALIBRATION_KINDS),
-            "calibrations": {gpu: calibration_to_json(c) for gpu, c in sorted(calibrations.items())}}
+    return (fit_stack_calibrations(points, source=source) if points else {}), source
 
 
-def read_stack_fit(path: str | Path | None = None) -> dict | None:
-    """The file's JSON, or None when it is missing, unreadable or of another schema."""
-    path = Path(path) if path is not None else stack_fit_path()
-    try:
-        payload = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return payload if isinstance(payload, dict) and payload.get("schema") == STACK_FIT_SCHEMA else None
-
-
-def write_stack_fit(path: str | Path | None = None, directory: str | Path | None = None) -> dict:
-    """Compute the fit and write it atomically; an unchanged fit leaves the file (and its date) as it is."""
-    path = Path(path) if path is not None else stack_fit_path()
-    payload = compute_stack_fit(directory)
-    existing = read_stack_fit(path)
-    if existing is not None and {**existing, "date": None} == {**payload, "date": None}:
-        return existing
-    write_merged_json(path, lambda: payload)
-    return payload
-
-
-def stack_fit_stale_reason(payload: dict | None, directory: str | Path | None = None) -> str | None:
-    """Why the committed fit cannot be used (missing, an input added/removed/changed), or None."""
-    if payload is None:
-        return f"no stack fit file at {stack_fit_path()} (run `ringplan fit --write`)"
-    current, cached = stack_input_hashes(directory), payload.get("inputs", {})
-    for group in ("profiles", "sources"):
-        now, then = current[group], cached.get(group, {})
-        changed = sorted(name for name in set(now) | set(then) if now.get(name) != then.get(name))
-        if changed:
-            return f"stack {group} changed since the fit was written: {', '.join(changed)} (run `ringplan fit --write`)"
-    if payload.get("kinds") != list(CALIBRATION_KINDS):
-        return f"stack fit used row kinds {payload.get('kinds')}, the planner uses {list(CALIBRATION_KINDS)}"
-    return None
-
-
-def fresh_stack_calibrations(path: str | Path | None = None,
-                             directory: str | Path | None = None) -> dict[str, Calibration] | None:
-    """The committed calibrations when the file matches its inputs, else None (the caller fits)."""
-    payload = read_stack_fit(path)
-    if stack_fit_stale_reason(payload, directory) is not None:
-        return None
-    try:
-        return {gpu: calibration_from_json(raw) for gpu, raw in payload["calibrations"].items()}
-    except (KeyError, TypeError, ValueError):
-        return None
+#: ``profiles/fitted/stack-fit.json``: the calibrations of ``profiles/measured/stack``.
+STACK_FIT = FitCache(schema="ringplan.stack-fit/1", file_name="stack-fit.json",
+                     sources=("stack_terms.py", "model_states.py", "stack_model.py", "attention_terms.py",
+                              "part_fit.py"),
+                     profiles_dir=stack_profiles_dir, fit=_fit_stack_profiles, prefix="stack ")
 
 
 @functools.lru_cache(maxsize=1)
 def default_stack_memory_model() -> StackMemoryModel:
     """The model of ``profiles/measured/stack``: the committed fit when fresh, else fitted now."""
-    calibrations = fresh_stack_calibrations()
+    calibrations = usable_calibrations(STACK_FIT)
     if calibrations is None:
-        points, source = stack_points()
-        calibrations = fit_stack_calibrations(points, source=source) if points else {}
+        calibrations = _fit_stack_profiles(None)[0]
     return StackMemoryModel(calibrations=calibrations)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 
+from ringplan.units import FP32_BYTES
 from ringplan.memory.attention_terms import (
     TermInputs,
     attention_instant,
@@ -47,9 +48,9 @@ from ringplan.memory.attention_terms import (
 )
 from ringplan.stack import StackWorkload, attention_workload
 from ringplan.memory.model_states import (  # noqa: F401  (zero_state_bytes: re-exported, public API)
-    _fsdp_at,
-    _unit_shapes,
-    _unit_shapes_upto,
+    fsdp_state_at,
+    unit_shapes,
+    unit_shapes_upto,
     gathered_unit_bytes,
     gradients_bytes,
     master_params_bytes,
@@ -64,7 +65,6 @@ from ringplan.memory.model_states import (  # noqa: F401  (zero_state_bytes: re-
     zero_state_bytes,
 )
 
-FP32_BYTES = 4
 INDEX_BYTES = 8  # int64 token ids, labels and RoPE positions
 #: Every key ``stack_terms`` returns (GPU bytes), in display order.
 STACK_TERM_NAMES: tuple[str, ...] = (
@@ -245,7 +245,7 @@ def _loss_rows(w: StackWorkload) -> tuple[int, bool]:
 
 def head_grad_bytes(w: StackWorkload) -> float:
     """The LM head's unsharded gradient, V·E·e (the table's when tied)."""
-    return unit_grad_bytes(w, _unit_shapes(w)["embed" if w.model.tied_embeddings else "head"][:1])
+    return unit_grad_bytes(w, unit_shapes(w)["embed" if w.model.tied_embeddings else "head"][:1])
 
 
 def log_probabilities_bytes(w: StackWorkload, rows: int) -> float:
@@ -267,7 +267,7 @@ def loss_backward_instant(w: StackWorkload) -> dict[str, float]:
     the final norm's and the final hidden state T·E·e. Chunked with several chunks: the head's
     gradient V·E·e and the hidden state's gradient T·E·e accumulate over chunks."""
     rows, several = _loss_rows(w)
-    terms = {**_model_states(w), **_fsdp_at(w, "loss"), "rope_tables_bytes": rope_tables_bytes(w),
+    terms = {**_model_states(w), **fsdp_state_at(w, "loss"), "rope_tables_bytes": rope_tables_bytes(w),
              "saved_activations_bytes": _saved(w, stack_shape(w).L, final_norm=True),
              "hidden_bytes": hidden_state_bytes(w) * (2 if several else 1),
              "logits_bytes": log_probabilities_bytes(w, rows), "loss_bytes": loss_gradients_bytes(w, rows)}
@@ -281,7 +281,7 @@ def loss_head_grad_instant(w: StackWorkload) -> dict[str, float]:
     if not several:
         return {}
     s = stack_shape(w)
-    terms = {**_model_states(w), **_fsdp_at(w, "loss"), "rope_tables_bytes": rope_tables_bytes(w),
+    terms = {**_model_states(w), **fsdp_state_at(w, "loss"), "rope_tables_bytes": rope_tables_bytes(w),
              "saved_activations_bytes": _saved(w, s.L, final_norm=True),
              "hidden_bytes": hidden_state_bytes(w) * (2 + rows / s.T)}
     return _plus(terms, unit_grads_bytes=3 * head_grad_bytes(w))
@@ -290,7 +290,7 @@ def loss_head_grad_instant(w: StackWorkload) -> dict[str, float]:
 def final_norm_backward_instant(w: StackWorkload) -> dict[str, float]:
     """Backward of the final norm: every block's activations and the final norm's, the gradient of
     the hidden state T·E·e and the norm's backward temporaries."""
-    return {**_model_states(w), **_fsdp_at(w, "final_norm"), "rope_tables_bytes": rope_tables_bytes(w),
+    return {**_model_states(w), **fsdp_state_at(w, "final_norm"), "rope_tables_bytes": rope_tables_bytes(w),
             "saved_activations_bytes": _saved(w, stack_shape(w).L, final_norm=True),
             "hidden_bytes": hidden_state_bytes(w), "norm_bytes": norm_backward_bytes(w)}
 
@@ -314,7 +314,7 @@ def block_backward_terms(w: StackWorkload, index: int, stage: str) -> dict[str, 
     ``attention``: ring attention's (``memory_terms``); ``norm1``: the input norm's): the blocks
     before it saved, its input and own tensors, the gradient flowing back T·E·e (and the norm's
     incoming gradient T·E·e), its unsharded gradients so far."""
-    terms = {**_model_states(w), **_fsdp_at(w, "block", index), "rope_tables_bytes": rope_tables_bytes(w),
+    terms = {**_model_states(w), **fsdp_state_at(w, "block", index), "rope_tables_bytes": rope_tables_bytes(w),
              "saved_activations_bytes": _saved(w, index, final_norm=False),
              "layer_activations_bytes": hidden_state_bytes(w) + _backward_block_tensors(w, stage),
              "hidden_bytes": hidden_state_bytes(w)}
@@ -325,7 +325,7 @@ def block_backward_terms(w: StackWorkload, index: int, stage: str) -> dict[str, 
     else:
         terms["norm_bytes"] = norm_backward_bytes(w)
         terms["projection_bytes"] = hidden_state_bytes(w)
-    return _plus(terms, unit_grads_bytes=unit_grad_bytes(w, _unit_shapes_upto(w, stage)))
+    return _plus(terms, unit_grads_bytes=unit_grad_bytes(w, unit_shapes_upto(w, stage)))
 
 
 def block_backward_instants(w: StackWorkload) -> dict[str, dict[str, float]]:
@@ -341,8 +341,8 @@ def embedding_backward_instant(w: StackWorkload) -> dict[str, float]:
     """The embedding's backward (the last): every other gradient reduced, block 0's reduce-scatter
     input kept, the table gathered, its dense gradient V·E·e and the embedding output's gradient
     T·E·e."""
-    table = unit_grad_bytes(w, _unit_shapes(w)["embed"])
-    return _plus({**_model_states(w), **_fsdp_at(w, "embed"), "hidden_bytes": hidden_state_bytes(w)},
+    table = unit_grad_bytes(w, unit_shapes(w)["embed"])
+    return _plus({**_model_states(w), **fsdp_state_at(w, "embed"), "hidden_bytes": hidden_state_bytes(w)},
                  unit_grads_bytes=table)
 
 
@@ -355,21 +355,21 @@ def reduce_scatter_instants(w: StackWorkload, unit: str, index: int = 0) -> dict
     gradient flowing back (T·E·e). A tied table is reduced once, after the embedding's backward."""
     if not runs_fsdp(w) or (unit == "head" and w.model.tied_embeddings):
         return {}
-    s, units = stack_shape(w), _unit_shapes(w)
+    s, units = stack_shape(w), unit_shapes(w)
     if unit == "head":
-        state = {**_fsdp_at(w, "final_norm"), "saved_activations_bytes": _saved(w, s.L, final_norm=True),
+        state = {**fsdp_state_at(w, "final_norm"), "saved_activations_bytes": _saved(w, s.L, final_norm=True),
                  "rope_tables_bytes": rope_tables_bytes(w), "hidden_bytes": hidden_state_bytes(w)}
         state["gathered_params_bytes"] = gathered_unit_bytes(w, "root") if s.G > 1 else 0.0
         state["gradients_bytes"] = 0.0
     elif unit == "block":
         # the next unit's backward hook has already waited for its prefetched all-gather (copied out)
-        state = {**_fsdp_at(w, "block", index), "saved_activations_bytes": _saved(w, index, final_norm=False),
+        state = {**fsdp_state_at(w, "block", index), "saved_activations_bytes": _saved(w, index, final_norm=False),
                  "rope_tables_bytes": rope_tables_bytes(w) if index > 0 else 0.0, "hidden_bytes": hidden_state_bytes(w)}
         nxt = "block" if index > 0 else "embed"
         already = w.model.tied_embeddings and nxt == "embed"
         state["gathered_params_bytes"] += (0.0 if already else gathered_unit_bytes(w, nxt)) - gathered_unit_bytes(w, "block")
     else:
-        state = {**_fsdp_at(w, "embed")}
+        state = {**fsdp_state_at(w, "embed")}
         state["gathered_params_bytes"] -= gathered_unit_bytes(w, "embed")
     # released: the previous reduce-scatter's input; still waiting: the final norm's and a tied table's gradients
     waiting = unit_grad_bytes(w, units["root"]) if unit != "head" else 0.0

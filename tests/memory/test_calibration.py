@@ -12,10 +12,11 @@ from ringplan.capacity.attention import CapacityQuery, max_tokens
 from ringplan.hardware import load_catalog
 from ringplan.memory.calibration import (fit_calibrations, overhead_features, ring_state_bytes, slack_features,
                                          workspace_features)
-from ringplan.memory.fit_cache import compute_fit, fresh_calibrations, read_fit_cache, stale_reason, write_fit_cache
-from ringplan.memory.attention_model import PRIOR_RELATIVE_UNCERTAINTY, MemoryModel, measured_rows, row_inputs
+from ringplan.memory.fit_cache import compute_fit, fresh_calibrations, read_fit, stale_reason, write_fit
+from ringplan.memory.attention_model import MEMORY_FIT, PRIOR_RELATIVE_UNCERTAINTY, MemoryModel, measured_rows, row_inputs
 from ringplan.memory.attention_terms import TERM_NAMES, memory_terms, terms_at
-from ringplan.profiles.attention import Measurement, load_profile, measured_dir, profiles_dir
+from ringplan.paths import measured_dir, profiles_dir
+from ringplan.profiles.attention import Measurement, load_profile
 from ringplan.workload import AttentionPattern, AttentionShape, RingLayout, Workload
 
 CATALOG = load_catalog()
@@ -212,9 +213,9 @@ def test_committed_fit_is_fresh():
     """profiles/fitted/memory-fit.json matches its inputs (every measured profile and the fit's
     sources) and equals a fit computed now: run `ringplan fit --write` after adding a profile or
     changing a term formula."""
-    committed = read_fit_cache()
-    assert stale_reason(committed) is None, stale_reason(committed)
-    now = compute_fit()
+    committed = read_fit(MEMORY_FIT)
+    assert stale_reason(MEMORY_FIT, committed) is None, stale_reason(MEMORY_FIT, committed)
+    now = compute_fit(MEMORY_FIT)
     assert now["inputs"] == committed["inputs"]
     assert_close(now["calibrations"], committed["calibrations"])
 
@@ -240,18 +241,18 @@ def test_stale_fit_is_refused(tmp_path):
     measured = tmp_path / "measured"
     shutil.copytree(measured_dir(), measured, ignore=shutil.ignore_patterns("timing"))
     path = tmp_path / "fit.json"
-    write_fit_cache(path, measured)
-    cached = fresh_calibrations(path, measured)
+    write_fit(MEMORY_FIT, path, measured)
+    cached = fresh_calibrations(MEMORY_FIT, path, measured)
     assert cached is not None and set(cached) >= {"h200"}
     profile = min(measured.glob("*.json"))
     profile.write_text(profile.read_text() + "\n")
-    assert fresh_calibrations(path, measured) is None
-    assert profile.name in stale_reason(json.loads(path.read_text()), measured)
+    assert fresh_calibrations(MEMORY_FIT, path, measured) is None
+    assert profile.name in stale_reason(MEMORY_FIT, json.loads(path.read_text()), measured)
 
 
 def test_cached_and_fitted_models_agree():
     """The model read from the committed fit predicts exactly what fitting the profiles predicts."""
-    cached = MemoryModel(calibrations=fresh_calibrations())
+    cached = MemoryModel(calibrations=fresh_calibrations(MEMORY_FIT))
     fitted = MemoryModel(rows=measured_rows())
     h200, a100 = CATALOG.gpu("h200"), CATALOG.gpu("a100-40gb")
     shapes = [Workload(seq_len_tokens=2**20, shape=AttentionShape(n_heads=32, n_kv_heads=8, head_dim=128), training=t)
@@ -305,7 +306,7 @@ def test_fit_write_cli(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["fit", "--write"])
     assert result.exit_code == 0, result.output
     written = tmp_path / "fitted" / "memory-fit.json"
-    assert "wrote" in result.output and stale_reason(json.loads(written.read_text()), tmp_path / "measured") is None
+    assert "wrote" in result.output and stale_reason(MEMORY_FIT, json.loads(written.read_text()), tmp_path / "measured") is None
     bad = CliRunner().invoke(main, ["fit", "--write", str(next((tmp_path / "measured").glob("*.json")))])
     assert bad.exit_code == 2 and bad.output.startswith("Error: --write fits every profile")
 

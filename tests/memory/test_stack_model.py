@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from ringplan.hardware import load_catalog
 from ringplan.memory.attention_model import PRIOR_RELATIVE_UNCERTAINTY, MemoryModel
 from ringplan.models import ModelSpec, load_model_catalog
-from ringplan.profiles.attention import Provenance
+from ringplan.profiles.envelope import Provenance
 from ringplan.stack import StackSettings, StackWorkload
-from ringplan.memory.stack_model import (StackMemoryModel, StackPoint, communicator_count, compute_stack_fit,
-                                  fit_stack_calibrations, fresh_stack_calibrations, gathered_unit_bytes,
-                                  read_stack_fit, stack_fit_stale_reason, write_stack_fit)
+from ringplan.memory.fit_cache import compute_fit, fresh_calibrations, read_fit, stale_reason, write_fit
+from ringplan.memory.stack_model import (STACK_FIT, StackMemoryModel, StackPoint, communicator_count,
+                                         fit_stack_calibrations, gathered_block_feature_bytes)
 from ringplan.profiles.stack import StackProfile, measurement_from_workload, write_stack_profile
 from ringplan.memory.stack_terms import stack_terms
 from ringplan.workload import RingLayout
@@ -173,10 +173,10 @@ def test_without_stack_runs_the_attention_fit_is_lent():
 def test_gathered_unit_and_communicators():
     """Parameters are gathered only in training with zero3 over more than one rank; a rank holds
     one communicator for the world and one more for a ring smaller than it."""
-    assert gathered_unit_bytes(workload(8192, 2, 2, sharding="zero3")) > 0
-    assert gathered_unit_bytes(workload(8192, 1, 1, sharding="zero3")) == 0
-    assert gathered_unit_bytes(workload(8192, 2, 2, sharding="zero2")) == 0
-    assert gathered_unit_bytes(workload(8192, 2, 2, training=False)) == 0
+    assert gathered_block_feature_bytes(workload(8192, 2, 2, sharding="zero3")) > 0
+    assert gathered_block_feature_bytes(workload(8192, 1, 1, sharding="zero3")) == 0
+    assert gathered_block_feature_bytes(workload(8192, 2, 2, sharding="zero2")) == 0
+    assert gathered_block_feature_bytes(workload(8192, 2, 2, training=False)) == 0
     assert [communicator_count(workload(8192, w, p)) for w, p in ((1, 1), (2, 2), (2, 1), (4, 2))] == [0, 1, 1, 2]
 
 
@@ -197,32 +197,31 @@ def test_stack_fit_round_trip_and_staleness(tmp_path):
     stack_dir = tmp_path / "stack"
     write_synthetic_profile(stack_dir, synthetic_points())
     path = tmp_path / "stack-fit.json"
-    write_stack_fit(path, stack_dir)
-    cached = fresh_stack_calibrations(path, stack_dir)
+    write_fit(STACK_FIT, path, stack_dir)
+    cached = fresh_calibrations(STACK_FIT, path, stack_dir)
     fitted = fit_stack_calibrations(synthetic_points())
     assert cached["h100-80gb-sxm"].overhead.coefficients == pytest.approx(fitted["h100-80gb-sxm"].overhead.coefficients,
                                                                           rel=CACHE_REL_TOL)
     profile = stack_dir / "synthetic.json"
     profile.write_text(profile.read_text() + "\n")
-    assert fresh_stack_calibrations(path, stack_dir) is None
-    assert "synthetic.json" in stack_fit_stale_reason(json.loads(path.read_text()), stack_dir)
+    assert fresh_calibrations(STACK_FIT, path, stack_dir) is None
+    assert "synthetic.json" in stale_reason(STACK_FIT, json.loads(path.read_text()), stack_dir)
 
 
-def test_stack_dir_is_the_profile_readers():
+def test_stack_fit_hashes_the_profile_readers_dir():
     """The fit hashes the directory the stack profile reader reads."""
-    from ringplan.memory.stack_model import stack_dir
-    from ringplan.profiles.stack import stack_profiles_dir
+    from ringplan.paths import stack_profiles_dir
 
-    assert stack_dir() == stack_profiles_dir()
+    assert STACK_FIT.profiles_dir() == stack_profiles_dir()
 
 
 def test_committed_stack_fit_is_fresh():
     """profiles/fitted/stack-fit.json matches its inputs (every stack profile, the term and fit
     sources) and equals a fit computed now: run `ringplan fit --write` after adding a stack
     profile or changing a term formula."""
-    committed = read_stack_fit()
-    assert stack_fit_stale_reason(committed) is None, stack_fit_stale_reason(committed)
-    now = compute_stack_fit()
+    committed = read_fit(STACK_FIT)
+    assert stale_reason(STACK_FIT, committed) is None, stale_reason(STACK_FIT, committed)
+    now = compute_fit(STACK_FIT)
     assert now["inputs"] == committed["inputs"]
     assert json.dumps(now["calibrations"], sort_keys=True) == json.dumps(committed["calibrations"], sort_keys=True) \
         or now["calibrations"] == pytest.approx(committed["calibrations"], rel=CACHE_REL_TOL)
