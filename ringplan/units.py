@@ -13,8 +13,8 @@ from fractions import Fraction
 _DECIMAL = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 _BINARY = {"KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
 _NUMBER = r"(?P<num>[+-]?(?:\d{1,3}(?:,\d{3})+(?:\.\d*)?|\d+(?:\.\d*)?|\.\d+))"
-_TOKENS_RE = re.compile(rf"^\s*{_NUMBER}\s*(?P<suffix>[KMGT]I?)?\s*$", re.IGNORECASE)
-_BYTES_RE = re.compile(rf"^\s*{_NUMBER}\s*(?P<suffix>[KMGT]I?)?B?\s*$", re.IGNORECASE)
+_TOKENS_RE = re.compile(rf"^\s*{_NUMBER}\s*(?P<suffix>[KMGT]I?)?\s*$", re.IGNORECASE | re.ASCII)
+_BYTES_RE = re.compile(rf"^\s*{_NUMBER}\s*(?P<suffix>[KMGT]I?)?B?\s*$", re.IGNORECASE | re.ASCII)
 
 MB = 10**6
 MIB = 2**20

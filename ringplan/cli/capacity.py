@@ -8,9 +8,10 @@ from typing import Any
 
 import click
 
-from ringplan.cli.common import TOKENS, OneLineErrorCommand, bad_input_exits_2, format_option, render_rows
+from ringplan.cli.common import (MAX_BATCH, MAX_HEAD_DIM, MAX_HEADS, MAX_WIDTH, MAX_WORLD_SIZE, TOKEN_LIST, TOKENS,
+                                 BoundedInt, FiniteFloat, InputFile, OneLineErrorCommand, OutputFile,
+                                 bad_input_exits_2, format_option, render_rows)
 from ringplan.cli.model_options import model_requested, model_selection_options, stack_settings_options
-from ringplan.units import parse_tokens
 from ringplan.workload import BACKENDS, DTYPE_BYTES, LAYOUTS
 
 GIB = 2**30
@@ -19,31 +20,14 @@ GIB = 2**30
 # ----------------------------------------------------------------------------- workload options
 # Shared by any command that takes a workload (import ``workload_options`` / ``build_workload``).
 
-
-class TokenListType(click.ParamType):
-    """Comma-separated positive token counts: ``4096,8192,16384`` or ``4Ki,8Ki``."""
-
-    name = "list"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
-        if isinstance(value, tuple):
-            return value
-        try:
-            return tuple(parse_tokens(part) for part in str(value).split(",") if part.strip())
-        except ValueError as exc:
-            self.fail(f"{exc} in {value!r}", param, ctx)
-
-
-TOKEN_LIST = TokenListType()
-
 _WORKLOAD_OPTIONS = (
-    click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size B."),
-    click.option("--heads", "n_heads", type=click.IntRange(min=1), default=32, show_default=True,
+    click.option("--batch", type=BoundedInt(min=1, max=MAX_BATCH), default=1, show_default=True, help="Batch size B."),
+    click.option("--heads", "n_heads", type=BoundedInt(min=1, max=MAX_HEADS), default=32, show_default=True,
                  help="Query heads H."),
-    click.option("--kv-heads", "n_kv_heads", type=click.IntRange(min=1), default=None,
+    click.option("--kv-heads", "n_kv_heads", type=BoundedInt(min=1, max=MAX_HEADS), default=None,
                  help="KV heads H_kv (GQA/MQA); default: --heads."),
-    click.option("--head-dim", type=click.IntRange(min=1), default=128, show_default=True, help="Head dim D."),
-    click.option("--embed-dim", type=click.IntRange(min=1), default=None,
+    click.option("--head-dim", type=BoundedInt(min=1, max=MAX_HEAD_DIM), default=128, show_default=True, help="Head dim D."),
+    click.option("--embed-dim", type=BoundedInt(min=1, max=MAX_WIDTH), default=None,
                  help="Model width E seen by the projections; default H x D."),
     click.option("--dtype", type=click.Choice(sorted(DTYPE_BYTES)), default="bf16", show_default=True,
                  help="Activation and weight dtype (accumulators are fp32 regardless)."),
@@ -114,18 +98,18 @@ def step_time_hook():
 @click.option("--gpu", "gpu_name", required=True, help="GPU type from the catalog (`ringplan gpus`), e.g. a100-40gb, h100.")
 @click.option("--tokens", type=TOKENS, default=None,
               help="Global sequence length S: 1M = 1,000,000, 1Mi = 1,048,576, 200K, 128Ki. Alone: find the fewest GPUs.")
-@click.option("--world-size", "--gpus", "world_size", type=click.IntRange(min=1), default=None,
+@click.option("--world-size", "--gpus", "world_size", type=BoundedInt(min=1, max=MAX_WORLD_SIZE), default=None,
               help="GPUs in the ring. Alone: find the most tokens they hold; with --tokens: check that one plan.")
-@click.option("--ring-size", type=click.IntRange(min=1), default=None,
+@click.option("--ring-size", type=BoundedInt(min=1, max=MAX_WORLD_SIZE), default=None,
               help="With --model: context-parallel ring size P, the rest data-parallel (W = P x DP); "
                    "default: every GPU in one ring.")
-@click.option("--max-world-size", type=click.IntRange(min=1), default=1024, show_default=True,
+@click.option("--max-world-size", type=BoundedInt(min=1, max=MAX_WORLD_SIZE), default=1024, show_default=True,
               help="Largest ring the --tokens search considers (every size 1..max where S splits).")
-@click.option("--safety-margin", type=click.FloatRange(min=0.0, max=1.0, max_open=True), default=0.05, show_default=True,
+@click.option("--safety-margin", type=FiniteFloat(min=0.0, max=1.0, max_open=True), default=0.05, show_default=True,
               help="Fraction of usable memory kept free: feasible when predicted <= usable x (1 - margin).")
 @click.option("--model-form", type=click.Choice(["analytic", "seed"]), default="analytic", show_default=True,
               help="analytic: named byte terms x fitted coefficients; seed: the seed report's MB-per-token + overhead.")
-@click.option("--profile", "profile_paths", multiple=True, type=click.Path(dir_okay=False),
+@click.option("--profile", "profile_paths", multiple=True, type=InputFile(),
               help="Fit on these profile files instead of every file in profiles/measured (repeatable).")
 @click.option("--step-time/--no-step-time", default=False, show_default=True,
               help="Add each shown row's predicted step time and exposed communication (ringplan.time.attention_time; "
@@ -134,7 +118,7 @@ def step_time_hook():
 @model_selection_options
 @stack_settings_options
 @format_option
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
+@click.option("--plot", "plot_path", type=OutputFile(), default=None,
               help="Also draw per-GPU memory against tokens per world size into FILE (needs the plot extra).")
 @click.pass_context
 @bad_input_exits_2

@@ -6,12 +6,46 @@ import csv
 import functools
 import io
 import json
+import math
+import os
+import re
+import stat
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
 
 from ringplan.units import parse_bytes, parse_tokens
+
+#: Largest token count an option takes: 2**50 (about 1.1·10¹⁵) tokens, the capacity search's ceiling
+#: (ringplan.capacity.search); no GPU fleet holds more, and larger integers overflow float arithmetic.
+MAX_TOKENS = 2**50
+#: Largest byte count an option takes (sizes, bandwidths in bytes/s): 2**60, about 1.15·10¹⁸.
+MAX_BYTES = 2**60
+#: Ranges of the integer options: far beyond any real model or cluster (Llama-3-405B: 126 layers,
+#: E 16,384, 128 heads of 128, F 53,248, V 128,256; the largest vocabularies ~256K), small enough that
+#: every product of them stays exact in float arithmetic.
+MAX_BATCH = 2**20
+MAX_HEADS = 2**16
+MAX_HEAD_DIM = 2**16
+MAX_WIDTH = 2**24
+MAX_LAYERS = 100_000
+MAX_VOCAB = 2**28
+#: Largest world, ring or shard group: the capacity search's own bound (ringplan.capacity.search).
+MAX_WORLD_SIZE = 1_000_000
+#: Largest ring ``simulate`` plays: it keeps P x P step arrays (P = 4,096: 16.8 M entries each).
+MAX_SIMULATED_RING_SIZE = 4096
+#: Longest text of a number an option reads: more digits are out of every range (and Python refuses
+#: to convert integers of more than 4,300 digits).
+MAX_NUMBER_CHARS = 40
+_ASCII_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
+_ASCII_FLOAT = re.compile(r"\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*", re.ASCII)
+
+
+def shown(value: Any, limit: int = MAX_NUMBER_CHARS) -> str:
+    """``repr`` of a user value, cut to ``limit`` characters (a 10,000-digit number stays one short line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class TokenCountType(click.ParamType):
@@ -22,10 +56,15 @@ class TokenCountType(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
+        if len(str(value)) > MAX_NUMBER_CHARS:
+            self.fail(f"{shown(value)} is too long to be a token count (at most {MAX_TOKENS:,})", param, ctx)
         try:
-            return parse_tokens(value)
+            tokens = parse_tokens(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+        if tokens > MAX_TOKENS:
+            self.fail(f"{shown(value)} is more than {MAX_TOKENS:,} tokens", param, ctx)
+        return tokens
 
 
 class ByteSizeType(click.ParamType):
@@ -36,14 +75,124 @@ class ByteSizeType(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
+        if len(str(value)) > MAX_NUMBER_CHARS:
+            self.fail(f"{shown(value)} is too long to be a byte count (at most {MAX_BYTES:,})", param, ctx)
         try:
-            return parse_bytes(value)
+            n_bytes = parse_bytes(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+        if n_bytes > MAX_BYTES:
+            self.fail(f"{shown(value)} is more than {MAX_BYTES:,} bytes", param, ctx)
+        return n_bytes
+
+
+class BoundedInt(click.IntRange):
+    """An integer option with a meaningful range: ASCII digits only (Python's ``int`` also reads
+    ``１２３`` and ``٣``), at most ``MAX_NUMBER_CHARS`` characters, then click's range check, which
+    names the option and the bounds."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, str):
+            if len(value) > MAX_NUMBER_CHARS:
+                bounds = f"{'' if self.min is None else self.min}..{'' if self.max is None else f'{self.max:,}'}"
+                self.fail(f"{shown(value)} is out of the range {bounds}", param, ctx)
+            if not _ASCII_INTEGER.fullmatch(value):
+                self.fail(f"{shown(value)} is not a whole number (ASCII digits)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that must be finite (click's ``FloatRange`` lets ``nan`` through every bound
+    and ``inf`` through an open one), written in ASCII, optionally within bounds."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, str):
+            if len(value) > MAX_NUMBER_CHARS or not _ASCII_FLOAT.fullmatch(value):
+                self.fail(f"{shown(value)} is not a finite decimal number", param, ctx)
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{shown(value)} is not a finite number", param, ctx)
+        return number
+
+
+class InputFile(click.Path):
+    """A file the command reads. Missing: left to the reader (which names it). Present: must be a
+    regular file (``/dev/zero``, a FIFO or a directory would hang or fail mid-read)."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        path = super().convert(value, param, ctx)
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            return path
+        except (OSError, ValueError) as exc:
+            self.fail(f"{shown(str(value), 200)}: {getattr(exc, 'strerror', None) or exc}", param, ctx)
+        if not stat.S_ISREG(mode):
+            self.fail(f"{shown(str(value), 200)} is not a regular file", param, ctx)
+        return path
+
+
+class OutputFile(click.Path):
+    """A file the command writes (and may merge into): if present, a regular file; its folder must exist."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        path = super().convert(value, param, ctx)
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            self.fail(f"the folder of {shown(str(value), 200)} does not exist", param, ctx)
+        if os.path.exists(path) and not os.path.isfile(path):
+            self.fail(f"{shown(str(value), 200)} is not a regular file", param, ctx)
+        return path
+
+
+class TokenListType(click.ParamType):
+    """Comma-separated positive token counts: ``4096,8192,16384`` or ``4Ki,8Ki``; an empty part
+    (``4096,,8192``, ``,``) is an error, an empty value the empty list."""
+
+    name = "list"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        text = str(value)
+        if not text.strip():
+            return ()
+        parts = text.split(",")
+        if any(not part.strip() for part in parts):
+            self.fail(f"empty entry in {shown(text, 80)} (give comma-separated token counts, e.g. 4096,8192)",
+                      param, ctx)
+        return tuple(TOKENS.convert(part, param, ctx) for part in parts)
+
+
+class IntListType(click.ParamType):
+    """Comma-separated integers of at least ``min_value`` (ASCII digits, no empty entry): ``1,2,4``."""
+
+    name = "ints"
+
+    def __init__(self, min_value: int = 1, max_value: int = MAX_TOKENS) -> None:
+        self.min_value, self.max_value = min_value, max_value
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        parts = [part.strip() for part in str(value).split(",")]
+        if not all(_ASCII_INTEGER.fullmatch(part) and len(part) <= MAX_NUMBER_CHARS for part in parts):
+            self.fail(f"cannot read {shown(value, 80)} as comma-separated integers (e.g. 1,2,4)", param, ctx)
+        values = tuple(int(part) for part in parts)
+        if min(values) < self.min_value or max(values) > self.max_value:
+            self.fail(f"need integers from {self.min_value} to {self.max_value:,}, got {shown(value, 80)}", param, ctx)
+        return values
 
 
 TOKENS = TokenCountType()
 BYTES = ByteSizeType()
+TOKEN_LIST = TokenListType()
 
 format_option = click.option(
     "--format", "output_format", type=click.Choice(["table", "json", "csv"]), default="table",
@@ -72,16 +221,52 @@ class OneLineErrorCommand(click.Command):
             raise
 
 
+#: What bad user input raises inside a command: a core ``ValueError`` (``UnicodeDecodeError`` and
+#: ``json.JSONDecodeError`` are ones), a catalog ``KeyError``, ``OverflowError`` from a number too large
+#: for float arithmetic, ``OSError`` on a user path, ``RecursionError`` from a deeply nested user file.
+USER_INPUT_ERRORS = (ValueError, KeyError, OverflowError, OSError, RecursionError)
+#: Longest error message printed; longer ones (a user value echoed whole) are cut.
+MAX_MESSAGE_CHARS = 500
+
+
+def error_line(exc: BaseException, paths: Sequence[str] = ()) -> str:
+    """The one line an input error prints: the core's message (its first argument, as raised), an
+    ``OSError``'s file and reason, or what a ``RecursionError`` means; newlines folded, cut to
+    ``MAX_MESSAGE_CHARS``. ``paths``: the user files given, named when the error itself names none."""
+    if isinstance(exc, OSError) and exc.strerror:
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    elif isinstance(exc, RecursionError):
+        message = f"{', '.join(paths) or 'input'}: nested too deeply to read"
+    elif isinstance(exc, OverflowError):
+        message = f"a number is too large to compute with ({exc})"
+    else:
+        message = str(exc.args[0] if exc.args else exc)
+    if "\n" in message or "\r" in message:
+        message = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "…"
+
+
+def _given_paths() -> list[str]:
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return []
+    paths = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param.type, click.Path) and value:
+            paths += [str(v) for v in (value if isinstance(value, tuple) else (value,))]
+    return paths
+
+
 def bad_input_exits_2(func: Callable) -> Callable:
-    """Turn a core ``ValueError`` (or missing/corrupt file) into a one-line click error, exit code 2."""
+    """Turn any user-input failure (``USER_INPUT_ERRORS``) into one ``Error:`` line, exit code 2."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (ValueError, FileNotFoundError, KeyError) as exc:
-            message = exc.args[0] if exc.args else str(exc)
-            raise click.UsageError(str(message)) from None
+        except USER_INPUT_ERRORS as exc:
+            raise click.UsageError(error_line(exc, _given_paths())) from None
 
     return wrapper
 

@@ -26,7 +26,8 @@ from typing import Any
 
 import click
 
-from ringplan.cli.common import TOKENS
+from ringplan.cli.common import (MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, MAX_WORLD_SIZE, TOKENS,
+                                 BoundedInt, InputFile)
 from ringplan.models import FFN_TYPES, NORMS, ModelSpec
 from ringplan.stack import CHECKPOINTING, LOSS_MODES, SHARDINGS, StackSettings
 from ringplan.workload import DTYPE_BYTES
@@ -34,23 +35,23 @@ from ringplan.workload import DTYPE_BYTES
 _SELECTION_OPTIONS = (
     click.option("--model", "model_name", default=None, metavar="NAME",
                  help="Model from the catalog (`ringplan models`), e.g. llama-3-8b, qwen3-0.6b; any case, aliases."),
-    click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+    click.option("--config", "config_path", type=InputFile(), default=None, metavar="PATH",
                  help="A local Hugging Face config.json (llama, mistral, qwen2, qwen3, gpt2) instead of --model."),
-    click.option("--layers", "n_layers", type=click.IntRange(min=1), default=None,
+    click.option("--layers", "n_layers", type=BoundedInt(min=1, max=MAX_LAYERS), default=None,
                  help="Number of transformer blocks L (overrides the model's; scaled-down stacks)."),
-    click.option("--ffn", "ffn_dim", type=click.IntRange(min=1), default=None,
+    click.option("--ffn", "ffn_dim", type=BoundedInt(min=1, max=MAX_WIDTH), default=None,
                  help="FFN (intermediate) width F (overrides the model's)."),
-    click.option("--vocab", "vocab_size", type=click.IntRange(min=1), default=None,
+    click.option("--vocab", "vocab_size", type=BoundedInt(min=1, max=MAX_VOCAB), default=None,
                  help="Vocabulary size V (overrides the model's)."),
 )
 
 _SHAPE_OPTIONS = (
-    click.option("--hidden", "embed_dim", type=click.IntRange(min=1), default=None,
+    click.option("--hidden", "embed_dim", type=BoundedInt(min=1, max=MAX_WIDTH), default=None,
                  help="Model width E (hidden size); custom shapes default to heads x head dim."),
-    click.option("--heads", "n_heads", type=click.IntRange(min=1), default=None, help="Query heads H."),
-    click.option("--kv-heads", "n_kv_heads", type=click.IntRange(min=1), default=None,
+    click.option("--heads", "n_heads", type=BoundedInt(min=1, max=MAX_HEADS), default=None, help="Query heads H."),
+    click.option("--kv-heads", "n_kv_heads", type=BoundedInt(min=1, max=MAX_HEADS), default=None,
                  help="KV heads H_kv (GQA/MQA); custom shapes default to --heads."),
-    click.option("--head-dim", "head_dim", type=click.IntRange(min=1), default=None,
+    click.option("--head-dim", "head_dim", type=BoundedInt(min=1, max=MAX_HEAD_DIM), default=None,
                  help="Head dim D; custom shapes default to hidden / heads."),
     click.option("--ffn-type", type=click.Choice(FFN_TYPES), default=None,
                  help="MLP form: swiglu (gate, up, down) or gelu (up, down); custom shapes default to swiglu."),
@@ -66,7 +67,7 @@ _SETTINGS_OPTIONS = (
     click.option("--sharding", type=click.Choice(SHARDINGS), default="zero3", show_default=True,
                  help="Data-parallel sharding: none, zero1 (optimizer states), zero2 (+ gradients), "
                       "zero3 (+ parameters; FSDP)."),
-    click.option("--shard-group", "shard_group_size", type=click.IntRange(min=1), default=None,
+    click.option("--shard-group", "shard_group_size", type=BoundedInt(min=1, max=MAX_WORLD_SIZE), default=None,
                  help="GPUs G that share one copy of the sharded state; default: the whole world."),
     click.option("--checkpointing", type=click.Choice(CHECKPOINTING), default="none", show_default=True,
                  help="Activation checkpointing: none, selective (recompute MLP and norms), full (each block)."),

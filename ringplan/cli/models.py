@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ringplan.cli.common import OneLineErrorCommand, bad_input_exits_2, format_option, render_rows
+from ringplan.cli.common import InputFile, OneLineErrorCommand, bad_input_exits_2, format_option, render_rows
 
 _SHAPE_FIELDS = ("n_layers", "embed_dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "ffn_type", "vocab_size",
                  "norm", "position", "max_positions", "tied_embeddings", "qkv_bias", "out_bias", "mlp_bias", "qk_norm")
@@ -43,7 +43,7 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
 
 @click.command("models", cls=OneLineErrorCommand)
 @click.argument("names", nargs=-1)
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+@click.option("--config", "config_path", type=InputFile(), default=None, metavar="PATH",
               help="Show the model a local Hugging Face config.json describes instead of the catalog.")
 @click.option("--sources", "show_sources", is_flag=True,
               help="Table format: also print aliases and every field's source (always on with NAMES).")

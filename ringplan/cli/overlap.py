@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from ringplan.cli.common import bad_input_exits_2, format_option, render_rows
+from ringplan.cli.common import OneLineErrorCommand, bad_input_exits_2, format_option, render_rows
 from ringplan.cli.simulate import build_shape, link_options, link_override, shape_options
 
 
@@ -21,7 +21,7 @@ def _row(gpu_name: str, threshold) -> dict[str, str]:
     }
 
 
-@click.command("overlap")
+@click.command("overlap", cls=OneLineErrorCommand)
 @click.option("--gpu", "gpus", multiple=True, help="GPU type (repeatable); default: every catalog GPU with data.")
 @shape_options
 @click.option("--training/--forward-only", default=False, show_default=True,
@@ -42,7 +42,8 @@ def overlap(gpus: tuple[str, ...], n_heads: int, n_kv_heads: int | None, head_di
     step overhead >= alpha + 2*B*n*H_kv*D*e / beta, with fitted or default F, alpha, beta.
     'F/B tokens' is Ring Attention's bound (Liu et al. 2023) for comparison.
     """
-    from ringplan.time.attention_time import overlap_threshold, resolve_gpu
+    from ringplan.time.overlap import overlap_threshold
+    from ringplan.time.timing_data import resolve_gpu
 
     shape = build_shape(n_heads, n_kv_heads, head_dim, batch, dtype)
     overrides = {"intra_node": link_override(intra_link, intra_bandwidth, intra_latency_us, "intra"),

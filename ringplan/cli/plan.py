@@ -13,7 +13,8 @@ from typing import Any
 
 import click
 
-from ringplan.cli.common import TOKENS, OneLineErrorCommand, bad_input_exits_2, format_option, render_rows
+from ringplan.cli.common import (MAX_BATCH, MAX_WORLD_SIZE, TOKENS, BoundedInt, FiniteFloat, OneLineErrorCommand,
+                                 bad_input_exits_2, format_option, render_rows)
 from ringplan.cli.model_options import model_options, stack_dtype_options, stack_settings_options
 from ringplan.workload import BACKENDS, LAYOUTS
 
@@ -268,17 +269,17 @@ def whole_model_capacity(query, tokens: int | None, world_size: int | None):
 @click.command("plan", cls=OneLineErrorCommand)
 @click.option("--gpu", "gpu_name", required=True, help="GPU type from the catalog (`ringplan gpus`), e.g. h100.")
 @click.option("--tokens", type=TOKENS, required=True, help="Global sequence length S (1M, 1Mi, 200K, 128Ki).")
-@click.option("--gpus", "world_size", type=click.IntRange(min=1), default=None,
+@click.option("--gpus", "world_size", type=BoundedInt(min=1, max=MAX_WORLD_SIZE), default=None,
               help="GPUs W; default: the fewest that hold S.")
-@click.option("--ring-size", type=click.IntRange(min=1), default=None,
+@click.option("--ring-size", type=BoundedInt(min=1, max=MAX_WORLD_SIZE), default=None,
               help="Context-parallel ring size P (W = P x data-parallel); default: every GPU in one ring.")
-@click.option("--max-world-size", type=click.IntRange(min=1), default=1024, show_default=True,
+@click.option("--max-world-size", type=BoundedInt(min=1, max=MAX_WORLD_SIZE), default=1024, show_default=True,
               help="Largest W the search for the fewest GPUs considers.")
-@click.option("--safety-margin", type=click.FloatRange(min=0.0, max=1.0, max_open=True), default=0.05,
+@click.option("--safety-margin", type=FiniteFloat(min=0.0, max=1.0, max_open=True), default=0.05,
               show_default=True, help="Fraction of usable memory kept free.")
 @click.option("--train/--forward", "training", default=True, show_default=True,
               help="A training step (forward, backward, optimizer) or a forward pass (prefill).")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--batch", type=BoundedInt(min=1, max=MAX_BATCH), default=1, show_default=True,
               help="Sequences per data-parallel replica.")
 @click.option("--layout", type=click.Choice(LAYOUTS), default="contiguous", show_default=True,
               help="How the sequence is split over the ring.")

@@ -11,11 +11,12 @@ from typing import Any
 
 import click
 
-from ringplan.cli.capacity import TOKEN_LIST, build_workload, workload_options
-from ringplan.cli.common import OneLineErrorCommand, bad_input_exits_2, format_option, render_rows
+from ringplan.cli.capacity import build_workload, workload_options
+from ringplan.cli.common import (MAX_WORLD_SIZE, TOKEN_LIST, BoundedInt, FiniteFloat, IntListType, OneLineErrorCommand,
+                                 OutputFile, bad_input_exits_2, format_option, render_rows)
 
 GIB = 2**30
-_SHAPE_RE = re.compile(r"^\s*(\d+)(?:/(\d+))?\s*[x×]\s*(\d+)(?:\s*@\s*(\d+))?\s*$")
+_SHAPE_RE = re.compile(r"^\s*(\d+)(?:/(\d+))?\s*[x×]\s*(\d+)(?:\s*@\s*(\d+))?\s*$", re.ASCII)
 
 
 class ShapeType(click.ParamType):
@@ -33,25 +34,11 @@ class ShapeType(click.ParamType):
         return {"n_heads": heads, "n_kv_heads": kv_heads, "head_dim": head_dim, "embed_dim": embed_dim}
 
 
-class IntListType(click.ParamType):
-    """Comma-separated positive integers: ``1,2,4``."""
-
-    name = "ints"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
-        if isinstance(value, tuple):
-            return value
-        try:
-            values = tuple(int(part) for part in str(value).split(",") if part.strip())
-        except ValueError:
-            self.fail(f"cannot read {value!r} as comma-separated integers (e.g. 1,2,4)", param, ctx)
-        if not values or min(values) <= 0:
-            self.fail(f"need positive integers, got {value!r}", param, ctx)
-        return values
-
-
 SHAPE = ShapeType()
-INT_LIST = IntListType()
+INT_LIST = IntListType(min_value=1, max_value=MAX_WORLD_SIZE)
+#: Most warm-up or timed steps per point, and the longest ring launch (a week).
+MAX_STEPS = 10_000
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 def runtime_options(func):
@@ -59,11 +46,11 @@ def runtime_options(func):
     options = (
         click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
                      help="cuda: one GPU per rank (NCCL); cpu: gloo processes; auto: CUDA when present."),
-        click.option("--warmup", "warmup_steps", type=click.IntRange(min=0), default=2, show_default=True,
+        click.option("--warmup", "warmup_steps", type=BoundedInt(min=0, max=MAX_STEPS), default=2, show_default=True,
                      help="Warm-up steps before the memory step is read."),
-        click.option("--steps", "timed_steps", type=click.IntRange(min=1), default=5, show_default=True,
+        click.option("--steps", "timed_steps", type=BoundedInt(min=1, max=MAX_STEPS), default=5, show_default=True,
                      help="Timed steps; the step time is their median."),
-        click.option("--timeout", "timeout_s", type=click.FloatRange(min=1.0), default=600.0, show_default=True,
+        click.option("--timeout", "timeout_s", type=FiniteFloat(min=1.0, max=MAX_TIMEOUT_S), default=600.0, show_default=True,
                      help="Seconds one ring launch (all its points) may run before it is killed; the point it "
                           "was on is recorded as failed and a fresh ring measures the rest."),
     )
@@ -109,7 +96,7 @@ def result_table_row(result) -> dict[str, str]:
 
 
 @click.command("profile", cls=OneLineErrorCommand)
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--out", "out_path", required=True, type=OutputFile(),
               help="Profile file to merge the rows into (created if absent; existing rows are kept).")
 @click.option("--tokens", "token_counts", required=True, type=TOKEN_LIST,
               help="Global sequence lengths, comma-separated (e.g. 16Ki,32Ki,64Ki). Lengths that do not split "

@@ -11,25 +11,22 @@ from typing import Any
 
 import click
 
-from ringplan.cli.common import BYTES, TOKENS, bad_input_exits_2, format_option, render_rows
+from ringplan.cli.common import (BYTES, MAX_BATCH, MAX_HEAD_DIM, MAX_HEADS, MAX_SIMULATED_RING_SIZE, MAX_WIDTH, TOKENS,
+                                 BoundedInt, FiniteFloat, IntListType, OneLineErrorCommand, OutputFile,
+                                 bad_input_exits_2, format_option, render_rows)
 
-
-def _int_list(text: str | None) -> tuple[int, ...]:
-    if not text:
-        return ()
-    try:
-        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+#: Segment lengths and dilation rates (positive), ranks to draw (from 0).
+POSITIVE_INTS = IntListType(min_value=1)
+RANKS = IntListType(min_value=0, max_value=MAX_SIMULATED_RING_SIZE - 1)
 
 
 def shape_options(func: Callable) -> Callable:
     """Options that build an ``AttentionShape`` (shared with ``ringplan overlap``)."""
     options = [
-        click.option("--heads", "n_heads", type=int, default=32, show_default=True, help="Query heads H."),
-        click.option("--kv-heads", "n_kv_heads", type=int, default=None, help="K/V heads H_kv (GQA); default H."),
-        click.option("--head-dim", type=int, default=128, show_default=True, help="Head dimension D."),
-        click.option("--batch", type=int, default=1, show_default=True, help="Batch size B."),
+        click.option("--heads", "n_heads", type=BoundedInt(min=1, max=MAX_HEADS), default=32, show_default=True, help="Query heads H."),
+        click.option("--kv-heads", "n_kv_heads", type=BoundedInt(min=1, max=MAX_HEADS), default=None, help="K/V heads H_kv (GQA); default H."),
+        click.option("--head-dim", type=BoundedInt(min=1, max=MAX_HEAD_DIM), default=128, show_default=True, help="Head dimension D."),
+        click.option("--batch", type=BoundedInt(min=1, max=MAX_BATCH), default=1, show_default=True, help="Batch size B."),
         click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
                      help="Element type of Q/K/V."),
         click.option("--backend", type=click.Choice(["auto", "cudnn", "flash", "efficient", "math", "cpu"]),
@@ -37,9 +34,9 @@ def shape_options(func: Callable) -> Callable:
         click.option("--causal/--no-causal", default=False, show_default=True, help="Causal attention."),
         click.option("--layout", type=click.Choice(["contiguous", "zigzag"]), default="contiguous",
                      show_default=True, help="How tokens are spread over the ring."),
-        click.option("--timing-dir", type=click.Path(file_okay=False), default=None,
+        click.option("--timing-dir", type=click.Path(file_okay=False, exists=True), default=None,
                      help="Directory of measured timing profiles (default profiles/measured/timing)."),
-        click.option("--step-overhead-us", type=float, default=None,
+        click.option("--step-overhead-us", type=FiniteFloat(), default=None,
                      help="Fixed cost per ring step in microseconds (default: the model's)."),
     ]
     for option in reversed(options):
@@ -77,7 +74,7 @@ def link_options(func: Callable) -> Callable:
                          help=f"Catalog link for {scope}-node hops (e.g. {example[scope]})."),
             click.option(f"--{scope}-bandwidth", type=BYTES, default=None,
                          help=f"{scope}-node one-way bandwidth in bytes/s (e.g. 300GB); needs --{scope}-latency-us."),
-            click.option(f"--{scope}-latency-us", type=float, default=None,
+            click.option(f"--{scope}-latency-us", type=FiniteFloat(), default=None,
                          help=f"{scope}-node per-message latency in microseconds."),
         ]
     for option in reversed(options):
@@ -137,34 +134,34 @@ def plot_timeline(result: Any, path: str, ranks: list[int]) -> None:
     plt.close(fig)
 
 
-@click.command("simulate")
+@click.command("simulate", cls=OneLineErrorCommand)
 @click.option("--gpu", required=True, help="GPU type (catalog name or alias, e.g. h100).")
 @click.option("--tokens", "seq_len", type=TOKENS, required=True, help="Global sequence length S (1M, 128Ki, ...).")
-@click.option("--ring-size", "--world-size", "ring_size", type=int, default=2, show_default=True,
+@click.option("--ring-size", "--world-size", "ring_size", type=BoundedInt(min=1, max=MAX_SIMULATED_RING_SIZE), default=2, show_default=True,
               help="Ranks in the context-parallel ring P.")
 @shape_options
-@click.option("--embed-dim", type=int, default=None, help="Model width E for the projections (default H*D).")
+@click.option("--embed-dim", type=BoundedInt(min=1, max=MAX_WIDTH), default=None, help="Model width E for the projections (default H*D).")
 @click.option("--training/--forward-only", default=False, show_default=True, help="Forward+backward or forward only.")
 @click.option("--projections/--no-projections", default=False, show_default=True,
               help="Include the QKV and output projections.")
-@click.option("--segment-lengths", default=None, help="Dilated attention segment lengths, e.g. 2048,8192.")
-@click.option("--dilation-rates", default=None, help="Dilation rates, one per segment length, e.g. 1,2.")
-@click.option("--nodes", type=int, default=None, help="Nodes the ring spans (default: as few as fit).")
-@click.option("--gpus-per-node", type=int, default=None, help="GPUs per node (default: the catalog's).")
+@click.option("--segment-lengths", type=POSITIVE_INTS, default=None, help="Dilated attention segment lengths, e.g. 2048,8192.")
+@click.option("--dilation-rates", type=POSITIVE_INTS, default=None, help="Dilation rates, one per segment length, e.g. 1,2.")
+@click.option("--nodes", type=BoundedInt(min=1, max=MAX_SIMULATED_RING_SIZE), default=None, help="Nodes the ring spans (default: as few as fit).")
+@click.option("--gpus-per-node", type=BoundedInt(min=1, max=MAX_SIMULATED_RING_SIZE), default=None, help="GPUs per node (default: the catalog's).")
 @link_options
-@click.option("--timeline-width", type=int, default=72, show_default=True, help="Characters of the text timeline.")
-@click.option("--timeline-ranks", default=None, help="Ranks to draw, e.g. 0,1,7 (default: a representative few).")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--timeline-width", type=BoundedInt(min=10, max=1000), default=72, show_default=True, help="Characters of the text timeline.")
+@click.option("--timeline-ranks", type=RANKS, default=None, help="Ranks to draw, e.g. 0,1,7 (default: a representative few).")
+@click.option("--plot", "plot_path", type=OutputFile(), default=None,
               help="Also draw the timeline to this image file (needs matplotlib).")
 @format_option
 @bad_input_exits_2
 def simulate(gpu: str, seq_len: int, ring_size: int, n_heads: int, n_kv_heads: int | None, head_dim: int,
              batch: int, dtype: str, backend: str, causal: bool, layout: str, timing_dir: str | None,
              step_overhead_us: float | None, embed_dim: int | None, training: bool, projections: bool,
-             segment_lengths: str | None, dilation_rates: str | None, nodes: int | None, gpus_per_node: int | None,
+             segment_lengths: tuple[int, ...] | None, dilation_rates: tuple[int, ...] | None, nodes: int | None, gpus_per_node: int | None,
              intra_link: str | None, intra_bandwidth: int | None, intra_latency_us: float | None,
              inter_link: str | None, inter_bandwidth: int | None, inter_latency_us: float | None,
-             timeline_width: int, timeline_ranks: str | None, plot_path: str | None, output_format: str) -> None:
+             timeline_width: int, timeline_ranks: tuple[int, ...] | None, plot_path: str | None, output_format: str) -> None:
     """Simulate one layer step on the ring: time breakdown, efficiency and a per-rank timeline."""
     from ringplan.time.simulate import text_timeline, timeline_ranks as default_ranks
     from ringplan.time.attention_time import step_time_prediction
@@ -172,8 +169,8 @@ def simulate(gpu: str, seq_len: int, ring_size: int, n_heads: int, n_kv_heads: i
 
     shape = build_shape(n_heads, n_kv_heads, head_dim, batch, dtype, embed_dim)
     workload = Workload(seq_len_tokens=seq_len, shape=shape,
-                        pattern=AttentionPattern(causal=causal, segment_lengths_tokens=_int_list(segment_lengths),
-                                                 dilation_rates=_int_list(dilation_rates)),
+                        pattern=AttentionPattern(causal=causal, segment_lengths_tokens=segment_lengths or (),
+                                                 dilation_rates=dilation_rates or ()),
                         training=training, projections=projections)
     ring = RingLayout(ring_size=ring_size, layout=layout, backend=backend)
     prediction = step_time_prediction(
@@ -182,7 +179,7 @@ def simulate(gpu: str, seq_len: int, ring_size: int, n_heads: int, n_kv_heads: i
         inter_link=link_override(inter_link, inter_bandwidth, inter_latency_us, "inter"),
         step_overhead_s=None if step_overhead_us is None else step_overhead_us * 1e-6, keep_simulation=True)
     result = prediction.simulation
-    ranks = list(_int_list(timeline_ranks)) or default_ranks(result)
+    ranks = list(timeline_ranks or ()) or default_ranks(result)
     lines = text_timeline(result, ranks, width=timeline_width)
     if plot_path:
         plot_timeline(result, plot_path, ranks)

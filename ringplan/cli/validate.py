@@ -27,11 +27,12 @@ from typing import Any
 import click
 
 from ringplan.cli.capacity import build_workload, workload_options
-from ringplan.cli.common import TOKENS, OneLineErrorCommand, bad_input_exits_2, format_option, render_rows
+from ringplan.cli.common import (MAX_WORLD_SIZE, TOKENS, BoundedInt, FiniteFloat, InputFile, OneLineErrorCommand,
+                                 OutputFile, bad_input_exits_2, format_option, render_rows)
 from ringplan.cli.model_options import model_selection_options, stack_settings_options
 from ringplan.cli.profile import bytes_text, measure_settings, result_record, runtime_options
 
-PERCENT = click.FloatRange(min=0.0, max=100.0)
+PERCENT = FiniteFloat(min=0.0, max=100.0)
 
 
 def _value(name: str, value: float | None) -> str:
@@ -108,7 +109,7 @@ def _model(profile_paths: tuple[str, ...]):
 @click.command("validate", cls=OneLineErrorCommand)
 @click.option("--gpu", "gpu_name", default=None,
               help="Catalog GPU the prediction is for (default: the local GPU by its driver name).")
-@click.option("--world-size", type=click.IntRange(min=1), required=True, help="Ranks in the ring (one GPU each).")
+@click.option("--world-size", type=BoundedInt(min=1, max=MAX_WORLD_SIZE), required=True, help="Ranks in the ring (one GPU each).")
 @click.option("--tokens", type=TOKENS, required=True, help="Global sequence length S (1M, 1Mi, 200K, 131072).")
 @click.option("--tolerance", type=PERCENT, default=5.0, show_default=True,
               help="Largest |error| in percent for the memory figures and bytes sent.")
@@ -118,21 +119,21 @@ def _model(profile_paths: tuple[str, ...]):
                                              "predicted capacity (one ring launch per probe).")
 @click.option("--capacity-tolerance", type=PERCENT, default=3.0, show_default=True,
               help="With --bisect: largest |error| in percent of predicted max tokens vs the measured boundary.")
-@click.option("--resolution", type=click.FloatRange(min=0.001, max=0.5), default=0.01, show_default=True,
+@click.option("--resolution", type=FiniteFloat(min=0.001, max=0.5), default=0.01, show_default=True,
               help="With --bisect: stop when the feasible and OOM probes are this fraction apart.")
-@click.option("--safety-margin", type=click.FloatRange(min=0.0, max=1.0, max_open=True), default=0.05,
+@click.option("--safety-margin", type=FiniteFloat(min=0.0, max=1.0, max_open=True), default=0.05,
               show_default=True, help="With --bisect: the capacity prediction's margin (as `ringplan capacity`).")
 @click.option("--emulate-gpu", default=None,
               help="Cap each rank's memory to this catalog GPU's usable memory, minus what the allocator does "
                    "not see (CUDA context, NCCL buffers), so a smaller GPU is validated on a bigger one.")
-@click.option("--profile", "profile_paths", multiple=True, type=click.Path(dir_okay=False),
+@click.option("--profile", "profile_paths", multiple=True, type=InputFile(),
               help="Fit the memory model on these profiles instead of profiles/measured (repeatable).")
-@click.option("--record", "record_path", default=None, type=click.Path(dir_okay=False),
+@click.option("--record", "record_path", default=None, type=OutputFile(),
               help="Also merge every measured point (and bisect probe) into this profile file.")
-@click.option("--ring-size", type=click.IntRange(min=1), default=None,
+@click.option("--ring-size", type=BoundedInt(min=1, max=MAX_WORLD_SIZE), default=None,
               help="With a whole model: context-parallel ring size P, the rest data-parallel (W = P x DP); "
                    "default: every rank in one ring.")
-@click.option("--write", "write_path", default=None, type=click.Path(dir_okay=False),
+@click.option("--write", "write_path", default=None, type=OutputFile(),
               help="With a whole model: merge the measured row (or its OOM) into this stack profile "
                    "(ringplan.stack/1, e.g. profiles/measured/stack/NAME.json).")
 @runtime_options
