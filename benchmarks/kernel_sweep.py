@@ -3,6 +3,7 @@
 One GPU (about 5-7 minutes on H100/H200)::
 
     python benchmarks/kernel_sweep.py --out $OUT
+    python benchmarks/kernel_sweep.py --large-blocks --out $OUT   # long blocks only (about 3 minutes)
 
 CPU smoke test (tiny sizes, seconds; what CI runs)::
 
@@ -63,6 +64,16 @@ POINTS_FP32 = ((8, 2048), (16, 4096), (8, 16384), (8, 32768), (32, 4096))
 FORCED = (("flash", (16, 4096), (16, 16384), (16, 65536), (64, 8192)),
           ("efficient", (16, 4096), (16, 16384), (8, 32768), (64, 4096)))
 MERGE_POINTS = ((32, 4096), (32, 16384), (32, 65536))
+# --large-blocks: long blocks (few heads), where the rate still moves with tokens per block (dtype, head_dim,
+# GQA ratios, points).
+LARGE_HALF = ((4, 131072), (2, 262144), (1, 524288))
+LARGE: tuple[tuple[str, int, tuple[int, ...], tuple[tuple[int, int], ...]], ...] = (
+    ("bf16", 128, (1,), LARGE_HALF), ("bf16", 128, (8,), ((8, 131072), (8, 262144))),
+    ("fp16", 128, (1,), LARGE_HALF), ("bf16", 64, (1,), LARGE_HALF), ("fp16", 64, (1,), LARGE_HALF),
+    ("fp32", 64, (1,), ((2, 65536), (1, 131072), (1, 262144))),
+    ("fp32", 128, (1,), ((2, 65536), (1, 131072), (1, 262144))),
+    ("bf16", 256, (1,), LARGE_HALF), ("fp16", 256, (1,), LARGE_HALF),
+)
 
 # Held-out step shapes (world size 1): name, heads, kv heads, head_dim, dtype, tokens, batch, causal,
 # training, projections. The first five are issue 20's.
@@ -96,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps-budget-s", type=float, default=470.0, help="stop starting step shapes after this")
     p.add_argument("--hard-timeout-s", type=float, default=540.0, help="watchdog: exit 3 after this")
     p.add_argument("--skip-steps", action="store_true")
+    p.add_argument("--large-blocks", action="store_true",
+                   help="time only the long-block points (LARGE), no merges, no steps; a second kernels file")
     return p.parse_args(argv)
 
 
@@ -197,6 +210,9 @@ class Sweep:
                 for causal in (False, True):
                     out.append(("auto", "fp32", 16, gqa, causal, ((2, 64), (4, 128), (2, 256))))
             return out
+        if self.args.large_blocks:
+            return [("auto", dtype, d, gqa, causal, points) for dtype, d, ratios, points in LARGE
+                    for gqa in ratios for causal in (False, True)]
         for dtype, d, ratios in GRID:
             points = POINTS_FP32 if dtype == "fp32" else POINTS_HD256 if d == 256 else POINTS_HALF
             for gqa in ratios:
@@ -261,7 +277,8 @@ class Sweep:
                                   "repeats": got[1]})
 
     def run(self, write) -> None:
-        self.run_merges()
+        if not self.args.large_blocks:
+            self.run_merges()
         for backend, dtype, d, gqa, causal, points in self.configs():
             label = f"{backend} {dtype} hd{d} gqa{gqa} {'causal' if causal else 'non-causal'}"
             if self.elapsed_s() > self.args.budget_s:
@@ -363,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {kernels_path} ({len(sweep.rows)} rows, {len(sweep.skipped)} skipped)", flush=True)
     for line in sweep.skipped:
         print(f"  skipped {line}", flush=True)
-    if not args.skip_steps:
+    if not args.skip_steps and not args.large_blocks:
         records, skipped = step_records(args, device, sweep.began, write_steps)
         write_steps(records, skipped)
         print(f"wrote {steps_path} ({len(records)} steps, {len(skipped)} skipped)", flush=True)
