@@ -3,7 +3,7 @@
 Time of one kernel call = overhead + FLOPs / F, F the effective FLOP/s of that kernel on that
 GPU for (backend, head dim, causal, pass, dtype). Where kernel timings were measured
 (``ringplan.kernels/1`` profiles) the overhead and F are fitted by least squares over block sizes
-and the measured points are interpolated (``comm_model.TimeCurve``); elsewhere F defaults to the
+and the measured points are interpolated (``links.TimeCurve``); elsewhere F defaults to the
 ANCHORS.md H100 measurement of that kernel, scaled by the catalog peak of the target GPU.
 
 FLOP conventions (as the anchors count them): a forward block of n_q queries × n_k keys costs
@@ -269,7 +269,7 @@ class MeasuredKernels:
 
 
 # One ring step's fixed GPU-side cost besides its kernels' work (the gaps between the ~10 small
-# kernels of a step, the stream wait on the exchange): ASSUMED 20 µs (time_model.fit_step_overhead_s
+# kernels of a step, the stream wait on the exchange): ASSUMED 20 µs (overhead_fits.fit_step_overhead_s
 # fits it from ring step times). Default merge: 3× the minimal HBM traffic (an unfused merge of
 # several elementwise kernels), ASSUMED until op='merge' rows are measured.
 DEFAULT_STEP_OVERHEAD_S = 20e-6

@@ -12,7 +12,7 @@ and channel changes). So a link model that carries measured points interpolates 
 and per-point residuals say how far the straight line is from the measurement.
 
 The same affine form (time = intercept + x · slope) also describes a kernel's time versus its
-FLOPs (launch overhead + FLOPs / effective FLOP/s); ``compute_model`` reuses ``TimeCurve``.
+FLOPs (launch overhead + FLOPs / effective FLOP/s); ``kernels`` reuses ``TimeCurve``.
 
 Hierarchical rings: ranks are placed node by node (ranks 0..g-1 on node 0, ...). A hop between
 two ranks of the same node uses the intra-node link, a hop across nodes the inter-node link; in a
@@ -25,14 +25,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ringplan.units import MIB
+
 # Ring exchange between the two GPUs of the lent 2×H100 80GB HBM3 machine (NVLink NV18),
 # batch_isend_irecv to next and from previous at once, one direction; ANCHORS.md (2026-11-25).
-_MIB = 2**20
 H100_NVLINK_ANCHOR_POINTS: tuple[tuple[float, float], ...] = (
     (4096.0, 0.14e-3),                      # "~0.14 ms floor for small messages"
-    (16 * _MIB, 16 * _MIB / 91e9),          # 91 GB/s at 16 MiB
-    (256 * _MIB, 256 * _MIB / 251e9),       # 251 GB/s at 256 MiB
-    (1024 * _MIB, 1024 * _MIB / 335e9),     # 335 GB/s at 1 GiB
+    (16 * MIB, 16 * MIB / 91e9),            # 91 GB/s at 16 MiB
+    (256 * MIB, 256 * MIB / 251e9),         # 251 GB/s at 256 MiB
+    (1024 * MIB, 1024 * MIB / 335e9),       # 335 GB/s at 1 GiB
 )
 H100_NVLINK_ANCHOR_SOURCE = ("ANCHORS.md: 2xH100 NVLink ring exchange "
                              "(0.14 ms floor; 91/251/335 GB/s at 16 MiB/256 MiB/1 GiB)")

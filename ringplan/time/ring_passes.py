@@ -14,10 +14,10 @@ Mirrors ``ringplan_runtime`` (ring_attention.py, dilated.py, module.py), per ran
   scatter-adds into fp32 dq/dK/dV buffers, cast at the end.
 - projections (the seed's module): Q/K/V GEMMs before, the output GEMM after; backward 2× each.
 
-Costs: kernels from ``compute_model`` (measured curves), merges at the merge's fitted rate,
+Costs: kernels from ``kernels.ComputeModel`` (measured curves), merges at the merge's fitted rate,
 copies/casts/adds as bytes at the elementwise bandwidth, GEMMs at an assumed efficiency, hops from
 the link models. Ignores: GQA K/V expansion in kernels without native GQA, the LSE-sized tensors
-(≤ 1/D of the values), the host's dispatch time (``time_model`` adds one call overhead).
+(≤ 1/D of the values), the host's dispatch time (``attention_time`` adds one call overhead).
 """
 
 from __future__ import annotations
@@ -28,21 +28,10 @@ import numpy as np
 
 from ringplan.time import links as cm
 from ringplan.time import kernels as cp
+from ringplan.time.provenance import note_weakest
 from ringplan.time.simulate import DIAGONAL, FULL, HALF_KEYS, HALF_QUERIES, SKIP, RingPass, block_kinds
+from ringplan.units import FP32_BYTES
 from ringplan.workload import Workload
-
-FP32_BYTES = 4
-_RANK = {"measured": 0, "extrapolated": 1, "transferred": 2, "default": 3}
-
-
-def provenance_rank(label: str) -> int:
-    """0 measured/override, 1 extrapolated, 2 transferred, 3 default (higher = weaker)."""
-    if label.startswith("default"):
-        return _RANK["default"]
-    if label.startswith("extrapolated"):  # "extrapolated (…: source)" ranks by its source too
-        inner = label[label.find("(") + 1:] if "(" in label else ""
-        return max(_RANK["extrapolated"], provenance_rank(inner) if inner else _RANK["extrapolated"])
-    return _RANK["transferred"] if "transferred" in label else _RANK["measured"]
 
 
 @dataclass(slots=True, kw_only=True)
@@ -61,10 +50,10 @@ class Costing:
     notes: dict[str, str] = field(default_factory=dict)
 
     def note(self, component: str, label: str, outside: bool = False) -> None:
+        """Keep the weakest label per component (``outside``: the number is extrapolated from ``label``'s source)."""
         if outside and not label.startswith(("default", "override")):
             label = f"extrapolated outside measured range ({label})"
-        if provenance_rank(label) >= provenance_rank(self.notes.get(component, "measured")):
-            self.notes[component] = label
+        note_weakest(self.notes, component, label)
 
 
 def block_time_s(c: Costing, pass_name: str, causal: bool, q_tokens: int, kv_tokens: int, segments: int = 1) -> float:
@@ -123,7 +112,7 @@ def with_interference(c: Costing, pass_name: str, compute: np.ndarray, link_busy
 
     While NCCL moves a block it holds SMs and HBM bandwidth, so the block kernel of that step runs
     slower; κ (``exchange_interference`` of the pass, 0 = free overlap, 1 = the exchange's whole
-    duration is added) is fitted (time_model.DEFAULT_EXCHANGE_INTERFERENCE). ``link_busy``
+    duration is added) is fitted (attention_time.DEFAULT_EXCHANGE_INTERFERENCE). ``link_busy``
     [ranks, steps]: how long the link into each rank is busy during each step.
     """
     kappa = c.exchange_interference[0 if pass_name == "forward" else 1]

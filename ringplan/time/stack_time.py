@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from ringplan import models as mdl
-from ringplan.time.gemms import (GEMM_PRIOR_RELATIVE_UNCERTAINTY, GemmModel, GemmShape, block_gemms, gemm_flops,
-                                    gemm_model_for, lm_head_gemm)
 from ringplan.stack import StackWorkload, attention_workload, data_parallel_size, shard_group_size, tokens_per_rank
+from ringplan.time.gemms import (GEMM_PRIOR_RELATIVE_UNCERTAINTY, GemmModel, GemmShape, block_gemms, gemm_flops,
+                                 gemm_model_for, lm_head_gemm)
+from ringplan.time.provenance import note_weakest, provenance_rank
+from ringplan.units import FP32_BYTES
 
 #: HBM bytes per fp32 parameter of one ``torch.optim.AdamW(foreach=True)`` step, counted from
 #: ``torch.optim.adam._multi_tensor_adam`` (decoupled weight decay, not capturable): mul_ (param,
@@ -51,7 +53,6 @@ HOST_LINK: dict[str, str] = {
     "a100-40gb": "pcie-gen4-x16", "a100-80gb": "pcie-gen4-x16", "h100-80gb-sxm": "pcie-gen5-x16",
     "h100-80gb-pcie": "pcie-gen5-x16", "h200": "pcie-gen5-x16", "b200": "pcie-gen5-x16", "mi300x": "pcie-gen5-x16",
 }
-FP32_BYTES = 4
 
 
 # ----------------------------------------------------------------------------- elementwise bytes
@@ -239,16 +240,7 @@ class _Costs:
         return seconds
 
     def note(self, component: str, label: str) -> None:
-        if provenance_rank(label) >= provenance_rank(self.notes.get(component, "measured")):
-            self.notes[component] = label
-
-
-def provenance_rank(label: str) -> int:
-    """``ring_passes.provenance_rank`` (0 measured … 3 default), imported when needed (ring_passes
-    loads numpy)."""
-    from ringplan.time.ring_passes import provenance_rank as rank
-
-    return rank(label)
+        note_weakest(self.notes, component, label)
 
 
 def _block_pass_s(c: _Costs, attention_s: tuple[float, float], backward: bool) -> float:
@@ -325,13 +317,13 @@ class _Links:
 
 
 def _links(c: _Costs, spec, timing_dir) -> _Links:
-    from ringplan.time import attention_time as tm
+    from ringplan.time.timing_data import load_timing_data, resolve_link
 
-    timing, per_node = tm.load_timing_data(timing_dir), spec.gpus_per_node
+    timing, per_node = load_timing_data(timing_dir), spec.gpus_per_node
     g, w = shard_group_size(c.w), c.w.world_size
 
     def link(group: int, name: str):
-        found, label = tm.resolve_link(spec, "intra_node" if group <= per_node else "inter_node", None, timing)
+        found, label = resolve_link(spec, "intra_node" if group <= per_node else "inter_node", None, timing)
         if group > 1:
             c.note(name, label)
         return found
@@ -434,15 +426,16 @@ def step_time(w: StackWorkload, gpu, *, timing_dir: str | Path | None = None,
     Training: forward, backward (with recomputation) and optimizer, FSDP/ZeRO collectives played
     against compute, checkpoint offload copies added. ``training=False`` (prefill): the forward only,
     weights replicated (no collectives), hidden states without the LM head. ``call_overhead_s``:
-    host time before the first kernel (default ``time_model.DEFAULT_CALL_OVERHEAD_S``), paid at the
+    host time before the first kernel (default ``attention_time.DEFAULT_CALL_OVERHEAD_S``), paid at the
     start and, in training, again after the loss is read on the host (``StackRun.backward``'s
     ``.item()``) before the optimizer's kernels are queued. Bad input
     (unknown GPU, no data for the dtype) raises ValueError.
     """
-    from ringplan.time import attention_time as tm
+    from ringplan.time.attention_time import DEFAULT_CALL_OVERHEAD_S
     from ringplan.time.kernels import ELEMENTWISE_HBM_EFFICIENCY
+    from ringplan.time.timing_data import resolve_gpu
 
-    spec = tm.resolve_gpu(gpu)
+    spec = resolve_gpu(gpu)
     c = _Costs(w=w, gemms=gemm_model_for(spec, w.settings.param_dtype, timing_dir),
                hbm_rate_bytes_per_s=ELEMENTWISE_HBM_EFFICIENCY * spec.hbm_bandwidth_bytes_per_s,
                tokens=w.batch * tokens_per_rank(w))
@@ -463,7 +456,7 @@ def step_time(w: StackWorkload, gpu, *, timing_dir: str | Path | None = None,
         regather = _gather_s(w, links, mdl.parameter_count(w.model))  # the updated shards, after the step
         comm, total = comm + regather, total + regather
     offload = _offload_s(c, spec)
-    overhead = tm.DEFAULT_CALL_OVERHEAD_S if call_overhead_s is None else float(call_overhead_s)
+    overhead = DEFAULT_CALL_OVERHEAD_S if call_overhead_s is None else float(call_overhead_s)
     c.parts.update(fsdp_comm_s=comm, offload_s=offload, host_overhead_s=overhead * (2 if w.training else 1))
     return _result(c, fsdp_total=total, offload_total=offload)
 
