@@ -13,9 +13,10 @@ Per rank of m = B·S/P local tokens (``StepTime`` names every part; they sum to 
 - attention: one layer's ring attention from ``ringplan.time.attention_time`` (kernels, merges, exposed ring
   exchange) × L; full checkpointing runs its forward again in backward.
 - elementwise: norms, RoPE, q/k norms, the MLP activation, residual adds, the embedding and FSDP's
-  copies and casts: minimal bytes / (0.9 × HBM bandwidth).
-- loss (cross-entropy over V logits per token) and optimizer (foreach AdamW): bytes / HBM bandwidth.
-- FSDP communication: α–β collectives played against compute by ``overlapped_end_s``; checkpoint
+  copies and casts: minimal bytes (``stack_bytes``) / (0.9 × HBM bandwidth).
+- loss (cross-entropy over V logits per token) and optimizer (foreach AdamW): bytes (``stack_bytes``)
+  / HBM bandwidth.
+- FSDP communication: α–β collectives played against compute by ``fsdp_schedule.overlapped_end_s``; checkpoint
   offload: PCIe copies on the compute stream (the runtime's ``save_on_cpu``), not hidden.
 
 numpy/scipy (through the time model) load only when a step time is asked for.
@@ -28,17 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from ringplan import models as mdl
-from ringplan.stack import StackWorkload, attention_workload, data_parallel_size, shard_group_size, tokens_per_rank
+from ringplan.stack import StackWorkload, attention_workload, shard_group_size, tokens_per_rank
+from ringplan.time.fsdp_schedule import StreamUnit, collective_s, fsdp_unit_params, overlapped_end_s
 from ringplan.time.gemms import (GEMM_PRIOR_RELATIVE_UNCERTAINTY, GemmModel, GemmShape, block_gemms, gemm_flops,
                                  gemm_model_for, lm_head_gemm)
 from ringplan.time.provenance import note_weakest, provenance_rank
-from ringplan.units import FP32_BYTES
+from ringplan.time.stack_bytes import block_op_bytes, loss_bytes_per_token, optimizer_bytes, rms_norm_bytes
 
-#: HBM bytes per fp32 parameter of one ``torch.optim.AdamW(foreach=True)`` step, counted from
-#: ``torch.optim.adam._multi_tensor_adam`` (decoupled weight decay, not capturable): mul_ (param,
-#: 8), lerp_ (m, grad → m, 12), mul_ (v, 8), addcmul_ (v, grad → v, 12), sqrt (v → tmp, 8), div_
-#: (tmp, 8), add_ (tmp, 8), addcdiv_ (param, m, tmp → param, 16).
-ADAMW_FOREACH_BYTES_PER_PARAM = 80
 #: What a checkpointing mode runs again in backward (names of ``block_gemms`` and ``block_op_bytes``,
 #: and "attention"), as ``ringplan_runtime.transformer.Block`` does: selective recomputes the whole
 #: block but the ring attention core; full recomputes all of it.
@@ -53,117 +50,6 @@ HOST_LINK: dict[str, str] = {
     "a100-40gb": "pcie-gen4-x16", "a100-80gb": "pcie-gen4-x16", "h100-80gb-sxm": "pcie-gen5-x16",
     "h100-80gb-pcie": "pcie-gen5-x16", "h200": "pcie-gen5-x16", "b200": "pcie-gen5-x16", "mi300x": "pcie-gen5-x16",
 }
-
-
-# ----------------------------------------------------------------------------- elementwise bytes
-
-
-def rms_norm_bytes(dtype_bytes: int) -> tuple[float, float]:
-    """(forward, backward) HBM bytes per normalised value of the runtime's eager RMSNorm
-    (``ringplan_runtime.transformer._RMSNorm``), e bytes per activation value, fp32 inside.
-
-    Forward: x.float() (e + 4), pow(2) (8), mean (4), x32·rstd (8), .to(e) (4 + e), weight· (2e)
-    = 28 + 4e. Backward: x.float() (e + 4), xhat (8), grad.float() (e + 4), grad·xhat (12) and its sum
-    over rows (4), g = grad·w (8), g·xhat (12) and its mean (4), xhat·mean (8), g − … (12), rstd·…
-    (8), .to(e) (4 + e) = 88 + 3e. Ignores the per-row rstd vectors."""
-    return 28.0 + 4 * dtype_bytes, 88.0 + 3 * dtype_bytes
-
-
-def block_op_bytes(model: mdl.ModelSpec, dtype_bytes: int) -> dict[str, tuple[float, float]]:
-    """HBM bytes per token of one block's elementwise kernels: name → (forward, backward), as the
-    runtime's eager ops run them (``ringplan_runtime.transformer``), e bytes per value.
-
-    norms: two RMSNorms over E (``rms_norm_bytes``); qk_norm: RMSNorm over (H + H_kv)·D values;
-    rope: per value of q and k, x·cos (2e), rotate-half (neg of a half, cat: 3e), addcmul_ (3e)
-    = 8e; backward grad·cos, grad·sin (4e), rotate (3e), add (3e) = 10e; mlp_act: per value of F,
-    silu (2e) and ·up (3e); backward silu (2e), ·silu (3e), ·up (3e), silu_backward (3e) = 11e;
-    residual: two adds over E (6e); backward the gradient sums where a tensor has several users
-    (x and h: 2 adds; the q/k/v input: 2; the gate/up input: 1 = 5 adds of 3e). GELU models:
-    the MLP activation as 2e / 3e per value (not run by the runtime). Ignores the RoPE tables.
-    """
-    e, qk = model.embed_dim, (model.n_heads + model.n_kv_heads) * model.head_dim
-    norm = rms_norm_bytes(dtype_bytes)
-    act = (5, 11) if model.ffn_type == "swiglu" else (2, 3)
-    ops = {"norms": (2 * e * norm[0], 2 * e * norm[1]),
-           "rope": (8 * dtype_bytes * qk, 10 * dtype_bytes * qk),
-           "mlp_act": (act[0] * dtype_bytes * model.ffn_dim, act[1] * dtype_bytes * model.ffn_dim),
-           "residual": (6 * dtype_bytes * e, 15 * dtype_bytes * e)}
-    if model.qk_norm:
-        ops["qk_norm"] = (qk * norm[0], qk * norm[1])
-    return ops
-
-
-def loss_bytes_per_token(model: mdl.ModelSpec, dtype_bytes: int) -> tuple[float, float]:
-    """(forward, backward) HBM bytes per token of the runtime's fp32 cross-entropy over V logits
-    (``F.cross_entropy(logits.float())``): forward .float() (e + 4), log-softmax (read 4, write 4)
-    = 12 + e per logit; backward the one-hot gradient (write 4), log-softmax backward (read 8,
-    write 4), cast back (4 + e) = 20 + e. Ignores the gather of the target logit."""
-    v = model.vocab_size
-    return v * (dtype_bytes + 12.0), v * (dtype_bytes + 20.0)
-
-
-def optimizer_bytes(local_params: float, master_bytes: int) -> float:
-    """HBM bytes of one foreach AdamW step over ``local_params`` master parameters:
-    ``ADAMW_FOREACH_BYTES_PER_PARAM`` × master bytes / 4 per parameter."""
-    return local_params * ADAMW_FOREACH_BYTES_PER_PARAM * master_bytes / FP32_BYTES
-
-
-def fsdp_unit_params(model: mdl.ModelSpec) -> dict[str, int]:
-    """Parameters of each FSDP2 unit as ``ringplan_runtime.stack_parallel.apply_fsdp`` groups them:
-    ``root`` (the final norm), ``embedding`` (token table, learned positions; the LM head too when
-    tied: one group), ``head`` (the untied LM head, else 0) and ``block`` (each of the L blocks)."""
-    head = 0 if model.tied_embeddings else model.vocab_size * model.embed_dim
-    return {"root": mdl.norm_parameter_count(model, model.embed_dim),
-            "embedding": mdl.embedding_parameter_count(model) - head, "head": head,
-            "block": mdl.layer_parameter_count(model)}
-
-
-# ----------------------------------------------------------------------------- overlap and collectives
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StreamUnit:
-    """One unit on the compute stream and its transfers: ``before_s`` must end before the compute
-    starts (issued when the previous unit's compute starts), ``after_s`` is issued when it ends."""
-
-    compute_s: float
-    before_s: float = 0.0
-    after_s: float = 0.0
-
-
-def overlapped_end_s(units: list[StreamUnit]) -> float:
-    """End time of a compute stream and one transfer stream (first in, first out, prefetch depth 1).
-
-    The first unit's ``before`` transfer is exposed; later ones only where they outlast the compute
-    they overlap; the last ``after`` transfers where nothing is left to hide them. Transfers run one
-    at a time (all-gathers and reduce-scatters share the link). This is FSDP2's schedule (the next
-    unit's all-gather overlaps this unit's compute; a unit's reduce-scatter follows its backward:
-    Zhao et al. 2023, "PyTorch FSDP", on prefetching). Ignores compute slowed by concurrent transfers
-    and a host that falls behind the GPU.
-    """
-    if not units:
-        return 0.0
-    link_free = ready = units[0].before_s
-    compute_end = 0.0
-    for i, unit in enumerate(units):
-        start = max(compute_end, ready)
-        if i + 1 < len(units):
-            link_free = ready = max(link_free, start) + units[i + 1].before_s
-        compute_end = start + unit.compute_s
-        if unit.after_s:
-            link_free = max(link_free, compute_end) + unit.after_s
-    return max(compute_end, link_free)
-
-
-def collective_s(link, total_bytes: float, group: int) -> float:
-    """Seconds of a ring all-gather or reduce-scatter of a ``total_bytes`` buffer over ``group``
-    ranks: each rank moves (G − 1)/G of it through its link, α + (G − 1)/G · bytes / β (α once: NCCL
-    pipelines the G − 1 steps). An all-reduce is two of these. 0 for a group of one. Source: the
-    ring algorithm's bus bandwidth (NCCL performance notes); ignores the reduction arithmetic and
-    link contention with the ring attention exchange."""
-    if group <= 1 or total_bytes <= 0:
-        return 0.0
-    return float(link.transfer_time_s(total_bytes * (group - 1) / group))
 
 
 # ----------------------------------------------------------------------------- the step
