@@ -33,8 +33,9 @@ MAX_LAYERS = 100_000
 MAX_VOCAB = 2**28
 #: Largest world, ring or shard group: the capacity search's own bound (ringplan.capacity.search).
 MAX_WORLD_SIZE = 1_000_000
-#: Largest ring ``simulate`` plays: it keeps P x P step arrays (P = 4,096: 16.8 M entries each).
-MAX_SIMULATED_RING_SIZE = 4096
+#: Largest ring ``simulate`` plays: it keeps P x P step arrays; a causal training step at P = 2,048 takes
+#: ~1.5 s here, at P = 4,096 ~18 s (the arrays and the per-step work grow as P²).
+MAX_SIMULATED_RING_SIZE = 2048
 #: Longest text of a number an option reads: more digits are out of every range (and Python refuses
 #: to convert integers of more than 4,300 digits).
 MAX_NUMBER_CHARS = 40
