@@ -56,14 +56,18 @@ class PartFit:
     source: str = ""
     identified: tuple[str, ...] = ()
     borrowed: dict[str, str] = field(default_factory=dict)
+    #: Worst |residual| and largest figure, computed once (every prediction asks for them: a fit
+    #: over many rows must not make each prediction linear in the rows).
+    max_abs_residual_bytes: float = field(init=False, compare=False)
+    largest_figure_bytes: float = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_abs_residual_bytes", max((abs(r) for r in self.residuals_bytes), default=0.0))
+        object.__setattr__(self, "largest_figure_bytes", max(self.figures_bytes, default=0.0))
 
     @property
     def n_points(self) -> int:
         return len(self.residuals_bytes)
-
-    @property
-    def max_abs_residual_bytes(self) -> float:
-        return max((abs(r) for r in self.residuals_bytes), default=0.0)
 
     @property
     def relative_residuals(self) -> tuple[float, ...]:
@@ -75,7 +79,7 @@ class PartFit:
 
     def uncertainty_bytes(self, figure_bytes: float) -> float:
         """The worst residual seen, grown in proportion beyond the largest figure measured."""
-        largest = max(self.figures_bytes, default=0.0)
+        largest = self.largest_figure_bytes
         growth = figure_bytes / largest if largest > 0 else 1.0
         return self.max_abs_residual_bytes * max(1.0, growth)
 

@@ -175,7 +175,7 @@ def report_outputs(script: str) -> dict[str, dict]:
                               capture_output=True, text=True, check=False)
         outputs = {f"{script} exit": {"exit_code": done.returncode, "output": done.stderr[-2000:]}}
         for path in sorted(Path(out).iterdir()):
-            lines = [line for line in path.read_text().splitlines() if out not in line]
+            lines = [line.replace(str(repo), "<repo>") for line in path.read_text().splitlines() if out not in line]
             outputs[f"{script} {path.name}"] = {"exit_code": 0, "output": "\n".join(lines)}
     return outputs
 
