@@ -146,11 +146,11 @@ def provenance(device: torch.device, method: str) -> dict[str, object]:
         nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
     return {"gpu_driver_name": name, "driver_version": driver, "torch_version": torch.__version__,
             "nccl_version": nccl, "cuda_version": torch.version.cuda if device.type == "cuda" else None,
-            "cudnn_version": torch.backends.cudnn.version() if device.type == "cuda" else None,
             "git_sha": os.environ.get("RINGPLAN_GIT_SHA", "unknown"),
             "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
             "command": os.environ.get("RINGPLAN_COMMAND", shlex.join(["python", *sys.argv])), "method": method,
-            "hostname": platform.node(), "gpu_count": 1}
+            "hostname": platform.node(), "gpu_count": 1,
+            "notes": [f"cuDNN {torch.backends.cudnn.version()}"] if device.type == "cuda" else []}
 
 
 class Timer:
