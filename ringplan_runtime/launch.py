@@ -17,13 +17,26 @@ with an initialised process group (a TCP store hosted by the parent, so no port 
 rank order. If a rank raises or dies, the others are terminated at once and ``RankFailure``
 (rank, traceback text) is raised in the parent; past ``timeout_s`` every rank is terminated and
 ``TimeoutError`` is raised. The process group itself also times out after ``timeout_s``.
+
+The spawner is one machine's: its store listens on 127.0.0.1 only (``loopback_listener``; the ranks
+get ``MASTER_ADDR=127.0.0.1``). Ranks die with the parent: SIGKILL on its death (Linux
+``prctl(PR_SET_PDEATHSIG)``) and a watchdog thread that polls the parent's pid (``die_with_parent``).
+While the parent waits, SIGTERM is handled as SIGINT: ``KeyboardInterrupt`` is raised, every rank
+is terminated, and the interrupt goes on to the caller. torchrun (``init_from_env``) keeps the
+rendezvous settings its own command line gives.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import pickle
 import queue as queue_module
+import signal
+import socket
+import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -37,6 +50,8 @@ LOCALHOST = "127.0.0.1"
 POLL_S = 0.05
 DEAD_RANK_GRACE_S = 1.0
 JOIN_TIMEOUT_S = 10.0
+PARENT_POLL_S = 0.5  # the watchdog's poll of the parent's pid (where prctl is missing, or raced)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class RankFailure(RuntimeError):
@@ -90,8 +105,59 @@ def init_from_env(*, backend: str | None = None, timeout_s: float = 600.0) -> Ra
     return _init_group(backend, rank, world_size, local_rank, timeout_s, init_method="env://")
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """Make this process die when ``parent_pid`` (its parent) does, however the parent ends.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` (the kernel kills it when the parent thread exits);
+    everywhere: a daemon thread polls ``os.getppid()`` every ``PARENT_POLL_S`` and exits the
+    process once the parent is gone (re-parented), which also covers a parent that died before
+    the prctl call.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ringplan-parent-watchdog", daemon=True).start()
+
+
+def loopback_listener() -> socket.socket:
+    """A listening TCP socket on 127.0.0.1 with a free port, for the spawner's store to adopt
+    (``TCPStore(master_listen_fd=...)``: the store would otherwise listen on every interface)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind((LOCALHOST, 0))
+    listener.listen(128)
+    return listener
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While inside: SIGTERM raises ``KeyboardInterrupt`` as SIGINT does (main thread only; elsewhere
+    a no-op), so the caller's clean-up runs; the previous handler is restored on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the clean-up (ranks die too)
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _worker(fn, rank: int, world_size: int, backend: str, port: int, args: tuple, timeout_s: float,
-            results) -> None:
+            results, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR=LOCALHOST, MASTER_PORT=str(port))
     try:
@@ -182,19 +248,25 @@ def spawn(fn, *, world_size: int, backend: str = "gloo", args: tuple = (), timeo
     others terminated) or ``TimeoutError`` (after ``timeout_s``); ``ValueError`` on bad arguments.
     """
     _check_spawn_args(world_size, backend)
-    store = dist.TCPStore(LOCALHOST, 0, None, True, timedelta(seconds=timeout_s), wait_for_workers=False)
+    listener = loopback_listener()
+    port = listener.getsockname()[1]
+    store = dist.TCPStore(LOCALHOST, port, None, True, timedelta(seconds=timeout_s), wait_for_workers=False,
+                          master_listen_fd=listener.detach())  # the store owns the socket from here
     context = mp.get_context("spawn")
     results = context.Queue()
-    processes = [context.Process(target=_worker, args=(fn, rank, world_size, backend, store.port, tuple(args),
-                                                       timeout_s, results), daemon=True)
+    processes = [context.Process(target=_worker, args=(fn, rank, world_size, backend, port, tuple(args),
+                                                       timeout_s, results, os.getpid()), daemon=True)
                  for rank in range(world_size)]
-    for process in processes:
-        process.start()
-    try:
-        values = _collect(processes, results, world_size, timeout_s)
-    except BaseException:
-        _stop(processes, graceful=False)
-        raise
+    started: list = []
+    with sigterm_as_interrupt():
+        try:
+            for process in processes:
+                process.start()
+                started.append(process)
+            values = _collect(processes, results, world_size, timeout_s)
+        except BaseException:
+            _stop(started, graceful=False)
+            raise
     _stop(processes, graceful=True)
     del store
     return values

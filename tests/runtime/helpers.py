@@ -313,3 +313,84 @@ def run_gpu_cases(cases: list[Case], backends: tuple[str, ...]) -> dict:
         torch.cuda.synchronize()
     report["rank"] = rank
     return report
+
+
+def sleep_after_writing_pid(directory: str):
+    """Spawned body: write ``rank{r}.pid`` (this process's pid) into ``directory``, then sleep."""
+    import os
+    import time
+
+    rank, _ = rank_and_size()
+    path = os.path.join(directory, f"rank{rank}.pid")
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        handle.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    time.sleep(3600)
+
+
+def store_listen_addresses() -> dict:
+    """Spawned body: ``MASTER_ADDR`` and the local addresses of the sockets listening on ``MASTER_PORT``
+    (the spawner's store), read from ``/proc/net/tcp`` and ``/proc/net/tcp6`` (one network namespace)."""
+    import os
+
+    port = int(os.environ["MASTER_PORT"])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        with open(table, encoding="utf-8") as handle:
+            for line in handle.read().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, port_hex = local.split(":")
+                if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+                    found.append(_proc_net_address(address))
+    return {"master_addr": os.environ["MASTER_ADDR"], "listening": found}
+
+
+def _proc_net_address(hex_address: str) -> str:
+    """``0100007F`` → ``127.0.0.1`` (IPv4, little-endian words); IPv6 as its 32 hex digits."""
+    if len(hex_address) == 8:
+        return ".".join(str(int(hex_address[i:i + 2], 16)) for i in (6, 4, 2, 0))
+    return hex_address
+
+
+def stack_sweep_runs(argvs: list[list[str]]) -> None:
+    """Spawned body: ``python -m ringplan_runtime.stack_sweep`` as torchrun runs it (``RANK`` is set),
+    once per argv, in one job; the process group the spawner made outlives each run."""
+    from ringplan_runtime import stack_sweep
+
+    torch.set_num_threads(1)
+    original = dist.destroy_process_group
+    dist.destroy_process_group = lambda *args, **kwargs: None
+    try:
+        for argv in argvs:
+            stack_sweep.main(argv)
+    finally:
+        dist.destroy_process_group = original
+
+
+#: One input rank 1 changes in ``inconsistent_call``: name -> what rank 1 passes instead.
+INCONSISTENT_INPUTS = {
+    "tokens": {"n": 16}, "kv_heads": {"kv_heads": 4}, "dtype": {"dtype": torch.float64}, "causal": {"causal": True},
+    "int64 on one rank": {"dtype": torch.int64}, "segments": {"segments": (16,)},
+}
+
+
+def inconsistent_call(which: str) -> tuple[str, str]:
+    """Spawned body: a ring attention call where rank 1's ``which`` input differs from rank 0's
+    (``INCONSISTENT_INPUTS``); the (exception type, message) this rank got, ("none", "") without one."""
+    torch.set_num_threads(1)
+    rank, _ = rank_and_size()
+    given = {"n": 8, "kv_heads": 2, "dtype": torch.float32, "causal": False, "segments": (8,)}
+    if rank == 1:
+        given.update(INCONSISTENT_INPUTS[which])
+    q, k, v = (torch.ones(1, given["n"], heads, 8).to(given["dtype"]) for heads in (4, given["kv_heads"],
+                                                                                    given["kv_heads"]))
+    try:
+        if which == "segments":
+            ring_dilated_attention(q, k, v, segment_lengths=given["segments"], dilation_rates=(1,))
+        else:
+            ring_attention(q, k, v, causal=given["causal"])
+    except Exception as error:  # noqa: BLE001 -- the test checks the type and the words
+        return type(error).__name__, str(error)
+    return "none", ""
