@@ -25,12 +25,12 @@ import torch.distributed as dist
 
 from ringplan.units import parse_bytes, parse_tokens
 from ringplan_runtime.dilated import ring_dilated_attention
+from ringplan_runtime.dtypes import TORCH_DTYPES
 from ringplan_runtime.launch import init_from_env
 from ringplan_runtime.layouts import shard_sequence
 from ringplan_runtime.reference import reference_attention, relative_error
 from ringplan_runtime.ring_attention import make_spec
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}  # issue 3
 DEFAULT_CHECK_MAX_BYTES = "4GiB"
 
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=None, help="KV heads (GQA); default: --heads")
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="bf16")
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous")
     parser.add_argument("--backend", default="auto")
@@ -72,8 +72,9 @@ def _inputs(args, device, rank, world):
     full = {name: torch.randn(args.batch, args.tokens, heads, args.head_dim, generator=gen)
             for name, heads in (("q", args.heads), ("k", kv_heads), ("v", kv_heads), ("dout", args.heads))}
     layout = "contiguous" if args.segments else args.layout
-    local = {name: shard_sequence(t, rank=rank, ring_size=world, layout=layout).to(device, DTYPES[args.dtype])
-             .contiguous() for name, t in full.items()}
+    dtype = TORCH_DTYPES[args.dtype]
+    local = {name: shard_sequence(t, rank=rank, ring_size=world, layout=layout).to(device, dtype).contiguous()
+             for name, t in full.items()}
     return full, local, layout
 
 
@@ -94,10 +95,10 @@ def _errors(args, full, local, out, layout, rank, world, device) -> dict[str, fl
     scores_bytes = args.batch * args.heads * args.tokens * args.tokens * 8 * max(1, len(args.segments))
     if scores_bytes > args.check_max_bytes:
         return None
-    ref_in = {n: full[n].to(device, DTYPES[args.dtype]).double().requires_grad_() for n in ("q", "k", "v")}
+    ref_in = {n: full[n].to(device, TORCH_DTYPES[args.dtype]).double().requires_grad_() for n in ("q", "k", "v")}
     ref = reference_attention(ref_in["q"], ref_in["k"], ref_in["v"], causal=args.causal,
                               segment_lengths=args.segments, dilation_rates=args.rates)
-    ref.backward(full["dout"].to(device, DTYPES[args.dtype]).double())
+    ref.backward(full["dout"].to(device, TORCH_DTYPES[args.dtype]).double())
 
     def mine(t):
         return shard_sequence(t, rank=rank, ring_size=world, layout=layout)

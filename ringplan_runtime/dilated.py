@@ -31,11 +31,12 @@ import torch
 
 from ringplan.workload import AttentionPattern, RingLayout, check_layout_fits
 from ringplan_runtime.backends import select_backend
+from ringplan_runtime.consistency import checked_on_every_rank
 from ringplan_runtime.hilbert import hilbert_permutation
 from ringplan_runtime.kernels import block_backward, block_forward
 from ringplan_runtime.merge import accumulator_dtype, merge_
-from ringplan_runtime.ring_attention import (RingSpec, check_qkv, planner_workload, ring_backward, ring_forward,
-                                             ring_members)
+from ringplan_runtime.ring_attention import (RingSpec, check_qkv, planner_workload, qkv_description, ring_backward,
+                                             ring_forward, ring_members)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,27 +70,37 @@ def _branch(w: int, r: int, n: int, ranks: tuple[int, ...], index: int, group, c
 
 
 def make_dilated_spec(q, k, v, *, segment_lengths, dilation_rates, group, causal: bool, backend: str,
-                      hilbert: bool, scale: float | None) -> DilatedSpec:
-    """Validate everything (before any communication) and plan each branch for this rank."""
-    check_qkv(q, k, v)
-    pattern = AttentionPattern(causal=bool(causal), segment_lengths_tokens=tuple(segment_lengths),
-                               dilation_rates=tuple(dilation_rates))
-    if not pattern.dilated:
-        raise ValueError("segment_lengths is empty: use ring_attention for dense attention")
-    if hilbert and causal:
-        raise ValueError("hilbert ordering with causal attention would need a permuted mask; use causal=False "
-                         "or hilbert=False")
+                      hilbert: bool, scale: float | None, check_consistency: bool = True) -> DilatedSpec:
+    """Validate everything (before any communication; across the ring too, see
+    ``consistency.checked_on_every_rank``) and plan each branch for this rank."""
     ranks, index = ring_members(group)
-    check_layout_fits(planner_workload(q, k, len(ranks), pattern), RingLayout(ring_size=len(ranks)))
-    for r in pattern.dilation_rates:
-        if q.shape[2] % r or k.shape[2] % r:
-            raise ValueError(f"dilation rate {r} must divide the query heads ({q.shape[2]}) and the KV heads "
-                             f"({k.shape[2]}): each rate splits the heads into equal groups")
-    chosen = select_backend(q.device, q.dtype, q.shape[3], backend)
-    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[3])
-    branches = tuple(_branch(w, r, q.shape[1], ranks, index, group, bool(causal), chosen, scale)
-                     for w, r in zip(pattern.segment_lengths_tokens, pattern.dilation_rates))
-    return DilatedSpec(branches=branches, backend=chosen, causal=bool(causal), scale=scale, hilbert=bool(hilbert))
+
+    def validate() -> DilatedSpec:
+        check_qkv(q, k, v)
+        pattern = AttentionPattern(causal=bool(causal), segment_lengths_tokens=tuple(segment_lengths),
+                                   dilation_rates=tuple(dilation_rates))
+        if not pattern.dilated:
+            raise ValueError("segment_lengths is empty: use ring_attention for dense attention")
+        if hilbert and causal:
+            raise ValueError("hilbert ordering with causal attention would need a permuted mask; use causal=False "
+                             "or hilbert=False")
+        check_layout_fits(planner_workload(q, k, len(ranks), pattern), RingLayout(ring_size=len(ranks)))
+        for r in pattern.dilation_rates:
+            if q.shape[2] % r or k.shape[2] % r:
+                raise ValueError(f"dilation rate {r} must divide the query heads ({q.shape[2]}) and the KV heads "
+                                 f"({k.shape[2]}): each rate splits the heads into equal groups")
+        chosen = select_backend(q.device, q.dtype, q.shape[3], backend)
+        scale_ = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[3])
+        branches = tuple(_branch(w, r, q.shape[1], ranks, index, group, bool(causal), chosen, scale_)
+                         for w, r in zip(pattern.segment_lengths_tokens, pattern.dilation_rates))
+        return DilatedSpec(branches=branches, backend=chosen, causal=bool(causal), scale=scale_,
+                           hilbert=bool(hilbert))
+
+    description = qkv_description(q, k, v, segment_lengths=tuple(segment_lengths),
+                                  dilation_rates=tuple(dilation_rates), causal=bool(causal), backend=backend,
+                                  hilbert=bool(hilbert), scale=scale)
+    return checked_on_every_rank(validate, description=description, ranks=ranks, group=group,
+                                 check=check_consistency)
 
 
 def dilated_view(x: torch.Tensor, segment: int, rate: int) -> torch.Tensor:
@@ -245,14 +256,16 @@ class _DilatedAttention(torch.autograd.Function):
 
 def ring_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segment_lengths, dilation_rates,
                            group=None, causal: bool = False, backend: str = "auto", hilbert: bool = False,
-                           scale: float | None = None) -> torch.Tensor:
+                           scale: float | None = None, check_consistency: bool = True) -> torch.Tensor:
     """LongNet dilated attention of this rank's chunk (contiguous layout) over the ring.
 
     q ``[B, n, H, D]``, k/v ``[B, n, H_kv, D]``; ``segment_lengths`` / ``dilation_rates`` one pair per
     branch. Returns ``[B, n, H, D]`` in q's dtype, differentiable w.r.t. q, k, v. ``hilbert=True``
     visits each sparse segment in Hilbert-curve order (same result up to rounding; refused with
-    ``causal``). Bad inputs raise ``ValueError`` before any communication.
+    ``causal``). Bad inputs raise ``ValueError`` before any exchange, inputs that differ between
+    the ranks too, on every rank (``check_consistency=False`` skips that all-gather).
     """
     spec = make_dilated_spec(q, k, v, segment_lengths=segment_lengths, dilation_rates=dilation_rates, group=group,
-                             causal=causal, backend=backend, hilbert=hilbert, scale=scale)
+                             causal=causal, backend=backend, hilbert=hilbert, scale=scale,
+                             check_consistency=check_consistency)
     return _DilatedAttention.apply(q, k, v, spec)

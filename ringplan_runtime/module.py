@@ -27,7 +27,7 @@ class RingDilatedAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, segment_lengths=(),
                  dilation_rates=(), *, causal: bool = False, bias: bool = True, layout: str = "contiguous",
-                 group=None, backend: str = "auto", hilbert: bool = False) -> None:
+                 group=None, backend: str = "auto", hilbert: bool = False, check_consistency: bool = True) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if embed_dim <= 0 or num_heads <= 0 or num_kv_heads <= 0:
@@ -49,6 +49,7 @@ class RingDilatedAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.segment_lengths, self.dilation_rates = tuple(segment_lengths), tuple(dilation_rates)
         self.causal, self.layout, self.group, self.backend, self.hilbert = causal, layout, group, backend, hilbert
+        self.check_consistency = check_consistency  # compare the ranks' inputs before each call's exchange
         self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias)
@@ -71,8 +72,9 @@ class RingDilatedAttention(nn.Module):
         if self.segment_lengths:
             out = ring_dilated_attention(q, k, v, segment_lengths=self.segment_lengths,
                                          dilation_rates=self.dilation_rates, group=self.group, causal=self.causal,
-                                         backend=self.backend, hilbert=self.hilbert)
+                                         backend=self.backend, hilbert=self.hilbert,
+                                         check_consistency=self.check_consistency)
         else:
             out = ring_attention(q, k, v, group=self.group, causal=self.causal, layout=self.layout,
-                                 backend=self.backend)
+                                 backend=self.backend, check_consistency=self.check_consistency)
         return self.out_proj(out.reshape(batch, n, self.num_heads * self.head_dim))

@@ -24,6 +24,7 @@ from ringplan.workload import AttentionShape, RingLayout, Workload, check_layout
 from ringplan_runtime import _compat
 from ringplan_runtime.backends import select_backend
 from ringplan_runtime.comm import RingBuffers, RingComm, kv_buffer_count
+from ringplan_runtime.consistency import checked_on_every_rank, tensor_description
 from ringplan_runtime.kernels import block_backward, block_forward
 from ringplan_runtime.layouts import block_plan, half_slice
 from ringplan_runtime.merge import accumulator_dtype, merge_, start_accumulator
@@ -61,7 +62,8 @@ def ring_members(group) -> tuple[tuple[int, ...], int]:
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless q ``[B, n, H, D]`` and k, v ``[B, n, H_kv, D]`` agree (H % H_kv == 0)."""
+    """Raise ``ValueError`` unless q ``[B, n, H, D]`` and k, v ``[B, n, H_kv, D]`` agree (H % H_kv == 0)
+    and are real floating-point tensors of one dtype on one device."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be [B, n, heads, head_dim], got shape {tuple(t.shape)}")
@@ -71,8 +73,12 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, tokens or head_dim")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
-    if len({q.dtype, k.dtype, v.dtype}) > 1 or len({q.device, k.device, v.device}) > 1:
-        raise ValueError(f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype}")
+    if len({q.device, k.device, v.device}) > 1:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}/{k.device}/{v.device}")
+    if len({q.dtype, k.dtype, v.dtype}) > 1:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}/{k.dtype}/{v.dtype}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must be real floating point (fp32, fp64, fp16 or bf16), got {q.dtype}")
 
 
 def planner_workload(q: torch.Tensor, k: torch.Tensor, ring_size: int, pattern=None) -> Workload:
@@ -83,14 +89,27 @@ def planner_workload(q: torch.Tensor, k: torch.Tensor, ring_size: int, pattern=N
     return Workload(seq_len_tokens=q.shape[1] * ring_size, shape=shape, **kwargs)
 
 
-def make_spec(q, k, v, *, group, causal: bool, layout: str, backend: str, scale: float | None) -> RingSpec:
-    """Validate everything (before any communication) and describe the ring."""
-    check_qkv(q, k, v)
+def qkv_description(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **flags) -> dict[str, object]:
+    """What every rank of a ring must pass alike: q, k, v shapes, dtypes, device types, and ``flags``."""
+    return {**tensor_description("q", q), **tensor_description("k", k), **tensor_description("v", v), **flags}
+
+
+def make_spec(q, k, v, *, group, causal: bool, layout: str, backend: str, scale: float | None,
+              check_consistency: bool = True) -> RingSpec:
+    """Validate everything (before any communication; across the ring too, see
+    ``consistency.checked_on_every_rank``) and describe the ring."""
     ranks, index = ring_members(group)
-    check_layout_fits(planner_workload(q, k, len(ranks)), RingLayout(ring_size=len(ranks), layout=layout))
-    chosen = select_backend(q.device, q.dtype, q.shape[3], backend)
-    return RingSpec(ranks=ranks, index=index, group=group, layout=layout, causal=bool(causal), backend=chosen,
-                    scale=float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[3]))
+
+    def validate() -> RingSpec:
+        check_qkv(q, k, v)
+        check_layout_fits(planner_workload(q, k, len(ranks)), RingLayout(ring_size=len(ranks), layout=layout))
+        chosen = select_backend(q.device, q.dtype, q.shape[3], backend)
+        return RingSpec(ranks=ranks, index=index, group=group, layout=layout, causal=bool(causal), backend=chosen,
+                        scale=float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[3]))
+
+    description = qkv_description(q, k, v, causal=bool(causal), layout=layout, backend=backend, scale=scale)
+    return checked_on_every_rank(validate, description=description, ranks=ranks, group=group,
+                                 check=check_consistency)
 
 
 def _start_exchange(comm: RingComm, sends, receives, tags) -> None:
@@ -239,14 +258,18 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, causal: bool = False,
-                   layout: str = "contiguous", backend: str = "auto", scale: float | None = None) -> torch.Tensor:
+                   layout: str = "contiguous", backend: str = "auto", scale: float | None = None,
+                   check_consistency: bool = True) -> torch.Tensor:
     """Exact attention of this rank's queries over the whole ring's keys/values.
 
     q ``[B, n, H, D]``, k/v ``[B, n, H_kv, D]``: the rank's local chunk, laid out per ``layout``
     (``shard_sequence``). Returns ``[B, n, H, D]`` in q's dtype; differentiable w.r.t. q, k, v.
     ``group=None``: the default process group, or a single device when torch.distributed is not
-    initialized. Bad shapes, layouts or a forced backend that cannot run raise ``ValueError``
-    before any communication. Non-contiguous k/v are copied once (they are sent as they are).
+    initialized. Bad shapes, dtypes, layouts or a forced backend that cannot run raise ``ValueError``
+    before any exchange; so do inputs that differ between the ranks (shapes, dtypes, flags), on every
+    rank, unless ``check_consistency=False`` skips that comparison (a small all-gather per call).
+    Non-contiguous k/v are copied once (they are sent as they are).
     """
-    spec = make_spec(q, k, v, group=group, causal=causal, layout=layout, backend=backend, scale=scale)
+    spec = make_spec(q, k, v, group=group, causal=causal, layout=layout, backend=backend, scale=scale,
+                     check_consistency=check_consistency)
     return _RingAttention.apply(q, k.contiguous(), v.contiguous(), spec)

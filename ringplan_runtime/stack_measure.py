@@ -41,12 +41,12 @@ from ringplan.stack import StackWorkload
 from ringplan_runtime.measure import (
     MeasureSettings,
     RankMeasurement,
-    _allocator_and_device_peaks,
-    _release,
-    _synchronize,
+    allocator_and_device_peaks,
     is_out_of_memory,
+    release_cached_memory,
+    synchronize,
 )
-from ringplan_runtime.tracker import LiveTensorTracker, _describe, _storage_or_none
+from ringplan_runtime.tracker import LiveTensorTracker, live_storage, storage_or_none
 
 STACK_METHOD = (
     "seeded batch; {warmup} warm-up steps (training: forward, backward, AdamW step, zero_grad(set_to_none)); "
@@ -80,13 +80,13 @@ class StackTracker(LiveTensorTracker):
         for tensor in tensors:
             if self._device is not None and tensor.device.type != self._device:
                 continue
-            storage = _storage_or_none(tensor)
+            storage = storage_or_none(tensor)
             if storage is None:
                 continue
             key = id(storage)
             if key not in self._live:
                 ref = weakref.ref(storage, lambda _ref, key=key: self._forget(key))
-                self._live[key] = (ref, _describe(tensor, 0, "watch"))
+                self._live[key] = (ref, live_storage(tensor, 0, "watch"))
             self._watched[key] = self._live[key][0]
         self._refresh()
         self._update_peak("watch")
@@ -205,7 +205,7 @@ def _memory_step(run, batch, settings: MeasureSettings) -> dict[str, int | None]
     from ringplan_runtime.tracker import SentBytesCounter
 
     device = run.device
-    _synchronize(device)
+    synchronize(device)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()  # blocks cached by the build and warm-up are not this step's
@@ -225,13 +225,13 @@ def _memory_step(run, batch, settings: MeasureSettings) -> dict[str, int | None]
             run_one_step(run, batch)
     finally:
         gc.enable()
-    _synchronize(device)
+    synchronize(device)
     figures = {"tracked_peak_bytes": tracker.peak_bytes if tracker else None,
                "sent_bytes": counter.sent_bytes if counter else None, "peak_allocated_bytes": None,
                "peak_reserved_bytes": None, "device_used_bytes": None, "non_allocator_bytes": None,
                "resident_bytes": resident, "host_bytes": host.peak_bytes if host else None}
     if device.type == "cuda":
-        figures.update(_allocator_and_device_peaks(device))
+        figures.update(allocator_and_device_peaks(device))
     return figures
 
 
@@ -258,7 +258,7 @@ def measure_stack_rank(w: StackWorkload, *, settings: MeasureSettings | None = N
         out_of_memory = True  # leave the except block first: its traceback still holds the tensors
     run = batch = None
     gc.collect()
-    _release(device)
+    release_cached_memory(device)
     if out_of_memory:
         return StackRankResult(measurement=RankMeasurement(rank=rank, feasible=False, failure="oom"))
     extra = {"resident_bytes": figures.pop("resident_bytes"), "host_bytes": figures.pop("host_bytes")}

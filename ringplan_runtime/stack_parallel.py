@@ -36,10 +36,10 @@ import torch
 import torch.distributed as dist
 
 from ringplan.stack import StackWorkload
+from ringplan_runtime.dtypes import torch_dtype
 from ringplan_runtime.layouts import shard_sequence
 from ringplan_runtime.transformer import IGNORE_INDEX, Transformer, init_parameters, lm_loss, rope_positions
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RUN_SHARDINGS = ("none", "zero3")
 LEARNING_RATE = 1e-4  # fixed: the runs measure memory and time, not convergence
 _RING_GROUPS: dict[tuple[int, int], list] = {}
@@ -89,13 +89,6 @@ def local_batch(tokens: torch.Tensor, labels: torch.Tensor, rank: int,
                               dim=1).contiguous()
 
     return shard(tokens), shard(labels)
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a planner dtype name (``fp32``, ``bf16``, ``fp16``)."""
-    if name not in TORCH_DTYPES:
-        raise ValueError(f"dtype {name!r} is not one of {list(TORCH_DTYPES)}")
-    return TORCH_DTYPES[name]
 
 
 def _world() -> tuple[int, int]:

@@ -1,9 +1,10 @@
 """Sweeps of whole-model points on rings of local processes: each rank measures the points with
 ``ringplan_runtime.stack_measure.measure_stack_rank`` and appends its results to a file;
-``run_stack_points`` starts the rings (``ringplan_runtime.spawn``: a fresh ring after an
-out-of-memory point or a lost rank, a per-point timeout, a time budget), reads the files back and
+``run_stack_points`` starts the rings (``ringplan_runtime.harness.run_rings``: a fresh ring after
+an out-of-memory point or a lost rank, a per-point timeout, a time budget), reads the files back and
 combines the ranks of each point; ``write_stack_results`` merges the rows into a ``ringplan.stack/1``
-profile with provenance.
+profile with provenance. Under torchrun each run writes its ranks' files into a directory of its own
+(``harness.torchrun_results_dir``), removed once the rows are written.
 
 Sweep of the points in ``points.json`` (a list of ``workload_to_json`` objects) on 2 local GPUs::
 
@@ -19,7 +20,6 @@ or under torchrun (every rank measures; an out-of-memory point ends the run)::
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -28,14 +28,30 @@ from pathlib import Path
 import torch
 
 from ringplan.stack import StackWorkload
+from ringplan_runtime.harness import (
+    RankResults,
+    RingOutOfMemory,
+    current_rank,
+    current_world_size,
+    largest_figures,
+    max_or_none,
+    progress_bar,
+    rank_device,
+    rank_measurement_from_json,
+    rank_results_path,
+    read_rank_results,
+    record_provenance,
+    record_result,
+    remove_results_dir,
+    ring_backend,
+    run_rings,
+    torchrun_results_dir,
+)
 from ringplan_runtime.measure import MeasureSettings, RankMeasurement
-from ringplan_runtime.stack_measure import STACK_METHOD, StackRankResult, _rank, measure_stack_rank, rank_device
+from ringplan_runtime.stack_measure import STACK_METHOD, StackRankResult, measure_stack_rank
 
-
-
-class RingOutOfMemory(RuntimeError):
-    """Raised by a rank after its point ran out of memory on several ranks (tears the ring down)."""
-
+__all__ = ["RingOutOfMemory", "StackPointResult", "main", "point_result", "result_summary", "run_stack_points",
+           "stack_points_worker", "stack_row", "workload_from_json", "workload_to_json", "write_stack_results"]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StackPointResult:
@@ -74,11 +90,6 @@ def workload_from_json(raw: dict) -> StackWorkload:
                          settings=StackSettings(**raw.get("settings", {})))
 
 
-def _append(path: Path, record: dict) -> None:
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
 def stack_points_worker(points: list[StackWorkload], results_dir: str, settings: MeasureSettings,
                         deadline: float | None = None, command: str | None = None, progress: bool = False,
                         fault: dict | None = None) -> None:
@@ -86,30 +97,15 @@ def stack_points_worker(points: list[StackWorkload], results_dir: str, settings:
     point in ``rank{r}.jsonl``; stop starting points once ``deadline`` (``time.time()``) is within the
     longest point so far. An out-of-memory point on several ranks raises (the ring is torn down).
     ``fault`` (tests): ``{"rank": r, "index": i}`` makes rank r report point i out of memory."""
-    import torch.distributed as dist
-
-    from ringplan_runtime.provenance import current_provenance
-
-    rank, world = _rank(), dist.get_world_size() if dist.is_initialized() else 1
-    device = rank_device()
-    path = Path(results_dir) / f"rank{rank}.jsonl"
+    rank, world, device = current_rank(), current_world_size(), rank_device()
+    path = rank_results_path(results_dir)
     if rank == 0:
-        provenance = current_provenance(method=STACK_METHOD.format(warmup=settings.warmup_steps,
-                                                                   timed=settings.timed_steps),
-                                        gpu_count=world, command=command,
-                                        device_index=device.index if device.type == "cuda" else None)
-        _append(path, {"provenance": asdict(provenance)})
-    from tqdm import tqdm
-
+        record_provenance(path, method=STACK_METHOD.format(warmup=settings.warmup_steps, timed=settings.timed_steps),
+                          command=command, device=device)
     longest = 0.0
-    bar = tqdm(total=len(points), disable=rank != 0 or not progress, unit="point", desc=f"stack W={world}")
+    bar = progress_bar(len(points), enabled=rank == 0 and progress, desc=f"stack W={world}")
     for index, w in enumerate(points):
-        stop = deadline is not None and time.time() + longest > deadline
-        if dist.is_initialized() and world > 1:  # every rank decides alike
-            flag = torch.tensor([float(stop)], device=device)
-            dist.all_reduce(flag)
-            stop = bool(flag.item())
-        if stop:
+        if _out_of_time(deadline, longest, world, device):
             return
         started = time.time()
         if fault and fault.get("rank") == rank and fault.get("index") == index:
@@ -117,38 +113,31 @@ def stack_points_worker(points: list[StackWorkload], results_dir: str, settings:
         else:
             result = measure_stack_rank(w, settings=settings, device=device)
         longest = max(longest, time.time() - started)
-        _append(path, {"index": index, "result": asdict(result)})
+        record_result(path, index, result)
         bar.set_postfix_str(f"L={w.model.n_layers} S={w.seq_len_tokens:,} "
                             f"{'ok' if result.measurement.feasible else 'oom'} {time.time() - started:.0f}s")
         bar.update(1)
         if not result.measurement.feasible and world > 1:
             raise RingOutOfMemory(f"rank {rank} ran out of memory at point {index}")
+    bar.close()
 
 
-def _read_results(results_dir: Path, world_size: int) -> tuple[dict[int, list[StackRankResult]], object]:
-    from ringplan_runtime.provenance import Provenance
+def _out_of_time(deadline: float | None, longest_s: float, world: int, device: torch.device) -> bool:
+    """True once ``deadline`` is within the longest point so far; every rank decides alike."""
+    import torch.distributed as dist
 
-    by_index: dict[int, list[StackRankResult]] = {}
-    provenance = None
-    for rank in range(world_size):
-        path = results_dir / f"rank{rank}.jsonl"
-        for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else ():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a rank killed mid-write
-                continue
-            if "provenance" in record:
-                provenance = Provenance(**record["provenance"])
-                continue
-            raw = record["result"]
-            m = dict(raw["measurement"], step_times_s=tuple(raw["measurement"]["step_times_s"]))
-            by_index.setdefault(record["index"], []).append(StackRankResult(
-                measurement=RankMeasurement(**m), resident_bytes=raw["resident_bytes"], host_bytes=raw["host_bytes"]))
-    return by_index, provenance
+    stop = deadline is not None and time.time() + longest_s > deadline
+    if dist.is_initialized() and world > 1:
+        flag = torch.tensor([float(stop)], device=device)
+        dist.all_reduce(flag)
+        stop = bool(flag.item())
+    return stop
 
 
-_FIGURES = ("peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes", "non_allocator_bytes",
-            "tracked_peak_bytes", "sent_bytes")
+def stack_rank_result_from_json(raw: dict) -> StackRankResult:
+    """A ``StackRankResult`` from its ``asdict`` form (what ``record_result`` wrote)."""
+    return StackRankResult(measurement=rank_measurement_from_json(raw["measurement"]),
+                           resident_bytes=raw["resident_bytes"], host_bytes=raw["host_bytes"])
 
 
 def point_result(w: StackWorkload, ranks: list[StackRankResult], failure: str | None,
@@ -159,13 +148,9 @@ def point_result(w: StackWorkload, ranks: list[StackRankResult], failure: str | 
     if len(ranks) < w.world_size:
         return StackPointResult(workload=w, feasible=False, failure=failure or "rank lost", provenance=provenance)
 
-    def largest(values):
-        present = [v for v in values if v is not None]
-        return max(present) if present else None
-
-    figures = {name: largest(getattr(r.measurement, name) for r in ranks) for name in _FIGURES}
-    figures.update(resident_bytes=largest(r.resident_bytes for r in ranks),
-                   host_bytes=largest(r.host_bytes for r in ranks),
+    figures = largest_figures([r.measurement for r in ranks])
+    figures.update(resident_bytes=max_or_none(r.resident_bytes for r in ranks),
+                   host_bytes=max_or_none(r.host_bytes for r in ranks),
                    step_time_s=max(r.measurement.step_time_s for r in ranks),
                    backend=ranks[0].measurement.backend)
     return StackPointResult(workload=w, feasible=True, figures=figures, provenance=provenance)
@@ -179,59 +164,45 @@ def run_stack_points(points: list[StackWorkload], *, settings: MeasureSettings |
     rank, or gloo on CPU), one ring per world size, a fresh ring after a failure: an out-of-memory
     point is a result (``failure="oom"``), a lost rank or a point past ``point_timeout_s`` costs that
     point. Once ``budget_s`` is short, no new point starts (the rest read ``skipped (budget)``)."""
-    from ringplan_runtime import RankFailure, spawn
-
     settings = settings or MeasureSettings()
-    use_cuda = device != "cpu" and torch.cuda.is_available()
+    backend = ring_backend(device)
     deadline = None if budget_s is None else time.time() + budget_s
+
+    def timeout_s(remaining: list) -> float | None:
+        left = None if deadline is None else deadline - time.time()
+        if left is not None and left <= 0:
+            return None
+        return point_timeout_s * len(remaining) if left is None else min(point_timeout_s * len(remaining),
+                                                                        left + point_timeout_s)
+
     results: list[StackPointResult] = []
     for world_size in sorted({w.world_size for w in points}):
-        remaining = [w for w in points if w.world_size == world_size]
-        while remaining:
-            left = None if deadline is None else deadline - time.time()
-            if left is not None and left <= 0:
-                break
-            timeout = point_timeout_s * len(remaining) if left is None else min(point_timeout_s * len(remaining),
-                                                                               left + point_timeout_s)
-            failure = None
-            with tempfile.TemporaryDirectory(prefix="ringplan-stack-") as tmp:
-                try:
-                    spawn(stack_points_worker, world_size=world_size, backend="nccl" if use_cuda else "gloo",
-                          timeout_s=timeout, args=(remaining, tmp, settings, deadline, command, progress, fault))
-                except (RankFailure, TimeoutError) as error:
-                    text = _head_and_tail(" ".join(str(error).split()))
-                    failure = f"timeout: {text}" if isinstance(error, TimeoutError) else f"rank failure: {text}"
-                by_index, provenance = _read_results(Path(tmp), world_size)
-            done = _finished(remaining, by_index, failure, provenance)
-            fault = None  # an injected fault fires once
-            for result in done:
-                if on_result is not None:
-                    on_result(result)
-            results.extend(done)
-            if not done:
-                break  # the ring stopped before any point (budget): the rest are skipped
-            remaining = remaining[len(done):]
+        def worker_args(remaining: list, results_dir: str, first: bool) -> tuple:
+            return (remaining, results_dir, settings, deadline, command, progress, fault if first else None)
+
+        def finish(remaining: list, results_dir: Path, failure: str | None, world_size=world_size) -> list:
+            return _finished(remaining, read_rank_results(results_dir, world_size, stack_rank_result_from_json),
+                             failure)
+
+        results += run_rings([w for w in points if w.world_size == world_size], world_size=world_size,
+                             backend=backend, worker=stack_points_worker, worker_args=worker_args, finish=finish,
+                             timeout_s=timeout_s, on_result=on_result)
+        fault = None  # an injected fault fires once
     measured = {id(r.workload) for r in results}
     skipped = [StackPointResult(workload=w, feasible=False, failure="skipped (budget)")
                for w in points if id(w) not in measured]
     return results + skipped
 
 
-def _head_and_tail(text: str, *, head: int = 100, tail: int = 240) -> str:
-    """A failure message short enough for a table that still ends with the exception's own words
-    (a traceback's head names only the launcher)."""
-    return text if len(text) <= head + tail else f"{text[:head]} … {text[-tail:]}"
-
-
-def _finished(points: list[StackWorkload], by_index: dict, failure: str | None, provenance) -> list[StackPointResult]:
+def _finished(points: list[StackWorkload], records: RankResults, failure: str | None) -> list[StackPointResult]:
     """Results of the points a ring finished, plus the one it failed on (if it failed)."""
     done = []
     for index, w in enumerate(points):
-        ranks = by_index.get(index, [])
+        ranks = records.by_index.get(index, [])
         complete = len(ranks) == w.world_size or any(not r.measurement.feasible for r in ranks)
         if not complete and failure is None:
             break  # not started: the budget ran short
-        result = point_result(w, ranks, None if complete else failure, provenance)
+        result = point_result(w, ranks, None if complete else failure, records.provenance)
         done.append(result)
         if not complete or not result.feasible:
             break
@@ -333,14 +304,15 @@ def _torchrun_main(points, args, settings, deadline, command) -> int:
     from ringplan_runtime.launch import init_from_env
 
     init_from_env()
-    results_dir = args.out.parent / f".{args.out.name}.ranks"
-    results_dir.mkdir(parents=True, exist_ok=True)
+    results_dir = torchrun_results_dir(args.out)
     stack_points_worker(points, str(results_dir), settings, deadline, command, progress=not args.no_progress)
     dist.barrier()
     if dist.get_rank() == 0:
-        by_index, provenance = _read_results(results_dir, dist.get_world_size())
-        results = [point_result(w, by_index.get(i, []), "not run", provenance) for i, w in enumerate(points)]
+        records = read_rank_results(results_dir, dist.get_world_size(), stack_rank_result_from_json)
+        results = [point_result(w, records.by_index.get(i, []), "not run", records.provenance)
+                   for i, w in enumerate(points)]
         write_stack_results(args.out, results, record_as=args.record_as, series=args.series)
+        remove_results_dir(results_dir)
     dist.destroy_process_group()
     return 0
 

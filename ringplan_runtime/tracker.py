@@ -49,7 +49,7 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return [leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor)]
 
 
-def _storage_or_none(tensor: torch.Tensor) -> torch.UntypedStorage | None:
+def storage_or_none(tensor: torch.Tensor) -> torch.UntypedStorage | None:
     """The tensor's storage, or None for tensors without one (sparse, nested, meta, subclasses)."""
     if tensor.is_sparse or tensor.device.type == "meta":
         return None
@@ -92,7 +92,7 @@ class LiveTensorTracker(TorchDispatchMode):
     def _register(self, tensor: torch.Tensor, op: str) -> None:
         if self._device is not None and tensor.device.type != self._device:
             return
-        storage = _storage_or_none(tensor)
+        storage = storage_or_none(tensor)
         if storage is None:
             return
         key = id(storage)
@@ -101,12 +101,12 @@ class LiveTensorTracker(TorchDispatchMode):
         if known is not None:
             if known[1].n_bytes != n_bytes:  # resized in place (out= ops, resize_)
                 self.live_bytes += n_bytes - known[1].n_bytes
-                self._live[key] = (known[0], _describe(tensor, n_bytes, op))
+                self._live[key] = (known[0], live_storage(tensor, n_bytes, op))
             return
         if n_bytes == 0:
             return
         ref = weakref.ref(storage, lambda _ref, key=key: self._forget(key))
-        self._live[key] = (ref, _describe(tensor, n_bytes, op))
+        self._live[key] = (ref, live_storage(tensor, n_bytes, op))
         self.live_bytes += n_bytes
 
     def _forget(self, key: int) -> None:
@@ -133,7 +133,8 @@ class LiveTensorTracker(TorchDispatchMode):
         return out
 
 
-def _describe(tensor: torch.Tensor, n_bytes: int, op: str) -> LiveStorage:
+def live_storage(tensor: torch.Tensor, n_bytes: int, op: str) -> LiveStorage:
+    """The tracker's record of a storage of ``n_bytes`` first seen as ``tensor`` in op ``op``."""
     return LiveStorage(n_bytes=n_bytes, shape=tuple(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."),
                        op=op)
 

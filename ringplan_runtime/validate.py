@@ -313,7 +313,8 @@ def validate_in_process(plan: Plan, *, model, settings: MeasureSettings, toleran
 
     from ringplan_runtime import init_from_env
     from ringplan_runtime.measure import measure_step
-    from ringplan_runtime.points import RingOutOfMemory, calibrated_cap, point_result
+    from ringplan_runtime.harness import RingOutOfMemory
+    from ringplan_runtime.points import calibrated_cap, point_result
     from ringplan_runtime.provenance import current_provenance
 
     _check_cpu_size(plan)

@@ -21,7 +21,7 @@ def test_device_used_at_the_peak_adds_outside_memory_to_the_peak_reservation(mon
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * GB)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 8 * GB)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 7 * GB)
-    peaks = measure._allocator_and_device_peaks(CUDA0)
+    peaks = measure.allocator_and_device_peaks(CUDA0)
     assert peaks == {"peak_allocated_bytes": 7 * GB, "peak_reserved_bytes": 8 * GB, "device_used_bytes": 12 * GB,
                      "non_allocator_bytes": 4 * GB}
 
@@ -32,7 +32,7 @@ def test_without_nvml_device_used_is_unknown(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * GB)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 8 * GB)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 7 * GB)
-    peaks = measure._allocator_and_device_peaks(CUDA0)
+    peaks = measure.allocator_and_device_peaks(CUDA0)
     assert peaks["device_used_bytes"] is None and peaks["non_allocator_bytes"] is None
     assert peaks["peak_reserved_bytes"] == 8 * GB
 
