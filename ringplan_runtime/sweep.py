@@ -17,6 +17,7 @@ from ringplan.profiles.attention import Measurement as ProfileRow
 from ringplan.profiles.attention import Profile, write_profile
 from ringplan.profiles.attention import Provenance as ProfileProvenance
 from ringplan.workload import AttentionPattern, AttentionShape, RingLayout, Workload
+from ringplan_runtime.harness import progress_bar
 from ringplan_runtime.measure import MeasureSettings
 from ringplan_runtime.points import PointResult, SweepPoint, run_points
 from ringplan_runtime.provenance import Provenance
@@ -58,11 +59,9 @@ def run_sweep(points: Sequence[SweepPoint], *, profile_path: str | Path, setting
     Rows are written as they arrive, so an interrupted sweep keeps what it measured; rows already
     in the file are merged by key (``ringplan.profiles.attention.write_profile``), never dropped.
     """
-    from tqdm import tqdm
-
     settings = settings or MeasureSettings()
     results: list[PointResult] = []
-    bar = tqdm(total=len(points), disable=not progress, unit="point", desc="profile")
+    bar = progress_bar(len(points), enabled=progress, desc="profile")
 
     def record(result: PointResult) -> None:
         write_results(profile_path, [result], record_as=record_as, series=series)
