@@ -13,7 +13,7 @@ deduplicated by (in, out)) and the LM head, at each of --tokens rows (the LM hea
 --lm-head-max-tokens: the loss runs over chunks of logits), three GEMMs are timed as autograd runs
 them for ``F.linear(x, W)`` with x [tokens, in] and W [out, in]: ``forward`` x·Wᵀ, ``backward_input``
 dy·W, ``backward_weight`` dyᵀ·x. Median of CUDA-event timings after a warm-up. Writes one
-``ringplan.gemm/1`` profile (``ringplan.time.gemms.write_gemm_profile``) with provenance. Shapes that
+``ringplan.gemm/1`` profile (``ringplan.profiles.gemm.write_gemm_profile``) with provenance. Shapes that
 run out of memory are skipped and listed in the method. A watchdog exits 3 after --hard-timeout-s.
 """
 
@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from measure_timing import Timer, _slug, provenance, start_watchdog  # noqa: E402
 
-from ringplan.time.gemms import GEMM_FORMAT, GemmShape, block_gemms, lm_head_gemm, write_gemm_profile  # noqa: E402
+from ringplan.profiles.gemm import GEMM_FORMAT, write_gemm_profile  # noqa: E402
+from ringplan.time.gemms import GemmShape, block_gemms, lm_head_gemm  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_MODELS = "llama-3-8b,qwen3-8b,qwen3-0.6b,qwen3-32b,llama-3-70b"

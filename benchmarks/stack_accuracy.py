@@ -52,7 +52,8 @@ from accuracy_report import split_held_out as split_series  # noqa: E402
 
 from ringplan.hardware import load_catalog  # noqa: E402
 from ringplan.memory.stack_model import PRESSURE_FRACTION  # noqa: E402
-from ringplan.profiles.stack import StackMeasurement, load_stack_profile, stack_profiles_dir  # noqa: E402
+from ringplan.paths import stack_profiles_dir  # noqa: E402
+from ringplan.profiles.stack import StackMeasurement, load_stack_profile  # noqa: E402
 
 #: figure name → (measured attribute of the row, predicted attribute of the MemoryPrediction)
 MEMORY_FIGURES = {"peak allocated": ("peak_allocated_bytes", "peak_allocated_bytes"),

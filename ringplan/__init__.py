@@ -50,4 +50,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ringplan.memory.attention_model import (MemoryFit, MemoryModel, MemoryPrediction, SeedFit, default_memory_model,
                                        fit_memory_model, fit_seed_form, predict_memory)
     from ringplan.memory.attention_terms import TERM_NAMES, memory_terms
-    from ringplan.profiles.attention import Measurement, Profile, Provenance, load_profile, load_profiles, write_profile
+    from ringplan.profiles.attention import Measurement, Profile, load_profile, load_profiles, write_profile
+    from ringplan.profiles.envelope import Provenance

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,8 +124,8 @@ def closest_names(key: str, names: list[str]) -> str:
 
 
 def default_catalog_path() -> Path:
-    """``profiles/gpus.json`` of the profiles directory (see ``ringplan.profiles.attention.profiles_dir``)."""
-    from ringplan.profiles.attention import profiles_dir
+    """``profiles/gpus.json`` of the profiles directory (see ``ringplan.paths.profiles_dir``)."""
+    from ringplan.paths import profiles_dir
 
     return profiles_dir() / "gpus.json"
 
@@ -135,12 +134,9 @@ def default_catalog_path() -> Path:
 def load_catalog(path: str | Path | None = None) -> Catalog:
     """Read and validate the catalog (cached per path). Bad data → ``ValueError`` naming the entry."""
     path = Path(path) if path is not None else default_catalog_path()
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: GPU catalog not found") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    from ringplan.jsonfile import read_json_file
+
+    data = read_json_file(path, "GPU catalog")
     if not isinstance(data, dict) or data.get("schema") != CATALOG_SCHEMA:
         raise ValueError(f"{path}: schema must be {CATALOG_SCHEMA!r}")
     try:

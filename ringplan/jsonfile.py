@@ -35,6 +35,10 @@ LOCK_TIMEOUT_S = 60.0
 _LOCK_POLL_S = 0.005
 
 
+class NotJsonError(ValueError):
+    """The text is not JSON at all (a syntax error), as opposed to JSON the reader refuses."""
+
+
 class _DuplicateKey(Exception):
     """Raised inside ``json.loads`` by the pairs hook; ``read_json_file`` names the file."""
 
@@ -55,14 +59,15 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def parse_json_text(text: str, source: str) -> Any:
-    """``json.loads(text)`` refusing duplicate keys; every failure a ``ValueError`` naming ``source``."""
+    """``json.loads(text)`` refusing duplicate keys; every failure a ``ValueError`` naming ``source``
+    (``NotJsonError`` for a syntax error)."""
     try:
         return json.loads(text, object_pairs_hook=_unique_object)
     except _DuplicateKey as exc:
         raise ValueError(f"{source}: key {exc.key!r} appears twice in one JSON object "
                          "(which value was meant? remove one)") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        raise NotJsonError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     except RecursionError:
         raise ValueError(f"{source}: not readable JSON (nested too deeply)") from None
     except ValueError as exc:  # e.g. an integer of more digits than Python converts

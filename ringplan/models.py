@@ -15,7 +15,6 @@ F FFN width, V vocab.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -198,8 +197,8 @@ def normalise_model_name(name: str) -> str:
 
 
 def default_model_catalog_path() -> Path:
-    """``profiles/models.json`` of the profiles directory (see ``ringplan.profiles.attention.profiles_dir``)."""
-    from ringplan.profiles.attention import profiles_dir
+    """``profiles/models.json`` of the profiles directory (see ``ringplan.paths.profiles_dir``)."""
+    from ringplan.paths import profiles_dir
 
     return profiles_dir() / "models.json"
 
@@ -224,16 +223,9 @@ def load_model_catalog(path: str | Path | None = None) -> ModelCatalog:
 
 
 def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: {what} is a directory, not a file") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a UTF-8 text file") from None
+    from ringplan.jsonfile import read_json_file
+
+    return read_json_file(path, what)
 
 
 def _model_from_entry(entry: Any, path: Path, index: int) -> ModelSpec:

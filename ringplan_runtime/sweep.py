@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ringplan.profiles.attention import Measurement as ProfileRow
 from ringplan.profiles.attention import Profile, write_profile
-from ringplan.profiles.attention import Provenance as ProfileProvenance
+from ringplan.profiles.envelope import Provenance as ProfileProvenance
 from ringplan.workload import AttentionPattern, AttentionShape, RingLayout, Workload
 from ringplan_runtime.harness import progress_bar
 from ringplan_runtime.measure import MeasureSettings

@@ -13,64 +13,28 @@ File format (JSON)::
 (``load_profile``), which validates every field and names the file and the field on error.
 A row's ``kind`` says where its figures come from: ``measured`` (a run of ours), ``reported``
 (copied from a report that claims a measurement), ``estimated`` (a formula's output someone
-tabulated). Only a ``measured`` row may replace an existing row with the same key.
+tabulated). Only a ``measured`` row may replace an existing row with the same key; two rows of
+one key in a file are an error. The envelope (provenance, history, checks, merged write) is
+``ringplan.profiles.envelope``'s; this module holds the row type and its reader and writer.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import os
-import tempfile
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ringplan.paths import measured_dir
+from ringplan.profiles.envelope import (ROW_KINDS, Checker, Provenance, envelope_from_json, provenance_from_values,
+                                        provenance_to_json, write_merged_profile)
+from ringplan.jsonfile import read_json_file
 from ringplan.workload import (BACKENDS, DTYPE_BYTES, LAYOUTS, AttentionPattern, AttentionShape, RingLayout,
                                Workload)
 
 PROFILE_SCHEMA = "ringplan.profile/1"
-ROW_KINDS: tuple[str, ...] = ("measured", "reported", "estimated")
-PROVENANCE_KEYS: tuple[str, ...] = (
-    "gpu_driver_name", "driver_version", "torch_version", "nccl_version", "cuda_version", "git_sha",
-    "date", "command", "method", "source", "interconnect", "hostname")
 FIGURE_FIELDS: tuple[str, ...] = (
     "peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes", "tracked_peak_bytes",
     "step_time_s", "bytes_sent_per_rank")
-
-
-def profiles_dir() -> Path:
-    """Directory holding ``gpus.json`` and ``measured/``: ``$RINGPLAN_PROFILES_DIR`` if set, else the
-    ``profiles/`` folder next to the ``ringplan`` package (the repository checkout)."""
-    override = os.environ.get("RINGPLAN_PROFILES_DIR")
-    return Path(override) if override else Path(__file__).resolve().parent.parent.parent / "profiles"
-
-
-def measured_dir() -> Path:
-    """``profiles/measured``: every ``*.json`` here feeds the default memory model."""
-    return profiles_dir() / "measured"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Provenance:
-    """Where a profile's rows came from. Unknown values are None, never guessed."""
-
-    gpu_driver_name: str | None = None
-    driver_version: str | None = None
-    torch_version: str | None = None
-    nccl_version: str | None = None
-    cuda_version: str | None = None
-    git_sha: str | None = None
-    date: str | None = None
-    command: str | None = None
-    method: str | None = None
-    source: str | None = None
-    interconnect: str | None = None
-    hostname: str | None = None
-    notes: tuple[str, ...] = ()
-    assumptions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,42 +113,7 @@ _REQUIRED = ("gpu", "seq_len_tokens", "ring_size", "n_heads", "n_kv_heads", "hea
 _ROW_FIELDS = tuple(f.name for f in fields(Measurement))
 
 
-class _Checker:
-    """Raises ``ValueError("<file>: <where> <problem>: <value>")``."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def fail(self, where: str, problem: str, value: Any = None, *, show_value: bool = True) -> None:
-        shown = f": {value!r}" if show_value else ""
-        raise ValueError(f"{self.path}: {where} {problem}{shown}")
-
-    def positive_int(self, where: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            self.fail(where, "is not a positive integer", value)
-        return value
-
-    def figure(self, where: str, value: Any) -> float | None:
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            self.fail(where, "is not a finite number", value)
-        if value < 0:
-            self.fail(where, "is negative", value)
-        return value
-
-    def choice(self, where: str, value: Any, choices: tuple[str, ...]) -> str:
-        if value not in choices:
-            self.fail(where, f"is not one of {list(choices)}", value)
-        return value
-
-    def int_tuple(self, where: str, value: Any) -> tuple[int, ...]:
-        if not isinstance(value, list):
-            self.fail(where, "is not a list of positive integers", value)
-        return tuple(self.positive_int(f"{where}[{i}]", v) for i, v in enumerate(value))
-
-
-def _row_from_json(check: _Checker, index: int, raw: Any) -> Measurement:
+def _row_from_json(check: Checker, index: int, raw: Any) -> Measurement:
     where = f"rows[{index}]"
     if not isinstance(raw, dict):
         check.fail(where, "is not an object", raw)
@@ -207,7 +136,7 @@ def _row_from_json(check: _Checker, index: int, raw: Any) -> Measurement:
     values["layout"] = check.choice(f"{where}.layout", raw.get("layout", "contiguous"), LAYOUTS)
     values["backend"] = check.choice(f"{where}.backend", raw.get("backend", "auto"), BACKENDS)
     values["kind"] = check.choice(f"{where}.kind", raw.get("kind", "measured"), ROW_KINDS)
-    values["gpu"] = _canonical_gpu(check, f"{where}.gpu", raw["gpu"])
+    values["gpu"] = check.gpu(f"{where}.gpu", raw["gpu"])
     for name in ("segment_lengths_tokens", "dilation_rates"):
         values[name] = check.int_tuple(f"{where}.{name}", raw.get(name, []))
     if len(values["segment_lengths_tokens"]) != len(values["dilation_rates"]):
@@ -222,86 +151,18 @@ def _row_from_json(check: _Checker, index: int, raw: Any) -> Measurement:
     return Measurement(**values)
 
 
-def _canonical_gpu(check: _Checker, where: str, value: Any) -> str:
-    from ringplan.hardware import load_catalog
-
-    if not isinstance(value, str):
-        check.fail(where, "is not a GPU name", value)
-    try:
-        return load_catalog().gpu(value).name
-    except ValueError as exc:
-        check.fail(where, f"is not in the GPU catalog ({exc})", show_value=False)
-        raise  # unreachable: fail() raises
-
-
-def _provenance_from_json(check: _Checker, raw: Any, where: str = "provenance") -> Provenance:
-    if not isinstance(raw, dict):
-        check.fail(where, "is not an object", raw)
-    values: dict[str, Any] = {}
-    for name, value in raw.items():
-        if name in ("notes", "assumptions"):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                check.fail(f"{where}.{name}", "is not a list of strings", value)
-            values[name] = tuple(value)
-        elif name in PROVENANCE_KEYS:
-            if value is not None and not isinstance(value, str):
-                check.fail(f"{where}.{name}", "is not a string", value)
-            values[name] = value
-        else:
-            check.fail(f"{where}.{name}", "is not a known provenance key (known: "
-                       + ", ".join(PROVENANCE_KEYS + ("notes", "assumptions")) + ")", show_value=False)
-    return Provenance(**values)
-
-
-def envelope_from_json(check: "_Checker", data: Any, schema: str) -> tuple[Provenance, tuple, list]:
-    """The envelope every profile format shares: ``schema``, ``provenance``, ``history`` (earlier
-    provenance blocks, validated) and ``rows`` (a list, returned raw for the format to parse)."""
-    if not isinstance(data, dict):
-        check.fail("top level", "is not an object", show_value=False)
-    if data.get("schema") != schema:
-        check.fail("schema", f"must be {schema!r}", data.get("schema"))
-    for name in data:
-        if name not in ("schema", "provenance", "rows", "history"):
-            check.fail(name, "is not a known top-level key (known: schema, provenance, rows, history)",
-                       show_value=False)
-    provenance = _provenance_from_json(check, data.get("provenance", {}))
-    history = data.get("history", [])
-    if not isinstance(history, list):
-        check.fail("history", "is not a list", show_value=False)
-    for i, entry in enumerate(history):
-        _provenance_from_json(check, entry, f"history[{i}]")
-    rows = data.get("rows")
-    if not isinstance(rows, list):
-        check.fail("rows", "is not a list", show_value=False)
-    return provenance, tuple(history), rows
-
-
 def profile_from_json(data: Any, path: str = "<profile>") -> Profile:
     """Validate parsed JSON and build a ``Profile``; ``ValueError`` names ``path`` and the field."""
-    check = _Checker(path)
+    check = Checker(path)
     provenance, history, rows = envelope_from_json(check, data, PROFILE_SCHEMA)
     parsed = tuple(_row_from_json(check, i, raw) for i, raw in enumerate(rows))
-    return Profile(provenance=provenance, rows=parsed, history=history, path=path)
-
-
-def read_json_file(path: str | Path, what: str = "profile") -> Any:
-    """Parsed JSON of ``path``; missing, unreadable or malformed → ``ValueError`` naming the file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ValueError(f"{path}: {what} file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read {what} ({exc})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    check.unique_rows([row.key for row in parsed])
+    return Profile(provenance=provenance_from_values(provenance), rows=parsed, history=history, path=path)
 
 
 def load_profile(path: str | Path) -> Profile:
     """Read and validate one profile file. Missing, unreadable or malformed → ``ValueError``."""
-    return profile_from_json(read_json_file(path), str(path))
+    return profile_from_json(read_json_file(path, "profile file"), str(path))
 
 
 def load_profiles(directory: str | Path | None = None) -> list[Profile]:
@@ -317,93 +178,20 @@ def load_profiles(directory: str | Path | None = None) -> list[Profile]:
 
 def profile_to_json(profile: Profile) -> dict[str, Any]:
     """The JSON form written to disk (all columns present; unknown figures are null)."""
-    provenance = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(profile.provenance).items()}
     rows = []
     for row in profile.rows:
         raw = asdict(row)
         raw["segment_lengths_tokens"] = list(row.segment_lengths_tokens)
         raw["dilation_rates"] = list(row.dilation_rates)
         rows.append(raw)
-    return {"schema": PROFILE_SCHEMA, "provenance": provenance, "history": list(profile.history), "rows": rows}
-
-
-def merge_rows(old: tuple[Measurement, ...], new: tuple[Measurement, ...]) -> tuple[Measurement, ...]:
-    """Old rows in order, a same-key old row replaced only by a ``measured`` new row, then the new
-    rows with new keys. Never drops a row of another key; a non-measured new row never overrides."""
-    merged = {row.key: row for row in old}
-    order = [row.key for row in old]
-    for row in new:
-        if row.key not in merged:
-            order.append(row.key)
-            merged[row.key] = row
-        elif row.kind == "measured":
-            merged[row.key] = row
-    return tuple(merged[key] for key in order)
+    return {"schema": PROFILE_SCHEMA, "provenance": provenance_to_json(profile.provenance),
+            "history": list(profile.history), "rows": rows}
 
 
 def write_profile(path: str | Path, profile: Profile) -> Profile:
-    """Merge ``profile`` with what is on disk at ``path`` and write atomically (temp file in the
-    same directory + ``os.replace``), under an advisory lock. Returns the merged profile.
-
-    The new provenance becomes the file's; the old one is appended to ``history`` when it differs.
-    A corrupt file on disk raises ``ValueError`` and is left untouched.
-    """
-    path = Path(path)
+    """Merge ``profile`` with what is on disk at ``path`` (rows by ``key``; only a ``measured`` row
+    replaces one) and write atomically under the file's lock (``envelope.write_merged_profile``).
+    The new provenance becomes the file's; a different old one goes to ``history`` once. A corrupt
+    file on disk raises ``ValueError`` and is left untouched. Returns the merged profile."""
     profile = profile_from_json(profile_to_json(profile), f"{path} (rows to write)")  # validate new rows
-    written: list[Profile] = []
-
-    def merged_json() -> dict[str, Any]:
-        merged = profile
-        if path.exists():
-            old = load_profile(path)
-            history = old.history
-            if old.provenance != profile.provenance:
-                history = history + (profile_to_json(old)["provenance"],)
-            merged = replace(profile, rows=merge_rows(old.rows, profile.rows), history=history)
-        written.append(merged)
-        return profile_to_json(merged)
-
-    write_merged_json(path, merged_json)
-    return replace(written[0], path=str(path))
-
-
-def write_merged_json(path: str | Path, merged_json: Callable[[], dict[str, Any]]) -> None:
-    """Write ``merged_json()`` to ``path`` atomically (temp file in the same directory + ``os.replace``)
-    under an advisory lock; ``merged_json`` runs under the lock, so it can read what is on disk and
-    merge. Shared by every profile format (``ringplan.profiles.stack`` too)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path):
-        text = json.dumps(merged_json(), indent=1, allow_nan=False) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    """Advisory lock (a file in the temp dir keyed by the resolved path) so concurrent writers merge
-    instead of overwriting each other (POSIX only; elsewhere the replace is still atomic)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX: atomic replace only
-        yield
-        return
-    import hashlib
-
-    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"ringplan-profile-{digest}.lock", "a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    return write_merged_profile(path, profile, load=load_profile, to_json=profile_to_json)

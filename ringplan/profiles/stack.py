@@ -3,7 +3,7 @@
 File format (JSON, ``profiles/measured/stack/*.json``)::
 
     {"schema": "ringplan.stack/1",
-     "provenance": {<the keys of ringplan.profiles.attention.Provenance>},
+     "provenance": {<the keys of ringplan.profiles.envelope.Provenance>},
      "history": [<provenance of earlier writes merged into this file>, ...],
      "rows": [{"gpu": "h100-80gb", "model": {"name": "llama-3-8b@4L", "n_layers": 4, ...},
                "seq_len_tokens": 65536, "batch": 1, "world_size": 2, "ring_size": 2,
@@ -15,29 +15,22 @@ File format (JSON, ``profiles/measured/stack/*.json``)::
 records the shape that ran, whatever it was called) and ``settings`` the
 ``ringplan.stack.StackSettings`` fields. The provenance block, the row ``kind`` rule (only a
 ``measured`` row replaces a row with the same key) and the atomic merged write under a lock are
-those of ``ringplan.profiles.attention``, reused, not copied. ``ringplan_runtime.stack_sweep`` writes the
+the envelope's (``ringplan.profiles.envelope``), reused, not copied. ``ringplan_runtime.stack_sweep`` writes the
 files; the planner reads them (``load_stack_profile``, ``load_stack_profiles``), which validates
 every field and names the file and the field on error.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ringplan.models import ModelSpec
-from ringplan.profiles.attention import (
-    ROW_KINDS,
-    Provenance,
-    _canonical_gpu,
-    _Checker,
-    envelope_from_json,
-    measured_dir,
-    merge_rows,
-    read_json_file,
-    write_merged_json,
-)
+from ringplan.paths import stack_profiles_dir
+from ringplan.profiles.envelope import (ROW_KINDS, Checker, Provenance, envelope_from_json, provenance_from_values,
+                                        provenance_to_json, write_merged_profile)
+from ringplan.jsonfile import read_json_file
 from ringplan.stack import StackSettings, StackWorkload
 from ringplan.workload import BACKENDS, LAYOUTS, RingLayout
 
@@ -49,11 +42,6 @@ STACK_FIGURE_FIELDS: tuple[str, ...] = (
 #: ``ModelSpec`` fields a row records (aliases and sources are catalog matters, not the run's shape).
 MODEL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ModelSpec) if f.name not in ("aliases", "sources"))
 SETTINGS_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(StackSettings))
-
-
-def stack_profiles_dir() -> Path:
-    """``profiles/measured/stack``: the default directory of whole-model profiles."""
-    return measured_dir() / "stack"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,7 +125,7 @@ _INT_FIELDS = ("seq_len_tokens", "world_size", "ring_size", "batch")
 _BOOL_FIELDS = ("training", "oom")
 
 
-def _sub_object(check: _Checker, where: str, raw: Any, known: tuple[str, ...], build):
+def _sub_object(check: Checker, where: str, raw: Any, known: tuple[str, ...], build):
     """Build a dataclass from a JSON object whose keys must be ``known``; errors name ``where``."""
     if not isinstance(raw, dict):
         check.fail(where, "is not an object", raw)
@@ -152,7 +140,7 @@ def _sub_object(check: _Checker, where: str, raw: Any, known: tuple[str, ...], b
         check.fail(where, f"is invalid ({exc})", show_value=False)
 
 
-def _row_from_json(check: _Checker, index: int, raw: Any) -> StackMeasurement:
+def _row_from_json(check: Checker, index: int, raw: Any) -> StackMeasurement:
     where = f"rows[{index}]"
     if not isinstance(raw, dict):
         check.fail(where, "is not an object", raw)
@@ -174,7 +162,7 @@ def _row_from_json(check: _Checker, index: int, raw: Any) -> StackMeasurement:
     values["layout"] = check.choice(f"{where}.layout", raw.get("layout", "contiguous"), LAYOUTS)
     values["backend"] = check.choice(f"{where}.backend", raw.get("backend", "auto"), BACKENDS)
     values["kind"] = check.choice(f"{where}.kind", raw.get("kind", "measured"), ROW_KINDS)
-    values["gpu"] = _canonical_gpu(check, f"{where}.gpu", raw["gpu"])
+    values["gpu"] = check.gpu(f"{where}.gpu", raw["gpu"])
     values["model"] = _sub_object(check, f"{where}.model", raw["model"], MODEL_FIELDS, ModelSpec)
     values["settings"] = _sub_object(check, f"{where}.settings", raw.get("settings", {}), SETTINGS_FIELDS,
                                      StackSettings)
@@ -192,15 +180,16 @@ def _row_from_json(check: _Checker, index: int, raw: Any) -> StackMeasurement:
 
 def stack_profile_from_json(data: Any, path: str = "<stack profile>") -> StackProfile:
     """Validate parsed JSON and build a ``StackProfile``; ``ValueError`` names ``path`` and the field."""
-    check = _Checker(path)
+    check = Checker(path)
     provenance, history, rows = envelope_from_json(check, data, STACK_SCHEMA)
     parsed = tuple(_row_from_json(check, i, raw) for i, raw in enumerate(rows))
-    return StackProfile(provenance=provenance, rows=parsed, history=history, path=path)
+    check.unique_rows([row.key for row in parsed])
+    return StackProfile(provenance=provenance_from_values(provenance), rows=parsed, history=history, path=path)
 
 
 def load_stack_profile(path: str | Path) -> StackProfile:
     """Read and validate one stack profile. Missing, unreadable or malformed → ``ValueError``."""
-    return stack_profile_from_json(read_json_file(path, "stack profile"), str(path))
+    return stack_profile_from_json(read_json_file(path, "stack profile file"), str(path))
 
 
 def load_stack_profiles(directory: str | Path | None = None) -> list[StackProfile]:
@@ -228,30 +217,14 @@ def row_to_json(row: StackMeasurement) -> dict[str, Any]:
 
 def stack_profile_to_json(profile: StackProfile) -> dict[str, Any]:
     """The JSON form written to disk (all columns present; unknown figures are null)."""
-    provenance = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(profile.provenance).items()}
-    return {"schema": STACK_SCHEMA, "provenance": provenance, "history": list(profile.history),
-            "rows": [row_to_json(row) for row in profile.rows]}
+    return {"schema": STACK_SCHEMA, "provenance": provenance_to_json(profile.provenance),
+            "history": list(profile.history), "rows": [row_to_json(row) for row in profile.rows]}
 
 
 def write_stack_profile(path: str | Path, profile: StackProfile) -> StackProfile:
     """Merge ``profile`` with what is on disk at ``path`` (rows by ``key``; only a ``measured`` row
-    replaces one) and write atomically under a lock (``ringplan.profiles.attention.write_merged_json``).
-    The new provenance becomes the file's; a different old one goes to ``history``. A corrupt file
-    on disk raises ``ValueError`` and is left untouched. Returns the merged profile."""
-    path = Path(path)
+    replaces one) and write atomically under the file's lock (``envelope.write_merged_profile``).
+    The new provenance becomes the file's; a different old one goes to ``history`` once. A corrupt
+    file on disk raises ``ValueError`` and is left untouched. Returns the merged profile."""
     profile = stack_profile_from_json(stack_profile_to_json(profile), f"{path} (rows to write)")
-    written: list[StackProfile] = []
-
-    def merged_json() -> dict[str, Any]:
-        merged = profile
-        if path.exists():
-            old = load_stack_profile(path)
-            history = old.history
-            if old.provenance != profile.provenance:
-                history = history + (stack_profile_to_json(old)["provenance"],)
-            merged = replace(profile, rows=merge_rows(old.rows, profile.rows), history=history)
-        written.append(merged)
-        return stack_profile_to_json(merged)
-
-    write_merged_json(path, merged_json)
-    return replace(written[0], path=str(path))
+    return write_merged_profile(path, profile, load=load_stack_profile, to_json=stack_profile_to_json)

@@ -1,6 +1,6 @@
-"""GEMM timing of a transformer stack: the GEMM shapes of a block and the LM head, and the
-measured GEMM profiles (``ringplan.gemm/1``, written by ``benchmarks/measure_gemm.py``) that time
-them by shape.
+"""GEMM timing of a transformer stack: the GEMM shapes of a block and the LM head, timed by shape
+from the measured GEMM profiles (``ringplan.gemm/1``, written by ``benchmarks/measure_gemm.py``,
+read by ``ringplan.profiles.gemm``).
 
 ``gemm_model_for`` picks the GPU's own profile, else another GPU's scaled by the peak ratio, else the
 prior ``GEMM_EFFICIENCY`` × catalog peak. numpy/scipy (through ``comm_model``'s curve fit) load only
@@ -10,16 +10,14 @@ when a measured profile is fitted.
 from __future__ import annotations
 
 import functools
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ringplan import models as mdl
+from ringplan.profiles.gemm import GemmProfile, GemmRow, gemm_profiles_in
 
-GEMM_FORMAT = "ringplan.gemm/1"
-GEMM_PASSES: tuple[str, ...] = ("forward", "backward_input", "backward_weight")
 #: Relative uncertainty of a GEMM time from the prior efficiency: a policy (public H100 bf16 GEMM
 #: rates at transformer shapes span roughly 0.5-0.8 of dense peak), not a measurement.
 GEMM_PRIOR_RELATIVE_UNCERTAINTY = 0.25
@@ -60,100 +58,6 @@ def gemm_flops(tokens: int, shape: GemmShape) -> float:
     """FLOPs of one forward pass of ``shape`` over ``tokens`` rows: 2·m·in·out per GEMM × count
     (each backward GEMM — input gradient, weight gradient — costs the same)."""
     return 2.0 * tokens * shape.in_features * shape.out_features * shape.count
-
-
-# ----------------------------------------------------------------------------- GEMM timing profiles
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GemmRow:
-    """One timed GEMM: ``pass_name`` of the linear layer [tokens, in] → [tokens, out]: ``forward``
-    (x·Wᵀ), ``backward_input`` (dy·W) or ``backward_weight`` (dyᵀ·x), each 2·tokens·in·out FLOPs."""
-
-    name: str
-    pass_name: str
-    tokens: int
-    in_features: int
-    out_features: int
-    dtype: str
-    seconds: float
-    repeats: int
-
-    @property
-    def flops(self) -> float:
-        return 2.0 * self.tokens * self.in_features * self.out_features
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GemmProfile:
-    """GEMM timings measured on one GPU type (``ringplan.gemm/1``)."""
-
-    path: str
-    provenance: dict[str, Any]
-    rows: tuple[GemmRow, ...]
-
-    @property
-    def gpu_driver_name(self) -> str:
-        return str(self.provenance["gpu_driver_name"])
-
-
-def gemm_profile_from_json(data: Any, path: str) -> GemmProfile:
-    """Validate a ``ringplan.gemm/1`` document; ValueError naming the file, row and key otherwise::
-
-        {"schema": "ringplan.gemm/1", "provenance": {<timing_profiles.PROVENANCE_KEYS>},
-         "rows": [{"op": "gemm", "name": "gate_up", "pass": "forward", "dtype": "bf16", "tokens": 8192,
-                   "in_features": 4096, "out_features": 14336, "seconds_median": 0.0021, "repeats": 10}]}
-    """
-    from ringplan.profiles.timing import _field, _provenance, _schema
-
-    if _schema(data) != GEMM_FORMAT:
-        raise ValueError(f"{path}: format {_schema(data)!r} is not {GEMM_FORMAT!r}")
-    rows = []
-    for i, r in enumerate(data.get("rows") or []):
-        if not isinstance(r, dict) or r.get("op") != "gemm" or r.get("pass") not in GEMM_PASSES:
-            raise ValueError(f"{path}: row {i} must be an object with op 'gemm' and pass one of {list(GEMM_PASSES)}")
-        rows.append(GemmRow(name=_field(r, "name", str, path, i), pass_name=r["pass"],
-                            tokens=_field(r, "tokens", int, path, i), dtype=_field(r, "dtype", str, path, i),
-                            in_features=_field(r, "in_features", int, path, i),
-                            out_features=_field(r, "out_features", int, path, i),
-                            seconds=_field(r, "seconds_median", float, path, i),
-                            repeats=_field(r, "repeats", int, path, i)))
-    if not rows:
-        raise ValueError(f"{path}: a GEMM profile needs at least one row")
-    return GemmProfile(path=path, provenance=_provenance(data.get("provenance"), path), rows=tuple(rows))
-
-
-def load_gemm_profile(path: str | Path) -> GemmProfile:
-    """Read one ``ringplan.gemm/1`` file (ValueError on bad JSON or content)."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    return gemm_profile_from_json(data, str(path))
-
-
-def gemm_profiles_in(directory: str | Path | None = None) -> list[GemmProfile]:
-    """Every GEMM profile under ``directory`` (default ``profiles/measured/timing``); other JSON skipped."""
-    from ringplan.profiles.timing import _schema, timing_dir
-
-    root = Path(directory) if directory is not None else timing_dir()
-    found = []
-    for path in sorted(root.rglob("*.json")) if root.is_dir() else ():
-        try:
-            schema = _schema(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError:
-            continue
-        if schema == GEMM_FORMAT:
-            found.append(load_gemm_profile(path))
-    return found
-
-
-def write_gemm_profile(path: str | Path, data: dict[str, Any]) -> None:
-    """Write a GEMM profile atomically after checking it validates (``profiles.write_merged_json``)."""
-    from ringplan.profiles.attention import write_merged_json
-
-    gemm_profile_from_json(data, str(path))
-    write_merged_json(path, lambda: data)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -224,7 +128,7 @@ def _measured_gemm_curves(directory: str) -> dict[str, tuple[str, dict]]:
 def gemm_model_for(gpu, dtype: str = "bf16", timing_dir: str | Path | None = None) -> GemmModel:
     """The GPU's GEMM model: its own measured profile, else another GPU's scaled by the peak ratio
     (the fastest-peak donor first), else the prior efficiency. Unknown dtype peak → ValueError."""
-    from ringplan.profiles.timing import timing_dir as default_timing_dir
+    from ringplan.paths import timing_dir as default_timing_dir
 
     peak = gpu.peak_flops_per_s.get(dtype) or (gpu.peak_flops_per_s.get("bf16") if dtype == "fp16" else None)
     if not peak:

@@ -12,7 +12,8 @@ import pytest
 
 from ringplan.memory.attention_model import row_inputs
 from ringplan.memory.attention_terms import terms_at
-from ringplan.profiles.attention import Measurement, Profile, Provenance, write_profile
+from ringplan.profiles.attention import Measurement, Profile, write_profile
+from ringplan.profiles.envelope import Provenance
 
 REPO = Path(__file__).resolve().parents[2]
 #: A refit of exact synthetic data must reproduce it (bounded least squares, weak prior).

@@ -50,7 +50,7 @@ def test_stack_accuracy_recovers_synthetic_runs(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     import stack_accuracy
 
-    from ringplan.profiles.attention import Provenance
+    from ringplan.profiles.envelope import Provenance
     from ringplan.profiles.stack import StackProfile, write_stack_profile
 
     rows = synthetic_rows(load_catalog().gpu("h100").usable_memory_bytes)

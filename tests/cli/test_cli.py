@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from ringplan.cli import main
-from ringplan.profiles.attention import measured_dir
+from ringplan.paths import measured_dir
 
 SEED = str(measured_dir() / "gtx1080-seed.json")
 

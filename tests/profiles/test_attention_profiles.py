@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ringplan.profiles.attention import (Measurement, Profile, Provenance, load_profile, load_profiles, measured_dir,
-                               merge_rows, profile_to_json, profiles_dir, write_profile)
+from ringplan.paths import measured_dir, profiles_dir
+from ringplan.profiles.attention import Measurement, Profile, load_profile, load_profiles, profile_to_json, write_profile
+from ringplan.profiles.envelope import Provenance, merge_rows
 
 SEED = measured_dir() / "gtx1080-seed.json"
 
@@ -107,7 +108,8 @@ def _profile(*rows, command="run-1") -> Profile:
 
 def test_write_merges_by_key_and_never_drops(tmp_path):
     """Second write: a measured row replaces its key, a reported row does not, other keys stay;
-    the first provenance moves to history; the file is replaced atomically (no temp files left)."""
+    the first provenance moves to history; the file is replaced atomically (no temp files left;
+    the lock file stays beside it)."""
     path = tmp_path / "measured" / "h100.json"
     a = ROW
     b = replace(ROW, seq_len_tokens=262_144)
@@ -124,7 +126,7 @@ def test_write_merges_by_key_and_never_drops(tmp_path):
     assert by_key[b.key].device_used_bytes == 20e9
     assert c.key in by_key
     assert on_disk.provenance.command == "run-2" and on_disk.history[0]["command"] == "run-1"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["h100.json"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["h100.json", "h100.json.lock"]
 
 
 def test_write_refuses_bad_rows_and_corrupt_files(tmp_path):

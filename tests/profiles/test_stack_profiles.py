@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from ringplan.models import load_model_catalog
-from ringplan.profiles.attention import Provenance
+from ringplan.paths import stack_profiles_dir
+from ringplan.profiles.envelope import Provenance
 from ringplan.stack import StackSettings, StackWorkload
 from ringplan.profiles.stack import (
     STACK_SCHEMA,
@@ -19,7 +20,6 @@ from ringplan.profiles.stack import (
     load_stack_profiles,
     measurement_from_workload,
     stack_profile_to_json,
-    stack_profiles_dir,
     stack_rows,
     write_stack_profile,
 )

@@ -17,7 +17,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ringplan.memory.attention_terms import memory_terms  # noqa: E402
-from ringplan.profiles.attention import Measurement, Profile, Provenance, load_profile, write_profile  # noqa: E402
+from ringplan.profiles.attention import Measurement, Profile, load_profile, write_profile  # noqa: E402
+from ringplan.profiles.envelope import Provenance  # noqa: E402
 from ringplan.workload import AttentionPattern, AttentionShape, RingLayout, Workload  # noqa: E402
 from ringplan_runtime import measure as measure_module  # noqa: E402
 from ringplan_runtime.measure import MeasureSettings, measure_step  # noqa: E402

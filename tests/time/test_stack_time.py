@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ringplan.time.gemms import (GEMM_FORMAT, GemmModel, GemmShape, block_gemms, gemm_flops, gemm_model_for,
-                                    gemm_profiles_in, lm_head_gemm, load_gemm_profile, write_gemm_profile)
+from ringplan.profiles.gemm import GEMM_FORMAT, gemm_profiles_in, load_gemm_profile, write_gemm_profile
+from ringplan.time.gemms import GemmModel, GemmShape, block_gemms, gemm_flops, gemm_model_for, lm_head_gemm
 from ringplan.hardware import load_catalog
 from ringplan.models import ModelSpec, layer_parameter_count, load_model_catalog, parameter_count
 from ringplan.stack import StackSettings, StackWorkload
