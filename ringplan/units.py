@@ -20,6 +20,8 @@ MB = 10**6
 MIB = 2**20
 GIB = 2**30
 FP32_BYTES = 4  # bytes per fp32 value (accumulators, master weights, gradients on the wire)
+#: Bytes per element of each dtype the planner knows (IEEE 754 binary32 / binary16, bfloat16).
+DTYPE_BYTES: dict[str, int] = {"fp32": FP32_BYTES, "fp16": 2, "bf16": 2}
 
 
 def _scaled_integer(text: str, match: re.Match | None, what: str, examples: str, *, round_to_whole: bool) -> int:

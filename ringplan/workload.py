@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
+from ringplan.units import DTYPE_BYTES
+
 LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag")
 BACKENDS: tuple[str, ...] = ("auto", "cudnn", "flash", "efficient", "math", "cpu")
 

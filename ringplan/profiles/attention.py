@@ -28,8 +28,8 @@ from ringplan.paths import measured_dir
 from ringplan.profiles.envelope import (ROW_KINDS, Checker, Provenance, envelope_from_json, provenance_from_values,
                                         provenance_to_json, write_merged_profile)
 from ringplan.jsonfile import read_json_file
-from ringplan.workload import (BACKENDS, DTYPE_BYTES, LAYOUTS, AttentionPattern, AttentionShape, RingLayout,
-                               Workload)
+from ringplan.units import DTYPE_BYTES
+from ringplan.workload import BACKENDS, LAYOUTS, AttentionPattern, AttentionShape, RingLayout, Workload
 
 PROFILE_SCHEMA = "ringplan.profile/1"
 FIGURE_FIELDS: tuple[str, ...] = (

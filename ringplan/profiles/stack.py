@@ -97,6 +97,7 @@ def model_key(model: ModelSpec) -> tuple:
 
 
 def astuple_settings(settings: StackSettings) -> tuple:
+    """The ``StackSettings`` fields as a tuple (part of a row's merge key)."""
     return tuple(getattr(settings, name) for name in SETTINGS_FIELDS)
 
 
@@ -209,6 +210,7 @@ def stack_rows(directory: str | Path | None = None) -> list[StackMeasurement]:
 
 
 def row_to_json(row: StackMeasurement) -> dict[str, Any]:
+    """One row as written: every column, ``model`` and ``settings`` as objects of their fields."""
     raw = {name: getattr(row, name) for name in _ROW_FIELDS}
     raw["model"] = {name: getattr(row.model, name) for name in MODEL_FIELDS}
     raw["settings"] = asdict(row.settings)

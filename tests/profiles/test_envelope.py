@@ -147,3 +147,13 @@ def test_cli_reports_unreadable_inputs_in_one_line(tmp_path, flag):
         assert result.exit_code == 2, result.output
         errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
         assert len(errors) == 1 and given in errors[0], result.output
+
+
+def test_package_names_resolve_lazily():
+    """Every name ``ringplan.profiles`` lists resolves to its module's object."""
+    import importlib
+
+    import ringplan.profiles as profiles
+
+    for name, module in profiles._LAZY.items():
+        assert getattr(profiles, name) is getattr(importlib.import_module(f"ringplan.profiles.{module}"), name)
