@@ -15,7 +15,7 @@ from strategies import model_specs
 
 from ringplan.cli import main
 from ringplan.cli.common import OneLineErrorCommand, bad_input_exits_2
-from ringplan.cli.model_options import model_from_options, model_options, model_requested, model_selection_options
+from ringplan.cli.options import model_from_options, model_options, model_requested, model_selection_options
 from ringplan.models import (ModelSpec, embedding_parameter_count, load_model_catalog, model_from_hf_config,
                              parameter_count)
 
@@ -341,7 +341,7 @@ def test_models_option_set():
 
 def test_planner_modules_stay_light():
     """models, stack and the option module import neither numpy, scipy nor torch (fast CLI start)."""
-    code = ("import sys, ringplan.models, ringplan.stack, ringplan.cli.model_options, ringplan.cli.models; "
+    code = ("import sys, ringplan.models, ringplan.stack, ringplan.cli.options, ringplan.cli.models; "
             "print(sorted(m for m in ('numpy', 'scipy', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -8,7 +8,7 @@ from hypothesis import given
 from strategies import stack_workloads
 
 from ringplan.cli.common import OneLineErrorCommand, bad_input_exits_2
-from ringplan.cli.model_options import (explicit_setting_fields, settings_from_options, stack_dtype_options,
+from ringplan.cli.options import (explicit_setting_fields, settings_from_options, stack_dtype_options,
                                         stack_settings_options)
 from ringplan.models import load_model_catalog
 from ringplan.stack import (StackSettings, StackWorkload, attention_workload, data_parallel_size, shard_group_size,

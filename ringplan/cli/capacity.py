@@ -8,67 +8,12 @@ from typing import Any
 
 import click
 
-from ringplan.cli.common import (MAX_BATCH, MAX_HEAD_DIM, MAX_HEADS, MAX_WIDTH, MAX_WORLD_SIZE, TOKEN_LIST, TOKENS,
-                                 BoundedInt, FiniteFloat, InputFile, OneLineErrorCommand, OutputFile,
-                                 bad_input_exits_2, format_option, render_rows)
-from ringplan.cli.model_options import model_requested, model_selection_options, stack_settings_options
-from ringplan.workload import BACKENDS, DTYPE_BYTES, LAYOUTS
+from ringplan.cli.common import (MAX_WORLD_SIZE, TOKENS, BoundedInt, FiniteFloat, InputFile, OneLineErrorCommand,
+                                 OutputFile, bad_input_exits_2, format_option, render_rows)
+from ringplan.cli.options import (build_workload, explicit_options, model_requested, model_selection_options,
+                                  stack_query, stack_settings_options, workload_options)
+from ringplan.units import GIB
 
-GIB = 2**30
-
-
-# ----------------------------------------------------------------------------- workload options
-# Shared by any command that takes a workload (import ``workload_options`` / ``build_workload``).
-
-_WORKLOAD_OPTIONS = (
-    click.option("--batch", type=BoundedInt(min=1, max=MAX_BATCH), default=1, show_default=True, help="Batch size B."),
-    click.option("--heads", "n_heads", type=BoundedInt(min=1, max=MAX_HEADS), default=32, show_default=True,
-                 help="Query heads H."),
-    click.option("--kv-heads", "n_kv_heads", type=BoundedInt(min=1, max=MAX_HEADS), default=None,
-                 help="KV heads H_kv (GQA/MQA); default: --heads."),
-    click.option("--head-dim", type=BoundedInt(min=1, max=MAX_HEAD_DIM), default=128, show_default=True, help="Head dim D."),
-    click.option("--embed-dim", type=BoundedInt(min=1, max=MAX_WIDTH), default=None,
-                 help="Model width E seen by the projections; default H x D."),
-    click.option("--dtype", type=click.Choice(sorted(DTYPE_BYTES)), default="bf16", show_default=True,
-                 help="Activation and weight dtype (accumulators are fp32 regardless)."),
-    click.option("--causal/--no-causal", default=False, show_default=True, help="Causal mask."),
-    click.option("--segment-lengths", "segment_lengths", type=TOKEN_LIST, default="",
-                 help="Dilated attention segment lengths, comma-separated (e.g. 4096,8192,16384)."),
-    click.option("--dilation-rates", "dilation_rates", type=TOKEN_LIST, default="",
-                 help="Dilation rate per segment length, comma-separated (e.g. 1,2,4)."),
-    click.option("--train/--forward", "training", default=False, show_default=True,
-                 help="Training (forward + backward) or forward only."),
-    click.option("--projections/--no-projections", default=False, show_default=True,
-                 help="Include the QKV and output projections (the seed's module)."),
-    click.option("--layout", type=click.Choice(LAYOUTS), default="contiguous", show_default=True,
-                 help="How the sequence is split over the ring (zigzag balances causal work)."),
-    click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-                 help="Local attention kernel; only 'math' adds an n x n score workspace."),
-)
-
-
-def workload_options(func):
-    """Decorate a command with every workload option (batch … backend)."""
-    for option in reversed(_WORKLOAD_OPTIONS):
-        func = option(func)
-    return func
-
-
-def build_workload(*, seq_len_tokens: int | None, batch: int, n_heads: int, n_kv_heads: int | None, head_dim: int,
-                   embed_dim: int | None, dtype: str, causal: bool, segment_lengths: tuple[int, ...],
-                   dilation_rates: tuple[int, ...], training: bool, projections: bool, **_ignored: Any):
-    """The ``Workload`` the options describe; S defaults to the smallest length the pattern allows."""
-    import math
-
-    from ringplan.workload import AttentionPattern, AttentionShape, Workload
-
-    shape = AttentionShape(batch=batch, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
-                           embed_dim=embed_dim, dtype=dtype)
-    pattern = AttentionPattern(causal=causal, segment_lengths_tokens=segment_lengths, dilation_rates=dilation_rates)
-    if seq_len_tokens is None:
-        seq_len_tokens = math.lcm(1, *segment_lengths)
-    return Workload(seq_len_tokens=seq_len_tokens, shape=shape, pattern=pattern, training=training,
-                    projections=projections)
 
 
 def describe_workload(workload, layout: str, backend: str) -> str:
@@ -146,6 +91,7 @@ def capacity(ctx: click.Context, gpu_name: str, tokens: int | None, world_size: 
                               safety_margin=safety_margin, step_time=step_time, output_format=output_format,
                               workload_args=workload_args, refused=refused))
     _refuse_whole_model_options(workload_args)
+    from ringplan.capacity.answers import attention_capacity
     from ringplan.capacity.attention import CapacityQuery
     from ringplan.hardware import load_catalog
 
@@ -154,14 +100,15 @@ def capacity(ctx: click.Context, gpu_name: str, tokens: int | None, world_size: 
     query = CapacityQuery(workload=workload, layout=workload_args["layout"], backend=workload_args["backend"],
                           gpu=gpu, safety_margin=safety_margin, max_world_size=max_world_size,
                           model=_model(model_form, profile_paths), step_time=step_time_hook() if step_time else None)
-    answer, rows, feasible = _answer(query, tokens, world_size)
-    _emit(query, answer, rows, output_format)
+    answer = attention_capacity(query, tokens, world_size)
+    rows = list(answer.rows)
+    _emit(query, _answer_record(query, answer, tokens, world_size), rows, output_format)
     if plot_path:
         from ringplan.plot import plot_capacity
 
         plot_capacity(plot_path, query, world_sizes=sorted({row.world_size for row in rows}))
         click.echo(f"plot written to {plot_path}", err=True)
-    ctx.exit(0 if feasible else 1)
+    ctx.exit(0 if answer.feasible else 1)
 
 
 #: Whole-model options (key → flag): an error without --model / --config.
@@ -177,8 +124,6 @@ _ATTENTION_ONLY = {"segment_lengths": "--segment-lengths", "dilation_rates": "--
 
 
 def _refuse_whole_model_options(workload_args: dict[str, Any]) -> None:
-    from ringplan.cli.model_options import explicit_options
-
     given = [flag for key, flag in _WHOLE_MODEL_ONLY.items() if key in explicit_options({key: workload_args.get(key)})]
     if given:
         raise ValueError(f"{', '.join(given)} plan a whole model: give --model NAME or --config PATH")
@@ -187,9 +132,9 @@ def _refuse_whole_model_options(workload_args: dict[str, Any]) -> None:
 def _whole_model(*, gpu_name: str, tokens: int | None, world_size: int | None, max_world_size: int,
                  safety_margin: float, step_time: bool, output_format: str, workload_args: dict[str, Any],
                  refused: dict[str, Any]) -> int:
-    """``capacity --model``: answer with ``ringplan.capacity.stack``; exit code 0 fits, 1 not."""
-    from ringplan.cli.model_options import explicit_options
-    from ringplan.cli.plan import emit_stack, stack_query, whole_model_capacity
+    """``capacity --model``: answer with ``ringplan.capacity.answers.stack_capacity``; exit code 0 fits, 1 not."""
+    from ringplan.capacity.answers import stack_capacity
+    from ringplan.cli.stack_output import capacity_answer_record, emit_stack
 
     given = [_ATTENTION_ONLY[key] for key in explicit_options({**refused, **{k: workload_args.get(k) for k in
                                                                            _ATTENTION_ONLY if k in workload_args}})]
@@ -197,9 +142,9 @@ def _whole_model(*, gpu_name: str, tokens: int | None, world_size: int | None, m
         raise ValueError(f"{', '.join(given)} apply to one attention layer, not to --model / --config")
     query = stack_query(gpu_name=gpu_name, safety_margin=safety_margin, max_world_size=max_world_size,
                         step_time=step_time, **workload_args)
-    answer, rows, feasible = whole_model_capacity(query, tokens, world_size)
-    emit_stack(query, answer, rows, output_format)
-    return 0 if feasible else 1
+    answer = stack_capacity(query, tokens, world_size)
+    emit_stack(query, capacity_answer_record(query, answer, tokens, world_size), list(answer.rows), output_format)
+    return 0 if answer.feasible else 1
 
 
 def _model(model_form: str, profile_paths: tuple[str, ...]):
@@ -212,45 +157,29 @@ def _model(model_form: str, profile_paths: tuple[str, ...]):
     return MemoryModel(rows=tuple((row, p.path or "") for p in profiles for row in p.rows), form=model_form)
 
 
-def _answer(query, tokens: int | None, world_size: int | None):
-    """(answer dict, table rows, feasible) for the three query kinds."""
-    from ringplan.capacity.attention import evaluate, min_world_size
-
-    if tokens is not None and world_size is not None:
-        row = evaluate(query, tokens, world_size)
-        verdict = "fits" if row.feasible else "does NOT fit"
-        text = f"{tokens:,} tokens on {world_size} x {query.gpu.name}: {verdict} ({_gib_pm(row)} per GPU)"
-        return {"kind": "check", "text": text, "feasible": row.feasible}, [row], row.feasible
-    if tokens is not None:
-        result = min_world_size(query, tokens)
-        best = result.minimum
+def _answer_record(query, answer, tokens: int | None, world_size: int | None) -> dict[str, Any]:
+    """The ``answer`` object (kind, text, the figure that answers) of a ``CapacityAnswer``."""
+    best, gpu = answer.best, query.gpu.name
+    if answer.kind == "check":
+        verdict = "fits" if best.feasible else "does NOT fit"
+        text = f"{tokens:,} tokens on {world_size} x {gpu}: {verdict} ({_gib_pm(best)} per GPU)"
+        return {"kind": "check", "text": text, "feasible": best.feasible}
+    if answer.kind == "min_world_size":
         if best is None:
-            text = (f"no ring of up to {query.max_world_size} x {query.gpu.name} holds {tokens:,} tokens "
+            text = (f"no ring of up to {query.max_world_size} x {gpu} holds {tokens:,} tokens "
                     f"(raise --max-world-size, or shrink the workload)")
         else:
-            text = (f"minimum world size for {tokens:,} tokens: {best.world_size} x {query.gpu.name} "
+            text = (f"minimum world size for {tokens:,} tokens: {best.world_size} x {gpu} "
                     f"({best.tokens_per_rank:,} tokens/GPU, {_gib_pm(best)} per GPU)")
-        answer = {"kind": "min_world_size", "text": text, "minimum_world_size": best.world_size if best else None}
-        return answer, list(result.rows), best is not None
-    return _max_tokens_answer(query, world_size)
-
-
-def _max_tokens_answer(query, world_size: int):
-    from ringplan.capacity.attention import max_tokens
-
-    result = max_tokens(query, world_size)
-    sizes = sorted({p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if p < world_size} | {world_size})
-    rows = [r.best for p in sizes[:-1] if (r := max_tokens(query, p)).best is not None]
-    if result.best is None:
-        text = f"not even the shortest valid sequence fits on {world_size} x {query.gpu.name}"
+        return {"kind": "min_world_size", "text": text, "minimum_world_size": best.world_size if best else None}
+    if best is None:
+        text = f"not even the shortest valid sequence fits on {world_size} x {gpu}"
     else:
-        rows.append(result.best)
-        text = (f"maximum tokens on {world_size} x {query.gpu.name}: {result.best.seq_len_tokens:,} "
-                f"({result.best.tokens_per_rank:,} tokens/GPU, {_gib_pm(result.best)} per GPU; "
-                f"{result.next_infeasible.seq_len_tokens:,} would not fit)")
-    answer = {"kind": "max_tokens", "text": text,
-              "max_tokens": result.best.seq_len_tokens if result.best else None, "world_size": world_size}
-    return answer, rows, result.best is not None
+        text = (f"maximum tokens on {world_size} x {gpu}: {best.seq_len_tokens:,} "
+                f"({best.tokens_per_rank:,} tokens/GPU, {_gib_pm(best)} per GPU; "
+                f"{answer.next_infeasible.seq_len_tokens:,} would not fit)")
+    return {"kind": "max_tokens", "text": text, "max_tokens": best.seq_len_tokens if best else None,
+            "world_size": world_size}
 
 
 def _gib_pm(row) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from ringplan.units import parse_bytes, parse_tokens
+from ringplan.units import GIB, MIB, parse_bytes, parse_tokens
 
 #: Largest token count an option takes: 2**50 (about 1.1·10¹⁵) tokens, the capacity search's ceiling
 #: (ringplan.capacity.search); no GPU fleet holds more, and larger integers overflow float arithmetic.
@@ -286,3 +286,25 @@ def render_rows(rows: Sequence[dict[str, Any]], output_format: str) -> str:
     from tabulate import tabulate  # imported here: only table output pays for it
 
     return tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True)
+
+
+# ----------------------------------------------------------------------------- measured points (profile, validate)
+
+
+def result_record(result) -> dict[str, Any]:
+    """One measured point as a flat record (bytes, seconds) for json/csv output."""
+    w, ring = result.point.workload, result.point.layout
+    return {"world_size": ring.ring_size, "seq_len_tokens": w.seq_len_tokens,
+            "mode": "training" if w.training else "forward", "n_heads": w.shape.n_heads,
+            "n_kv_heads": w.shape.n_kv_heads, "head_dim": w.shape.head_dim, "layout": ring.layout,
+            "backend": result.backend or ring.backend, "feasible": result.feasible, "failure": result.failure,
+            "peak_allocated_bytes": result.peak_allocated_bytes, "peak_reserved_bytes": result.peak_reserved_bytes,
+            "device_used_bytes": result.device_used_bytes, "tracked_peak_bytes": result.tracked_peak_bytes,
+            "step_time_s": result.step_time_s, "bytes_sent_per_rank": result.sent_bytes}
+
+
+def bytes_text(value: float | None) -> str:
+    """``1.234 GiB`` from 1 GiB up, ``12.345 MiB`` below; ``-`` when not measured."""
+    if value is None:
+        return "-"
+    return f"{value / GIB:,.3f} GiB" if value >= GIB else f"{value / MIB:,.3f} MiB"

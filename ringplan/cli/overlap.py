@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from ringplan.cli.common import OneLineErrorCommand, bad_input_exits_2, format_option, render_rows
-from ringplan.cli.simulate import build_shape, link_options, link_override, shape_options
+from ringplan.cli.options import build_shape, link_options, link_override, shape_options
 
 
 def _row(gpu_name: str, threshold) -> dict[str, str]:

@@ -11,11 +11,10 @@ from typing import Any
 
 import click
 
-from ringplan.cli.capacity import build_workload, workload_options
-from ringplan.cli.common import (MAX_WORLD_SIZE, TOKEN_LIST, BoundedInt, FiniteFloat, IntListType, OneLineErrorCommand,
-                                 OutputFile, bad_input_exits_2, format_option, render_rows)
+from ringplan.cli.common import (MAX_WORLD_SIZE, TOKEN_LIST, IntListType, OneLineErrorCommand, OutputFile,
+                                 bad_input_exits_2, bytes_text, format_option, render_rows, result_record)
+from ringplan.cli.options import build_workload, measure_settings, runtime_options, workload_options
 
-GIB = 2**30
 _SHAPE_RE = re.compile(r"^\s*(\d+)(?:/(\d+))?\s*[x×]\s*(\d+)(?:\s*@\s*(\d+))?\s*$", re.ASCII)
 
 
@@ -36,52 +35,6 @@ class ShapeType(click.ParamType):
 
 SHAPE = ShapeType()
 INT_LIST = IntListType(min_value=1, max_value=MAX_WORLD_SIZE)
-#: Most warm-up or timed steps per point, and the longest ring launch (a week).
-MAX_STEPS = 10_000
-MAX_TIMEOUT_S = 7 * 24 * 3600.0
-
-
-def runtime_options(func):
-    """Options shared by ``profile`` and ``validate``: how each point is measured and where it runs."""
-    options = (
-        click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
-                     help="cuda: one GPU per rank (NCCL); cpu: gloo processes; auto: CUDA when present."),
-        click.option("--warmup", "warmup_steps", type=BoundedInt(min=0, max=MAX_STEPS), default=2, show_default=True,
-                     help="Warm-up steps before the memory step is read."),
-        click.option("--steps", "timed_steps", type=BoundedInt(min=1, max=MAX_STEPS), default=5, show_default=True,
-                     help="Timed steps; the step time is their median."),
-        click.option("--timeout", "timeout_s", type=FiniteFloat(min=1.0, max=MAX_TIMEOUT_S), default=600.0, show_default=True,
-                     help="Seconds one ring launch (all its points) may run before it is killed; the point it "
-                          "was on is recorded as failed and a fresh ring measures the rest."),
-    )
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def measure_settings(warmup_steps: int, timed_steps: int):
-    from ringplan_runtime.measure import MeasureSettings
-
-    return MeasureSettings(warmup_steps=warmup_steps, timed_steps=timed_steps)
-
-
-def result_record(result) -> dict[str, Any]:
-    """One measured point as a flat record (bytes, seconds) for json/csv output."""
-    w, ring = result.point.workload, result.point.layout
-    return {"world_size": ring.ring_size, "seq_len_tokens": w.seq_len_tokens,
-            "mode": "training" if w.training else "forward", "n_heads": w.shape.n_heads,
-            "n_kv_heads": w.shape.n_kv_heads, "head_dim": w.shape.head_dim, "layout": ring.layout,
-            "backend": result.backend or ring.backend, "feasible": result.feasible, "failure": result.failure,
-            "peak_allocated_bytes": result.peak_allocated_bytes, "peak_reserved_bytes": result.peak_reserved_bytes,
-            "device_used_bytes": result.device_used_bytes, "tracked_peak_bytes": result.tracked_peak_bytes,
-            "step_time_s": result.step_time_s, "bytes_sent_per_rank": result.sent_bytes}
-
-
-def bytes_text(value: float | None) -> str:
-    """``1.234 GiB`` from 1 GiB up, ``12.345 MiB`` below; ``-`` when not measured."""
-    if value is None:
-        return "-"
-    return f"{value / GIB:,.3f} GiB" if value >= GIB else f"{value / 2**20:,.3f} MiB"
 
 
 def result_table_row(result) -> dict[str, str]:

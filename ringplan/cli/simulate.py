@@ -6,80 +6,17 @@ Example: ``ringplan simulate --gpu h100 --tokens 1Mi --ring-size 8 --causal --la
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import click
 
-from ringplan.cli.common import (BYTES, MAX_BATCH, MAX_HEAD_DIM, MAX_HEADS, MAX_SIMULATED_RING_SIZE, MAX_WIDTH, TOKENS,
-                                 BoundedInt, FiniteFloat, IntListType, OneLineErrorCommand, OutputFile,
-                                 bad_input_exits_2, format_option, render_rows)
+from ringplan.cli.common import (MAX_SIMULATED_RING_SIZE, MAX_WIDTH, TOKENS, BoundedInt, IntListType,
+                                 OneLineErrorCommand, OutputFile, bad_input_exits_2, format_option, render_rows)
+from ringplan.cli.options import build_shape, link_options, link_override, shape_options
 
 #: Segment lengths and dilation rates (positive), ranks to draw (from 0).
 POSITIVE_INTS = IntListType(min_value=1)
 RANKS = IntListType(min_value=0, max_value=MAX_SIMULATED_RING_SIZE - 1)
-
-
-def shape_options(func: Callable) -> Callable:
-    """Options that build an ``AttentionShape`` (shared with ``ringplan overlap``)."""
-    options = [
-        click.option("--heads", "n_heads", type=BoundedInt(min=1, max=MAX_HEADS), default=32, show_default=True, help="Query heads H."),
-        click.option("--kv-heads", "n_kv_heads", type=BoundedInt(min=1, max=MAX_HEADS), default=None, help="K/V heads H_kv (GQA); default H."),
-        click.option("--head-dim", type=BoundedInt(min=1, max=MAX_HEAD_DIM), default=128, show_default=True, help="Head dimension D."),
-        click.option("--batch", type=BoundedInt(min=1, max=MAX_BATCH), default=1, show_default=True, help="Batch size B."),
-        click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
-                     help="Element type of Q/K/V."),
-        click.option("--backend", type=click.Choice(["auto", "cudnn", "flash", "efficient", "math", "cpu"]),
-                     default="auto", show_default=True, help="Local block kernel (auto: fastest with data)."),
-        click.option("--causal/--no-causal", default=False, show_default=True, help="Causal attention."),
-        click.option("--layout", type=click.Choice(["contiguous", "zigzag"]), default="contiguous",
-                     show_default=True, help="How tokens are spread over the ring."),
-        click.option("--timing-dir", type=click.Path(file_okay=False, exists=True), default=None,
-                     help="Directory of measured timing profiles (default profiles/measured/timing)."),
-        click.option("--step-overhead-us", type=FiniteFloat(), default=None,
-                     help="Fixed cost per ring step in microseconds (default: the model's)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def build_shape(n_heads: int, n_kv_heads: int | None, head_dim: int, batch: int, dtype: str,
-                embed_dim: int | None = None):
-    from ringplan.workload import AttentionShape
-
-    return AttentionShape(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, batch=batch, dtype=dtype,
-                          embed_dim=embed_dim)
-
-
-def link_override(name: str | None, bandwidth: int | None, latency_us: float | None, scope: str):
-    """A catalog link name, a user link (bandwidth + latency), or None (the model's choice)."""
-    if bandwidth is None and latency_us is None:
-        return name
-    if bandwidth is None or latency_us is None:
-        raise ValueError(f"--{scope}-bandwidth and --{scope}-latency-us go together")
-    from ringplan.time.links import LinkModel
-
-    return LinkModel(name=f"{scope} (user)", latency_s=latency_us * 1e-6, bandwidth_bytes_per_s=float(bandwidth),
-                     source="command line")
-
-
-def link_options(func: Callable) -> Callable:
-    """--intra-/--inter- link name, or bandwidth + latency, overriding the model's link choice."""
-    example = {"intra": "nvlink-4", "inter": "infiniband-ndr-400"}
-    options = []
-    for scope in ("intra", "inter"):
-        options += [
-            click.option(f"--{scope}-link", default=None,
-                         help=f"Catalog link for {scope}-node hops (e.g. {example[scope]})."),
-            click.option(f"--{scope}-bandwidth", type=BYTES, default=None,
-                         help=f"{scope}-node one-way bandwidth in bytes/s (e.g. 300GB); needs --{scope}-latency-us."),
-            click.option(f"--{scope}-latency-us", type=FiniteFloat(), default=None,
-                         help=f"{scope}-node per-message latency in microseconds."),
-        ]
-    for option in reversed(options):
-        func = option(func)
-    return func
 
 
 def _breakdown_rows(prediction: Any, ring_size: int, seq_len: int) -> list[dict[str, str]]:

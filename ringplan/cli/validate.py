@@ -26,11 +26,11 @@ from typing import Any
 
 import click
 
-from ringplan.cli.capacity import build_workload, workload_options
 from ringplan.cli.common import (MAX_WORLD_SIZE, TOKENS, BoundedInt, FiniteFloat, InputFile, OneLineErrorCommand,
-                                 OutputFile, bad_input_exits_2, format_option, render_rows)
-from ringplan.cli.model_options import model_selection_options, stack_settings_options
-from ringplan.cli.profile import bytes_text, measure_settings, result_record, runtime_options
+                                 OutputFile, bad_input_exits_2, bytes_text, format_option, render_rows, result_record)
+from ringplan.cli.options import (build_workload, explicit_options, measure_settings, model_from_options,
+                                  model_requested, model_selection_options, runtime_options, settings_from_options,
+                                  stack_settings_options, workload_options)
 
 PERCENT = FiniteFloat(min=0.0, max=100.0)
 
@@ -258,14 +258,10 @@ _ATTENTION_ONLY = {"segment_lengths": "--segment-lengths", "dilation_rates": "--
 
 def whole_model_requested(workload_args: dict[str, Any]) -> bool:
     """--model, --config, or a custom shape (--layers given): validate a whole model."""
-    from ringplan.cli.model_options import explicit_options, model_requested
-
     return model_requested(**workload_args) or "n_layers" in explicit_options({"n_layers": workload_args.get("n_layers")})
 
 
 def _given(values: dict[str, Any], flags: dict[str, str]) -> list[str]:
-    from ringplan.cli.model_options import explicit_options
-
     return [flags[key] for key in explicit_options({key: values.get(key) for key in flags})]
 
 
@@ -281,7 +277,6 @@ def _stack_plan(gpu_name: str | None, world_size: int, tokens: int, device: str,
     """The whole-model plan the options describe; every bad input raises ValueError before a launch."""
     import torch
 
-    from ringplan.cli.model_options import model_from_options, settings_from_options
     from ringplan.hardware import load_catalog
     from ringplan.stack import StackWorkload
     from ringplan.workload import RingLayout
@@ -346,7 +341,7 @@ def stack_result_record(result) -> dict[str, Any]:
 
 
 def _emit_stack(validation, output_format: str) -> None:
-    from ringplan.cli.plan import settings_label
+    from ringplan.cli.stack_output import settings_label
 
     w, r = validation.plan.workload, validation.result
     gpu = validation.plan.gpu.name if validation.plan.gpu and validation.plan.device_type == "cuda" else "CPU"
