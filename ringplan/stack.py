@@ -43,7 +43,10 @@ class StackSettings:
     activation, ``selective`` keeps the attention core and recomputes MLP/norms, ``full`` keeps only
     each block's input. ``offload_checkpoints`` moves those saved inputs to pinned CPU memory (full
     checkpointing only). ``loss``: ``full`` materialises all logits, ``chunked`` computes the loss
-    over ``loss_chunk_tokens`` tokens at a time. ``param_dtype`` is the compute / gathered-weight
+    over ``loss_chunk_tokens`` tokens at a time (the loss tile: B·n local tokens in tiles of that many,
+    each recomputed in backward). ``mlp_tile_tokens`` t: None runs the MLP on all local tokens at
+    once; t runs it on t tokens of each of the B sequences at a time, each tile recomputed in
+    backward (t must divide the tokens per rank n). ``param_dtype`` is the compute / gathered-weight
     dtype, ``master_dtype`` that of the sharded master parameters, gradients and Adam states.
     """
 
@@ -53,6 +56,7 @@ class StackSettings:
     offload_checkpoints: bool = False
     loss: str = "chunked"
     loss_chunk_tokens: int = 4096
+    mlp_tile_tokens: int | None = None
     param_dtype: str = "bf16"
     master_dtype: str = "fp32"
 
@@ -65,6 +69,8 @@ class StackSettings:
         if not isinstance(self.loss_chunk_tokens, int) or isinstance(self.loss_chunk_tokens, bool) \
                 or self.loss_chunk_tokens <= 0:
             raise ValueError(f"loss chunk must be a positive number of tokens, got {self.loss_chunk_tokens!r}")
+        if self.mlp_tile_tokens is not None:
+            _require_positive_int(mlp_tile_tokens=self.mlp_tile_tokens)
         if self.shard_group_size is not None:
             _require_positive_int(shard_group_size=self.shard_group_size)
             if self.sharding == "none":
@@ -118,6 +124,22 @@ class StackWorkload:
         if g is not None and w % g:
             raise ValueError(f"world size {w} is not a multiple of the sharding group of {g} GPUs")
         check_layout_fits(attention_workload(self), self.layout)
+        check_mlp_tile(self.settings.mlp_tile_tokens, tokens_per_rank(self))
+
+
+def nearest_divisors(n: int, target: int, count: int = 2) -> list[int]:
+    """The ``count`` divisors of ``n`` closest to ``target`` (ties: the smaller first), ascending."""
+    divisors = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
+    divisors = sorted(set(divisors + [n // d for d in divisors]))
+    return sorted(sorted(divisors, key=lambda d: (abs(d - target), d))[:count])
+
+
+def check_mlp_tile(tile_tokens: int | None, n: int) -> None:
+    """``ValueError`` naming the nearest valid tiles unless the MLP tile divides the n tokens per rank."""
+    if tile_tokens is not None and n % tile_tokens:
+        valid = " or ".join(f"{d:,}" for d in nearest_divisors(n, tile_tokens))
+        raise ValueError(f"an MLP tile of {tile_tokens:,} tokens does not divide the {n:,} tokens per rank; "
+                         f"nearest valid tiles: {valid}")
 
 
 def attention_workload(w: StackWorkload) -> Workload:

@@ -156,7 +156,8 @@ def _new_model(w: StackWorkload, group) -> Transformer:
     with torch.device("meta"):
         return Transformer(w.model, group=group, layout=w.layout.layout, backend=w.layout.backend,
                            checkpointing=s.checkpointing if w.training else "none",
-                           offload_checkpoints=s.offload_checkpoints and w.training)
+                           offload_checkpoints=s.offload_checkpoints and w.training,
+                           mlp_tile_tokens=s.mlp_tile_tokens)
 
 
 def build_stack(w: StackWorkload, *, device, seed: int = 0) -> StackRun:

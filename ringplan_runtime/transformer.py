@@ -52,6 +52,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ringplan_runtime.layouts import token_positions
 from ringplan_runtime.ring_attention import ring_attention
+from ringplan_runtime.tiling import check_tile_rows, tiled_mlp
 
 IGNORE_INDEX = -100
 CHECKPOINTING = ("none", "selective", "full")
@@ -195,16 +196,26 @@ class _SwiGLU(torch.autograd.Function):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) · up(x))."""
+    """SwiGLU: down(silu(gate(x)) · up(x)); with ``tile_tokens`` t, B·t local tokens at a time, each
+    tile recomputed in backward (``ringplan_runtime.tiling``)."""
 
-    def __init__(self, spec) -> None:
+    def __init__(self, spec, tile_tokens: int | None = None) -> None:
         super().__init__()
+        if tile_tokens is not None:
+            check_tile_rows(tile_tokens)
         self.gate_proj = nn.Linear(spec.embed_dim, spec.ffn_dim, bias=spec.mlp_bias)
         self.up_proj = nn.Linear(spec.embed_dim, spec.ffn_dim, bias=spec.mlp_bias)
         self.down_proj = nn.Linear(spec.ffn_dim, spec.embed_dim, bias=spec.mlp_bias)
+        self.tile_tokens = tile_tokens
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """The untiled MLP of ``x`` (autograd saves gate and up, and the product for down)."""
+        return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+        if self.tile_tokens is None:
+            return self.dense(x)
+        return tiled_mlp(x, self, x.shape[0] * self.tile_tokens if x.dim() == 3 else self.tile_tokens)
 
 
 class Attention(nn.Module):
@@ -242,14 +253,14 @@ class Block(nn.Module):
     """Pre-norm block; ``checkpointing`` ('none' | 'selective' | 'full') decides what backward keeps."""
 
     def __init__(self, spec, *, group, layout: str, backend: str, norm_eps: float,
-                 checkpointing: str = "none") -> None:
+                 checkpointing: str = "none", mlp_tile_tokens: int | None = None) -> None:
         super().__init__()
         if checkpointing not in CHECKPOINTING:
             raise ValueError(f"checkpointing {checkpointing!r} is not one of {list(CHECKPOINTING)}")
         self.input_layernorm = RMSNorm(spec.embed_dim, norm_eps)
         self.self_attn = Attention(spec, group=group, layout=layout, backend=backend, norm_eps=norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.embed_dim, norm_eps)
-        self.mlp = MLP(spec)
+        self.mlp = MLP(spec, mlp_tile_tokens)
         self.checkpointing = checkpointing
 
     def _qkv(self, x, *, cos, sin):
@@ -329,7 +340,7 @@ class Transformer(nn.Module):
 
     def __init__(self, spec, *, group=None, layout: str = "contiguous", backend: str = "auto",
                  rope_theta: float | None = None, norm_eps: float = NORM_EPS, checkpointing: str = "none",
-                 offload_checkpoints: bool = False) -> None:
+                 offload_checkpoints: bool = False, mlp_tile_tokens: int | None = None) -> None:
         super().__init__()
         check_runnable(spec)
         if offload_checkpoints and checkpointing != "full":
@@ -339,7 +350,8 @@ class Transformer(nn.Module):
         self.offload_checkpoints = bool(offload_checkpoints)
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.embed_dim)
         self.layers = nn.ModuleList(
-            Block(spec, group=group, layout=layout, backend=backend, norm_eps=norm_eps, checkpointing=checkpointing)
+            Block(spec, group=group, layout=layout, backend=backend, norm_eps=norm_eps, checkpointing=checkpointing,
+                  mlp_tile_tokens=mlp_tile_tokens)
             for _ in range(spec.n_layers))
         self.norm = RMSNorm(spec.embed_dim, norm_eps)
         self.lm_head = LMHead(spec, tied_to=self.embed_tokens if spec.tied_embeddings else None)
