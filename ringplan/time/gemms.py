@@ -3,7 +3,7 @@ from the measured GEMM profiles (``ringplan.gemm/1``, written by ``benchmarks/me
 read by ``ringplan.profiles.gemm``).
 
 ``gemm_model_for`` picks the GPU's own profile, else another GPU's scaled by the peak ratio, else the
-prior ``GEMM_EFFICIENCY`` × catalog peak. numpy/scipy (through ``comm_model``'s curve fit) load only
+prior ``GEMM_EFFICIENCY`` × catalog peak. numpy/scipy (through ``links.fit_time_curve``) load only
 when a measured profile is fitted.
 """
 
@@ -64,7 +64,7 @@ def gemm_flops(tokens: int, shape: GemmShape) -> float:
 class GemmModel:
     """Seconds of a GEMM by (pass, in, out) on one GPU type.
 
-    ``curves`` (pass, in, out) → time vs FLOPs (``comm_model.TimeCurve``, kernel extrapolation)
+    ``curves`` (pass, in, out) → time vs FLOPs (``links.TimeCurve``, kernel extrapolation)
     fitted on ``source``'s rows; ``scale`` multiplies their seconds (the peak-FLOP/s ratio when the
     rows come from another GPU). Without curves: FLOPs / (``GEMM_EFFICIENCY`` × ``peak_flops_per_s``).
     """

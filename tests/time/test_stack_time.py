@@ -19,7 +19,8 @@ from ringplan.time.gemms import GemmModel, GemmShape, block_gemms, gemm_flops, g
 from ringplan.hardware import load_catalog
 from ringplan.models import ModelSpec, layer_parameter_count, load_model_catalog, parameter_count
 from ringplan.stack import StackSettings, StackWorkload
-from ringplan.time.stack_time import STEP_PARTS, StreamUnit, collective_s, overlapped_end_s, step_time
+from ringplan.time.fsdp_schedule import StreamUnit, collective_s, overlapped_end_s
+from ringplan.time.stack_time import STEP_PARTS, step_time
 from ringplan.workload import RingLayout
 
 REPO = Path(__file__).resolve().parents[2]
