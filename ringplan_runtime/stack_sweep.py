@@ -280,10 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     """
     import os
 
+    from ringplan.jsonfile import read_json_file
     from ringplan_runtime.provenance import command_line
 
     args = _parser().parse_args(argv)
-    points = [workload_from_json(raw) for raw in json.loads(args.points.read_text())]
+    points = [workload_from_json(raw) for raw in read_json_file(args.points, "points file")]
     settings = MeasureSettings(warmup_steps=args.warmup, timed_steps=args.steps)
     command = command_line()
     deadline = None if args.budget_s is None else time.time() + args.budget_s
