@@ -84,14 +84,17 @@ def unit_param_shapes(w: StackWorkload) -> dict[str, list[tuple[int, int]]]:
 
 def unit_shapes_upto(w: StackWorkload, stage: str) -> list[tuple[int, int]]:
     """Parameters of one block whose gradients exist once its backward has reached ``stage``
-    (backward order: down; gate, up, post-attention norm; output projection; the rest)."""
+    (backward order: down; gate, up, post-attention norm; output projection; the rest).
+    ``mlp_weights``: every MLP weight (a tiled MLP's backward from its second tile on)."""
     m, shapes = w.model, block_param_shapes(w)
     down = [(m.embed_dim, m.ffn_dim)] + ([(m.embed_dim, 1)] if m.mlp_bias else [])
     if stage == "mlp":
         return down
     n_in = 2 if m.ffn_type == "swiglu" else 1
-    mlp = down + [(m.ffn_dim, m.embed_dim)] * n_in + ([(m.ffn_dim, 1)] * n_in if m.mlp_bias else []) + \
-        [(m.embed_dim, 1)]
+    ffn = down + [(m.ffn_dim, m.embed_dim)] * n_in + ([(m.ffn_dim, 1)] * n_in if m.mlp_bias else [])
+    if stage == "mlp_weights":
+        return ffn
+    mlp = ffn + [(m.embed_dim, 1)]
     if stage == "norm2":
         return mlp
     if stage == "attention":

@@ -120,12 +120,26 @@ def ffn_bytes(w: StackWorkload) -> float:
     return float(s.T * s.F * s.e)
 
 
+def mlp_tile_rows(w: StackWorkload) -> int | None:
+    """Local tokens in one MLP tile, B·t (t = ``mlp_tile_tokens`` of each sequence), or None when
+    the MLP is not tiled."""
+    t = w.settings.mlp_tile_tokens
+    return None if t is None else w.batch * t
+
+
+def mlp_tiles(w: StackWorkload) -> int:
+    """MLP tiles per block, n / t (``StackWorkload`` checks that t divides n); 1 when not tiled."""
+    t = w.settings.mlp_tile_tokens
+    return 1 if t is None else stack_shape(w).n // t
+
+
 def block_tensors(w: StackWorkload, *, upto: str, mode: str | None = None) -> float:
     """Bytes a block holds for backward, beyond its input, once its forward has reached ``upto``:
     ``attention`` (rstd, normed input, qk-norm inputs), ``mlp_input`` (+ ring attention's saved
     q, k, v, output, LSE; h = x + attention; rstd and output of the MLP norm), ``mlp`` (+ gate and
     up), ``all`` (+ their SwiGLU product). ``selective`` keeps only ring attention's tensors (the
-    rest is recomputed segment by segment in backward); ``full`` keeps nothing."""
+    rest is recomputed segment by segment in backward); ``full`` keeps nothing. A tiled MLP saves
+    only its input (the MLP norm's output): ``mlp`` and ``all`` hold what ``mlp_input`` holds."""
     mode = mode or w.settings.checkpointing
     if mode == "full":
         return 0.0
@@ -137,9 +151,9 @@ def block_tensors(w: StackWorkload, *, upto: str, mode: str | None = None) -> fl
     total = norm_statistics_bytes(w) + hidden_state_bytes(w) + qk_norm_bytes(w)
     if upto != "attention":
         total += attention_saved_bytes(w) + 2 * hidden_state_bytes(w) + norm_statistics_bytes(w)
-    if upto in ("mlp", "all"):
+    if upto in ("mlp", "all") and mlp_tile_rows(w) is None:
         total += 2 * ffn_bytes(w)
-    if upto == "all":
+    if upto == "all" and mlp_tile_rows(w) is None:
         total += ffn_bytes(w)
     return total
 
@@ -212,6 +226,28 @@ def mlp_backward_bytes(w: StackWorkload) -> float:
     """SwiGLU backward at its peak (``silu_backward``): the product's gradient, grad·silu(gate),
     grad·up and the gate's gradient, 4·T·F·e (gate and up are counted as saved)."""
     return 4 * ffn_bytes(w)
+
+
+def tiled_mlp_forward_bytes(w: StackWorkload) -> float:
+    """A tiled MLP's forward at its peak (``ringplan_runtime.tiling.swiglu_rows_into``): the output
+    T·E·e, allocated once, and one tile's gate and up 2·B·t·F·e (silu and the product are computed
+    in place into the gate; the down projection writes into the output's rows)."""
+    s = stack_shape(w)
+    return float(s.T * s.E * s.e + 2 * mlp_tile_rows(w) * s.F * s.e)
+
+
+def tiled_mlp_backward_bytes(w: StackWorkload) -> float:
+    """A tiled MLP's backward at its peak, inside one tile of t_r = B·t rows (the input gradient
+    T·E·e is counted as a hidden state): the recomputed output t_r·E·e and the larger of
+    (a) SwiGLU's backward, 6·t_r·F·e (gate and up saved, ``mlp_backward_bytes`` on t_r rows) and
+    (b) the down projection's weight gradient, 4·t_r·F·e (gate, up, product, the product's
+    gradient) + E·F·e: from the second tile on autograd computes it apart and adds it in place to
+    the accumulated one (with one tile it becomes ``.grad``, counted with the unit's gradients).
+    Source: the live-tensor tracker on ``ringplan_runtime.tiling._TiledMLP.backward``. Ignores the
+    bias gradients' temporaries (E·e)."""
+    s, rows = stack_shape(w), mlp_tile_rows(w)
+    weight = s.E * s.F * s.e if mlp_tiles(w) > 1 else 0
+    return float(rows * s.E * s.e + max(6 * rows * s.F * s.e, 4 * rows * s.F * s.e + weight))
 
 
 # ----------------------------------------------------------------------------- instants
@@ -318,7 +354,13 @@ def block_backward_terms(w: StackWorkload, index: int, stage: str) -> dict[str, 
              "saved_activations_bytes": _saved(w, index, final_norm=False),
              "layer_activations_bytes": hidden_state_bytes(w) + _backward_block_tensors(w, stage),
              "hidden_bytes": hidden_state_bytes(w)}
-    if stage == "mlp":
+    tiled = stage == "mlp" and mlp_tile_rows(w) is not None
+    if tiled:  # the input gradient, allocated once; every MLP weight's gradient from the second tile on
+        terms["hidden_bytes"] += hidden_state_bytes(w)
+        terms["mlp_bytes"] = tiled_mlp_backward_bytes(w)
+        if mlp_tiles(w) > 1:
+            stage = "mlp_weights"
+    elif stage == "mlp":
         terms["mlp_bytes"] = mlp_backward_bytes(w)
     elif stage == "attention":
         terms["attention_bytes"] = sum(backward_instant(attention_point(w)).values())
@@ -427,7 +469,8 @@ def forward_instants(w: StackWorkload) -> dict[str, dict[str, float]]:
         "residual": {**base, "layer_activations_bytes": x + attn_out, "projection_bytes": 2 * x},
         "norm2": {**base, "layer_activations_bytes": 2 * x + attn_out + norm_statistics_bytes(w),
                   "norm_bytes": norm_forward_bytes(w)},
-        "mlp": {**base, "layer_activations_bytes": 3 * x + attn_out, "mlp_bytes": mlp_forward_bytes(w)},
+        "mlp": {**base, "layer_activations_bytes": 3 * x + attn_out,
+                "mlp_bytes": mlp_forward_bytes(w) if mlp_tile_rows(w) is None else tiled_mlp_forward_bytes(w)},
         "final_norm": {**base, "hidden_bytes": x + norm_statistics_bytes(w), "norm_bytes": norm_forward_bytes(w)},
     }
 
