@@ -1,10 +1,16 @@
-"""Tiled MLP and tiled (chunked) loss on CPU, gloo: the whole stack (FSDP2 + ring attention) with
-``mlp_tile_tokens`` set equals the dense float64 model of ``test_stack_cpu`` — loss, every gathered
-gradient, the AdamW update and the next loss — at W = 1 and 2; prefill's hidden states too.
+"""Tiled MLP and tiled (chunked) loss on CPU, gloo, planned and run.
 
-The runs and the reference are ``test_stack_cpu``'s (``reference_step``, ``_train``, ``_prefill``),
-on configurations with the MLP tiled (``TiledConfig``). Tiling changes only the order in which the
-weight gradients are summed over tiles, so the tolerances are the untiled stack's.
+Exactness: the whole stack (FSDP2 + ring attention) with ``mlp_tile_tokens`` set equals the dense
+float64 model of ``test_stack_cpu`` — loss, every gathered gradient, the AdamW update and the next
+loss — at W = 1 and 2; prefill's hidden states too. The runs and the reference are
+``test_stack_cpu``'s (``reference_step``, ``_train``, ``_prefill``), on configurations with the MLP
+tiled (``TiledConfig``). Tiling changes only the order in which the weight gradients are summed
+over tiles, so the tolerances are the untiled stack's.
+
+Memory: Σ ``stack_terms`` at the largest instant equals the live-tensor tracker's peak within 1%
+(``test_stack_measure_cpu``'s method and CPU-only allowance) for a tiled MLP, a tiled loss and both,
+at W = P = 1 and 2, measured in the same spawned groups; and one tiled MLP's backward alone equals
+its terms exactly (both branches of ``tiled_mlp_backward_bytes``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from ringplan_runtime import shard_sequence, spawn
 from ringplan_runtime.reference import relative_error
 from ringplan_runtime.tiling import tiled_mlp
 from ringplan_runtime.transformer import MLP
+from tests.runtime.test_stack_measure_cpu import FAST, TRACKER_REL_TOL, analytic_cpu_peak
 from tests.runtime.test_stack_cpu import (
     DATA_SEED,
     FP32_EPS,
@@ -83,6 +90,38 @@ CONFIGS = [
 ]
 PREFILL = [TiledConfig(base=Config(name="prefill_w2_zigzag", world=2, ring=2, layout="zigzag"), mlp_tile_tokens=4)]
 
+MEASURED_MODEL = {"name": "tiny", "n_layers": 2, "embed_dim": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16,
+                  "ffn_dim": 1024, "ffn_type": "swiglu", "vocab_size": 256, "norm": "rmsnorm"}
+#: name -> (model overrides, settings, batch, tokens per rank, training); bf16 compute, zero3.
+MEASURED = {
+    # a wide FFN and 2 × 1,024 tokens: the tiled MLP's backward is the peak
+    "mlp_tiled": ({}, {"mlp_tile_tokens": 128, "loss_chunk_tokens": 64}, 2, 1024, True),
+    "mlp_tiled_selective": ({}, {"mlp_tile_tokens": 128, "loss_chunk_tokens": 64, "checkpointing": "selective"},
+                            2, 1024, True),
+    "mlp_small_tiles_full": ({}, {"mlp_tile_tokens": 16, "loss_chunk_tokens": 64, "checkpointing": "full"},
+                             2, 1024, True),
+    # a large vocabulary: the loss tile's backward is the peak, with and without the MLP tiled
+    "loss_tiled": ({"ffn_dim": 128, "vocab_size": 1024}, {"loss_chunk_tokens": 128}, 1, 256, True),
+    "loss_and_mlp_tiled": ({"ffn_dim": 128, "vocab_size": 1024}, {"loss_chunk_tokens": 128, "mlp_tile_tokens": 64},
+                           1, 256, True),
+    "prefill_mlp_tiled": ({}, {"mlp_tile_tokens": 128}, 2, 1024, False),
+}
+
+
+def measured_workload(name: str, world: int) -> StackWorkload:
+    model, settings, batch, n, training = MEASURED[name]
+    return StackWorkload(model=ModelSpec(**{**MEASURED_MODEL, **model}), seq_len_tokens=n * world, batch=batch,
+                         world_size=world, layout=RingLayout(ring_size=world), training=training,
+                         settings=StackSettings(**settings))
+
+
+def _tracked_peak(name: str, world: int) -> int:
+    from ringplan_runtime.stack_measure import measure_stack_rank
+
+    result = measure_stack_rank(measured_workload(name, world), settings=FAST)
+    assert result.measurement.feasible, name
+    return result.measurement.tracked_peak_bytes
+
 
 def run_world(world: int) -> dict:
     """Spawned body: every tiled configuration of this world size; rank 0 returns everything, the
@@ -90,8 +129,10 @@ def run_world(world: int) -> dict:
     torch.set_num_threads(1)
     results = {c.name: _train(c) for c in CONFIGS if c.world == world}
     results.update({c.name: _prefill(c) for c in PREFILL if c.world == world})
+    results["tracked"] = {name: _tracked_peak(name, world) for name in MEASURED}
     if dist.get_rank() != 0:
-        return {name: (r["loss"], r["second_loss"]) if isinstance(r, dict) else r for name, r in results.items()}
+        return {name: (r["loss"], r["second_loss"]) if isinstance(r, dict) and "loss" in r else r
+                for name, r in results.items()}
     return results
 
 
@@ -138,6 +179,19 @@ def test_tiled_prefill_matches_reference(world_results):
             assert error <= REL_TOL_HIDDEN, f"{config.name}: rank {rank} hidden off by {error:.2e}"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(MEASURED))
+def test_tiled_terms_match_live_tensor_tracker(world_results, case):
+    """Σ stack_terms at the largest instant (+ the CPU-only bytes) equals the tracked peak of the real
+    stack within 1% (the largest over ranks), for a tiled MLP, a tiled loss and both."""
+    world, per_rank = world_results
+    tracked = max(rank["tracked"][case] for rank in per_rank)
+    predicted, instant = analytic_cpu_peak(measured_workload(case, world))
+    error = (predicted - tracked) / tracked
+    assert abs(error) <= TRACKER_REL_TOL, (
+        f"{case} at W=P={world}: analytic {predicted:,.0f} B ({instant}) vs tracked {tracked:,} B ({error:+.2%})")
+
+
 SMALL = ModelSpec(name="small", n_layers=1, embed_dim=16, n_heads=2, n_kv_heads=2, head_dim=8, ffn_dim=24,
                   ffn_type="swiglu", vocab_size=32, norm="rmsnorm", mlp_bias=True)
 
@@ -178,3 +232,33 @@ def test_tile_settings_are_checked():
     x = torch.randn(1, 3, SMALL.embed_dim)
     with pytest.raises(ValueError, match="require grad"):
         tiled_mlp(x, MLP(SMALL), 2)
+
+
+@pytest.mark.parametrize(("batch", "n", "tile", "ffn"), [(1, 64, 8, 512), (2, 64, 8, 512), (1, 64, 32, 512),
+                                                       (1, 64, 64, 512), (1, 64, 16, 256)])
+def test_tiled_mlp_backward_equals_its_terms(batch, n, tile, ffn):
+    """One tiled MLP's backward (bf16, no FSDP), tracked from the end of its forward: its peak above
+    what exists before (weights, input, output, upstream gradient) is the input-gradient buffer
+    T·E·e, the weight gradients (all three from the second tile on, down's with one tile) and
+    ``tiled_mlp_backward_bytes`` — exactly, for small tiles (the down weight-gradient temporary is
+    the peak) and large ones (SwiGLU's backward is)."""
+    from ringplan.memory.stack_terms import hidden_state_bytes, mlp_tiles, tiled_mlp_backward_bytes
+    from ringplan_runtime.tracker import LiveTensorTracker
+
+    embed = 64
+    spec = dataclasses.replace(SMALL, embed_dim=embed, head_dim=embed // 2, ffn_dim=ffn, mlp_bias=False)
+    w = StackWorkload(model=spec, seq_len_tokens=n, batch=batch, world_size=1, layout=RingLayout(ring_size=1),
+                      settings=StackSettings(mlp_tile_tokens=tile, param_dtype="bf16"))
+    torch.manual_seed(0)
+    mlp = MLP(spec, tile_tokens=tile).to(torch.bfloat16)
+    x = torch.randn(batch, n, embed, dtype=torch.bfloat16, requires_grad=True)
+    upstream = torch.randn(batch, n, embed, dtype=torch.bfloat16)
+    y = mlp(x)
+    tracker = LiveTensorTracker()
+    tracker.track(*mlp.parameters(), x, upstream, y)
+    before = tracker.live_bytes
+    with tracker:
+        y.backward(upstream)
+    weight_grads = (3 if mlp_tiles(w) > 1 else 1) * embed * ffn * 2
+    expected = hidden_state_bytes(w) + weight_grads + tiled_mlp_backward_bytes(w)
+    assert tracker.peak_bytes - before == expected
