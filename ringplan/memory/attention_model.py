@@ -194,7 +194,7 @@ def calibrated_prediction(chosen: ChosenParts, p: TermInputs, phi: dict[str, flo
                              (("workspace", chosen.workspace), ("slack", chosen.slack), ("overhead", chosen.overhead))
                              if fit))
     kind, label = calibrated_provenance(chosen, gpu, p.tokens_per_rank, p.ring_size, borrowed)
-    bound = sum(fit.uncertainty_bytes(figure) for fit, figure in
+    bound = sum(fit.uncertainty_bytes(figure, p.tokens_per_rank) for fit, figure in
                 ((chosen.workspace, allocated), (chosen.slack, reserved), (chosen.overhead, total)) if fit)
     uncertainty = bound
     if kind != "measured":

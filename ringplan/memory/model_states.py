@@ -150,8 +150,11 @@ def zero_state_bytes(psi: float, *, stage: int, n_d: int, param_bytes: float, gr
 
 
 def runs_fsdp(w: StackWorkload) -> bool:
-    """The runtime's own path: FSDP2 (zero3 over G, or none = G of 1), fp32 master = the parameters."""
-    return w.settings.sharding in ("zero3", "none")
+    """The runtime's own path: FSDP2 (zero3 over G, or none = G of 1), fp32 master = the parameters.
+    Every sharding over a group of one GPU is that path too: with nothing to partition, ZeRO-1/2 at
+    G = 1 would only add a second copy of the weights and gradients that no one needs (issue 17:
+    "define W = 1 consistently" — every sharding at one GPU is one plan)."""
+    return w.settings.sharding in ("zero3", "none") or shard_group_size(w) == 1
 
 
 def master_params_bytes(w: StackWorkload) -> float:

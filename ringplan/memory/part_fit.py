@@ -77,10 +77,15 @@ class PartFit:
     def bytes(self, features: dict[str, float]) -> float:
         return sum(c * features[name] for name, c in self.coefficients.items())
 
-    def uncertainty_bytes(self, figure_bytes: float) -> float:
-        """The worst residual seen, grown in proportion beyond the largest figure measured."""
+    def uncertainty_bytes(self, figure_bytes: float, tokens_per_rank: float | None = None) -> float:
+        """The worst residual seen, grown in proportion beyond the measured range: by the figure
+        over the largest figure measured, and by the tokens per rank over the most measured,
+        whichever is larger (a misfit in bytes grows with what it is a misfit of)."""
         largest = self.largest_figure_bytes
         growth = figure_bytes / largest if largest > 0 else 1.0
+        most_tokens = self.tokens_per_rank_range[1]
+        if tokens_per_rank is not None and most_tokens > 0:
+            growth = max(growth, tokens_per_rank / most_tokens)
         return self.max_abs_residual_bytes * max(1.0, growth)
 
     def borrowed_in_use(self, features: dict[str, float]) -> set[str]:

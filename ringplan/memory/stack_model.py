@@ -304,6 +304,20 @@ class StackMemoryModel:
         calibration = self.calibrations.get(chosen.slack.gpu) if chosen.slack else None
         return calibration.slack.get("pressure") if calibration else None
 
+    def _reserve_and_bound(self, chosen: ChosenParts, slack: float, allocated: float,
+                           n: float) -> tuple[float, float]:
+        """(the slack the need counts, its residual bound): the slack at rest and its fit's bound,
+        capped by the fragmentation reserve where one was measured — the need's slack is then
+        ``min(slack, reserve)`` and its upper end ``min(slack + bound, reserve)``, both continuous
+        and non-decreasing in the slack (a bound that vanished once the slack passed the reserve
+        made feasibility flip back and forth with tokens)."""
+        slack_bound = chosen.slack.uncertainty_bytes(allocated + slack, n) if chosen.slack else 0.0
+        reserve_fit_ = self.reserve_for(chosen)
+        if reserve_fit_ is None:
+            return slack, slack_bound
+        reserve = reserve_fit_.bytes({"constant_bytes": 1.0})
+        return min(slack, reserve), min(slack + slack_bound, reserve) - min(slack, reserve)
+
     def _figures(self, w: StackWorkload, gpu: GpuSpec, analytic: float) -> "_Figures":
         """Workspace, slack at rest, the reserve, outside memory and the residual bound of the need
         around Σφ = ``analytic`` (the slack features do not depend on Σφ: the bound stays monotone)."""
@@ -312,13 +326,12 @@ class StackMemoryModel:
         workspace = chosen.workspace.bytes(workspace_features(w)) if chosen.workspace else attention.workspace_bytes
         allocated = analytic + workspace
         slack = chosen.slack.bytes(slack_features(w)) if chosen.slack else 0.0
-        reserve_fit_ = self.reserve_for(chosen)
-        reserve = min(slack, reserve_fit_.bytes({"constant_bytes": 1.0})) if reserve_fit_ else slack
+        n = tokens_per_rank(w)
+        reserve, slack_bound = self._reserve_and_bound(chosen, slack, allocated, n)
         outside = chosen.overhead.bytes(outside_features(w)) if chosen.overhead else attention.outside_bytes
         total = allocated + reserve + outside
-        slack_fit = chosen.slack if reserve == slack else None  # the reserve is the slack at rest
-        bound = sum(fit.uncertainty_bytes(figure) for fit, figure in
-                    ((chosen.workspace, allocated), (slack_fit, allocated + slack), (chosen.overhead, total)) if fit)
+        bound = slack_bound + sum(fit.uncertainty_bytes(figure, n) for fit, figure in
+                                  ((chosen.workspace, allocated), (chosen.overhead, total)) if fit)
         if chosen.workspace is None or chosen.slack is None:
             bound += PRIOR_RELATIVE_UNCERTAINTY * analytic
         if attention is not None:
@@ -371,6 +384,7 @@ class _AttentionTransfer:
     attention_allocated_bytes: float
     outside_bytes: float
     label: str
+    tokens_per_rank: float
 
     @classmethod
     def of(cls, model: MemoryModel | None, w: StackWorkload, gpu: GpuSpec) -> "_AttentionTransfer":
@@ -385,15 +399,15 @@ class _AttentionTransfer:
             else float(gpu.runtime_overhead_bytes)
         return cls(parts=parts, workspace_bytes=prediction.terms_bytes.get("workspace_bytes", 0.0),
                    attention_allocated_bytes=prediction.peak_allocated_bytes or 0.0, outside_bytes=outside,
-                   label=prediction.provenance)
+                   label=prediction.provenance, tokens_per_rank=tokens_per_rank(w))
 
     def bound_bytes(self, total_bytes: float, *, workspace: bool, outside: bool) -> float:
         """Residual bounds of the lent parts; the catalog overhead (nothing measured) gets the prior."""
         bound = 0.0
         if workspace and self.parts.workspace:
-            bound += self.parts.workspace.uncertainty_bytes(self.attention_allocated_bytes)
+            bound += self.parts.workspace.uncertainty_bytes(self.attention_allocated_bytes, self.tokens_per_rank)
         if outside:
-            bound += self.parts.overhead.uncertainty_bytes(total_bytes) if self.parts.overhead \
+            bound += self.parts.overhead.uncertainty_bytes(total_bytes, self.tokens_per_rank) if self.parts.overhead \
                 else PRIOR_RELATIVE_UNCERTAINTY * self.outside_bytes
         return bound
 
