@@ -285,7 +285,7 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-if __name__ == "__main__":  # the sweep entry point, under its former name
-    from ringplan_runtime.stack_sweep import main
+if __name__ == "__main__":  # the sweep entry point, under its former name (run, not imported: no module cycle)
+    import runpy
 
-    raise SystemExit(main())
+    runpy.run_module("ringplan_runtime.stack_sweep", run_name="__main__", alter_sys=True)

@@ -37,3 +37,13 @@ def test_torchrun_reruns_into_one_out_write_their_own_rows(tmp_path):
     assert sorted(rows) == [512, 2048]
     assert rows[512].tracked_peak_bytes < rows[2048].tracked_peak_bytes
     assert [p.name for p in tmp_path.iterdir() if ".ranks" in p.name] == []
+
+
+@pytest.mark.parametrize("module", ["ringplan_runtime.stack_sweep", "ringplan_runtime.stack_measure"])
+def test_sweep_entry_points_run(module):
+    """Both module names run the sweep's command line (``stack_measure`` is its former name)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--points" in done.stdout, done.stderr[-2000:]
