@@ -32,6 +32,7 @@ candidate whose bound exceeds the budget is infeasible without its full predicti
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -377,9 +378,11 @@ class StackMaxTokens:
 
 
 def token_unit(query: StackQuery, world_size: int) -> int:
-    """S = m·unit is valid for every m ≥ 1: P × chunks per rank (1 contiguous, 2 zigzag)."""
+    """S = m·unit is valid for every m ≥ 1: P × chunks per rank (1 contiguous, 2 zigzag), × the
+    candidates' MLP tiles (their least common multiple with the chunks: a tile divides n = S / P)."""
     p = query.ring_for(world_size)
-    return p * RingLayout(ring_size=p, layout=query.layout, backend=query.backend).chunks_per_rank
+    chunks = RingLayout(ring_size=p, layout=query.layout, backend=query.backend).chunks_per_rank
+    return p * math.lcm(chunks, *(s.mlp_tile_tokens for s in query.candidates if s.mlp_tile_tokens))
 
 
 def max_tokens(query: StackQuery, world_size: int) -> StackMaxTokens:
