@@ -274,7 +274,7 @@ def measure_stack(w: StackWorkload, *, settings: MeasureSettings) -> RankMeasure
 
 def _backend(w: StackWorkload, device: torch.device) -> str:
     from ringplan_runtime import select_backend
-    from ringplan_runtime.stack_parallel import torch_dtype
+    from ringplan_runtime.dtypes import torch_dtype
 
     return select_backend(device, torch_dtype(w.settings.param_dtype), w.model.head_dim, w.layout.backend)
 
