@@ -32,6 +32,9 @@ Per block, checkpointing ``none``:
   the only tensors saved there), nothing per block stays on the device.
 Outside the blocks: the embedding saves the token ids (int64, B·n·8); the final norm saves
   its input (the last block's output) and rstd; cos/sin tables 2·n·D·e (shared by every block).
+Tiled MLP (``mlp_tile_tokens`` t, ``ringplan_runtime.tiling``): the block saves the MLP norm's
+  output only (no gate, up or product); forward and backward run B·t tokens at a time, each tile
+  recomputed in backward; the MLP's output and input gradient T·E·e are allocated once.
 Loss ``full``: logits T·V·e, cast to fp32 (a T·V·4 copy when e < 4; the param-dtype logits are
   then freed), log-softmax output T·V·4 saved for backward. ``chunked``: each chunk of
   ``chunk_tokens`` tokens runs the LM head and fp32 cross-entropy under ``checkpoint``; only the
