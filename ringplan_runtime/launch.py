@@ -19,7 +19,8 @@ rank order. If a rank raises or dies, the others are terminated at once and ``Ra
 ``TimeoutError`` is raised. The process group itself also times out after ``timeout_s``.
 
 The spawner is one machine's: its store listens on 127.0.0.1 only (``loopback_listener``; the ranks
-get ``MASTER_ADDR=127.0.0.1``). Ranks die with the parent: SIGKILL on its death (Linux
+get ``MASTER_ADDR=127.0.0.1``), and gloo ranks use the loopback interface (``GLOO_SOCKET_IFNAME=lo``
+on Linux, unless the environment names another). Ranks die with the parent: SIGKILL on its death (Linux
 ``prctl(PR_SET_PDEATHSIG)``) and a watchdog thread that polls the parent's pid (``die_with_parent``).
 While the parent waits, SIGTERM is handled as SIGINT: ``KeyboardInterrupt`` is raised, every rank
 is terminated, and the interrupt goes on to the caller. torchrun (``init_from_env``) keeps the
@@ -47,6 +48,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 LOCALHOST = "127.0.0.1"
+LOOPBACK_INTERFACE = "lo"  # Linux's name for the loopback interface
 POLL_S = 0.05
 DEAD_RANK_GRACE_S = 1.0
 JOIN_TIMEOUT_S = 10.0
@@ -160,6 +162,8 @@ def _worker(fn, rank: int, world_size: int, backend: str, port: int, args: tuple
     die_with_parent(parent_pid)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR=LOCALHOST, MASTER_PORT=str(port))
+    if backend == "gloo" and os.path.exists(f"/sys/class/net/{LOOPBACK_INTERFACE}"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK_INTERFACE)  # gloo's pairs listen on loopback too
     try:
         store = dist.TCPStore(LOCALHOST, port, is_master=False, timeout=timedelta(seconds=timeout_s))
         _init_group(backend, rank, world_size, rank, timeout_s, store=store)

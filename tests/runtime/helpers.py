@@ -329,22 +329,35 @@ def sleep_after_writing_pid(directory: str):
 
 
 def store_listen_addresses() -> dict:
-    """Spawned body: ``MASTER_ADDR`` and the local addresses of the sockets listening on ``MASTER_PORT``
-    (the spawner's store), read from ``/proc/net/tcp`` and ``/proc/net/tcp6`` (one network namespace)."""
+    """Spawned body: ``MASTER_ADDR``, the local addresses of the sockets listening on ``MASTER_PORT``
+    (the spawner's store) and those of this rank's own listening sockets (gloo's), read from
+    ``/proc/net/tcp`` and ``/proc/net/tcp6`` (one network namespace)."""
     import os
 
     port = int(os.environ["MASTER_PORT"])
-    found = []
+    own = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            own.add(link[len("socket:["):-1])
+    store, mine = [], []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         if not os.path.exists(table):
             continue
         with open(table, encoding="utf-8") as handle:
             for line in handle.read().splitlines()[1:]:
-                local, state = line.split()[1], line.split()[3]
-                address, port_hex = local.split(":")
-                if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
-                    found.append(_proc_net_address(address))
-    return {"master_addr": os.environ["MASTER_ADDR"], "listening": found}
+                fields = line.split()
+                address, port_hex = fields[1].split(":")
+                if fields[3] != "0A":  # 0A: LISTEN
+                    continue
+                if int(port_hex, 16) == port:
+                    store.append(_proc_net_address(address))
+                if fields[9] in own:
+                    mine.append(_proc_net_address(address))
+    return {"master_addr": os.environ["MASTER_ADDR"], "listening": store, "rank_listening": sorted(set(mine))}
 
 
 def _proc_net_address(hex_address: str) -> str:

@@ -85,7 +85,7 @@ def test_ranks_die_with_their_launcher(tmp_path, signum):
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc/net/tcp")
 def test_spawner_store_listens_on_loopback_only():
-    """The spawner's TCP store (MASTER_PORT) listens on 127.0.0.1, not on every interface, and the
-    ranks rendezvous at MASTER_ADDR=127.0.0.1."""
-    first, _ = spawn(store_listen_addresses, world_size=2, backend="gloo")
-    assert first == {"master_addr": LOCALHOST, "listening": [LOCALHOST]}
+    """The spawner's TCP store (MASTER_PORT) listens on 127.0.0.1, not on every interface, the
+    ranks rendezvous at MASTER_ADDR=127.0.0.1, and gloo's own listening sockets are on loopback."""
+    for seen in spawn(store_listen_addresses, world_size=2, backend="gloo"):
+        assert seen == {"master_addr": LOCALHOST, "listening": [LOCALHOST], "rank_listening": [LOCALHOST]}
