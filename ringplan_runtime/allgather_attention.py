@@ -7,13 +7,14 @@ Forward (W ranks in ``group``): the K/V of the whole sequence are all-gathered o
 heads: small under GQA) into one sequence-major buffer, and the local queries attend to it in the
 ring's blocks (``layouts.block_plan`` for every source rank, with the causal mask of the global
 positions), adjacent full blocks fused into one kernel call: non-causal is one call, causal
-contiguous two, causal zigzag at most W + 1. Blocks merge by their LSE in fp32 (``merge``).
+contiguous two, causal zigzag at most W. Blocks merge by their LSE in fp32 (``merge``).
 
 Memory: the gathered K/V (2·B·S·H_kv·D elements, input dtype) live during the forward only and are
 freed after it; autograd saves the LOCAL q, k, v, the output and the LSE, and the backward gathers
 K/V again (as torch's ``context_parallel`` all-gather rotation and Megatron CP do). The backward
 also holds dK/dV of the whole sequence in fp32 (fp64 for fp64) while it runs; these are
-reduce-scattered so each rank receives the sum of its own chunk's dK/dV, cast to k's dtype.
+reduce-scattered IN fp32 (exact sums; twice the bytes of bf16) so each rank receives the sum of
+its own chunk's dK/dV, cast to k's dtype at the end.
 
 torchrun (one node, 2 processes; gloo on a CPU-only machine)::
 

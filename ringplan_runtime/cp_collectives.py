@@ -10,8 +10,9 @@ Collectives (any process group; one member: no communication, the input comes ba
   sums (stored sequence-major, ``sequence_major_zeros``), reduce-scattered so each member receives the
   sum over all members of its own chunk.
 - ``SequenceToHeads`` / ``HeadsToSequence`` -- Ulysses' all-to-all: ``[B, n, H, D]`` sequence shards
-  <-> ``[B, W·n, H/W, D]`` head shards (member-major sequence, member u keeps head group u); each
-  one's backward is the other.
+  <-> ``[B, W·n, H/W, D]`` head shards (member u keeps head group u); the sequence in member order,
+  or in global order for a zigzag sharding (the reordering is folded into the copy out of the
+  receive buffer, so no second copy of the sequence is made); each one's backward is the other.
 
 Version shims: torch 2.13 renames ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` to
 ``all_gather_single`` / ``reduce_scatter_single`` (the old names warn); the lent GPU machines run
@@ -65,53 +66,84 @@ def scatter_sequence_sum(full: torch.Tensor, *, group, size: int) -> torch.Tenso
     return own.transpose(0, 1)
 
 
-def sequence_to_heads(x: torch.Tensor, *, group, size: int) -> torch.Tensor:
-    """All-to-all ``[B, n, H, D]`` -> ``[B, size·n, H/size, D]``: member u gets head group u of every chunk."""
+def member_major_to_sequence(received: torch.Tensor, *, zigzag: bool) -> torch.Tensor:
+    """``[U, B, n, h, D]`` (member p's chunk at p) -> ``[B, U·n, h, D]``: member order, or, with ``zigzag``,
+    the global order of a zigzag sharding (member p holds chunks p and 2U-1-p). One copy at most."""
+    size, batch, n, heads, head_dim = received.shape
+    if not zigzag:
+        return received.permute(1, 0, 2, 3, 4).reshape(batch, size * n, heads, head_dim)
+    ordered = received.new_empty(batch, 2 * size, n // 2, heads, head_dim)
+    halves = received.view(size, batch, 2, n // 2, heads, head_dim)
+    for member in range(size):
+        ordered[:, member].copy_(halves[member, :, 0])
+        ordered[:, 2 * size - 1 - member].copy_(halves[member, :, 1])
+    return ordered.view(batch, size * n, heads, head_dim)
+
+
+def sequence_to_member_major(y: torch.Tensor, *, size: int, zigzag: bool) -> torch.Tensor:
+    """The inverse of ``member_major_to_sequence``: ``[B, U·n, h, D]`` -> contiguous ``[U, B, n, h, D]``."""
+    batch, tokens, heads, head_dim = y.shape
+    n = tokens // size
+    if not zigzag:
+        return y.reshape(batch, size, n, heads, head_dim).transpose(0, 1).contiguous()
+    out = y.new_empty(size, batch, n, heads, head_dim)
+    halves = out.view(size, batch, 2, n // 2, heads, head_dim)
+    chunks = y.reshape(batch, 2 * size, n // 2, heads, head_dim)
+    for member in range(size):
+        halves[member, :, 0].copy_(chunks[:, member])
+        halves[member, :, 1].copy_(chunks[:, 2 * size - 1 - member])
+    return out
+
+
+def sequence_to_heads(x: torch.Tensor, *, group, size: int, zigzag: bool = False) -> torch.Tensor:
+    """All-to-all ``[B, n, H, D]`` -> ``[B, size·n, H/size, D]``: member u gets head group u of every chunk,
+    in member order (``zigzag``: in the global order of a zigzag sharding over the members)."""
     if size == 1:
         return x
     batch, n, heads, head_dim = x.shape
     send = x.reshape(batch, n, size, heads // size, head_dim).permute(2, 0, 1, 3, 4).contiguous()
     received = torch.empty_like(send)  # [source member, B, n, H/size, D]
     dist.all_to_all_single(received, send, group=group)
-    return received.permute(1, 0, 2, 3, 4).reshape(batch, size * n, heads // size, head_dim)
+    del send
+    return member_major_to_sequence(received, zigzag=zigzag)
 
 
-def heads_to_sequence(y: torch.Tensor, *, group, size: int) -> torch.Tensor:
+def heads_to_sequence(y: torch.Tensor, *, group, size: int, zigzag: bool = False) -> torch.Tensor:
     """All-to-all ``[B, size·n, H/size, D]`` -> ``[B, n, H, D]``; the inverse of ``sequence_to_heads``."""
     if size == 1:
         return y
     batch, tokens, local_heads, head_dim = y.shape
-    n = tokens // size
-    send = y.reshape(batch, size, n, local_heads, head_dim).transpose(0, 1).contiguous()
+    send = sequence_to_member_major(y, size=size, zigzag=zigzag)
     received = torch.empty_like(send)  # [source member = head group, B, n, H/size, D]
     dist.all_to_all_single(received, send, group=group)
-    return received.permute(1, 2, 0, 3, 4).reshape(batch, n, size * local_heads, head_dim)
+    del send
+    return received.permute(1, 2, 0, 3, 4).reshape(batch, tokens // size, size * local_heads, head_dim)
 
 
 class SequenceToHeads(torch.autograd.Function):
     """``sequence_to_heads`` with ``heads_to_sequence`` of the gradient as its backward."""
 
     @staticmethod
-    def forward(ctx, x, group, size):
-        ctx.group, ctx.size = group, size
-        return sequence_to_heads(x, group=group, size=size)
+    def forward(ctx, x, group, size, zigzag):
+        ctx.settings = dict(group=group, size=size, zigzag=zigzag)
+        return sequence_to_heads(x, group=group, size=size, zigzag=zigzag)
 
     @staticmethod
     def backward(ctx, grad):
-        return heads_to_sequence(grad.contiguous(), group=ctx.group, size=ctx.size), None, None
+        return heads_to_sequence(grad.contiguous(), **ctx.settings), None, None, None
 
 
 class HeadsToSequence(torch.autograd.Function):
     """``heads_to_sequence`` with ``sequence_to_heads`` of the gradient as its backward."""
 
     @staticmethod
-    def forward(ctx, y, group, size):
-        ctx.group, ctx.size = group, size
-        return heads_to_sequence(y, group=group, size=size)
+    def forward(ctx, y, group, size, zigzag):
+        ctx.settings = dict(group=group, size=size, zigzag=zigzag)
+        return heads_to_sequence(y, group=group, size=size, zigzag=zigzag)
 
     @staticmethod
     def backward(ctx, grad):
-        return sequence_to_heads(grad.contiguous(), group=ctx.group, size=ctx.size), None, None
+        return sequence_to_heads(grad.contiguous(), **ctx.settings), None, None, None
 
 
 class LocalAttention(torch.autograd.Function):

@@ -6,10 +6,11 @@ of a sequence sharded over the U ranks of ``group`` (``shard_sequence``, contigu
 Forward: one all-to-all per q, k, v turns sequence shards into head shards ``[B, S, H/U, D]``
 (S = U·n: the whole sequence, H/U heads); one local kernel call runs full-sequence attention on
 those heads; one all-to-all turns the output back into ``[B, n, H, D]``. Causal with the zigzag
-layout: the gathered sequence is put in global order (``index_select``) before the kernel and
-the output back in member order after it (non-causal attention needs no reordering). Backward:
-autograd through the all-to-all pair (``cp_collectives.SequenceToHeads``/``HeadsToSequence``,
-each the other's backward) and the kernel's backward with its own out and LSE.
+layout: the gathered sequence is put in global order before the kernel and the output back in
+member order after it, both folded into the all-to-all's own copies (non-causal attention needs
+no reordering). Backward: autograd through the all-to-all pair
+(``cp_collectives.SequenceToHeads``/``HeadsToSequence``, each the other's backward) and the
+kernel's backward with its own out and LSE.
 
 Heads: U must divide H (else ``ValueError`` naming the nearest valid degrees). K/V heads: when U
 does not divide H_kv (H_kv < U, e.g. MQA), the K/V heads are REPLICATED before the all-to-all,
@@ -40,7 +41,6 @@ from ringplan_runtime.backends import select_backend
 from ringplan_runtime.consistency import checked_on_every_rank
 from ringplan_runtime.cp_collectives import (HeadsToSequence, LocalAttention, SequenceToHeads, check_heads_split,
                                              kv_replication)
-from ringplan_runtime.layouts import token_positions
 from ringplan_runtime.ring_attention import check_qkv, planner_workload, qkv_description, ring_members
 
 
@@ -96,33 +96,15 @@ def make_ulysses_spec(q, k, v, *, group, causal: bool, layout: str, backend: str
 
 
 def ulysses_around(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: UlyssesSpec,
-                   attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                   attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], *,
+                   zigzag_order: bool = False) -> torch.Tensor:
     """``attend`` on head shards: replicate K/V heads if needed, all-to-all q, k, v to ``[B, U·n, H/U, D]``
-    (member-major sequence), call ``attend(q, k, v)``, all-to-all its output back to ``[B, n, H, D]``."""
+    (member order, or the global order of a zigzag sharding with ``zigzag_order``), call
+    ``attend(q, k, v)``, all-to-all its output back to ``[B, n, H, D]``."""
     if spec.kv_replication > 1:
         k, v = (t.repeat_interleave(spec.kv_replication, dim=2) for t in (k, v))
-    q_h, k_h, v_h = (SequenceToHeads.apply(t, spec.group, spec.size) for t in (q, k, v))
-    return HeadsToSequence.apply(attend(q_h, k_h, v_h).contiguous(), spec.group, spec.size)
-
-
-def member_positions(spec: UlyssesSpec, tokens_per_rank: int, device) -> torch.Tensor:
-    """Global position of every row of the member-major gathered sequence (int64)."""
-    total = tokens_per_rank * spec.size
-    return torch.cat([token_positions(rank=member, ring_size=spec.size, layout=spec.layout, seq_len_tokens=total)
-                      for member in range(spec.size)]).to(device)
-
-
-def full_sequence_attention(spec: UlyssesSpec, tokens_per_rank: int):
-    """The ``attend`` of plain Ulysses: one kernel call over the whole sequence, in global order."""
-    def attend(q_h, k_h, v_h):
-        if not (spec.causal and spec.layout == "zigzag" and spec.size > 1):
-            return LocalAttention.apply(q_h, k_h, v_h, spec.backend, spec.causal, spec.scale)
-        positions = member_positions(spec, tokens_per_rank, q_h.device)
-        order = torch.argsort(positions)
-        q_g, k_g, v_g = (t.index_select(1, order) for t in (q_h, k_h, v_h))
-        out = LocalAttention.apply(q_g, k_g, v_g, spec.backend, True, spec.scale)
-        return out.index_select(1, positions)
-    return attend
+    q_h, k_h, v_h = (SequenceToHeads.apply(t, spec.group, spec.size, zigzag_order) for t in (q, k, v))
+    return HeadsToSequence.apply(attend(q_h, k_h, v_h).contiguous(), spec.group, spec.size, zigzag_order)
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, causal: bool = False,
@@ -137,4 +119,9 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
     """
     spec = make_ulysses_spec(q, k, v, group=group, causal=causal, layout=layout, backend=backend, scale=scale,
                              replicate_kv_heads=replicate_kv_heads, check_consistency=check_consistency)
-    return ulysses_around(q, k, v, spec, full_sequence_attention(spec, q.shape[1]))
+
+    def attend(q_h, k_h, v_h):
+        return LocalAttention.apply(q_h, k_h, v_h, spec.backend, spec.causal, spec.scale)
+
+    zigzag_order = spec.causal and spec.layout == "zigzag"
+    return ulysses_around(q, k, v, spec, attend, zigzag_order=zigzag_order)

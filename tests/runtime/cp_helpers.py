@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ringplan_runtime import allgather_attention, hybrid_attention, ring_attention, shard_sequence, ulysses_attention
+from ringplan_runtime.cp_check import check_scheme, parse_args
 from ringplan_runtime.hybrid_attention import hybrid_shard_sequence
 from ringplan_runtime.reference import reference_attention, relative_error
 from ringplan_runtime.tracker import LiveTensorTracker
@@ -148,12 +149,13 @@ def bad_scheme_outcomes(grid: Grid) -> list[tuple[str, str, str, int]]:
 
 
 def run_world(runs: list[tuple[str, int, Case]], bad_input_grids: tuple[int, ...] = (),
-              peak_cases: tuple[Case, ...] = ()) -> dict:
+              peak_cases: tuple[Case, ...] = (), entry_argvs: tuple[tuple[str, ...], ...] = ()) -> dict:
     """Body of every spawned rank (one spawn per world size: starting ranks is what costs on CI):
 
     ``errors`` per (scheme, U, case name) (U: the hybrid's Ulysses degree, 0 for the others);
     ``bad`` per Ulysses degree of the grid: ``bad_scheme_outcomes``; ``peaks`` per peak case name
-    and scheme (``ring_attention`` too, for comparison; hybrid on the U = W × R = 1 grid).
+    and scheme (``ring_attention`` too, for comparison; hybrid on the U = W × R = 1 grid);
+    ``entry`` per argv: the errors ``ringplan_runtime.cp_check`` finds (its torchrun body, in-process).
     """
     torch.set_num_threads(1)
     world = rank_and_size()[1]
@@ -164,4 +166,6 @@ def run_world(runs: list[tuple[str, int, Case]], bad_input_grids: tuple[int, ...
     bad = {u: bad_scheme_outcomes(grids[u]) for u in bad_input_grids}
     peaks = {case.name: {scheme: tracked_peak_bytes(scheme, case, grids[world])
                          for scheme in ("ring", "allgather", "ulysses", "hybrid")} for case in peak_cases}
-    return {"errors": errors, "bad": bad, "peaks": peaks}
+    entry = {argv: check_scheme(parse_args(list(argv)), dist.get_rank(), world, torch.device("cpu"))["errors"]
+             for argv in entry_argvs}
+    return {"errors": errors, "bad": bad, "peaks": peaks, "entry": entry}

@@ -25,6 +25,12 @@ BAD_INPUT_GRIDS = (2, 1)  # at W = 4: U 2 × R 2, and U 1 × R 4 (any head count
 PEAK_CASES = tuple(replace(Case(name=name, seq_len_tokens=256, heads=4, kv_heads=2, head_dim=32, **flags), seed=7)
                    for name, flags in (("dense_gqa", {}), ("causal_zigzag_gqa", dict(causal=True, layout="zigzag"))))
 
+#: ``python -m ringplan_runtime.cp_check`` argument lists run in-process (its torchrun body) at W = 2 and 4.
+ENTRY_ARGS = ("--tokens", "256", "--heads", "4", "--kv-heads", "1", "--head-dim", "16", "--dtype", "fp32",
+              "--steps", "1", "--causal", "--layout", "zigzag")
+ENTRY_ARGVS = {2: (("--scheme", "allgather") + ENTRY_ARGS, ("--scheme", "ulysses") + ENTRY_ARGS),
+               4: (("--scheme", "hybrid", "--ulysses-size", "2") + ENTRY_ARGS,)}
+
 CASES = with_seed([
     Case(name="dense"),
     Case(name="causal_contiguous", causal=True),
@@ -49,9 +55,10 @@ def world_results(world: int) -> dict:
     """Everything one spawned group of ``world`` ranks measures: worst errors over ranks, and per rank
     the bad-input outcomes (W = 4) and tracker peaks (W = 2)."""
     per_rank = spawn(run_world, world_size=world, backend="gloo", timeout_s=SPAWN_TIMEOUT_S,
-                     args=(runs_for(world), BAD_INPUT_GRIDS if world == 4 else (), PEAK_CASES if world == 2 else ()))
+                     args=(runs_for(world), BAD_INPUT_GRIDS if world == 4 else (), PEAK_CASES if world == 2 else (),
+                           ENTRY_ARGVS.get(world, ())))
     return {"errors": worst_over_ranks([r["errors"] for r in per_rank]), "bad": [r["bad"] for r in per_rank],
-            "peaks": [r["peaks"] for r in per_rank]}
+            "peaks": [r["peaks"] for r in per_rank], "entry": [r["entry"] for r in per_rank]}
 
 
 def run_id(world_and_run) -> str:
@@ -100,3 +107,13 @@ def test_tracker_peaks_at_two_ranks():
             for scheme, peak in peaks.items():
                 assert peak["training"] >= peak["forward"] > 0, (rank, name, scheme, peak)
             assert peaks["allgather"]["forward"] >= kv_full_bytes, peaks
+
+
+@pytest.mark.parametrize("world_and_argv", [(w, argv) for w, argvs in ENTRY_ARGVS.items() for argv in argvs],
+                         ids=lambda wa: f"W{wa[0]}-{wa[1][1]}")
+def test_cp_check_entry_point(world_and_argv):
+    """``ringplan_runtime.cp_check`` (the torchrun entry of these schemes) finds every error within tolerance."""
+    world, argv = world_and_argv
+    for rank, by_argv in enumerate(world_results(world)["entry"]):
+        errors = by_argv[argv]
+        assert errors is not None and max(errors.values()) <= REL_TOL_FP32, (rank, argv, errors)
