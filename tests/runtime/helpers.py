@@ -389,21 +389,25 @@ INCONSISTENT_INPUTS = {
 }
 
 
-def inconsistent_call(which: str) -> tuple[str, str]:
-    """Spawned body: a ring attention call where rank 1's ``which`` input differs from rank 0's
-    (``INCONSISTENT_INPUTS``); the (exception type, message) this rank got, ("none", "") without one."""
+def inconsistent_calls(whiches: list[str]) -> dict[str, tuple[str, str]]:
+    """Spawned body: per name in ``whiches``, a ring attention call where rank 1's input of that name
+    differs from rank 0's (``INCONSISTENT_INPUTS``), in one group one after the other (a refused call
+    leaves the group usable); the (exception type, message) this rank got, ("none", "") without one."""
     torch.set_num_threads(1)
     rank, _ = rank_and_size()
-    given = {"n": 8, "kv_heads": 2, "dtype": torch.float32, "causal": False, "segments": (8,)}
-    if rank == 1:
-        given.update(INCONSISTENT_INPUTS[which])
-    q, k, v = (torch.ones(1, given["n"], heads, 8).to(given["dtype"]) for heads in (4, given["kv_heads"],
-                                                                                    given["kv_heads"]))
-    try:
-        if which == "segments":
-            ring_dilated_attention(q, k, v, segment_lengths=given["segments"], dilation_rates=(1,))
-        else:
-            ring_attention(q, k, v, causal=given["causal"])
-    except Exception as error:  # noqa: BLE001 -- the test checks the type and the words
-        return type(error).__name__, str(error)
-    return "none", ""
+    outcomes = {}
+    for which in whiches:
+        given = {"n": 8, "kv_heads": 2, "dtype": torch.float32, "causal": False, "segments": (8,)}
+        if rank == 1:
+            given.update(INCONSISTENT_INPUTS[which])
+        q, k, v = (torch.ones(1, given["n"], heads, 8).to(given["dtype"])
+                   for heads in (4, given["kv_heads"], given["kv_heads"]))
+        try:
+            if which == "segments":
+                ring_dilated_attention(q, k, v, segment_lengths=given["segments"], dilation_rates=(1,))
+            else:
+                ring_attention(q, k, v, causal=given["causal"])
+            outcomes[which] = ("none", "")
+        except Exception as error:  # noqa: BLE001 -- the test checks the type and the words
+            outcomes[which] = (type(error).__name__, str(error))
+    return outcomes

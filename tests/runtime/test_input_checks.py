@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ringplan_runtime import ring_attention, ring_dilated_attention, spawn
-from runtime.helpers import INCONSISTENT_INPUTS, inconsistent_call
+from runtime.helpers import INCONSISTENT_INPUTS, inconsistent_calls
 
 SPAWN_TIMEOUT_S = 120.0
 #: Words the message must hold for each inconsistency: the field that differs, or the rank that refused.
@@ -40,9 +40,11 @@ def test_device_mismatch_names_the_devices():
 
 @pytest.fixture(scope="module")
 def inconsistent_outcomes() -> dict[str, list[tuple[str, str]]]:
-    """Per inconsistency, both ranks' outcomes (one spawned gloo ring of 2 per inconsistency)."""
-    return {which: spawn(inconsistent_call, world_size=2, backend="gloo", args=(which,), timeout_s=SPAWN_TIMEOUT_S)
-            for which in INCONSISTENT_INPUTS}
+    """Per inconsistency, both ranks' outcomes (one spawned gloo ring of 2 runs them all, in turn:
+    each refused call must leave the group usable for the next)."""
+    per_rank = spawn(inconsistent_calls, world_size=2, backend="gloo", args=(sorted(INCONSISTENT_INPUTS),),
+                     timeout_s=SPAWN_TIMEOUT_S)
+    return {which: [outcomes[which] for outcomes in per_rank] for which in INCONSISTENT_INPUTS}
 
 
 @pytest.mark.slow
