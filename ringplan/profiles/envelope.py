@@ -27,11 +27,11 @@ from typing import Any, NoReturn
 
 from ringplan.jsonfile import write_merged_json
 
-#: Provenance keys with one string value (or null), and ``gpu_count`` (a positive integer or null):
+#: Provenance keys with one string value (or null), and ``gpu_count`` / ``cudnn_version`` (a positive integer or null):
 #: the union of the keys the committed memory, stack and timing profiles carry.
 PROVENANCE_KEYS: tuple[str, ...] = (
     "gpu_driver_name", "driver_version", "torch_version", "nccl_version", "cuda_version", "git_sha",
-    "date", "command", "method", "source", "interconnect", "hostname", "gpu_count")
+    "date", "command", "method", "source", "interconnect", "hostname", "gpu_count", "cudnn_version")
 #: Provenance keys whose value is a list of strings.
 PROVENANCE_LIST_KEYS: tuple[str, ...] = ("notes", "assumptions")
 #: Names the runtime's own ``Provenance`` uses, read as the envelope's keys.
@@ -61,6 +61,7 @@ class Provenance:
     interconnect: str | None = None
     hostname: str | None = None
     gpu_count: int | None = None
+    cudnn_version: int | None = None
     notes: tuple[str, ...] = ()
     assumptions: tuple[str, ...] = ()
 
@@ -171,7 +172,7 @@ class Checker:
             if name in PROVENANCE_LIST_KEYS:
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     self.fail(f"{where}.{name}", "is not a list of strings", value)
-            elif name == "gpu_count":
+            elif name in ("gpu_count", "cudnn_version"):
                 if value is not None:
                     self.positive_int(f"{where}.{name}", value)
             elif name in PROVENANCE_KEYS:
