@@ -149,8 +149,8 @@ def provenance(device: torch.device, method: str) -> dict[str, object]:
             "git_sha": os.environ.get("RINGPLAN_GIT_SHA", "unknown"),
             "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
             "command": os.environ.get("RINGPLAN_COMMAND", shlex.join(["python", *sys.argv])), "method": method,
-            "hostname": platform.node(), "gpu_count": 1,
-            "notes": [f"cuDNN {torch.backends.cudnn.version()}"] if device.type == "cuda" else []}
+            "cudnn_version": torch.backends.cudnn.version() if device.type == "cuda" else None,
+            "hostname": platform.node(), "gpu_count": 1}
 
 
 class Timer:

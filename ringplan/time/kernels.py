@@ -1,10 +1,12 @@
 """Compute time of the local block kernel: FLOP counts, and effective FLOP/s fitted or defaulted.
 
-Time of one kernel call = overhead + FLOPs / F, F the effective FLOP/s of that kernel on that
-GPU for (backend, head dim, causal, pass, dtype). Where kernel timings were measured
-(``ringplan.kernels/1`` profiles) the overhead and F are fitted by least squares over block sizes
-and the measured points are interpolated (``links.TimeCurve``); elsewhere F defaults to the
-ANCHORS.md H100 measurement of that kernel, scaled by the catalog peak of the target GPU.
+Time of one kernel call = overhead + FLOPs / F(n), F the effective FLOP/s of that kernel on that
+GPU for (backend, head dim, dtype, GQA ratio, causal, pass) at n tokens per block. Where kernel
+timings were measured (``ringplan.kernels/1`` profiles) the overhead and F(n) are fitted per key
+(``kernel_rates``: the rate's block-size dependence), an unswept GQA ratio interpolated between its
+neighbours, and a key's long blocks follow its family's longest sweep; elsewhere F defaults to the
+ANCHORS.md H100 measurement of that kernel, scaled by the catalog peak of the target GPU. Every
+kernel model carries a relative ± (``KERNEL_UNCERTAINTY``), widened where it is extrapolated.
 
 FLOP conventions (as the anchors count them): a forward block of n_q queries × n_k keys costs
 4·B·H·D·n_q·n_k (QKᵀ and PV, 2 FLOPs per multiply–add); a causal diagonal block half of it;
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ringplan.time.kernel_rates import RateCurve, RatePoint, blended, block_tokens, extended_by_trend, fit_rate_curve
 from ringplan.time.links import AffineFit, TimeCurve, fit_time_curve
 from ringplan.profiles.timing import KernelRow
 
@@ -136,13 +139,30 @@ def gradient_accumulate_bytes(*, batch: int, n_heads: int, n_kv_heads: int, head
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KernelKey:
-    """Which kernel: backend (cudnn | flash | efficient | math | cpu), head dim, causal, pass, dtype."""
+    """Which kernel: backend (cudnn | flash | efficient | math | cpu), head dim, causal, pass, dtype, and
+    ``gqa_ratio`` = query heads per KV head (1 = MHA)."""
 
     backend: str
     head_dim: int
     causal: bool
     pass_name: str
     dtype: str = "bf16"
+    gqa_ratio: int = 1
+
+    @property
+    def family(self) -> tuple[str, int, bool, str, str]:
+        """The key without its GQA ratio: (backend, head_dim, causal, pass, dtype)."""
+        return self.backend, self.head_dim, self.causal, self.pass_name, self.dtype
+
+
+# Relative ± of one kernel call's predicted time, by how the model was found. SOURCE: the held-out
+# kernel check of benchmarks/kernel_accuracy.py on the 2026-12-05 H100 sweep (every other swept
+# tokens-per-block size left out of the fit; README "Kernel rates by shape"): |error| at >= 16,384
+# tokens per block 5.2% at the 80th percentile ("measured"), 6.8% at the 90th ("interpolated": a GQA
+# ratio between swept ones, or a long block on another ratio's trend), 15.6% at the 95th over every
+# size ("extrapolated": past the swept sizes). Across GPUs or head dims: ASSUMED, not measured.
+KERNEL_UNCERTAINTY: dict[str, float] = {"measured": 0.05, "interpolated": 0.07, "extrapolated": 0.15,
+                                        "transferred": 0.25, "default": 0.30}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,24 +170,49 @@ class KernelModel:
     """Time of one kernel call versus its FLOPs, and where that came from.
 
     ``provenance`` is one of: "measured on this GPU", "fitted on <gpu> and transferred",
-    "default: <source>"; ``fit`` is the least-squares fit when measured.
+    "default: <source>"; ``fit`` is the least-squares fit when measured; ``rate`` the rate curve
+    over tokens per block (``kernel_rates``) when the profile has one for this key, which then
+    decides the time; ``uncertainty`` the relative ± inside the measured range.
     """
 
     key: KernelKey
     curve: TimeCurve
     provenance: str
     fit: AffineFit | None = None
+    rate: RateCurve | None = None
+    uncertainty: float = KERNEL_UNCERTAINTY["default"]
 
     @property
     def effective_flops_per_s(self) -> float:
+        """The large-block rate: the rate at the largest swept tokens per block, else 1 / the fitted slope."""
+        if self.rate is not None:
+            return self.rate.flops_per_s[-1]
         return 1.0 / self.curve.seconds_per_unit
 
-    def time_s(self, flops: float | np.ndarray) -> float | np.ndarray:
+    def time_s(self, flops: float | np.ndarray, tokens: float | np.ndarray | None = None) -> float | np.ndarray:
+        """Seconds of one call of ``flops`` at ``tokens`` per block (√(n_q·n_k)); without ``tokens`` a
+        rate model assumes the largest swept block."""
+        if self.rate is not None:
+            return self.rate.time_s(flops, self.rate.tokens[-1] if tokens is None else tokens)
         return self.curve.time_s(flops)
 
-    def outside_measured_range(self, flops: float) -> bool:
+    def outside_measured_range(self, flops: float, tokens: float | None = None) -> bool:
+        if self.rate is not None and tokens is not None:
+            return flops > 0 and not self.rate.covers(tokens)
         span = self.curve.measured_range
         return span is not None and flops > 0 and not (span[0] <= flops <= span[1])
+
+    def uncertainty_at(self, flops: float, tokens: float | None = None) -> float:
+        """Relative ± of one call: ``uncertainty``, widened to the extrapolated one outside the measured range."""
+        if self.outside_measured_range(flops, tokens):
+            return max(self.uncertainty, KERNEL_UNCERTAINTY["extrapolated"])
+        if self.rate is not None and tokens is not None and self.rate.from_trend(tokens):
+            return max(self.uncertainty, KERNEL_UNCERTAINTY["interpolated"])
+        return self.uncertainty
+
+    def label_at(self, flops: float, tokens: float | None = None) -> str:
+        """``provenance`` with the ± of this call, e.g. ``measured on this GPU (±5%)``."""
+        return f"{self.provenance} (±{self.uncertainty_at(flops, tokens):.0%})"
 
 
 def scaled_curve(curve: TimeCurve, factor: float) -> TimeCurve:
@@ -248,6 +293,34 @@ def fit_kernel_curves(rows: Iterable[KernelRow]) -> dict[KernelKey, AffineFit]:
     return fits
 
 
+def kernel_row_key(row: KernelRow) -> KernelKey:
+    """The key of an attention row (GQA ratio from its head counts; 1 when KV heads are not given)."""
+    ratio = row.n_heads // row.n_kv_heads if row.n_kv_heads else 1
+    return KernelKey(backend=row.backend, head_dim=row.head_dim, causal=row.causal, pass_name=row.pass_name,
+                     dtype=row.dtype, gqa_ratio=max(1, ratio))
+
+
+def fit_kernel_rates(rows: Iterable[KernelRow]) -> dict[KernelKey, RateCurve]:
+    """A rate curve per (backend, head dim, dtype, GQA ratio, causal, pass) from attention rows (``kernel_rates``).
+
+    Keys with fewer than 2 tokens-per-block sizes are left out. A key swept to fewer tokens than the
+    longest of its family (same key, other GQA ratios) continues along that one's trend.
+    """
+    groups: dict[KernelKey, list[RatePoint]] = {}
+    for row in rows:
+        if row.op != "attention" or row.pass_name not in PASSES:
+            continue
+        groups.setdefault(kernel_row_key(row), []).append(RatePoint(
+            batch_heads=row.batch * row.n_heads, head_dim=row.head_dim, q_tokens=row.q_tokens,
+            kv_tokens=row.kv_tokens, flops=kernel_row_flops(row), seconds=row.seconds))
+    curves = {key: fit_rate_curve(points) for key, points in groups.items() if len({p.tokens for p in points}) >= 2}
+    longest: dict[tuple, RateCurve] = {}
+    for key, curve in curves.items():
+        if key.family not in longest or curve.tokens[-1] > longest[key.family].tokens[-1]:
+            longest[key.family] = curve
+    return {key: extended_by_trend(curve, longest[key.family]) for key, curve in curves.items()}
+
+
 def fit_merge_curve(rows: Iterable[KernelRow]) -> AffineFit | None:
     """Fit seconds ≈ overhead + bytes/rate of the fp32 LSE merge from ``op='merge'`` rows (None if < 2 sizes)."""
     pts = [(merge_bytes(batch=r.batch, n_heads=r.n_heads, head_dim=r.head_dim, q_tokens=r.q_tokens,
@@ -266,6 +339,29 @@ class MeasuredKernels:
     peak_flops_per_s: float
     fits: dict[KernelKey, AffineFit] = field(default_factory=dict)
     merge_fit: AffineFit | None = None
+    rates: dict[KernelKey, RateCurve] = field(default_factory=dict)
+    peaks_flops_per_s: dict[str, float] = field(default_factory=dict)
+
+    def peak_for(self, dtype: str) -> float:
+        """This GPU's catalog peak for ``dtype`` (fp16 falls back to bf16), else ``peak_flops_per_s``."""
+        return self.peaks_flops_per_s.get(dtype) or \
+            (self.peaks_flops_per_s.get("bf16") if dtype == "fp16" else None) or self.peak_flops_per_s
+
+    def rate_curve(self, key: KernelKey) -> tuple[RateCurve, str] | None:
+        """The curve of ``key`` from this GPU's sweep and how it was found ('' exact; 'GQA g between a and b';
+        'extrapolated (GQA g as a)'), or None when its family (key without GQA ratio) was not swept."""
+        family = {k.gqa_ratio: c for k, c in self.rates.items() if k.family == key.family}
+        if not family:
+            return None
+        g = key.gqa_ratio
+        if g in family:
+            return family[g], ""
+        lower, higher = [r for r in family if r < g], [r for r in family if r > g]
+        if lower and higher:
+            lo, hi = max(lower), min(higher)
+            return blended(family[lo], family[hi], (g - lo) / (hi - lo)), f"GQA {g} between {lo} and {hi}"
+        near = max(lower) if lower else min(higher)
+        return family[near], f"extrapolated (GQA {g} as {near}"
 
 
 # One ring step's fixed GPU-side cost besides its kernels' work (the gaps between the ~10 small
@@ -308,7 +404,14 @@ class ComputeModel:
 
     def kernel(self, key: KernelKey) -> KernelModel:
         """The best-founded model of ``key``: measured here > measured here at a near shape >
-        measured on another GPU (scaled by peak ratio) > ANCHORS.md default."""
+        measured on another GPU (scaled by peak ratio) > ANCHORS.md default.
+
+        Rate curves (``MeasuredKernels.rates``) come first, best first: this GPU at the same head dim
+        and dtype (a GQA ratio between swept ones interpolated), the other half dtype here, another
+        GPU at the same head dim, then the nearest head dim here or there; else the fitted curves."""
+        found = self._rate_model(key)
+        if found is not None:
+            return found
         if self.this_gpu is not None:
             found = _closest_fit(self.this_gpu.fits, key)
             if found is not None:
@@ -323,6 +426,45 @@ class ComputeModel:
                 return KernelModel(key=key, curve=scaled_curve(found[1].curve, factor), fit=found[1],
                                    provenance=f"fitted on {other.gpu_driver_name} and transferred")
         return default_kernel_model(key, gpu_name=self.gpu_name, peak_flops_per_s=self.peak_flops_per_s)
+
+    def _rate_model(self, key: KernelKey) -> KernelModel | None:
+        sources = [(m, m is self.this_gpu) for m in (self.this_gpu, *self.other_gpus) if m is not None and m.rates]
+        half = ("bf16", "fp16")
+        dtypes = [key.dtype] + [d for d in half if key.dtype in half and d != key.dtype]
+        dims = sorted({k.head_dim for m, _ in sources for k in m.rates if k.backend == key.backend},
+                      key=lambda d: (abs(d - key.head_dim), -d))
+        for head_dim in dims:
+            for measured, here in sorted(sources, key=lambda s: not s[1]):
+                for dtype in dtypes:
+                    probe = KernelKey(backend=key.backend, head_dim=head_dim, causal=key.causal,
+                                      pass_name=key.pass_name, dtype=dtype, gqa_ratio=key.gqa_ratio)
+                    found = measured.rate_curve(probe)
+                    if found is not None:
+                        return self._rated(key, measured, here, probe, *found)
+        return None
+
+    def _rated(self, key: KernelKey, measured: MeasuredKernels, here: bool, probe: KernelKey, curve: RateCurve,
+               how: str) -> KernelModel:
+        """A KernelModel from a found rate curve, scaled to this GPU and labelled."""
+        if here:
+            base = "measured on this GPU"
+            if (probe.head_dim, probe.dtype) != (key.head_dim, key.dtype):
+                base += f" at head_dim {probe.head_dim} {probe.dtype} (transferred)"
+            curve = curve.capped(self.peak_flops_per_s)
+        else:
+            curve = curve.scaled(measured.peak_for(key.dtype) / self.peak_flops_per_s).capped(self.peak_flops_per_s)
+            base = f"fitted on {measured.gpu_driver_name} and transferred"
+            if (probe.head_dim, probe.dtype) != (key.head_dim, key.dtype):
+                base = f"fitted on {measured.gpu_driver_name} at head_dim {probe.head_dim} {probe.dtype} and transferred"
+        kind = "transferred" if "transferred" in base else "measured"
+        if how.startswith("extrapolated"):
+            label, kind = f"{how}: {base})", ("transferred" if kind == "transferred" else "extrapolated")
+        else:
+            label = f"{base}, {how}" if how else base
+            kind = "interpolated" if how and kind == "measured" else kind
+        flat = TimeCurve(intercept_s=curve.overhead_s, seconds_per_unit=1.0 / curve.flops_per_s[-1],
+                         extrapolation="kernel")
+        return KernelModel(key=key, curve=flat, provenance=label, rate=curve, uncertainty=KERNEL_UNCERTAINTY[kind])
 
     def merge_s(self, moved_bytes: float) -> tuple[float, str]:
         """GPU seconds of one fp32 LSE merge queued behind a block kernel, with provenance.
@@ -350,14 +492,17 @@ class ComputeModel:
         return flops / (GEMM_EFFICIENCY * self.peak_flops_per_s)
 
     def fastest_backend(self, head_dim: int, dtype: str) -> str:
-        """The backend ``auto`` is planned with: the fastest measured here at this head dim; unmeasured,
-        cudnn on Hopper/Blackwell (ANCHORS.md: 1.75x flash on H100; torch enables it there) and flash elsewhere."""
-        if self.this_gpu is not None:
-            rates = {k.backend: 1.0 / f.curve.seconds_per_unit for k, f in self.this_gpu.fits.items()
-                     if k.pass_name == "forward" and not k.causal and k.head_dim == head_dim and k.dtype == dtype}
-            if rates:
-                return max(rates, key=rates.get)
-        return "cudnn" if any(tag in self.gpu_name.lower() for tag in _CUDNN_DEFAULT_GPUS) else "flash"
+        """The backend the runtime's ``auto`` runs (``ringplan_runtime.backends.select_backend``), so the plan
+        times the kernel that will run: on Hopper/Blackwell cudnn for bf16/fp16 up to head_dim 128
+        (ANCHORS.md: 1.75x flash on H100), then flash for bf16/fp16 up to 256, then the memory-efficient
+        kernel (the only one for fp32) up to 256, else math. Elsewhere the same without cudnn."""
+        half = dtype in ("bf16", "fp16")
+        aligned = head_dim % 8 == 0
+        if half and aligned and head_dim <= 128 and any(tag in self.gpu_name.lower() for tag in _CUDNN_DEFAULT_GPUS):
+            return "cudnn"
+        if half and aligned and head_dim <= 256:
+            return "flash"
+        return "efficient" if aligned and head_dim <= 256 else "math"
 
 
 def _closest_fit(fits: dict[KernelKey, AffineFit], key: KernelKey) -> tuple[KernelKey, AffineFit] | None:

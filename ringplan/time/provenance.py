@@ -11,6 +11,8 @@ attention time model.
 
 from __future__ import annotations
 
+import re
+
 #: Strength of a label's source, 0 strongest; ``provenance_rank`` maps a label to one of these.
 PROVENANCE_RANKS: dict[str, int] = {"measured": 0, "extrapolated": 1, "transferred": 2, "default": 3}
 #: Components too small to set a prediction's headline provenance (still listed in the details):
@@ -42,8 +44,8 @@ def overall_provenance(notes: dict[str, str]) -> str:
     if rank == PROVENANCE_RANKS["default"]:
         return "default (unmeasured): ANCHORS.md / catalog"
     if rank == PROVENANCE_RANKS["transferred"]:
-        inner = worst[worst.find("fitted on"):].rstrip(")")
-        return inner if "fitted on" in worst else "measured on this GPU at another shape (transferred)"
+        found = re.search(r"fitted on .*? and transferred", worst)  # a label may carry a "(±N%)" after it
+        return found.group(0) if found else "measured on this GPU at another shape (transferred)"
     if rank == PROVENANCE_RANKS["extrapolated"]:
         return "extrapolated outside measured range"
     return "measured on this GPU"

@@ -62,10 +62,12 @@ def block_time_s(c: Costing, pass_name: str, causal: bool, q_tokens: int, kv_tok
     flops = cp.attention_pass_flops(pass_name, batch=shape.batch * segments, n_heads=shape.n_heads,
                                     head_dim=shape.head_dim, q_tokens=q_tokens, kv_tokens=kv_tokens, causal=causal)
     model = c.compute.kernel(cp.KernelKey(backend=c.backend, head_dim=shape.head_dim, causal=causal,
-                                          pass_name=pass_name, dtype=shape.dtype))
-    c.note(f"kernel {c.backend} {pass_name} {'causal' if causal else 'non-causal'}", model.provenance,
-           model.outside_measured_range(flops))
-    return float(model.time_s(flops))
+                                          pass_name=pass_name, dtype=shape.dtype,
+                                          gqa_ratio=shape.n_heads // shape.n_kv_heads))
+    tokens = cp.block_tokens(q_tokens, kv_tokens)
+    c.note(f"kernel {c.backend} {pass_name} {'causal' if causal else 'non-causal'}", model.label_at(flops, tokens),
+           model.outside_measured_range(flops, tokens))
+    return float(model.time_s(flops, tokens))
 
 
 def elementwise_s(c: Costing, moved_bytes: float) -> float:

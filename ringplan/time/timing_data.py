@@ -64,9 +64,12 @@ def _load_timing_data(directory: str) -> TimingData:
     for name, prof in _latest(kernels, lambda p: p.gpu_driver_name.lower()).items():
         spec = _catalog().gpu_by_driver_name(prof.gpu_driver_name)
         peak = spec.peak_flops_per_s.get("bf16", 0.0) if spec is not None else 0.0
+        # every kernel sweep of this GPU together (a long-block sweep complements the main one)
+        rows = tuple(r for p in kernels if p.gpu_driver_name.lower() == name for r in p.rows)
         measured[name] = cp.MeasuredKernels(gpu_driver_name=prof.gpu_driver_name, peak_flops_per_s=peak or 1.0,
-                                            fits=cp.fit_kernel_curves(prof.rows),
-                                            merge_fit=cp.fit_merge_curve(prof.rows))
+                                            fits=cp.fit_kernel_curves(rows),
+                                            merge_fit=cp.fit_merge_curve(rows), rates=cp.fit_kernel_rates(rows),
+                                            peaks_flops_per_s=dict(spec.peak_flops_per_s) if spec is not None else {})
     return TimingData(links=links, kernels=measured)
 
 
