@@ -287,9 +287,10 @@ def markdown(report: dict) -> str:
     ]
     if report.get("transfer_rows"):
         parts += [
-            "## Transfer to a GPU without timing profiles (never fitted on)", "",
-            f"`{report['transfer_data']}`: predicted from the fits above (kernel curves scaled by the catalog "
-            "peak-FLOP/s ratio; merge, links and HBM from the catalog where unmeasured), same call overhead and κ.", "",
+            "## Another GPU's runs (never fitted on)", "",
+            f"`{report['transfer_data']}`: predicted from the timing profiles above (that GPU's own kernel sweep "
+            "where there is one, else the kernel curves scaled by the catalog peak-FLOP/s ratio; merge, links and "
+            "HBM from the catalog where unmeasured), same call overhead and κ.", "",
             _summary_table(report["summary_transfer"]), "", _row_table(report["transfer_rows"]), "",
         ]
     parts += [
