@@ -37,7 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ringplan.memory.attention_model import MemoryModel, row_family  # noqa: E402
+from ringplan.memory.attention_fits import row_family  # noqa: E402
+from ringplan.memory.attention_model import MemoryModel  # noqa: E402
 from ringplan.profiles.attention import Measurement, load_profile  # noqa: E402
 
 FIGURES = ("peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes")

@@ -47,8 +47,8 @@ def __getattr__(name: str):
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ringplan.capacity.attention import CapacityQuery, CapacityRow, max_tokens, min_world_size
     from ringplan.hardware import Catalog, GpuSpec, LinkSpec, load_catalog
-    from ringplan.memory.attention_model import (MemoryFit, MemoryModel, MemoryPrediction, SeedFit, default_memory_model,
-                                       fit_memory_model, fit_seed_form, predict_memory)
+    from ringplan.memory.attention_model import MemoryModel, MemoryPrediction, default_memory_model, predict_memory
+    from ringplan.memory.attention_fits import MemoryFit, SeedFit, fit_memory_model, fit_seed_form
     from ringplan.memory.attention_terms import TERM_NAMES, memory_terms
     from ringplan.profiles.attention import Measurement, Profile, load_profile, load_profiles, write_profile
     from ringplan.profiles.envelope import Provenance

@@ -72,7 +72,7 @@ def _groups(rows, key) -> dict[tuple, list]:
 def _fit_profile(name: str, all_rows, form: str, target: str | None, kinds: tuple[str, ...], prior_weight: float,
                  series: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Fits and per-point residuals of one profile's rows (seed and free-θ: one per GPU and shape group)."""
-    from ringplan.memory.attention_model import fit_rows, fit_seed_form, row_family, seed_shape_key
+    from ringplan.memory.attention_fits import fit_rows, fit_seed_form, row_family, seed_shape_key
 
     rows = [r for r in all_rows if series is None or r.series == series]
     if not rows:
@@ -120,7 +120,7 @@ def _calibrated(rows, name: str) -> tuple[list[dict[str, Any]], list[dict[str, A
 
 def _theta(group, target: str | None, kinds: tuple[str, ...], prior_weight: float,
            name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    from ringplan.memory.attention_model import fit_memory_model, fit_rows, row_inputs
+    from ringplan.memory.attention_fits import fit_memory_model, fit_rows, row_inputs
     from ringplan.memory.attention_terms import TERM_NAMES, terms_at
 
     fit = fit_memory_model(group, target=target, kinds=kinds, prior_weight=prior_weight, source=name)
@@ -163,7 +163,7 @@ def fit(profile_paths: tuple[str, ...], form: str, target: str, series: str | No
         prior_weight: float, show_residuals: bool, write_cache: bool, output_format: str) -> None:
     """Fit the memory model on each PROFILE file (default: every file in profiles/measured together,
     as the planner does) and report coefficients and residuals; --write stores the planner's fit."""
-    from ringplan.memory.attention_model import FIT_KINDS
+    from ringplan.memory.attention_fits import FIT_KINDS
 
     if write_cache:
         _write(profile_paths, output_format)

@@ -103,6 +103,11 @@ class FitStats:
     tokens_per_rank_range: tuple[float, float]
 
     @property
+    def worst_relative_residual(self) -> float:
+        """The largest |residual / observed| of the fitted points (0 without points)."""
+        return max((abs(r) for r in self.relative_residuals), default=0.0)
+
+    @property
     def relative_uncertainty(self) -> float:
         """max(largest |relative residual|, 2σ of relative residuals); 0 with a perfect fit."""
         if not self.relative_residuals:
@@ -110,6 +115,21 @@ class FitStats:
         worst = max(abs(r) for r in self.relative_residuals)
         spread = 2 * statistics.pstdev(self.relative_residuals) if len(self.relative_residuals) > 1 else 0.0
         return max(worst, spread)
+
+
+#: A fit whose own points sit further than this from it contradicts its model: answers warn.
+CONTRADICTED_FIT_RESIDUAL = 0.10
+
+
+def fit_warnings(stats: FitStats | None, form: str) -> tuple[str, ...]:
+    """A warning when the fit's worst residual exceeds ``CONTRADICTED_FIT_RESIDUAL``: its own points
+    contradict the linear model (the seed's GTX 1080 readings sit 11–24% off its 0.0089 MB/token +
+    150 MB line), so an answer from it can be far off."""
+    if stats is None or stats.worst_relative_residual <= CONTRADICTED_FIT_RESIDUAL:
+        return ()
+    return (f"the {form}-form fit's own points sit up to {stats.worst_relative_residual:.0%} off its line "
+            f"(more than {CONTRADICTED_FIT_RESIDUAL:.0%}): the profile contradicts the model; treat this answer "
+            "with care",)
 
 
 def fit_stats(observed: Sequence[float], predicted: Sequence[float], tokens: Sequence[float]) -> FitStats:

@@ -25,10 +25,9 @@ from ringplan.hardware import GpuSpec
 from ringplan.memory.calibration import fit_calibrations, overhead_features, slack_features, workspace_features
 from ringplan.memory.fit_cache import FitCache, usable_calibrations
 from ringplan.memory.part_fit import Calibration, PartFit, with_borrowed
-from ringplan.memory.attention_fits import (FIT_KINDS, TARGETS, FitStats, MemoryFit, SeedFit, fit_memory_model,  # noqa: F401
-                                  fit_rows, fit_seed_form, fit_stats, kernel_family, reserve_slack_measured,
-                                  row_family, row_inputs, runtime_overhead_measured, seed_shape_key, shape_family,
-                                  slack_family, unfitted_model, workload_family)
+from ringplan.memory.attention_fits import (FIT_KINDS, FitStats, MemoryFit, SeedFit, fit_seed_form,
+                                            fit_warnings, kernel_family, row_family, row_inputs, seed_shape_key,
+                                            slack_family, workload_family)
 from ringplan.memory.attention_terms import TermInputs, term_inputs, terms_at
 from ringplan.paths import measured_dir
 from ringplan.profiles.attention import Measurement, load_profiles
@@ -70,6 +69,8 @@ class MemoryPrediction:
     #: Whole-model predictions: device used at rest (allocated + the slack the caching allocator
     #: keeps while memory is free + outside), above ``total_bytes`` (the need); None elsewhere.
     device_used_at_rest_bytes: float | None = None
+    #: What a reader must know about this prediction (e.g. a fit its own points contradict).
+    warnings: tuple[str, ...] = ()
 
     @property
     def uncertainty_bytes(self) -> float:
@@ -104,7 +105,8 @@ def predict_memory(fit: MemoryFit | SeedFit, workload: Workload, layout: RingLay
     parts["runtime_overhead_bytes"] = overhead
     return MemoryPrediction(terms_bytes=parts, total_bytes=sum(parts.values()), tokens_per_rank=n,
                             fitted_figure=fit.target, peak_allocated_bytes=allocated, peak_reserved_bytes=reserved,
-                            relative_uncertainty=uncertainty, provenance=label, provenance_kind=kind, model_form=form)
+                            relative_uncertainty=uncertainty, provenance=label, provenance_kind=kind, model_form=form,
+                            warnings=fit_warnings(stats, "seed" if form == "seed" else "free-θ"))
 
 
 def _device_used_parts(fit: MemoryFit | SeedFit, fitted_bytes: float, gpu: GpuSpec,
@@ -194,7 +196,8 @@ def calibrated_prediction(chosen: ChosenParts, p: TermInputs, phi: dict[str, flo
                              (("workspace", chosen.workspace), ("slack", chosen.slack), ("overhead", chosen.overhead))
                              if fit))
     kind, label = calibrated_provenance(chosen, gpu, p.tokens_per_rank, p.ring_size, borrowed)
-    bound = sum(fit.uncertainty_bytes(figure, p.tokens_per_rank) for fit, figure in
+    # One layer's figures grow in proportion to its tokens (Σφ ∝ n): a residual grows with its figure.
+    bound = sum(fit.uncertainty_bytes(figure) for fit, figure in
                 ((chosen.workspace, allocated), (chosen.slack, reserved), (chosen.overhead, total)) if fit)
     uncertainty = bound
     if kind != "measured":

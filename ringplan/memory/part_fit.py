@@ -79,8 +79,9 @@ class PartFit:
 
     def uncertainty_bytes(self, figure_bytes: float, tokens_per_rank: float | None = None) -> float:
         """The worst residual seen, grown in proportion beyond the measured range: by the figure
-        over the largest figure measured, and by the tokens per rank over the most measured,
-        whichever is larger (a misfit in bytes grows with what it is a misfit of)."""
+        over the largest figure measured, and — when ``tokens_per_rank`` is given (parts whose
+        figure does not follow the tokens, e.g. a whole model's, dominated by model states) — by the
+        tokens per rank over the most measured, whichever is larger."""
         largest = self.largest_figure_bytes
         growth = figure_bytes / largest if largest > 0 else 1.0
         most_tokens = self.tokens_per_rank_range[1]

@@ -330,8 +330,11 @@ class StackMemoryModel:
         reserve, slack_bound = self._reserve_and_bound(chosen, slack, allocated, n)
         outside = chosen.overhead.bytes(outside_features(w)) if chosen.overhead else attention.outside_bytes
         total = allocated + reserve + outside
-        bound = slack_bound + sum(fit.uncertainty_bytes(figure, n) for fit, figure in
-                                  ((chosen.workspace, allocated), (chosen.overhead, total)) if fit)
+        # A whole model's figures are dominated by model states that do not extrapolate: the workspace
+        # and slack residuals grow with the tokens per rank beyond the measured range (what does), the
+        # outside memory (a context constant and indicators) with its figure only.
+        bound = slack_bound + sum(fit.uncertainty_bytes(figure, tokens) for fit, figure, tokens in
+                                  ((chosen.workspace, allocated, n), (chosen.overhead, total, None)) if fit)
         if chosen.workspace is None or chosen.slack is None:
             bound += PRIOR_RELATIVE_UNCERTAINTY * analytic
         if attention is not None:
@@ -407,7 +410,7 @@ class _AttentionTransfer:
         if workspace and self.parts.workspace:
             bound += self.parts.workspace.uncertainty_bytes(self.attention_allocated_bytes, self.tokens_per_rank)
         if outside:
-            bound += self.parts.overhead.uncertainty_bytes(total_bytes, self.tokens_per_rank) if self.parts.overhead \
+            bound += self.parts.overhead.uncertainty_bytes(total_bytes) if self.parts.overhead \
                 else PRIOR_RELATIVE_UNCERTAINTY * self.outside_bytes
         return bound
 

@@ -47,7 +47,7 @@ from ringplan.memory.attention_terms import (
     term_inputs,
 )
 from ringplan.stack import StackWorkload, attention_workload
-from ringplan.memory.model_states import (  # noqa: F401  (zero_state_bytes: re-exported, public API)
+from ringplan.memory.model_states import (
     fsdp_state_at,
     unit_shapes,
     unit_shapes_upto,
@@ -62,7 +62,6 @@ from ringplan.memory.model_states import (  # noqa: F401  (zero_state_bytes: re-
     shard_elements,
     stack_shape,
     unit_grad_bytes,
-    zero_state_bytes,
 )
 
 INDEX_BYTES = 8  # int64 token ids, labels and RoPE positions

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ringplan.memory.attention_model import row_inputs
+from ringplan.memory.attention_fits import row_inputs
 from ringplan.memory.attention_terms import terms_at
 from ringplan.profiles.attention import Measurement, Profile, write_profile
 from ringplan.profiles.envelope import Provenance

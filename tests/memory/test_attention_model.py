@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ringplan.hardware import load_catalog
-from ringplan.memory.attention_model import (PRIOR_RELATIVE_UNCERTAINTY, default_memory_model, fit_memory_model, fit_seed_form,
-                                   predict_memory, row_inputs, runtime_overhead_measured, unfitted_model)
+from ringplan.memory.attention_model import PRIOR_RELATIVE_UNCERTAINTY, default_memory_model, predict_memory
+from ringplan.memory.attention_fits import fit_memory_model, fit_seed_form, row_inputs, runtime_overhead_measured, unfitted_model
 from ringplan.memory.attention_terms import TERM_NAMES, memory_terms, terms_at
 from ringplan.paths import measured_dir
 from ringplan.profiles.attention import Measurement, load_profile

@@ -13,7 +13,8 @@ from ringplan.hardware import load_catalog
 from ringplan.memory.calibration import (fit_calibrations, overhead_features, ring_state_bytes, slack_features,
                                          workspace_features)
 from ringplan.memory.fit_cache import compute_fit, fresh_calibrations, read_fit, stale_reason, write_fit
-from ringplan.memory.attention_model import MEMORY_FIT, PRIOR_RELATIVE_UNCERTAINTY, MemoryModel, measured_rows, row_inputs
+from ringplan.memory.attention_model import MEMORY_FIT, PRIOR_RELATIVE_UNCERTAINTY, MemoryModel, measured_rows
+from ringplan.memory.attention_fits import row_inputs
 from ringplan.memory.attention_terms import TERM_NAMES, memory_terms, terms_at
 from ringplan.paths import measured_dir, profiles_dir
 from ringplan.profiles.attention import Measurement, load_profile

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from ringplan.models import ModelSpec, load_model_catalog, parameter_count
 from ringplan.stack import StackSettings, StackWorkload
-from ringplan.memory.model_states import rank_param_elements
+from ringplan.memory.model_states import rank_param_elements, shard_elements, zero_state_bytes
 from ringplan.memory.stack_terms import (
     HOST_TERM_NAMES,
     STACK_TERM_NAMES,
@@ -21,10 +21,8 @@ from ringplan.memory.stack_terms import (
     host_terms,
     peak_instant,
     saved_block_bytes,
-    shard_elements,
     stack_instants,
     stack_terms,
-    zero_state_bytes,
 )
 from ringplan.workload import RingLayout
 
