@@ -109,7 +109,8 @@ def sequence_to_heads(x: torch.Tensor, *, group, size: int, zigzag: bool = False
 
 
 def heads_to_sequence(y: torch.Tensor, *, group, size: int, zigzag: bool = False) -> torch.Tensor:
-    """All-to-all ``[B, size·n, H/size, D]`` -> ``[B, n, H, D]``; the inverse of ``sequence_to_heads``."""
+    """All-to-all ``[B, size·n, H/size, D]`` (any strides) -> ``[B, n, H, D]``; the inverse of
+    ``sequence_to_heads``. The send buffer is the one copy of ``y`` made."""
     if size == 1:
         return y
     batch, tokens, local_heads, head_dim = y.shape
@@ -130,7 +131,7 @@ class SequenceToHeads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return heads_to_sequence(grad.contiguous(), **ctx.settings), None, None, None
+        return heads_to_sequence(grad, **ctx.settings), None, None, None
 
 
 class HeadsToSequence(torch.autograd.Function):
@@ -143,7 +144,7 @@ class HeadsToSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return sequence_to_heads(grad.contiguous(), **ctx.settings), None, None, None
+        return sequence_to_heads(grad, **ctx.settings), None, None, None
 
 
 class LocalAttention(torch.autograd.Function):

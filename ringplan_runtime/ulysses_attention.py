@@ -104,7 +104,7 @@ def ulysses_around(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Ulys
     if spec.kv_replication > 1:
         k, v = (t.repeat_interleave(spec.kv_replication, dim=2) for t in (k, v))
     q_h, k_h, v_h = (SequenceToHeads.apply(t, spec.group, spec.size, zigzag_order) for t in (q, k, v))
-    return HeadsToSequence.apply(attend(q_h, k_h, v_h).contiguous(), spec.group, spec.size, zigzag_order)
+    return HeadsToSequence.apply(attend(q_h, k_h, v_h), spec.group, spec.size, zigzag_order)
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, causal: bool = False,
