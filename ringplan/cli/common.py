@@ -36,6 +36,11 @@ MAX_WORLD_SIZE = 1_000_000
 #: Largest ring ``simulate`` plays: it keeps P x P step arrays; a causal training step at P = 2,048 takes
 #: ~1.5 s here, at P = 4,096 ~18 s (the arrays and the per-step work grow as P²).
 MAX_SIMULATED_RING_SIZE = 2048
+#: Largest least common multiple of dilated segment lengths (the shortest sequence the pattern
+#: allows): 2**36, about 6.9·10¹⁰ tokens, thousands of times the longest context trained today. The
+#: max-tokens search enumerates the divisors of that multiple (time ~ its square root): at 2**50 one
+#: answer took ~30 s, two coprime lengths near 2**32 never finished.
+MAX_PATTERN_TOKENS = 2**36
 #: Longest text of a number an option reads: more digits are out of every range (and Python refuses
 #: to convert integers of more than 4,300 digits).
 MAX_NUMBER_CHARS = 40
@@ -171,6 +176,18 @@ class TokenListType(click.ParamType):
         return tuple(TOKENS.convert(part, param, ctx) for part in parts)
 
 
+class SegmentListType(TokenListType):
+    """Dilated-attention segment lengths: token counts whose least common multiple (the shortest
+    sequence the pattern allows) is at most ``MAX_PATTERN_TOKENS``."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        lengths = super().convert(value, param, ctx)
+        if lengths and math.lcm(*lengths) > MAX_PATTERN_TOKENS:
+            self.fail(f"segment lengths {shown(value, 80)} allow only sequences of a multiple of their least "
+                      f"common multiple, which is over {MAX_PATTERN_TOKENS:,} tokens", param, ctx)
+        return lengths
+
+
 class IntListType(click.ParamType):
     """Comma-separated integers of at least ``min_value`` (ASCII digits, no empty entry): ``1,2,4``."""
 
@@ -194,6 +211,7 @@ class IntListType(click.ParamType):
 TOKENS = TokenCountType()
 BYTES = ByteSizeType()
 TOKEN_LIST = TokenListType()
+SEGMENT_LIST = SegmentListType()
 
 format_option = click.option(
     "--format", "output_format", type=click.Choice(["table", "json", "csv"]), default="table",

@@ -34,7 +34,7 @@ from typing import Any
 import click
 
 from ringplan.cli.common import (BYTES, MAX_BATCH, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH,
-                                 MAX_WORLD_SIZE, TOKEN_LIST, TOKENS, BoundedInt, FiniteFloat, InputFile)
+                                 MAX_WORLD_SIZE, SEGMENT_LIST, TOKEN_LIST, TOKENS, BoundedInt, FiniteFloat, InputFile)
 from ringplan.models import FFN_TYPES, NORMS, ModelSpec
 from ringplan.stack import CHECKPOINTING, LOSS_MODES, SHARDINGS, StackSettings
 from ringplan.workload import BACKENDS, DTYPE_BYTES, LAYOUTS
@@ -58,7 +58,7 @@ _WORKLOAD_OPTIONS = (
     click.option("--dtype", type=click.Choice(sorted(DTYPE_BYTES)), default="bf16", show_default=True,
                  help="Activation and weight dtype (accumulators are fp32 regardless)."),
     click.option("--causal/--no-causal", default=False, show_default=True, help="Causal mask."),
-    click.option("--segment-lengths", "segment_lengths", type=TOKEN_LIST, default="",
+    click.option("--segment-lengths", "segment_lengths", type=SEGMENT_LIST, default="",
                  help="Dilated attention segment lengths, comma-separated (e.g. 4096,8192,16384)."),
     click.option("--dilation-rates", "dilation_rates", type=TOKEN_LIST, default="",
                  help="Dilation rate per segment length, comma-separated (e.g. 1,2,4)."),

@@ -43,6 +43,8 @@ CASES = [
     (SIM + ["--gpus-per-node", "0"], "--gpus-per-node"),
     (SIM + ["--timing-dir", "/nonexistent/timing"], "--timing-dir"),
     (SIM + ["--segment-lengths", "4096,", "--dilation-rates", "1"], "--segment-lengths"),
+    (["capacity", "--gpu", "h100", "--world-size", "8", "--segment-lengths", "4294967291,4294967279",
+      "--dilation-rates", "1,1"], "--segment-lengths"),
     # item 6: options bounded to what is meaningful
     (SIM + ["--timeline-width", "1000000000"], "--timeline-width"),
     (SIM + ["--ring-size", "10000"], "--ring-size"),
