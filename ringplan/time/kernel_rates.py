@@ -115,10 +115,11 @@ class RateCurve:
         return float(seconds) if np.ndim(seconds) == 0 else seconds
 
     def scaled(self, factor: float) -> RateCurve:
-        """The same curve on a GPU ``1/factor`` as fast: every time × factor."""
+        """The same curve on a GPU ``1/factor`` as fast: every rate / factor; the per-call overhead is kept
+        (host dispatch and launch, not the GPU's FLOP rate: ASSUMED the same on another GPU)."""
         if not np.isfinite(factor) or factor <= 0:
             raise ValueError(f"scale factor must be positive, got {factor!r}")
-        return RateCurve(overhead_s=self.overhead_s * factor, tokens=self.tokens,
+        return RateCurve(overhead_s=self.overhead_s, tokens=self.tokens,
                          flops_per_s=tuple(r / factor for r in self.flops_per_s), own_max_tokens=self.own_max_tokens,
                          relative_errors=self.relative_errors)
 

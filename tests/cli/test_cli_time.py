@@ -86,7 +86,7 @@ def test_simulate_dilated_csv():
     (["--intra-bandwidth", "10GB"], "go together"),
     (["--gpu", "h1000"], "unknown GPU"),
     (["--tokens", "1000", "--ring-size", "3"], "does not split"),
-    (["--dtype", "fp32"], "dtype"),
+    (["--backend", "math"], "no default"),  # fp32 is timed on the H100 since issue 20; the math kernel is not
     (["--segment-lengths", "4096,x", "--dilation-rates", "1,2"], "integers"),
 ])
 def test_simulate_bad_input_exits_2(args, message):

@@ -263,7 +263,8 @@ def test_capacity_hook():
     assert tm.capacity_step_time(work, ring, gpu) == (pred.step_time_s, pred.exposed_comm_s)
     assert tm.capacity_step_time(attention_workload(12 * 8192), RingLayout(ring_size=12), gpu) is None  # 12 on nodes of 8
     fp32 = Workload(seq_len_tokens=8192, shape=AttentionShape(n_heads=8, head_dim=64, dtype="fp32"))
-    assert tm.capacity_step_time(fp32, RingLayout(ring_size=1), gpu) is None
+    assert tm.capacity_step_time(fp32, RingLayout(ring_size=1), gpu) is not None  # the H100 sweep times fp32
+    assert tm.capacity_step_time(fp32, RingLayout(ring_size=1, backend="math"), gpu) is None  # no math kernel data
 
 
 # ---- accuracy on the committed H200 run (benchmarks/time_accuracy.py) ----------------------------------------
