@@ -17,8 +17,8 @@ t ≈ c0 + a·B·H·D·(n_q + n_k) + b·FLOPs (``scipy.optimize.nnls``; only c0 
 of the fastest call), then R at each swept n = median over its points of FLOPs / (t − c0). R is
 capped so that time never falls as n grows (R(n₂)/R(n₁) ≤ (n₂/n₁)²: the FLOPs grow as n²).
 
-Outside the swept n: below, R falls in proportion to n (time ∝ n: the fixed per-row cost);
-above, R follows a ``trend`` curve of the same kernel family that reaches further (another GQA
+Outside the swept n: below, R stays at its smallest-n value (time falls with the work towards
+the overhead; optimistic, since short blocks still lose rate: labelled extrapolated); above, R follows a ``trend`` curve of the same kernel family that reaches further (another GQA
 ratio's long-block sweep), else stays at its last value. Both are labelled by the caller
 (``covers``). Ignores: the head count's own effect at a given n (wave quantisation of few heads
 × short blocks), which the sweep shows within ±5% from 16,384 tokens up.
@@ -96,14 +96,11 @@ class RateCurve:
         return self.own_max_tokens < tokens <= self.tokens[-1]
 
     def rate_flops_per_s(self, tokens: float | np.ndarray) -> float | np.ndarray:
-        """R(n): log–log interpolation inside; ∝ n below the smallest n; flat above the largest."""
+        """R(n): log–log interpolation inside; flat below the smallest n and above the largest."""
         n = np.asarray(tokens, dtype=float)
         if np.any(n <= 0):
             raise ValueError(f"tokens per block must be positive, got {n[n <= 0][:3].tolist()}")
-        logs_n, logs_r = np.log(self.tokens), np.log(self.flops_per_s)
-        inside = np.exp(np.interp(np.log(n), logs_n, logs_r))
-        below = self.flops_per_s[0] * n / self.tokens[0]
-        rate = np.where(n < self.tokens[0], below, inside)
+        rate = np.exp(np.interp(np.log(n), np.log(self.tokens), np.log(self.flops_per_s)))
         return float(rate) if np.ndim(rate) == 0 else rate
 
     def time_s(self, flops: float | np.ndarray, tokens: float | np.ndarray) -> float | np.ndarray:
