@@ -24,7 +24,7 @@ MAX_TOKENS = 2**50
 MAX_BYTES = 2**60
 #: Ranges of the integer options: far beyond any real model or cluster (Llama-3-405B: 126 layers,
 #: E 16,384, 128 heads of 128, F 53,248, V 128,256; the largest vocabularies ~256K), small enough that
-#: every product of them stays exact in float arithmetic.
+#: byte counts built from them stay far from float overflow (an integer of 309 digits has no float).
 MAX_BATCH = 2**20
 MAX_HEADS = 2**16
 MAX_HEAD_DIM = 2**16

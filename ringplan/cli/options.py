@@ -42,6 +42,8 @@ from ringplan.workload import BACKENDS, DTYPE_BYTES, LAYOUTS
 #: Most warm-up or timed steps per point, and the longest ring launch (a week).
 MAX_STEPS = 10_000
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
+#: Longest per-message latency or per-step overhead, in microseconds: one second (NCCL's are ~2-20 us).
+MAX_LATENCY_US = 1e6
 
 # ----------------------------------------------------------------------------- one attention layer
 
@@ -116,7 +118,7 @@ def shape_options(func: Callable) -> Callable:
                      show_default=True, help="How tokens are spread over the ring."),
         click.option("--timing-dir", type=click.Path(file_okay=False, exists=True), default=None,
                      help="Directory of measured timing profiles (default profiles/measured/timing)."),
-        click.option("--step-overhead-us", type=FiniteFloat(), default=None,
+        click.option("--step-overhead-us", type=FiniteFloat(max=MAX_LATENCY_US), default=None,
                      help="Fixed cost per ring step in microseconds (default: the model's)."),
     ]
     for option in reversed(options):
@@ -155,7 +157,7 @@ def link_options(func: Callable) -> Callable:
                          help=f"Catalog link for {scope}-node hops (e.g. {example[scope]})."),
             click.option(f"--{scope}-bandwidth", type=BYTES, default=None,
                          help=f"{scope}-node one-way bandwidth in bytes/s (e.g. 300GB); needs --{scope}-latency-us."),
-            click.option(f"--{scope}-latency-us", type=FiniteFloat(), default=None,
+            click.option(f"--{scope}-latency-us", type=FiniteFloat(max=MAX_LATENCY_US), default=None,
                          help=f"{scope}-node per-message latency in microseconds."),
         ]
     for option in reversed(options):
