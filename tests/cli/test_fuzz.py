@@ -12,9 +12,11 @@ minute on two cores); ``RINGPLAN_FUZZ_SCALE=10`` runs ten times as many.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import shutil
 import signal
 import tempfile
 import time
@@ -44,6 +46,7 @@ HOSTILE = HUGE + ["0", "-1", "-5", "nan", "inf", "-inf", "1e400", "１２３", "
 def _files() -> dict[str, str]:
     """User files, valid and hostile, in a folder made once per session."""
     folder = Path(tempfile.mkdtemp(prefix="ringplan-fuzz-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     nested = folder / "nested.json"
     nested.write_text("[" * 200_000 + "]" * 200_000)
     latin = folder / "latin1.json"
