@@ -134,6 +134,12 @@ def test_catalogs_fits_and_configs_refuse_duplicate_keys(tmp_path):
     config = _write(tmp_path, '{"model_type": "llama", "hidden_size": 4096, "hidden_size": 8192}', "config.json")
     with pytest.raises(ValueError, match=r"config\.json: key 'hidden_size' appears twice"):
         model_from_hf_config(config)
+    from ringplan.memory.attention_model import MEMORY_FIT
+    from ringplan.memory.fit_cache import read_fit
+
+    fit_text = MEMORY_FIT.path().read_text()
+    assert read_fit(MEMORY_FIT, _write(tmp_path, fit_text, "fit.json")) is not None
+    assert read_fit(MEMORY_FIT, _write(tmp_path, fit_text.replace('"schema"', '"schema": 1, "schema"', 1), "fit.json")) is None
 
 
 @pytest.mark.parametrize("flag", ["--profile", "--config"])

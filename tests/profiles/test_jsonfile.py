@@ -200,3 +200,28 @@ def test_two_processes_with_different_tmpdirs_keep_every_row(tmp_path):
     assert sorted(r.seq_len_tokens for r in profile.rows) == [*range(1_000, 1_150), *range(2_000, 2_150)]
     assert len(profile.history) <= 2
     assert not list(tmp_path.glob(".shared.json.*.tmp"))
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    import ringplan.jsonfile as jsonfile
+
+    def die(src, dst):  # killed after the temp file is written, before it replaces the target
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    jsonfile.os.replace = die
+    jsonfile.write_merged_json(sys.argv[1], lambda: {"n": "half-written"})
+""")
+
+
+def test_a_killed_writer_leaves_no_temp_after_the_next_write(tmp_path):
+    """A writer SIGKILLed between writing its temp file and the replace: the target is untouched,
+    its lock is free (the kernel drops it), and the next write removes the leftover temp."""
+    path = tmp_path / "p.json"
+    write_merged_json(path, lambda: {"n": 1})
+    done = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path)], env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, timeout=60)
+    assert done.returncode == -9
+    assert json.loads(path.read_text()) == {"n": 1} and len(list(tmp_path.glob(".p.json.*.tmp"))) == 1
+    write_merged_json(path, lambda: {"n": 2}, lock_timeout_s=5)
+    assert json.loads(path.read_text()) == {"n": 2} and not list(tmp_path.glob(".p.json.*.tmp"))
