@@ -1,6 +1,6 @@
 """The shared envelope (``ringplan.profiles.envelope``): one provenance for every format, one checker
 whose errors name file and field, repeated rows refused, a history that does not grow with each
-interleaved write — and every readers of project JSON refusing duplicate keys."""
+interleaved write — and every reader of project JSON refusing duplicate keys."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ringplan.paths import measured_dir, profiles_dir
+from ringplan.paths import measured_dir, profiles_dir, stack_profiles_dir
 from ringplan.profiles.attention import Measurement, Profile, load_profile, write_profile
 from ringplan.profiles.envelope import (PROVENANCE_KEYS, Checker, Provenance, merged_history, provenance_to_json,
                                         shown)
 from ringplan.profiles.stack import load_stack_profile
-from ringplan.paths import stack_profiles_dir
 
 SEED = measured_dir() / "gtx1080-seed.json"
 
