@@ -69,12 +69,22 @@ def compute_fit(cache: FitCache, directory: str | Path | None = None) -> dict:
 
 def read_fit(cache: FitCache, path: str | Path | None = None) -> dict | None:
     """The file's JSON, or None when it is missing, unreadable or of another schema."""
+    return read_fit_or_reason(cache, path)[0]
+
+
+def read_fit_or_reason(cache: FitCache, path: str | Path | None = None) -> tuple[dict | None, str | None]:
+    """(the file's JSON, None), or (None, why it cannot be read: missing, unreadable — e.g. a
+    duplicate key —, of another schema)."""
     path = Path(path) if path is not None else cache.path()
+    if not path.exists():
+        return None, f"no {cache.prefix}fit file at {path} (run `ringplan fit --write`)"
     try:
         payload = read_json_file(path, "fit file")
-    except (OSError, ValueError, RecursionError):
-        return None
-    return payload if isinstance(payload, dict) and payload.get("schema") == cache.schema else None
+    except (OSError, ValueError, RecursionError) as exc:
+        return None, f"{path} cannot be read ({exc})"
+    if not isinstance(payload, dict) or payload.get("schema") != cache.schema:
+        return None, f"{path} is not a {cache.schema} file"
+    return payload, None
 
 
 def write_fit(cache: FitCache, path: str | Path | None = None, directory: str | Path | None = None) -> dict:
@@ -128,7 +138,10 @@ def usable_calibrations(cache: FitCache) -> dict[str, Calibration] | None:
     """The committed calibrations when usable; else None, after a one-line notice on stderr saying
     why (the caller then fits from the profiles: a stale or corrupt fit is never used, and never
     silently replaced)."""
-    committed, reason = committed_calibrations(cache, read_fit(cache))
+    payload, reason = read_fit_or_reason(cache)
+    committed = None
+    if payload is not None:
+        committed, reason = committed_calibrations(cache, payload)
     if committed is None:
         print(f"ringplan: {reason}; fitting from the profiles now", file=sys.stderr)
     return committed

@@ -27,14 +27,14 @@ def synthetic_rows(usable: float):
     """llama-3-8b@4L on 2 ranks at rising lengths: workspace = 300 MiB + ½ hidden, slack at rest =
     200 MiB + 1.3 stashed q + the gathered unit, 700 MiB outside; a run whose need (slack capped
     at 1 GiB under pressure) exceeds the GPU is recorded as OOM, without figures."""
-    from ringplan.memory.stack_model import analytic_terms, gathered_unit_bytes, stashed_q_bytes, under_pressure
+    from ringplan.memory.stack_model import analytic_terms, gathered_block_feature_bytes, stashed_q_bytes, under_pressure
     from ringplan.profiles.stack import measurement_from_workload
 
     model, rows = load_model_catalog().model("llama-3-8b").with_layers(4), []
     for tokens in (8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576, 2097152):
         w = workload(tokens, model, checkpointing="full")
         allocated = sum(analytic_terms(w).values()) + 300 * MIB + 0.5 * tokens // 2 * model.embed_dim * 2
-        slack = 200 * MIB + 1.3 * stashed_q_bytes(w) + gathered_unit_bytes(w)
+        slack = 200 * MIB + 1.3 * stashed_q_bytes(w) + gathered_block_feature_bytes(w)
         if under_pressure(allocated, usable):
             slack = min(slack, 1024 * MIB)
         used = allocated + slack + 700 * MIB

@@ -311,3 +311,43 @@ def test_fit_write_cli(tmp_path, monkeypatch):
     bad = CliRunner().invoke(main, ["fit", "--write", str(next((tmp_path / "measured").glob("*.json")))])
     assert bad.exit_code == 2 and bad.output.startswith("Error: --write fits every profile")
 
+
+
+def fresh_fit_in(tmp_path, monkeypatch) -> dict:
+    """A profiles tree in ``tmp_path`` (the measured profiles) with a fit written for it, in use."""
+    from ringplan.memory.fit_cache import write_fit
+
+    shutil.copytree(measured_dir(), tmp_path / "measured")
+    monkeypatch.setenv("RINGPLAN_PROFILES_DIR", str(tmp_path))
+    return write_fit(MEMORY_FIT)
+
+
+@pytest.mark.parametrize("corruption, said", [
+    (lambda text: text.replace('"schema"', '"schema": "ringplan.memory-fit/1", "schema"', 1), "appears twice"),
+    (lambda text: text.replace('"constant_bytes": ', '"constant_bytes": -5e10 + 0 * ', 1), "cannot be read"),
+])
+def test_corrupt_committed_fit_is_refit_with_a_notice(tmp_path, monkeypatch, capsys, corruption, said):
+    """A committed fit with a duplicate key or an unparseable number is not used: the planner says
+    why on stderr (one line) and fits from the profiles."""
+    from ringplan.memory.fit_cache import usable_calibrations
+
+    fresh_fit_in(tmp_path, monkeypatch)
+    assert usable_calibrations(MEMORY_FIT) is not None and capsys.readouterr().err == ""
+    MEMORY_FIT.path().write_text(corruption(MEMORY_FIT.path().read_text()))
+    assert usable_calibrations(MEMORY_FIT) is None
+    notice = capsys.readouterr().err.strip().splitlines()
+    assert len(notice) == 1 and said in notice[0] and "fitting from the profiles now" in notice[0], notice
+
+
+def test_negative_fitted_coefficient_is_refused(tmp_path, monkeypatch, capsys):
+    """A committed fit whose coefficient is negative (−5e10 bytes: "−15.76 GiB … feasible") is
+    corrupt: not used, refit with a notice naming the part and the field."""
+    from ringplan.memory.fit_cache import usable_calibrations
+
+    payload = fresh_fit_in(tmp_path, monkeypatch)
+    gpu = next(iter(payload["calibrations"]))
+    payload["calibrations"][gpu]["overhead"]["coefficients"]["context_bytes"] = -5e10
+    MEMORY_FIT.path().write_text(json.dumps(payload))
+    assert usable_calibrations(MEMORY_FIT) is None
+    notice = capsys.readouterr().err
+    assert "corrupt" in notice and "coefficients" in notice and f"{gpu}/overhead" in notice, notice
