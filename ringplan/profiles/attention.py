@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ringplan.paths import measured_dir
-from ringplan.profiles.envelope import (ROW_KINDS, Checker, Provenance, envelope_from_json, provenance_from_values,
+from ringplan.profiles.envelope import (ROW_KINDS, Checker, Provenance, parsed_profile, profile_files,
                                         provenance_to_json, write_merged_profile)
 from ringplan.jsonfile import read_json_file
 from ringplan.units import DTYPE_BYTES
@@ -153,11 +153,8 @@ def _row_from_json(check: Checker, index: int, raw: Any) -> Measurement:
 
 def profile_from_json(data: Any, path: str = "<profile>") -> Profile:
     """Validate parsed JSON and build a ``Profile``; ``ValueError`` names ``path`` and the field."""
-    check = Checker(path)
-    provenance, history, rows = envelope_from_json(check, data, PROFILE_SCHEMA)
-    parsed = tuple(_row_from_json(check, i, raw) for i, raw in enumerate(rows))
-    check.unique_rows([row.key for row in parsed])
-    return Profile(provenance=provenance_from_values(provenance), rows=parsed, history=history, path=path)
+    parsed = parsed_profile(data, path, PROFILE_SCHEMA, _row_from_json)
+    return Profile(provenance=parsed.provenance, rows=parsed.rows, history=parsed.history, path=path)
 
 
 def load_profile(path: str | Path) -> Profile:
@@ -168,9 +165,7 @@ def load_profile(path: str | Path) -> Profile:
 def load_profiles(directory: str | Path | None = None) -> list[Profile]:
     """Every ``*.json`` profile in ``directory`` (default ``profiles/measured``), sorted by name."""
     directory = Path(directory) if directory is not None else measured_dir()
-    if not directory.is_dir():
-        return []
-    return [load_profile(path) for path in sorted(directory.glob("*.json"))]
+    return [load_profile(path) for path in profile_files(directory)]
 
 
 # ----------------------------------------------------------------------------- writing

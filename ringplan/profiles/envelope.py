@@ -220,6 +220,31 @@ def envelope_from_json(check: Checker, data: Any, schema: str, *, extra_keys: tu
     return provenance, tuple(history), rows
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParsedProfile:
+    """A validated profile file of any row format: its provenance, history and parsed rows."""
+
+    provenance: Provenance
+    history: tuple[dict[str, Any], ...]
+    rows: tuple
+
+
+def parsed_profile(data: Any, path: str, schema: str, row_from_json: Callable[[Checker, int, Any], Any]
+                   ) -> ParsedProfile:
+    """Check a profile's envelope, parse every row with ``row_from_json(check, index, raw)`` and
+    refuse repeated rows (same ``key``); ``ValueError`` names ``path`` and the field."""
+    check = Checker(path)
+    provenance, history, rows = envelope_from_json(check, data, schema)
+    parsed = tuple(row_from_json(check, i, raw) for i, raw in enumerate(rows))
+    check.unique_rows([row.key for row in parsed])
+    return ParsedProfile(provenance=provenance_from_values(provenance), history=history, rows=parsed)
+
+
+def profile_files(directory: Path) -> list[Path]:
+    """Every ``*.json`` file in ``directory``, sorted by name (none when it does not exist)."""
+    return sorted(directory.glob("*.json")) if directory.is_dir() else []
+
+
 # ----------------------------------------------------------------------------- merging
 
 

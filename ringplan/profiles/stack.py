@@ -28,7 +28,7 @@ from typing import Any
 
 from ringplan.models import ModelSpec
 from ringplan.paths import stack_profiles_dir
-from ringplan.profiles.envelope import (ROW_KINDS, Checker, Provenance, envelope_from_json, provenance_from_values,
+from ringplan.profiles.envelope import (ROW_KINDS, Checker, Provenance, parsed_profile, profile_files,
                                         provenance_to_json, write_merged_profile)
 from ringplan.jsonfile import read_json_file
 from ringplan.stack import StackSettings, StackWorkload
@@ -181,11 +181,8 @@ def _row_from_json(check: Checker, index: int, raw: Any) -> StackMeasurement:
 
 def stack_profile_from_json(data: Any, path: str = "<stack profile>") -> StackProfile:
     """Validate parsed JSON and build a ``StackProfile``; ``ValueError`` names ``path`` and the field."""
-    check = Checker(path)
-    provenance, history, rows = envelope_from_json(check, data, STACK_SCHEMA)
-    parsed = tuple(_row_from_json(check, i, raw) for i, raw in enumerate(rows))
-    check.unique_rows([row.key for row in parsed])
-    return StackProfile(provenance=provenance_from_values(provenance), rows=parsed, history=history, path=path)
+    parsed = parsed_profile(data, path, STACK_SCHEMA, _row_from_json)
+    return StackProfile(provenance=parsed.provenance, rows=parsed.rows, history=parsed.history, path=path)
 
 
 def load_stack_profile(path: str | Path) -> StackProfile:
@@ -196,9 +193,7 @@ def load_stack_profile(path: str | Path) -> StackProfile:
 def load_stack_profiles(directory: str | Path | None = None) -> list[StackProfile]:
     """Every ``*.json`` in ``directory`` (default ``profiles/measured/stack``), sorted by name."""
     directory = Path(directory) if directory is not None else stack_profiles_dir()
-    if not directory.is_dir():
-        return []
-    return [load_stack_profile(path) for path in sorted(directory.glob("*.json"))]
+    return [load_stack_profile(path) for path in profile_files(directory)]
 
 
 def stack_rows(directory: str | Path | None = None) -> list[StackMeasurement]:
