@@ -227,16 +227,25 @@ def ranked(rows: list[StackRow]) -> list[StackRow]:
     return sorted(rows, key=lambda r: (r.step_time_s is None, r.step_time_s or 0.0, preference_key(r.settings)))
 
 
+def candidate_workloads(query: StackQuery, seq_len_tokens: int, world_size: int
+                        ) -> tuple[list[StackWorkload], list[Rejected]]:
+    """The workload of every candidate setting at one (S, W), in preference order, and the
+    candidates that are not valid runs there (e.g. a shard group larger than W)."""
+    workloads, rejected = [], []
+    for settings in query.candidates:
+        try:
+            workloads.append(query.workload(seq_len_tokens, world_size, settings))
+        except ValueError as exc:
+            rejected.append(Rejected(settings=settings, world_size=world_size, reason=str(exc)))
+    return workloads, rejected
+
+
 def candidate_rows(query: StackQuery, seq_len_tokens: int, world_size: int) -> tuple[list[StackRow], list[Rejected]]:
     """Every candidate at one (S, W), each predicted (duplicates of a preferred candidate's
     prediction dropped), and the candidates that are not valid runs there."""
-    rows, rejected, seen = [], [], set()
-    for settings in query.candidates:
-        try:
-            w = query.workload(seq_len_tokens, world_size, settings)
-        except ValueError as exc:
-            rejected.append(Rejected(settings=settings, world_size=world_size, reason=str(exc)))
-            continue
+    workloads, rejected = candidate_workloads(query, seq_len_tokens, world_size)
+    rows, seen = [], set()
+    for w in workloads:
         row = memory_row(query, w)
         key = tuple(sorted(row.prediction.terms_bytes.items()))
         if key not in seen:
@@ -261,13 +270,9 @@ def scan(query: StackQuery, seq_len_tokens: int, world_size: int, *, first_only:
     """Candidates at one (S, W) in preference order (stopping at the first feasible one when
     ``first_only``). A candidate whose certified lower bound exceeds the budget is infeasible
     without a full prediction: that keeps a cold start's search to a few full predictions."""
-    feasible, evaluated, pruned, rejected = [], [], [], []
-    for settings in query.candidates:
-        try:
-            w = query.workload(seq_len_tokens, world_size, settings)
-        except ValueError as exc:
-            rejected.append(Rejected(settings=settings, world_size=world_size, reason=str(exc)))
-            continue
+    workloads, rejected = candidate_workloads(query, seq_len_tokens, world_size)
+    feasible, evaluated, pruned = [], [], []
+    for w in workloads:
         bound = query.memory.lower_bound_bytes(w, query.gpu)
         if bound > query.budget_bytes:
             pruned.append((bound, w))
