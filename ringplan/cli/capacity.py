@@ -15,7 +15,6 @@ from ringplan.cli.options import (build_workload, explicit_options, model_reques
 from ringplan.units import GIB
 
 
-
 def describe_workload(workload, layout: str, backend: str) -> str:
     """One line: shape, pattern, mode, projections, layout, backend."""
     s, p = workload.shape, workload.pattern

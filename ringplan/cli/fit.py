@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from ringplan.cli.common import FiniteFloat, InputFile, OneLineErrorCommand, bad_input_exits_2, format_option, render_rows
+from ringplan.cli.common import (FiniteFloat, InputFile, OneLineErrorCommand, bad_input_exits_2, format_option,
+                                 render_rows)
 
 MB = 10**6
 #: Where each measured figure is in a ``MemoryPrediction``.

@@ -54,7 +54,8 @@ _WORKLOAD_OPTIONS = (
                  help="Query heads H."),
     click.option("--kv-heads", "n_kv_heads", type=BoundedInt(min=1, max=MAX_HEADS), default=None,
                  help="KV heads H_kv (GQA/MQA); default: --heads."),
-    click.option("--head-dim", type=BoundedInt(min=1, max=MAX_HEAD_DIM), default=128, show_default=True, help="Head dim D."),
+    click.option("--head-dim", type=BoundedInt(min=1, max=MAX_HEAD_DIM), default=128, show_default=True,
+                 help="Head dim D."),
     click.option("--embed-dim", type=BoundedInt(min=1, max=MAX_WIDTH), default=None,
                  help="Model width E seen by the projections; default H x D."),
     click.option("--dtype", type=click.Choice(sorted(DTYPE_BYTES)), default="bf16", show_default=True,
@@ -105,10 +106,14 @@ def build_workload(*, seq_len_tokens: int | None, batch: int, n_heads: int, n_kv
 def shape_options(func: Callable) -> Callable:
     """Options that build an ``AttentionShape`` for the time model (``simulate``, ``overlap``)."""
     options = [
-        click.option("--heads", "n_heads", type=BoundedInt(min=1, max=MAX_HEADS), default=32, show_default=True, help="Query heads H."),
-        click.option("--kv-heads", "n_kv_heads", type=BoundedInt(min=1, max=MAX_HEADS), default=None, help="K/V heads H_kv (GQA); default H."),
-        click.option("--head-dim", type=BoundedInt(min=1, max=MAX_HEAD_DIM), default=128, show_default=True, help="Head dimension D."),
-        click.option("--batch", type=BoundedInt(min=1, max=MAX_BATCH), default=1, show_default=True, help="Batch size B."),
+        click.option("--heads", "n_heads", type=BoundedInt(min=1, max=MAX_HEADS), default=32, show_default=True,
+                     help="Query heads H."),
+        click.option("--kv-heads", "n_kv_heads", type=BoundedInt(min=1, max=MAX_HEADS), default=None,
+                     help="K/V heads H_kv (GQA); default H."),
+        click.option("--head-dim", type=BoundedInt(min=1, max=MAX_HEAD_DIM), default=128, show_default=True,
+                     help="Head dimension D."),
+        click.option("--batch", type=BoundedInt(min=1, max=MAX_BATCH), default=1, show_default=True,
+                     help="Batch size B."),
         click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
                      help="Element type of Q/K/V."),
         click.option("--backend", type=click.Choice(["auto", "cudnn", "flash", "efficient", "math", "cpu"]),
@@ -407,7 +412,8 @@ def runtime_options(func):
                      help="Warm-up steps before the memory step is read."),
         click.option("--steps", "timed_steps", type=BoundedInt(min=1, max=MAX_STEPS), default=5, show_default=True,
                      help="Timed steps; the step time is their median."),
-        click.option("--timeout", "timeout_s", type=FiniteFloat(min=1.0, max=MAX_TIMEOUT_S), default=600.0, show_default=True,
+        click.option("--timeout", "timeout_s", type=FiniteFloat(min=1.0, max=MAX_TIMEOUT_S), default=600.0,
+                     show_default=True,
                      help="Seconds one ring launch (all its points) may run before it is killed; the point it "
                           "was on is recorded as failed and a fresh ring measures the rest."),
     )

@@ -74,20 +74,28 @@ def plot_timeline(result: Any, path: str, ranks: list[int]) -> None:
 @click.command("simulate", cls=OneLineErrorCommand)
 @click.option("--gpu", required=True, help="GPU type (catalog name or alias, e.g. h100).")
 @click.option("--tokens", "seq_len", type=TOKENS, required=True, help="Global sequence length S (1M, 128Ki, ...).")
-@click.option("--ring-size", "--world-size", "ring_size", type=BoundedInt(min=1, max=MAX_SIMULATED_RING_SIZE), default=2, show_default=True,
+@click.option("--ring-size", "--world-size", "ring_size", type=BoundedInt(min=1, max=MAX_SIMULATED_RING_SIZE),
+              default=2, show_default=True,
               help="Ranks in the context-parallel ring P.")
 @shape_options
-@click.option("--embed-dim", type=BoundedInt(min=1, max=MAX_WIDTH), default=None, help="Model width E for the projections (default H*D).")
+@click.option("--embed-dim", type=BoundedInt(min=1, max=MAX_WIDTH), default=None,
+              help="Model width E for the projections (default H*D).")
 @click.option("--training/--forward-only", default=False, show_default=True, help="Forward+backward or forward only.")
 @click.option("--projections/--no-projections", default=False, show_default=True,
               help="Include the QKV and output projections.")
-@click.option("--segment-lengths", type=POSITIVE_INTS, default=None, help="Dilated attention segment lengths, e.g. 2048,8192.")
-@click.option("--dilation-rates", type=POSITIVE_INTS, default=None, help="Dilation rates, one per segment length, e.g. 1,2.")
-@click.option("--nodes", type=BoundedInt(min=1, max=MAX_SIMULATED_RING_SIZE), default=None, help="Nodes the ring spans (default: as few as fit).")
-@click.option("--gpus-per-node", type=BoundedInt(min=1, max=MAX_SIMULATED_RING_SIZE), default=None, help="GPUs per node (default: the catalog's).")
+@click.option("--segment-lengths", type=POSITIVE_INTS, default=None,
+              help="Dilated attention segment lengths, e.g. 2048,8192.")
+@click.option("--dilation-rates", type=POSITIVE_INTS, default=None,
+              help="Dilation rates, one per segment length, e.g. 1,2.")
+@click.option("--nodes", type=BoundedInt(min=1, max=MAX_SIMULATED_RING_SIZE), default=None,
+              help="Nodes the ring spans (default: as few as fit).")
+@click.option("--gpus-per-node", type=BoundedInt(min=1, max=MAX_SIMULATED_RING_SIZE), default=None,
+              help="GPUs per node (default: the catalog's).")
 @link_options
-@click.option("--timeline-width", type=BoundedInt(min=10, max=1000), default=72, show_default=True, help="Characters of the text timeline.")
-@click.option("--timeline-ranks", type=RANKS, default=None, help="Ranks to draw, e.g. 0,1,7 (default: a representative few).")
+@click.option("--timeline-width", type=BoundedInt(min=10, max=1000), default=72, show_default=True,
+              help="Characters of the text timeline.")
+@click.option("--timeline-ranks", type=RANKS, default=None,
+              help="Ranks to draw, e.g. 0,1,7 (default: a representative few).")
 @click.option("--plot", "plot_path", type=OutputFile(), default=None,
               help="Also draw the timeline to this image file (needs matplotlib).")
 @format_option
@@ -95,10 +103,12 @@ def plot_timeline(result: Any, path: str, ranks: list[int]) -> None:
 def simulate(gpu: str, seq_len: int, ring_size: int, n_heads: int, n_kv_heads: int | None, head_dim: int,
              batch: int, dtype: str, backend: str, causal: bool, layout: str, timing_dir: str | None,
              step_overhead_us: float | None, embed_dim: int | None, training: bool, projections: bool,
-             segment_lengths: tuple[int, ...] | None, dilation_rates: tuple[int, ...] | None, nodes: int | None, gpus_per_node: int | None,
+             segment_lengths: tuple[int, ...] | None, dilation_rates: tuple[int, ...] | None, nodes: int | None,
+             gpus_per_node: int | None,
              intra_link: str | None, intra_bandwidth: int | None, intra_latency_us: float | None,
              inter_link: str | None, inter_bandwidth: int | None, inter_latency_us: float | None,
-             timeline_width: int, timeline_ranks: tuple[int, ...] | None, plot_path: str | None, output_format: str) -> None:
+             timeline_width: int, timeline_ranks: tuple[int, ...] | None, plot_path: str | None,
+             output_format: str) -> None:
     """Simulate one layer step on the ring: time breakdown, efficiency and a per-rank timeline."""
     from ringplan.time.simulate import text_timeline, timeline_ranks as default_ranks
     from ringplan.time.attention_time import step_time_prediction

@@ -109,7 +109,8 @@ def _model(profile_paths: tuple[str, ...]):
 @click.command("validate", cls=OneLineErrorCommand)
 @click.option("--gpu", "gpu_name", default=None,
               help="Catalog GPU the prediction is for (default: the local GPU by its driver name).")
-@click.option("--world-size", type=BoundedInt(min=1, max=MAX_WORLD_SIZE), required=True, help="Ranks in the ring (one GPU each).")
+@click.option("--world-size", type=BoundedInt(min=1, max=MAX_WORLD_SIZE), required=True,
+              help="Ranks in the ring (one GPU each).")
 @click.option("--tokens", type=TOKENS, required=True, help="Global sequence length S (1M, 1Mi, 200K, 131072).")
 @click.option("--tolerance", type=PERCENT, default=5.0, show_default=True,
               help="Largest |error| in percent for the memory figures and bytes sent.")
