@@ -18,6 +18,10 @@ from ringplan.units import DTYPE_BYTES
 
 LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag")
 BACKENDS: tuple[str, ...] = ("auto", "cudnn", "flash", "efficient", "math", "cpu")
+#: Context-parallel schemes (issue 14; ``ringplan_runtime``'s ``ring_attention``, ``allgather_attention``,
+#: ``ulysses_attention``, ``hybrid_attention``): p2p ring, all-gather K/V, Ulysses all-to-all over
+#: heads, and Ulysses of degree U inside × a ring of P/U across.
+CP_SCHEMES: tuple[str, ...] = ("ring", "allgather", "ulysses", "hybrid")
 
 
 def _require_positive(**values: int) -> None:
@@ -123,11 +127,20 @@ class RingLayout:
     ``contiguous``: rank p holds tokens [p·S/P, (p+1)·S/P). ``zigzag``: the sequence is cut into
     2P chunks and rank p holds chunks p and 2P-1-p (balances causal work). ``backend`` is the
     local block kernel (``auto`` lets the runtime choose the fastest one that returns the LSE).
+
+    ``cp_scheme`` (``CP_SCHEMES``) is how the P ranks compute attention over the whole sequence:
+    ``ring`` (p2p K/V ring, the default), ``allgather`` (K/V all-gathered), ``ulysses`` (all-to-all
+    to head shards over all P ranks: ``ulysses_degree`` U = P, filled in when None) or ``hybrid``
+    (Ulysses of degree ``ulysses_degree`` U inside × a ring of R = P/U across; needs U > 1, R > 1).
+    The scheme lives here rather than in a second dataclass because every consumer of a plan
+    (terms, time, capacity search) already receives the layout: defaults keep every ring plan as it was.
     """
 
     ring_size: int
     layout: str = "contiguous"
     backend: str = "auto"
+    cp_scheme: str = "ring"
+    ulysses_degree: int | None = None
 
     def __post_init__(self) -> None:
         _require_positive(ring_size=self.ring_size)
@@ -135,10 +148,47 @@ class RingLayout:
             raise ValueError(f"layout {self.layout!r} is not one of {list(LAYOUTS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend {self.backend!r} is not one of {list(BACKENDS)}")
+        check_cp_scheme(self.cp_scheme, self.ulysses_degree)
+        if self.cp_scheme == "ulysses" and self.ulysses_degree is None:
+            object.__setattr__(self, "ulysses_degree", self.ring_size)
+        u, p = self.ulysses_degree, self.ring_size
+        if self.cp_scheme == "ulysses" and u != p:
+            raise ValueError(f"Ulysses runs over the whole group: degree U={u} must equal the group size P={p} "
+                             f"(for U < P use the hybrid scheme)")
+        if self.cp_scheme == "hybrid" and (p % u or p // u < 2):
+            valid = [m for m in (max(2, p // u) * u, (p // u + 1) * u) if m // u >= 2]
+            raise ValueError(f"hybrid needs the Ulysses degree U={u} to divide the group size P={p} with a ring "
+                             f"R = P/U > 1; nearest valid group sizes for U={u}: {sorted(set(valid))}")
 
     @property
     def chunks_per_rank(self) -> int:
         return 2 if self.layout == "zigzag" else 1
+
+    @property
+    def ulysses_size(self) -> int:
+        """U: ranks of one Ulysses group (1 for ring and all-gather)."""
+        return self.ulysses_degree if self.cp_scheme in ("ulysses", "hybrid") else 1
+
+    @property
+    def ring_degree(self) -> int:
+        """R = P / U: ranks of the (inner) ring, or of the all-gather group (P for ring and all-gather)."""
+        return self.ring_size // self.ulysses_size
+
+
+def check_cp_scheme(cp_scheme: str, ulysses_degree: int | None) -> None:
+    """``ValueError`` naming the values unless ``cp_scheme`` is known and ``ulysses_degree`` suits it:
+    none for ring and all-gather (1 allowed), none or any positive integer for Ulysses (it must equal P),
+    an integer > 1 for hybrid."""
+    if cp_scheme not in CP_SCHEMES:
+        raise ValueError(f"context-parallel scheme {cp_scheme!r} is not one of {list(CP_SCHEMES)}")
+    if ulysses_degree is not None:
+        _require_positive(ulysses_degree=ulysses_degree)
+    if cp_scheme in ("ring", "allgather") and ulysses_degree not in (None, 1):
+        raise ValueError(f"a Ulysses degree ({ulysses_degree}) applies to the ulysses and hybrid schemes, "
+                         f"not to {cp_scheme}")
+    if cp_scheme == "hybrid" and (ulysses_degree is None or ulysses_degree < 2):
+        raise ValueError(f"hybrid needs a Ulysses degree U > 1 (Ulysses inside × a ring of P/U across), "
+                         f"got {ulysses_degree!r}")
 
 
 def _nearest_multiples(value: int, step: int) -> str:
@@ -166,6 +216,8 @@ def check_layout_fits(workload: Workload, layout: RingLayout) -> None:
         raise ValueError(
             f"sequence of {s:,} tokens does not split over {p} rank{'s' if p != 1 else ''} with the {layout.layout} layout "
             f"(needs a multiple of {step}); nearest valid lengths: {_nearest_multiples(s, step)}")
+    if layout.cp_scheme != "ring":
+        check_scheme_fits(workload, layout)
     if not workload.pattern.dilated:
         return
     if layout.layout != "contiguous" and p > 1:
@@ -177,3 +229,25 @@ def check_layout_fits(workload: Workload, layout: RingLayout) -> None:
                 f"segment length {w} and {local} tokens per rank do not nest (one must divide the other)")
         if local % r:
             raise ValueError(f"{local} tokens per rank is not a multiple of dilation rate {r}")
+
+
+def check_scheme_fits(workload: Workload, layout: RingLayout) -> None:
+    """``ValueError`` unless the all-gather / Ulysses / hybrid scheme can run ``workload``: dense attention
+    without the projection module (the runtime's schemes take q, k, v), a tiled backend (the math
+    backend's workspace is modelled for the ring only), and U dividing the H query heads (the nearest
+    valid degrees named)."""
+    scheme = layout.cp_scheme
+    if workload.pattern.dilated:
+        raise ValueError(f"dilated attention runs on the ring scheme only, not {scheme}")
+    if workload.projections:
+        raise ValueError(f"projections (the seed's module) run on the ring scheme only, not {scheme}")
+    if layout.backend == "math":
+        raise ValueError(f"the math backend's memory is modelled for the ring scheme only, not {scheme}; "
+                         f"use one of {[b for b in BACKENDS if b != 'math']}")
+    heads, u = workload.shape.n_heads, layout.ulysses_size
+    if heads % u:
+        divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+        below = [d for d in divisors if d < u][-1:]
+        above = [d for d in divisors if d > u][:1]
+        raise ValueError(f"{heads} query heads do not split over a Ulysses degree of {u}: nearest valid "
+                         f"degrees for {heads} heads: {below + above}")

@@ -63,6 +63,11 @@ class TermInputs:
     dilation_rates: tuple[int, ...] = ()
     training: bool = False
     projections: bool = False
+    # Read by the all-gather / Ulysses / hybrid terms only (``cp_terms``); the ring's do not depend on them.
+    causal: bool = False
+    layout: str = "contiguous"
+    cp_scheme: str = "ring"
+    ulysses_degree: int = 1
 
     def __post_init__(self) -> None:
         for name in ("batch", "n_heads", "n_kv_heads", "head_dim", "embed_dim", "dtype_bytes", "ring_size"):
@@ -97,16 +102,23 @@ def term_inputs(workload: Workload, layout: RingLayout) -> TermInputs:
         embed_dim=shape.embed_dim, dtype_bytes=DTYPE_BYTES[shape.dtype],
         tokens_per_rank=tokens_per_rank(workload, layout), ring_size=layout.ring_size, backend=layout.backend,
         segment_lengths_tokens=pattern.segment_lengths_tokens, dilation_rates=pattern.dilation_rates,
-        training=workload.training, projections=workload.projections)
+        training=workload.training, projections=workload.projections, causal=pattern.causal, layout=layout.layout,
+        cp_scheme=layout.cp_scheme, ulysses_degree=layout.ulysses_size)
 
 
 def memory_terms(workload: Workload, layout: RingLayout) -> dict[str, float]:
-    """Per-rank bytes of each tensor family at the peak instant (θ = 1), keyed by ``TERM_NAMES``."""
+    """Per-rank bytes of each tensor family at the peak instant (θ = 1), keyed by ``TERM_NAMES``
+    (other context-parallel schemes than the ring: by ``cp_terms.ALL_TERM_NAMES``)."""
     return terms_at(term_inputs(workload, layout))
 
 
 def terms_at(p: TermInputs) -> dict[str, float]:
-    """``memory_terms`` for an explicit evaluation point: the largest instant's terms."""
+    """``memory_terms`` for an explicit evaluation point: the largest instant's terms. The all-gather,
+    Ulysses and hybrid schemes have their own instants (``cp_terms``, keyed by ``cp_terms.ALL_TERM_NAMES``)."""
+    if p.cp_scheme != "ring":
+        from ringplan.memory.cp_terms import cp_terms_at  # builds on this module's formulas
+
+        return cp_terms_at(p)
     instants = [attention_instant(p), output_instant(p)]
     if p.training:
         instants.append(backward_instant(p))
