@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from ringplan.capacity import search
 from ringplan.hardware import GpuSpec
 from ringplan.memory.attention_model import MemoryModel, MemoryPrediction, default_memory_model
-from ringplan.workload import RingLayout, Workload, check_layout_fits
+from ringplan.workload import RingLayout, Workload, check_cp_scheme, check_layout_fits
 
 #: (workload, layout, gpu) → (step_time_s, exposed_comm_s), or None when the time model cannot say.
 StepTimeFn = Callable[[Workload, RingLayout, GpuSpec], "tuple[float, float] | None"]
@@ -53,7 +53,9 @@ class CapacityRow:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CapacityQuery:
-    """What is asked: a workload shape, a layout/backend, a GPU, a margin, a model."""
+    """What is asked: a workload shape, a layout/backend, a GPU, a margin, a model, and the
+    context-parallel scheme (``workload.CP_SCHEMES``; ``ulysses_degree`` U for hybrid, whose plans
+    are then the world sizes W = U·R with R > 1; Ulysses runs over all W GPUs, so W must divide H)."""
 
     workload: Workload
     layout: str = "contiguous"
@@ -63,17 +65,27 @@ class CapacityQuery:
     max_world_size: int = 1024
     model: MemoryModel = field(default_factory=default_memory_model)
     step_time: StepTimeFn | None = None
+    cp_scheme: str = "ring"
+    ulysses_degree: int | None = None
 
     def __post_init__(self) -> None:
         search.check_search_limits(safety_margin=self.safety_margin, max_world_size=self.max_world_size)
         RingLayout(ring_size=1, layout=self.layout, backend=self.backend)  # validates names
+        check_cp_scheme(self.cp_scheme, self.ulysses_degree)
+        if self.cp_scheme == "ulysses" and self.ulysses_degree not in (None, 1):
+            raise ValueError(f"Ulysses runs over every GPU of the plan (U = W): a Ulysses degree "
+                             f"({self.ulysses_degree}) applies to the hybrid scheme; give --cp hybrid")
+        if self.cp_scheme != "ring" and self.model.form != "analytic":
+            raise ValueError(f"the {self.model.form} memory model knows the ring only; the {self.cp_scheme} "
+                             f"scheme needs the analytic model")
 
     @property
     def budget_bytes(self) -> float:
         return search.budget_bytes(self.gpu.usable_memory_bytes, self.safety_margin)
 
     def ring(self, world_size: int) -> RingLayout:
-        return RingLayout(ring_size=world_size, layout=self.layout, backend=self.backend)
+        return RingLayout(ring_size=world_size, layout=self.layout, backend=self.backend, cp_scheme=self.cp_scheme,
+                          ulysses_degree=self.ulysses_degree if self.cp_scheme == "hybrid" else None)
 
 
 def evaluate(query: CapacityQuery, seq_len_tokens: int, world_size: int) -> CapacityRow:
@@ -111,15 +123,28 @@ def splits(query: CapacityQuery, seq_len_tokens: int, world_size: int) -> bool:
 def valid_world_sizes(query: CapacityQuery, seq_len_tokens: int) -> list[int]:
     """Every ring size 1..max_world_size over which the sequence splits (all integers, not only
     powers of two). Raises ``ValueError`` with the reason when there is none."""
-    chunks = query.ring(1).chunks_per_rank
+    chunks = RingLayout(ring_size=1, layout=query.layout).chunks_per_rank
     dividing = search.dividing_sizes(seq_len_tokens, range(1, min(query.max_world_size, seq_len_tokens) + 1),
                                      lambda p: p * chunks)
     sizes = [p for p in dividing if splits(query, seq_len_tokens, p)]
     if not sizes:
         query.workload.with_seq_len(seq_len_tokens)  # raises the workload's own message if invalid
+        if query.cp_scheme != "ring":
+            raise ValueError(f"{seq_len_tokens:,} tokens do not split over any {query.cp_scheme} group of "
+                             f"1..{query.max_world_size} ranks{_scheme_rule(query)}")
         check_layout_fits(query.workload.with_seq_len(seq_len_tokens), query.ring(1))
         raise ValueError(f"{seq_len_tokens:,} tokens do not split over any ring of 1..{query.max_world_size} ranks")
     return sizes
+
+
+def _scheme_rule(query: CapacityQuery) -> str:
+    """Why a scheme's group sizes are few (for the no-valid-size message)."""
+    heads = query.workload.shape.n_heads
+    if query.cp_scheme == "ulysses":
+        return f" (Ulysses needs the group size to divide the {heads} query heads)"
+    if query.cp_scheme == "hybrid":
+        return f" (hybrid needs W = {query.ulysses_degree}·R with R > 1, and {query.ulysses_degree} to divide {heads} heads)"
+    return ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -168,13 +193,40 @@ def token_unit(query: CapacityQuery, world_size: int) -> int:
     return unit
 
 
+def prime_factors(value: int) -> dict[int, int]:
+    """prime → exponent of a positive integer, by trial division up to its square root."""
+    factors: dict[int, int] = {}
+    p = 2
+    while p * p <= value:
+        while value % p == 0:
+            factors[p] = factors.get(p, 0) + 1
+            value //= p
+        p += 1 if p == 2 else 2
+    if value > 1:
+        factors[value] = factors.get(value, 0) + 1
+    return factors
+
+
+def unit_divisors(query: CapacityQuery, world_size: int) -> list[int]:
+    """Every divisor of ``token_unit``, ascending, from the factors of the numbers it is the lcm of
+    (chunks, segment lengths, dilation rates: each factored on its own, so a unit near 2^50 costs
+    the square root of its largest part, not of itself)."""
+    exponents: dict[int, int] = {}
+    pattern = query.workload.pattern
+    for value in (query.ring(world_size).chunks_per_rank, *pattern.segment_lengths_tokens, *pattern.dilation_rates):
+        for prime, power in prime_factors(value).items():
+            exponents[prime] = max(exponents.get(prime, 0), power)
+    divisors = [1]
+    for prime, power in exponents.items():
+        divisors = [d * prime**k for d in divisors for k in range(power + 1)]
+    return sorted(divisors)
+
+
 def valid_tokens_per_rank_below_unit(query: CapacityQuery, world_size: int) -> list[int]:
     """Valid n smaller than ``token_unit`` (divisors of the unit that split; dilated patterns allow
     a rank to hold part of a segment)."""
     unit = token_unit(query, world_size)
-    divisors = [d for d in range(1, int(math.isqrt(unit)) + 1) if unit % d == 0]
-    candidates = sorted({d for d in divisors} | {unit // d for d in divisors})
-    return [n for n in candidates if n < unit and splits(query, n * world_size, world_size)]
+    return [n for n in unit_divisors(query, world_size) if n < unit and splits(query, n * world_size, world_size)]
 
 
 def max_tokens(query: CapacityQuery, world_size: int) -> MaxTokens:

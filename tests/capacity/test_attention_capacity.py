@@ -182,3 +182,17 @@ def test_feasibility_includes_the_residual_bound():
         best = max_tokens(query, 1).best
         assert best.seq_len_tokens == expected
         assert best.headroom_bytes == pytest.approx(100 * MIB - expected * MIB - bound)
+
+
+def test_unit_divisors_match_trial_division():
+    """The unit's divisors from its parts' factors are exactly the integers that divide it (checked
+    by brute force on dilated patterns whose lcm mixes primes)."""
+    from ringplan.capacity.attention import token_unit, unit_divisors
+    from ringplan.workload import AttentionPattern
+
+    for segments, rates in [((4096, 8192), (1, 2)), ((3 * 1024, 5 * 512), (3, 5)), ((7 * 9 * 64,), (7,))]:
+        workload = Workload(seq_len_tokens=8 * 3 * 5 * 7 * 9 * 4096, shape=AttentionShape(n_heads=8, head_dim=64),
+                            pattern=AttentionPattern(segment_lengths_tokens=segments, dilation_rates=rates))
+        query = CapacityQuery(workload=workload, gpu=load_catalog().gpu("h100"))
+        unit = token_unit(query, 1)
+        assert unit_divisors(query, 1) == [d for d in range(1, unit + 1) if unit % d == 0]
