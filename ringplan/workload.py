@@ -236,18 +236,28 @@ def check_scheme_fits(workload: Workload, layout: RingLayout) -> None:
     without the projection module (the runtime's schemes take q, k, v), a tiled backend (the math
     backend's workspace is modelled for the ring only), and U dividing the H query heads (the nearest
     valid degrees named)."""
-    scheme = layout.cp_scheme
+    check_scheme_workload(workload, layout.cp_scheme, layout.backend)
+    check_ulysses_heads(workload.shape.n_heads, layout.ulysses_size)
+
+
+def check_scheme_workload(workload: Workload, cp_scheme: str, backend: str) -> None:
+    """The group-size-free part of ``check_scheme_fits``: dense, no projections, a tiled backend."""
+    if cp_scheme == "ring":
+        return
     if workload.pattern.dilated:
-        raise ValueError(f"dilated attention runs on the ring scheme only, not {scheme}")
+        raise ValueError(f"dilated attention runs on the ring scheme only, not {cp_scheme}")
     if workload.projections:
-        raise ValueError(f"projections (the seed's module) run on the ring scheme only, not {scheme}")
-    if layout.backend == "math":
-        raise ValueError(f"the math backend's memory is modelled for the ring scheme only, not {scheme}; "
+        raise ValueError(f"projections (the seed's module) run on the ring scheme only, not {cp_scheme}")
+    if backend == "math":
+        raise ValueError(f"the math backend's memory is modelled for the ring scheme only, not {cp_scheme}; "
                          f"use one of {[b for b in BACKENDS if b != 'math']}")
-    heads, u = workload.shape.n_heads, layout.ulysses_size
-    if heads % u:
-        divisors = [d for d in range(1, heads + 1) if heads % d == 0]
-        below = [d for d in divisors if d < u][-1:]
-        above = [d for d in divisors if d > u][:1]
-        raise ValueError(f"{heads} query heads do not split over a Ulysses degree of {u}: nearest valid "
-                         f"degrees for {heads} heads: {below + above}")
+
+
+def check_ulysses_heads(n_heads: int, ulysses_degree: int) -> None:
+    """``ValueError`` naming the nearest valid degrees unless the Ulysses degree U divides the H query heads."""
+    if n_heads % ulysses_degree:
+        divisors = [d for d in range(1, n_heads + 1) if n_heads % d == 0]
+        below = [d for d in divisors if d < ulysses_degree][-1:]
+        above = [d for d in divisors if d > ulysses_degree][:1]
+        raise ValueError(f"{n_heads} query heads do not split over a Ulysses degree of {ulysses_degree}: nearest "
+                         f"valid degrees for {n_heads} heads: {below + above}")

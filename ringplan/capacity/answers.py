@@ -64,7 +64,7 @@ def attention_capacity(query: attention.CapacityQuery, seq_len_tokens: int | Non
 def _attention_max_tokens(query: attention.CapacityQuery, world_size: int) -> CapacityAnswer:
     """Most tokens on W, with the largest S of every ``SHOWN_RING_SIZES`` ring below W first."""
     result = attention.max_tokens(query, world_size)
-    smaller = [p for p in SHOWN_RING_SIZES if p < world_size]
+    smaller = [p for p in SHOWN_RING_SIZES if p < world_size and attention.scheme_allows(query, p)]
     rows = [r.best for p in smaller if (r := attention.max_tokens(query, p)).best is not None]
     if result.best is not None:
         rows.append(result.best)

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field, replace
 from ringplan.capacity import search
 from ringplan.hardware import GpuSpec
 from ringplan.memory.attention_model import MemoryModel, MemoryPrediction, default_memory_model
-from ringplan.workload import RingLayout, Workload, check_cp_scheme, check_layout_fits
+from ringplan.workload import (RingLayout, Workload, check_cp_scheme, check_layout_fits, check_scheme_workload,
+                               check_ulysses_heads)
 
 #: (workload, layout, gpu) → (step_time_s, exposed_comm_s), or None when the time model cannot say.
 StepTimeFn = Callable[[Workload, RingLayout, GpuSpec], "tuple[float, float] | None"]
@@ -75,6 +76,9 @@ class CapacityQuery:
         if self.cp_scheme == "ulysses" and self.ulysses_degree not in (None, 1):
             raise ValueError(f"Ulysses runs over every GPU of the plan (U = W): a Ulysses degree "
                              f"({self.ulysses_degree}) applies to the hybrid scheme; give --cp hybrid")
+        check_scheme_workload(self.workload, self.cp_scheme, self.backend)
+        if self.cp_scheme == "hybrid":
+            check_ulysses_heads(self.workload.shape.n_heads, self.ulysses_degree)
         if self.cp_scheme != "ring" and self.model.form != "analytic":
             raise ValueError(f"the {self.model.form} memory model knows the ring only; the {self.cp_scheme} "
                              f"scheme needs the analytic model")
@@ -137,13 +141,24 @@ def valid_world_sizes(query: CapacityQuery, seq_len_tokens: int) -> list[int]:
     return sizes
 
 
+def scheme_allows(query: CapacityQuery, world_size: int) -> bool:
+    """True when the query's scheme can run on ``world_size`` GPUs at all (any group size for the ring and
+    all-gather; Ulysses: W divides H; hybrid: W = U·R with R > 1)."""
+    try:
+        check_ulysses_heads(query.workload.shape.n_heads, query.ring(world_size).ulysses_size)
+    except ValueError:
+        return False
+    return True
+
+
 def _scheme_rule(query: CapacityQuery) -> str:
     """Why a scheme's group sizes are few (for the no-valid-size message)."""
     heads = query.workload.shape.n_heads
     if query.cp_scheme == "ulysses":
         return f" (Ulysses needs the group size to divide the {heads} query heads)"
     if query.cp_scheme == "hybrid":
-        return f" (hybrid needs W = {query.ulysses_degree}·R with R > 1, and {query.ulysses_degree} to divide {heads} heads)"
+        u = query.ulysses_degree
+        return f" (hybrid needs W = {u}·R with R > 1, and {u} to divide {heads} heads)"
     return ""
 
 

@@ -10,8 +10,8 @@ import click
 
 from ringplan.cli.common import (MAX_WORLD_SIZE, TOKENS, BoundedInt, FiniteFloat, InputFile, OneLineErrorCommand,
                                  OutputFile, bad_input_exits_2, format_option, render_rows)
-from ringplan.cli.options import (build_workload, explicit_options, model_requested, model_selection_options,
-                                  stack_query, stack_settings_options, workload_options)
+from ringplan.cli.options import (build_workload, cp_scheme_options, explicit_options, model_requested,
+                                  model_selection_options, stack_query, stack_settings_options, workload_options)
 from ringplan.units import GIB
 
 
@@ -31,9 +31,9 @@ def step_time_hook():
     (step_time_s, exposed_comm_s) | None``), importing ``ringplan.time.attention_time`` (numpy) only when
     the first row shown asks for it: the searches evaluate memory alone."""
     def step_time(workload, layout, gpu):
-        from ringplan.time.attention_time import capacity_step_time
+        from ringplan.time.cp_time import capacity_cp_step_time  # the ring: attention_time.capacity_step_time
 
-        return capacity_step_time(workload, layout, gpu)
+        return capacity_cp_step_time(workload, layout, gpu)
 
     return step_time
 
@@ -59,6 +59,7 @@ def step_time_hook():
               help="Add each shown row's predicted step time and exposed communication (ringplan.time.attention_time; "
                    "costs ~0.5 s more at start: numpy, and scipy while the time model fits its timing profiles).")
 @workload_options
+@cp_scheme_options
 @model_selection_options
 @stack_settings_options
 @format_option
@@ -84,8 +85,9 @@ def capacity(ctx: click.Context, gpu_name: str, tokens: int | None, world_size: 
     """
     if tokens is None and world_size is None:
         raise ValueError("give --tokens N (fewest GPUs), --world-size K (most tokens), or both")
+    scheme = {key: workload_args.pop(key) for key in ("cp_scheme", "ulysses_degree")}
     if model_requested(**workload_args):
-        refused = {"plot_path": plot_path, "profile_paths": profile_paths, "model_form": model_form}
+        refused = {"plot_path": plot_path, "profile_paths": profile_paths, "model_form": model_form, **scheme}
         ctx.exit(_whole_model(gpu_name=gpu_name, tokens=tokens, world_size=world_size, max_world_size=max_world_size,
                               safety_margin=safety_margin, step_time=step_time, output_format=output_format,
                               workload_args=workload_args, refused=refused))
@@ -98,7 +100,8 @@ def capacity(ctx: click.Context, gpu_name: str, tokens: int | None, world_size: 
     workload = build_workload(seq_len_tokens=tokens, **workload_args)
     query = CapacityQuery(workload=workload, layout=workload_args["layout"], backend=workload_args["backend"],
                           gpu=gpu, safety_margin=safety_margin, max_world_size=max_world_size,
-                          model=_model(model_form, profile_paths), step_time=step_time_hook() if step_time else None)
+                          model=_model(model_form, profile_paths), step_time=step_time_hook() if step_time else None,
+                          **scheme)
     answer = attention_capacity(query, tokens, world_size)
     rows = list(answer.rows)
     _emit(query, _answer_record(query, answer, tokens, world_size), rows, output_format)
@@ -119,7 +122,8 @@ _WHOLE_MODEL_ONLY = {"n_layers": "--layers", "ffn_dim": "--ffn", "vocab_size": "
 #: dense, with its projections counted in the stack terms).
 _ATTENTION_ONLY = {"segment_lengths": "--segment-lengths", "dilation_rates": "--dilation-rates",
                    "projections": "--projections", "causal": "--causal/--no-causal", "plot_path": "--plot",
-                   "profile_paths": "--profile", "model_form": "--model-form"}
+                   "profile_paths": "--profile", "model_form": "--model-form", "cp_scheme": "--cp",
+                   "ulysses_degree": "--ulysses-degree"}
 
 
 def _refuse_whole_model_options(workload_args: dict[str, Any]) -> None:
@@ -236,6 +240,8 @@ def _emit(query, answer: dict[str, Any], rows, output_format: str) -> None:
     click.echo(f"{gpu.name} ({gpu.driver_name}): usable {gpu.usable_memory_bytes / GIB:,.2f} GiB ({memory_kind}); "
                f"budget {query.budget_bytes / GIB:,.2f} GiB with a {query.safety_margin:.0%} safety margin")
     click.echo(f"workload: {describe_workload(query.workload, query.layout, query.backend)}")
+    if query.cp_scheme != "ring":
+        click.echo(f"context parallel: {_scheme_text(query)}")
     click.echo(answer["text"])
     if rows:
         click.echo("per-GPU memory in GiB (2^30 bytes), by term:")
@@ -243,9 +249,17 @@ def _emit(query, answer: dict[str, Any], rows, output_format: str) -> None:
     sys.stdout.flush()
 
 
+def _scheme_text(query) -> str:
+    if query.cp_scheme == "hybrid":
+        return f"hybrid: Ulysses of {query.ulysses_degree} inside x a ring of W/{query.ulysses_degree} across"
+    return {"allgather": "all-gather K/V over all W GPUs", "ulysses": "Ulysses all-to-all over all W GPUs (U = W)"}[
+        query.cp_scheme]
+
+
 def _query_record(query) -> dict[str, Any]:
     w = query.workload
-    return {"gpu": query.gpu.name, "usable_memory_bytes": query.gpu.usable_memory_bytes,
+    scheme = {} if query.cp_scheme == "ring" else {"cp_scheme": query.cp_scheme, "ulysses_degree": query.ulysses_degree}
+    return {**scheme, "gpu": query.gpu.name, "usable_memory_bytes": query.gpu.usable_memory_bytes,
             "usable_memory_measured": query.gpu.usable_memory_measured, "safety_margin": query.safety_margin,
             "max_world_size": query.max_world_size, "layout": query.layout, "backend": query.backend,
             "batch": w.shape.batch, "n_heads": w.shape.n_heads, "n_kv_heads": w.shape.n_kv_heads,

@@ -37,7 +37,7 @@ from ringplan.cli.common import (BYTES, MAX_BATCH, MAX_HEAD_DIM, MAX_HEADS, MAX_
                                  MAX_WORLD_SIZE, SEGMENT_LIST, TOKEN_LIST, TOKENS, BoundedInt, FiniteFloat, InputFile)
 from ringplan.models import FFN_TYPES, NORMS, ModelSpec
 from ringplan.stack import CHECKPOINTING, LOSS_MODES, SHARDINGS, StackSettings
-from ringplan.workload import BACKENDS, DTYPE_BYTES, LAYOUTS
+from ringplan.workload import BACKENDS, CP_SCHEMES, DTYPE_BYTES, LAYOUTS
 
 #: Most warm-up or timed steps per point, and the longest ring launch (a week).
 MAX_STEPS = 10_000
@@ -74,6 +74,23 @@ _WORKLOAD_OPTIONS = (
     click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
                  help="Local attention kernel; only 'math' adds an n x n score workspace."),
 )
+
+
+#: The context-parallel scheme of one attention layer (issue 14): ``capacity`` only (profile and validate run the ring).
+_CP_SCHEME_OPTIONS = (
+    click.option("--cp", "cp_scheme", type=click.Choice(CP_SCHEMES), default="ring", show_default=True,
+                 help="Context-parallel scheme: p2p ring, all-gather K/V, Ulysses all-to-all over heads (over all "
+                      "GPUs: W must divide --heads), or hybrid (Ulysses of --ulysses-degree inside x a ring across)."),
+    click.option("--ulysses-degree", type=BoundedInt(min=2, max=MAX_WORLD_SIZE), default=None,
+                 help="With --cp hybrid: the Ulysses degree U (must divide --heads); plans use W = U x R GPUs, R > 1."),
+)
+
+
+def cp_scheme_options(func):
+    """Decorate a command with ``--cp`` and ``--ulysses-degree`` (one attention layer's scheme)."""
+    for option in reversed(_CP_SCHEME_OPTIONS):
+        func = option(func)
+    return func
 
 
 def workload_options(func):

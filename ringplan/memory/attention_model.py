@@ -146,8 +146,9 @@ def _provenance(fit: MemoryFit | SeedFit, gpu: GpuSpec, n: float, stats: FitStat
 
 @functools.lru_cache(maxsize=4096)
 def memory_terms_cached(workload: Workload, layout: RingLayout) -> dict[str, float]:
-    """``memory_terms`` memoised on the (frozen, hashable) workload and layout."""
-    from ringplan.memory.attention_terms import memory_terms
+    """``memory_terms`` (every context-parallel scheme: ``cp_terms``) memoised on the (frozen, hashable)
+    workload and layout."""
+    from ringplan.memory.cp_terms import memory_terms
 
     return memory_terms(workload, layout)
 

@@ -107,18 +107,17 @@ def term_inputs(workload: Workload, layout: RingLayout) -> TermInputs:
 
 
 def memory_terms(workload: Workload, layout: RingLayout) -> dict[str, float]:
-    """Per-rank bytes of each tensor family at the peak instant (θ = 1), keyed by ``TERM_NAMES``
-    (other context-parallel schemes than the ring: by ``cp_terms.ALL_TERM_NAMES``)."""
+    """Per-rank bytes of each tensor family at the peak instant (θ = 1), keyed by ``TERM_NAMES`` (the ring
+    scheme; ``cp_terms.memory_terms`` dispatches every scheme)."""
     return terms_at(term_inputs(workload, layout))
 
 
 def terms_at(p: TermInputs) -> dict[str, float]:
-    """``memory_terms`` for an explicit evaluation point: the largest instant's terms. The all-gather,
-    Ulysses and hybrid schemes have their own instants (``cp_terms``, keyed by ``cp_terms.ALL_TERM_NAMES``)."""
+    """``memory_terms`` for an explicit evaluation point: the largest instant's terms. The ring only: the
+    all-gather, Ulysses and hybrid schemes' terms build on these (``cp_terms.memory_terms`` takes every scheme)."""
     if p.cp_scheme != "ring":
-        from ringplan.memory.cp_terms import cp_terms_at  # builds on this module's formulas
-
-        return cp_terms_at(p)
+        raise ValueError(f"attention_terms models the ring scheme; the {p.cp_scheme} scheme's terms are "
+                         f"ringplan.memory.cp_terms.memory_terms / terms_at")
     instants = [attention_instant(p), output_instant(p)]
     if p.training:
         instants.append(backward_instant(p))

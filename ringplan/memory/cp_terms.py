@@ -33,12 +33,25 @@ from dataclasses import replace
 from ringplan.memory import attention_terms as at
 from ringplan.memory.attention_terms import TERM_NAMES, TermInputs
 from ringplan.units import FP32_BYTES
+from ringplan.workload import RingLayout, Workload
 
 #: Terms only the all-gather / Ulysses / hybrid schemes have, in display order.
 CP_TERM_NAMES: tuple[str, ...] = ("gathered_kv_bytes", "gathered_dkv_bytes", "lse_copy_bytes", "kv_replica_bytes",
                                   "head_shard_bytes", "all_to_all_buffer_bytes")
 #: Every key ``cp_terms_at`` returns (the ring's ``TERM_NAMES`` keep their meaning).
 ALL_TERM_NAMES: tuple[str, ...] = TERM_NAMES + CP_TERM_NAMES
+
+
+def memory_terms(workload: Workload, layout: RingLayout) -> dict[str, float]:
+    """Per-rank bytes at the peak (θ = 1) under ``layout.cp_scheme``: the ring's ``attention_terms.memory_terms``
+    (keyed by ``TERM_NAMES``, unchanged), or the other schemes' (keyed by ``ALL_TERM_NAMES``). The one entry
+    for every scheme: it sits above ``attention_terms`` (which knows the ring only) so the layers stay acyclic."""
+    return terms_at(at.term_inputs(workload, layout))
+
+
+def terms_at(p: TermInputs) -> dict[str, float]:
+    """``memory_terms`` for an explicit evaluation point."""
+    return at.terms_at(p) if p.cp_scheme == "ring" else cp_terms_at(p)
 
 
 def cp_terms_at(p: TermInputs) -> dict[str, float]:

@@ -15,12 +15,13 @@ SEED = str(measured_dir() / "gtx1080-seed.json")
 
 # Golden option sets (torchtitan's test_no_new_cli_options): a new option is a decision, update here.
 EXPECTED_OPTIONS = {
-    "capacity": ["--backend", "--batch", "--causal", "--checkpointing", "--config", "--dilation-rates", "--dtype",
-                 "--embed-dim", "--ffn", "--format", "--forward", "--gpu", "--gpus", "--head-dim", "--heads",
+    "capacity": ["--backend", "--batch", "--causal", "--checkpointing", "--config", "--cp", "--dilation-rates",
+                 "--dtype", "--embed-dim", "--ffn", "--format", "--forward", "--gpu", "--gpus", "--head-dim", "--heads",
                  "--kv-heads", "--layers", "--layout", "--loss", "--loss-chunk", "--max-world-size", "--model",
                  "--model-form", "--no-causal", "--no-offload", "--no-projections", "--no-step-time", "--offload",
                  "--plot", "--profile", "--projections", "--ring-size", "--safety-margin", "--segment-lengths",
-                 "--shard-group", "--sharding", "--step-time", "--tokens", "--train", "--vocab", "--world-size"],
+                 "--shard-group", "--sharding", "--step-time", "--tokens", "--train", "--ulysses-degree", "--vocab",
+                 "--world-size"],
     "gpus": ["--format", "--links", "--sources"],
     "fit": ["--form", "--format", "--include-estimated", "--prior-weight", "--residuals", "--series", "--target",
             "--write"],
