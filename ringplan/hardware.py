@@ -3,7 +3,8 @@
 The numbers are data, not code: ``profiles/gpus.json`` keeps one entry per GPU and per link,
 keyed by the dataclass field names below, with a source beside every number. Usable memory is
 what the driver reports (``nvidia-smi`` total) where it was measured on a real card, and the
-datasheet capacity (marked nominal) elsewhere.
+datasheet capacity (marked nominal) elsewhere; it never exceeds ``physical_memory_bytes``, the
+datasheet capacity in the unit the vendor means.
 
 Names are case-insensitive and have aliases (``h100`` → ``h100-80gb-sxm``). An ambiguous alias
 (``a100``) or an unknown name raises ``ValueError`` listing the choices or the closest names.
@@ -39,6 +40,9 @@ class LinkSpec:
 class GpuSpec:
     """One GPU type. ``peak_flops_per_s`` maps dtype → dense FLOP/s (no sparsity).
 
+    ``usable_memory_bytes`` is what the driver reports; ``physical_memory_bytes`` (optional) is the
+    datasheet capacity, an upper bound on it (GDDR6 ECC and the driver's reserve sit between them).
+
     ``runtime_overhead_bytes`` is device memory a torch + NCCL process holds outside the
     caching allocator (CUDA context, NCCL buffers); the catalog default is an estimate that
     measured profiles replace.
@@ -54,6 +58,7 @@ class GpuSpec:
     gpus_per_node: int
     aliases: tuple[str, ...] = ()
     usable_memory_measured: bool = False
+    physical_memory_bytes: int | None = None
     runtime_overhead_bytes: int = 0
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -63,6 +68,11 @@ class GpuSpec:
                                  hbm_bandwidth_bytes_per_s=self.hbm_bandwidth_bytes_per_s,
                                  gpus_per_node=self.gpus_per_node)
         _require_finite_positive(what, **{f"peak_flops_per_s[{k}]": v for k, v in self.peak_flops_per_s.items()})
+        if self.physical_memory_bytes is not None:
+            _require_finite_positive(what, physical_memory_bytes=self.physical_memory_bytes)
+            if self.usable_memory_bytes > self.physical_memory_bytes:
+                raise ValueError(f"{what}: usable_memory_bytes {self.usable_memory_bytes} exceeds "
+                                 f"physical_memory_bytes {self.physical_memory_bytes}")
         if self.runtime_overhead_bytes < 0:
             raise ValueError(f"{what}: runtime_overhead_bytes must be >= 0, got {self.runtime_overhead_bytes}")
         object.__setattr__(self, "aliases", tuple(self.aliases))

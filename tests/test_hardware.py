@@ -10,7 +10,7 @@ REQUIRED_GPUS = ("gtx-1080", "v100-16gb", "v100-32gb", "a10-24gb", "l4", "l40s",
                  "a100-80gb", "h100-80gb-sxm", "h100-80gb-pcie", "h200", "b200", "mi300x")
 REQUIRED_LINKS = ("nvlink-1", "nvlink-2", "nvlink-3", "nvlink-4", "nvlink-5", "pcie-gen3-x16", "pcie-gen4-x16",
                   "pcie-gen5-x16", "infiniband-hdr-200", "infiniband-ndr-400", "ethernet-100g", "ethernet-400g")
-SOURCED_GPU_FIELDS = ("usable_memory_bytes", "peak_flops_per_s", "hbm_bandwidth_bytes_per_s", "intra_node_link",
+SOURCED_GPU_FIELDS = ("usable_memory_bytes", "physical_memory_bytes", "peak_flops_per_s", "hbm_bandwidth_bytes_per_s", "intra_node_link",
                       "inter_node_link", "gpus_per_node", "runtime_overhead_bytes")
 MIB = 2**20
 
@@ -40,8 +40,40 @@ def test_measured_memory_is_what_the_driver_reported(catalog):
     assert catalog.gpu("h100-80gb-sxm").usable_memory_bytes == 81_559 * MIB
     assert catalog.gpu("h200").usable_memory_bytes == 143_771 * MIB
     assert catalog.gpu("h100").usable_memory_measured
-    assert not catalog.gpu("a100-40gb").usable_memory_measured
-    assert "nominal" in catalog.gpu("a100-40gb").sources["usable_memory_bytes"]
+
+
+@pytest.mark.parametrize("name, total_mib", [
+    ("a10-24gb", 23_028), ("l4", 23_034), ("l40s", 46_068), ("rtx-4090", 24_564), ("h100-80gb-pcie", 81_559),
+    ("b200", 183_359), ("a100-40gb", 40_960), ("a100-80gb", 81_920), ("mi300x", 196_288),
+])
+def test_usable_memory_is_the_driver_total_not_the_datasheet(catalog, name, total_mib):
+    """Issue 17: usable memory is the total the driver reports (nvidia-smi / rocm-smi, cited), not the
+    datasheet's GB read as GiB; GDDR6 cards with ECC on report 15/16 of their chips, less a little."""
+    gpu = catalog.gpu(name)
+    assert gpu.usable_memory_bytes == total_mib * MIB
+    assert gpu.usable_memory_measured
+    assert "driver-reported" in gpu.sources["usable_memory_bytes"]
+
+
+def test_usable_memory_never_exceeds_physical(catalog):
+    """Every entry names its physical (datasheet) capacity, and what the driver reports fits in it;
+    with the 5% margin the L40S budget is 42.7 GiB, no longer 45.6 GiB of the 45.0 GiB that exist."""
+    for gpu in catalog.gpus:
+        assert gpu.physical_memory_bytes is not None, gpu.name
+        assert gpu.usable_memory_bytes <= gpu.physical_memory_bytes, gpu.name
+    l40s = catalog.gpu("l40s")
+    assert l40s.usable_memory_bytes * 0.95 < 46_068 * MIB < l40s.physical_memory_bytes
+
+
+def test_links_are_what_one_ring_neighbour_gets(catalog):
+    """Issue 17: a V100 ring neighbour on a DGX-1 (hybrid cube mesh) gets one NVLink 2 link, 25 GB/s,
+    not the six-link 150 GB/s sum; NVSwitch systems give one peer all links (A100 300, H100 450,
+    B200 900 GB/s one way); an MI300X peer gets its one 64 GB/s Infinity Fabric link."""
+    expected = {"nvlink-1": 20e9, "nvlink-2": 25e9, "nvlink-3": 300e9, "nvlink-4": 450e9, "nvlink-5": 900e9,
+                "xgmi-mi300x": 64e9}
+    for name, bandwidth in expected.items():
+        assert catalog.link(name).bandwidth_bytes_per_s == pytest.approx(bandwidth), name
+    assert catalog.gpu("v100-32gb").intra_node_link == "nvlink-2"
 
 
 def test_flops_are_dense_and_links_resolve(catalog):
@@ -89,8 +121,8 @@ def _write(tmp_path, data) -> str:
 
 
 def test_bad_catalog_files_name_the_file(tmp_path):
-    """Missing file, bad JSON, wrong schema, unknown link and non-finite numbers are ValueErrors
-    that name the file."""
+    """Missing file, bad JSON, wrong schema, unknown link, non-finite numbers and usable memory above
+    the physical capacity are ValueErrors that name the file."""
     with open(load_catalog().source_path) as handle:
         good = json.load(handle)
     cases = {"missing": None, "bad json": "{not json", "schema": {**good, "schema": "other"}}
@@ -100,6 +132,9 @@ def test_bad_catalog_files_name_the_file(tmp_path):
     not_finite = json.loads(json.dumps(good))
     not_finite["gpus"][0]["hbm_bandwidth_bytes_per_s"] = float("nan")
     cases["nan"] = not_finite
+    over_physical = json.loads(json.dumps(good))
+    over_physical["gpus"][0]["usable_memory_bytes"] = over_physical["gpus"][0]["physical_memory_bytes"] + 1
+    cases["usable above physical"] = over_physical
     for label, data in cases.items():
         path = str(tmp_path / "absent.json") if data is None else _write(tmp_path, data)
         load_catalog.cache_clear()
