@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ringplan.hardware import GpuSpec
 from ringplan.memory.calibration import fit_calibrations, overhead_features, slack_features, workspace_features
+from ringplan.memory.family_borrow import borrowed_bound_bytes, nearest_family
 from ringplan.memory.fit_cache import FitCache, usable_calibrations
 from ringplan.memory.part_fit import Calibration, PartFit, with_borrowed
 from ringplan.memory.attention_fits import (FIT_KINDS, FitStats, MemoryFit, SeedFit, fit_seed_form,
@@ -163,6 +164,9 @@ class ChosenParts:
     workspace: PartFit | None = None
     slack: PartFit | None = None
     overhead: PartFit | None = None
+    #: ± bytes added to the bound for parts borrowed from another row family (``family_borrow``), and which.
+    extra_bound_bytes: float = 0.0
+    borrowed_families: tuple[str, ...] = ()
 
 
 def predict_calibrated(chosen: ChosenParts, workload: Workload, layout: RingLayout, gpu: GpuSpec, *,
@@ -200,6 +204,10 @@ def calibrated_prediction(chosen: ChosenParts, p: TermInputs, phi: dict[str, flo
     # One layer's figures grow in proportion to its tokens (Σφ ∝ n): a residual grows with its figure.
     bound = sum(fit.uncertainty_bytes(figure) for fit, figure in
                 ((chosen.workspace, allocated), (chosen.slack, reserved), (chosen.overhead, total)) if fit)
+    bound += chosen.extra_bound_bytes
+    if chosen.borrowed_families:
+        kind = "transferred" if kind == "measured" else kind
+        label += f"; {', '.join(chosen.borrowed_families)} (± {chosen.extra_bound_bytes / 2**20:.0f} MiB)"
     uncertainty = bound
     if kind != "measured":
         fitted = allocated - analytic + slack + (overhead if chosen.overhead else 0.0)
@@ -299,9 +307,13 @@ class MemoryModel:
     def _chosen(self, gpu_name: str, family: str) -> ChosenParts:
         key = ("parts", gpu_name, family)
         if key not in self._cache:
-            self._cache[key] = ChosenParts(workspace=self._part("workspace", gpu_name, kernel_family(family)),
-                                           slack=self._part("slack", gpu_name, slack_family(family)),
-                                           overhead=self._part("overhead", gpu_name, "all"))
+            wanted = {"workspace": kernel_family(family), "slack": slack_family(family)}
+            parts = {part: self._part(part, gpu_name, f) for part, f in wanted.items()}
+            borrowed = {part: fit.family for part, fit in parts.items() if fit and fit.family != wanted[part]}
+            self._cache[key] = ChosenParts(
+                **parts, overhead=self._part("overhead", gpu_name, "all"),
+                extra_bound_bytes=sum(borrowed_bound_bytes(wanted[p], f) for p, f in borrowed.items()),
+                borrowed_families=tuple(f"{p} borrowed from {f}" for p, f in borrowed.items()))
         return self._cache[key]
 
     def _part(self, part: str, gpu_name: str, family: str) -> PartFit | None:
@@ -315,6 +327,10 @@ class MemoryModel:
             return (calibration.workspace if part == "workspace" else calibration.slack).get(family)
 
         fits = [f for c in self.calibrations_in_use().values() if (f := fit_of(c)) is not None]
+        if not fits and part != "overhead":  # nobody measured this family: the nearest measured one's
+            donor = nearest_family(family, {f for c in self.calibrations_in_use().values()
+                                            for f in (c.workspace if part == "workspace" else c.slack)})
+            return self._part(part, gpu_name, donor) if donor is not None else None
 
         def reach(f: PartFit) -> float:  # the outside memory does not grow with n: the largest is safest
             return f.coefficients.get("context_bytes", 0.0) if part == "overhead" else f.tokens_per_rank_range[1]

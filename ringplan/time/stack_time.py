@@ -1,7 +1,7 @@
 """Step time of a whole transformer stack on one rank: a training step, or a prefill forward.
 
-    step = host start + GEMMs + attention + elementwise + loss + optimizer
-           + exposed FSDP communication + exposed checkpoint offload
+    step = host (start, kernel launches, allocator retries) + GEMMs + attention + elementwise + loss
+           + optimizer + exposed FSDP communication + exposed checkpoint offload
 
 Per rank of m = B·S/P local tokens (``StepTime`` names every part; they sum to the step):
 
@@ -18,6 +18,10 @@ Per rank of m = B·S/P local tokens (``StepTime`` names every part; they sum to 
   / HBM bandwidth.
 - FSDP communication: α–β collectives played against compute by ``fsdp_schedule.overlapped_end_s``; checkpoint
   offload: PCIe copies on the compute stream (the runtime's ``save_on_cpu``), not hidden.
+- host: the call overhead at the start (and after the loss is read), the eager kernel launches of the
+  step (``host_launches.step_kernels`` × ``host_launches.DEFAULT_HOST_S_PER_KERNEL``) and, for a step
+  whose peak allocation is at the capacity boundary, the allocator's retries
+  (``host_launches.allocator_retry_s``).
 
 numpy/scipy (through the time model) load only when a step time is asked for.
 """
@@ -33,6 +37,7 @@ from ringplan.stack import StackWorkload, attention_workload, shard_group_size, 
 from ringplan.time.fsdp_schedule import StreamUnit, collective_s, fsdp_unit_params, overlapped_end_s
 from ringplan.time.gemms import (GEMM_PRIOR_RELATIVE_UNCERTAINTY, GemmModel, GemmShape, block_gemms, gemm_flops,
                                  gemm_model_for, lm_head_gemm)
+from ringplan.time.host_launches import DEFAULT_HOST_S_PER_KERNEL, allocator_retry_s, host_launch_s, step_kernels
 from ringplan.time.provenance import note_weakest, provenance_rank
 from ringplan.time.stack_bytes import block_op_bytes, loss_bytes_per_token, optimizer_bytes, rms_norm_bytes
 
@@ -306,7 +311,8 @@ def _attention_s(c: _Costs, spec, timing_dir) -> tuple[float, float]:
 
 
 def step_time(w: StackWorkload, gpu, *, timing_dir: str | Path | None = None,
-              call_overhead_s: float | None = None) -> StepTime:
+              call_overhead_s: float | None = None, host_s_per_kernel: float | None = None,
+              allocator_pressure: bool = False) -> StepTime:
     """Predict one step of ``w`` on GPUs of type ``gpu`` (catalog name or ``GpuSpec``).
 
     Training: forward, backward (with recomputation) and optimizer, FSDP/ZeRO collectives played
@@ -314,8 +320,11 @@ def step_time(w: StackWorkload, gpu, *, timing_dir: str | Path | None = None,
     weights replicated (no collectives), hidden states without the LM head. ``call_overhead_s``:
     host time before the first kernel (default ``attention_time.DEFAULT_CALL_OVERHEAD_S``), paid at the
     start and, in training, again after the loss is read on the host (``StackRun.backward``'s
-    ``.item()``) before the optimizer's kernels are queued. Bad input
-    (unknown GPU, no data for the dtype) raises ValueError.
+    ``.item()``) before the optimizer's kernels are queued. ``host_s_per_kernel``: host seconds per
+    launched kernel (default ``host_launches.DEFAULT_HOST_S_PER_KERNEL``; 0 leaves the launches out).
+    ``allocator_pressure``: the step's peak allocation is above ``memory.stack_model.PRESSURE_FRACTION``
+    of usable memory (the caller knows it from the memory model), so the allocator's retries are added.
+    All three land in ``host_overhead_s``. Bad input (unknown GPU, no data for the dtype) raises ValueError.
     """
     from ringplan.time.attention_time import DEFAULT_CALL_OVERHEAD_S
     from ringplan.time.kernels import ELEMENTWISE_HBM_EFFICIENCY
@@ -343,7 +352,11 @@ def step_time(w: StackWorkload, gpu, *, timing_dir: str | Path | None = None,
         comm, total = comm + regather, total + regather
     offload = _offload_s(c, spec)
     overhead = DEFAULT_CALL_OVERHEAD_S if call_overhead_s is None else float(call_overhead_s)
-    c.parts.update(fsdp_comm_s=comm, offload_s=offload, host_overhead_s=overhead * (2 if w.training else 1))
+    per_kernel = DEFAULT_HOST_S_PER_KERNEL if host_s_per_kernel is None else host_s_per_kernel
+    device = sum(c.parts.values()) + comm + offload
+    host = (overhead * (2 if w.training else 1) + host_launch_s(step_kernels(w), per_kernel)
+            + (allocator_retry_s(device) if allocator_pressure else 0.0))
+    c.parts.update(fsdp_comm_s=comm, offload_s=offload, host_overhead_s=host)
     return _result(c, fsdp_total=total, offload_total=offload)
 
 
