@@ -48,6 +48,11 @@ class StackSettings:
     once; t runs it on t tokens of each of the B sequences at a time, each tile recomputed in
     backward (t must divide the tokens per rank n). ``param_dtype`` is the compute / gathered-weight
     dtype, ``master_dtype`` that of the sharded master parameters, gradients and Adam states.
+    ``offload_params`` keeps the sharded master parameters, their reduced gradients and the AdamW
+    states in pinned host memory and steps AdamW on the CPU (FSDP2 ``CPUOffloadPolicy``, training
+    under ``zero3`` or ``none``); FSDP2 offloads the three together, so ``offload_params`` implies
+    ``offload_optimizer``, and ``offload_optimizer`` alone (optimizer states only, parameters on the
+    GPU) is refused: the runtime cannot run it (``ringplan.memory.offload_terms``).
     """
 
     sharding: str = "zero3"
@@ -59,6 +64,8 @@ class StackSettings:
     mlp_tile_tokens: int | None = None
     param_dtype: str = "bf16"
     master_dtype: str = "fp32"
+    offload_optimizer: bool = False
+    offload_params: bool = False
 
     def __post_init__(self) -> None:
         _require_choice("sharding", self.sharding, SHARDINGS)
@@ -81,6 +88,7 @@ class StackSettings:
         if self.offload_checkpoints and self.checkpointing != "full":
             raise ValueError(f"offloading checkpoints to CPU needs full checkpointing, "
                              f"got checkpointing {self.checkpointing!r}")
+        check_offload(self)
 
     @property
     def param_dtype_bytes(self) -> int:
@@ -123,8 +131,29 @@ class StackWorkload:
             raise ValueError(f"sharding group of {g} GPUs is larger than the world size {w}")
         if g is not None and w % g:
             raise ValueError(f"world size {w} is not a multiple of the sharding group of {g} GPUs")
+        if self.settings.offload_params and not self.training:
+            raise ValueError("offloading parameters and optimizer states needs training (a forward pass keeps "
+                             "replicated weights on the GPU and has no optimizer)")
         check_layout_fits(attention_workload(self), self.layout)
         check_mlp_tile(self.settings.mlp_tile_tokens, tokens_per_rank(self))
+
+
+def check_offload(settings: StackSettings) -> None:
+    """``ValueError`` for an offload setting the runtime cannot run: not a bool, optimizer states
+    alone, or a sharding other than zero3/none. Sets ``offload_optimizer`` when ``offload_params``
+    is on (FSDP2's ``CPUOffloadPolicy`` moves parameters, gradients and optimizer states together)."""
+    for name in ("offload_optimizer", "offload_params"):
+        if not isinstance(getattr(settings, name), bool):
+            raise ValueError(f"{name} must be true or false, got {getattr(settings, name)!r}")
+    if settings.offload_params:
+        object.__setattr__(settings, "offload_optimizer", True)
+    elif settings.offload_optimizer:
+        raise ValueError("offloading the optimizer states alone is not run: FSDP2's CPUOffloadPolicy moves the "
+                         "parameters, gradients and optimizer states to the host together; set offload_params "
+                         "(it implies offload_optimizer)")
+    if settings.offload_params and settings.sharding not in ("zero3", "none"):
+        raise ValueError(f"offloading parameters and optimizer states needs FSDP2 (sharding zero3 or none), "
+                         f"got sharding {settings.sharding!r}")
 
 
 def nearest_divisors(n: int, target: int, count: int = 2) -> list[int]:

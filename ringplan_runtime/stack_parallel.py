@@ -5,7 +5,8 @@ ring = all ranks when DP = 1), and replica r // P of the data-parallel batch. We
 AdamW states are sharded by FSDP2 ``fully_shard`` over all W ranks (or, with ``shard_group_size``
 G < W, over G consecutive ranks and replicated across the W / G groups: FSDP2's HSDP).
 ``sharding="none"`` is the same machinery with G = 1 (every rank holds everything; gradients are
-all-reduced). ZeRO-1/2 are planned, not run.
+all-reduced). ZeRO-1/2 are planned, not run. ``offload_params``: FSDP2 ``CPUOffloadPolicy`` (pinned on
+CUDA): the master shards, reduced gradients and AdamW states live on the host and AdamW steps on the CPU.
 
 Build order: the model on the meta device (checkpointing set per block), ``fully_shard`` each block,
 then the embedding and the LM head (one FSDP group ``[embedding, head]`` when tied: one table, one
@@ -141,6 +142,10 @@ def apply_fsdp(model: Transformer, mesh, settings) -> None:
     policy = MixedPrecisionPolicy(param_dtype=torch_dtype(settings.param_dtype),
                                   reduce_dtype=torch_dtype(settings.master_dtype))
     kwargs = {"mesh": mesh, "mp_policy": policy, "reshard_after_forward": True}
+    if settings.offload_params:  # master shards, their gradients and AdamW's states on the host; AdamW steps there
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda")  # pinning needs CUDA
     for layer in model.layers:
         fully_shard(layer, **kwargs)
     if model.lm_head.weight is None:  # tied: the table is used by both, so both are one FSDP group

@@ -42,6 +42,8 @@ from ringplan.memory.attention_model import MemoryPrediction
 from ringplan.models import ModelSpec
 from ringplan.stack import CHECKPOINTING, LOSS_MODES, SHARDINGS, StackSettings, StackWorkload
 from ringplan.memory.stack_model import StackMemoryModel, default_stack_memory_model
+from ringplan.memory.host_memory import (default_host_memory_bytes_per_node, host_memory_bytes_per_gpu,
+                                         host_memory_bytes_per_node, host_memory_fits)
 from ringplan.workload import RingLayout
 
 #: (workload, gpu) → predicted step time in seconds, or None when the time model cannot say.
@@ -108,7 +110,9 @@ class StackQuery:
     """What is asked: a model, a GPU, a mode, a layout, the candidate settings and the margin.
 
     ``ring_size`` P and ``data_parallel`` DP: None means searched (at most one of them; the
-    default searches P with DP = 1)."""
+    default searches P with DP = 1). ``host_memory_bytes_per_node``: the host RAM of one node
+    (None: the catalog GPU's host system, ``ringplan.memory.host_memory.HOST_SYSTEMS``; no check for a
+    GPU without one); a plan whose pinned host memory per node exceeds it is infeasible."""
 
     model: ModelSpec
     gpu: GpuSpec
@@ -123,8 +127,11 @@ class StackQuery:
     max_world_size: int = 1024
     memory: StackMemoryModel = field(default_factory=default_stack_memory_model)
     step_time: StackStepTimeFn | None = None
+    host_memory_bytes_per_node: float | None = None
 
     def __post_init__(self) -> None:
+        if self.host_memory_bytes_per_node is not None and not self.host_memory_bytes_per_node > 0:
+            raise ValueError(f"host memory per node must be positive, got {self.host_memory_bytes_per_node!r}")
         search.check_search_limits(safety_margin=self.safety_margin, max_world_size=self.max_world_size)
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch <= 0:
             raise ValueError(f"batch must be a positive integer, got {self.batch!r}")
@@ -141,6 +148,19 @@ class StackQuery:
     @property
     def budget_bytes(self) -> float:
         return search.budget_bytes(self.gpu.usable_memory_bytes, self.safety_margin)
+
+    @property
+    def host_budget_bytes_per_node(self) -> float | None:
+        """The node's host RAM the plans may pin: the given value, else the GPU's host system's."""
+        if self.host_memory_bytes_per_node is not None:
+            return float(self.host_memory_bytes_per_node)
+        return default_host_memory_bytes_per_node(self.gpu.name)
+
+    def host_fits(self, w: StackWorkload) -> bool:
+        """Whether ``w``'s pinned host memory per node fits ``host_budget_bytes_per_node``."""
+        budget = self.host_budget_bytes_per_node
+        return budget is None or host_memory_fits(w, gpus_per_node=self.gpu.gpus_per_node,
+                                                  host_memory_bytes_per_node_available=budget)
 
     def ring_for(self, world_size: int) -> int:
         """P for W GPUs: the fixed ring size, else W / DP (``ValueError`` when it does not divide)."""
@@ -160,7 +180,8 @@ class StackQuery:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StackRow:
-    """One candidate: a workload (GPUs, ring, tokens, settings), its memory and its verdict."""
+    """One candidate: a workload (GPUs, ring, tokens, settings), its memory and its verdict; the pinned
+    host memory it needs per GPU and per node (``ringplan.memory.host_memory``) and the node's host RAM."""
 
     workload: StackWorkload
     prediction: MemoryPrediction
@@ -168,6 +189,9 @@ class StackRow:
     budget_bytes: float
     feasible: bool
     step_time_s: float | None = None
+    host_memory_bytes_per_gpu: float = 0.0
+    host_memory_bytes_per_node: float = 0.0
+    host_budget_bytes_per_node: float | None = None
 
     @property
     def world_size(self) -> int:
@@ -212,7 +236,11 @@ def memory_row(query: StackQuery, w: StackWorkload) -> StackRow:
     """Predict one candidate's memory (what the searches evaluate)."""
     prediction = query.memory.predict(w, query.gpu)
     return StackRow(workload=w, prediction=prediction, usable_memory_bytes=query.gpu.usable_memory_bytes,
-                    budget_bytes=query.budget_bytes, feasible=prediction.upper_bytes <= query.budget_bytes)
+                    budget_bytes=query.budget_bytes,
+                    feasible=prediction.upper_bytes <= query.budget_bytes and query.host_fits(w),
+                    host_memory_bytes_per_gpu=host_memory_bytes_per_gpu(w),
+                    host_memory_bytes_per_node=host_memory_bytes_per_node(w, query.gpu.gpus_per_node),
+                    host_budget_bytes_per_node=query.host_budget_bytes_per_node)
 
 
 def timed(query: StackQuery, row: StackRow) -> StackRow:
@@ -406,6 +434,8 @@ def max_tokens(query: StackQuery, world_size: int) -> StackMaxTokens:
         def needed(m: int, settings: StackSettings = settings) -> float:
             """Memory + bound of S = m·unit (the lower bound where that already exceeds the budget)."""
             w = query.workload(m * unit, world_size, settings)
+            if not query.host_fits(w):
+                return math.inf
             bound = query.memory.lower_bound_bytes(w, query.gpu)
             return bound if bound > query.budget_bytes else query.memory.predict(w, query.gpu).upper_bytes
 

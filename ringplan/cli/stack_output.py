@@ -43,11 +43,20 @@ def stack_row_record(row) -> dict[str, Any]:
                    "budget_bytes": round(row.budget_bytes), "headroom_bytes": round(row.headroom_bytes),
                    "feasible": row.feasible, "why": None if row.feasible else _why(row),
                    "step_time_s": row.step_time_s, "provenance": p.provenance})
+    if s.offload_params:  # only here so far: every other row's answer is a recorded golden answer
+        record.update({"offload_params": True, "offload_optimizer": s.offload_optimizer,
+                       "host_memory_bytes_per_gpu": round(row.host_memory_bytes_per_gpu),
+                       "host_memory_bytes_per_node": round(row.host_memory_bytes_per_node),
+                       "host_memory_budget_bytes_per_node": row.host_budget_bytes_per_node})
     return record
 
 
 def _why(row) -> str:
     p = row.prediction
+    host = row.host_budget_bytes_per_node
+    if p.upper_bytes <= row.budget_bytes and host is not None and row.host_memory_bytes_per_node > host:
+        return (f"needs {row.host_memory_bytes_per_node / GIB:,.1f} GiB of pinned host memory per node > "
+                f"{host / GIB:,.1f} GiB host memory")
     return (f"needs {p.total_bytes / GIB:,.2f} + {p.residual_bound_bytes / GIB:,.2f} GiB bound > "
             f"{row.budget_bytes / GIB:,.2f} GiB budget")
 

@@ -155,9 +155,10 @@ def lower_bound_terms(w: StackWorkload) -> dict[str, float] | None:
     None for a forward pass (few candidates, nothing to prune)."""
     if not w.training:
         return None
+    from ringplan.memory.offload_terms import device_instant
     from ringplan.memory.stack_terms import loss_backward_instant
 
-    return loss_backward_instant(w)
+    return device_instant(w, "loss_backward", loss_backward_instant(w))
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -473,7 +474,7 @@ def _fit_stack_profiles(directory: Path | None) -> tuple[dict[str, Calibration],
 #: ``profiles/fitted/stack-fit.json``: the calibrations of ``profiles/measured/stack``.
 STACK_FIT = FitCache(schema="ringplan.stack-fit/1", file_name="stack-fit.json",
                      sources=("stack_terms.py", "model_states.py", "stack_model.py", "attention_terms.py",
-                              "part_fit.py"),
+                              "part_fit.py", "offload_terms.py"),
                      profiles_dir=stack_profiles_dir, fit=_fit_stack_profiles, prefix="stack ")
 
 

@@ -47,6 +47,7 @@ from ringplan.memory.attention_terms import (
     term_inputs,
 )
 from ringplan.stack import StackWorkload, attention_workload
+from ringplan.memory.offload_terms import OFFLOAD_HOST_TERM_NAMES, device_instants, offload_host_terms
 from ringplan.memory.model_states import (
     fsdp_state_at,
     unit_shapes,
@@ -71,8 +72,9 @@ STACK_TERM_NAMES: tuple[str, ...] = (
     "gathered_params_bytes", "unit_grads_bytes", "batch_bytes", "rope_tables_bytes", "saved_activations_bytes",
     "layer_activations_bytes", "attention_bytes", "norm_bytes", "rope_bytes", "mlp_bytes", "projection_bytes",
     "hidden_bytes", "logits_bytes", "loss_bytes")
-#: Non-GPU terms (``host_terms``): pinned host memory of offloaded checkpoints.
-HOST_TERM_NAMES: tuple[str, ...] = ("offloaded_checkpoints_bytes",)
+#: Non-GPU terms (``host_terms``): pinned host memory of offloaded checkpoints and, with
+#: ``offload_params``, of the offloaded states (``ringplan.memory.offload_terms``).
+HOST_TERM_NAMES: tuple[str, ...] = ("offloaded_checkpoints_bytes",) + OFFLOAD_HOST_TERM_NAMES
 
 
 # ----------------------------------------------------------------------------- activations of one block
@@ -187,7 +189,7 @@ def offloaded_checkpoints_bytes(w: StackWorkload) -> float:
 
 def host_terms(w: StackWorkload) -> dict[str, float]:
     """Non-GPU bytes at the peak, keyed by ``HOST_TERM_NAMES``."""
-    return {"offloaded_checkpoints_bytes": offloaded_checkpoints_bytes(w)}
+    return {"offloaded_checkpoints_bytes": offloaded_checkpoints_bytes(w), **offload_host_terms(w)}
 
 
 # ----------------------------------------------------------------------------- transients of one block
@@ -481,7 +483,7 @@ def stack_instants(w: StackWorkload) -> dict[str, dict[str, float]]:
 
 @functools.lru_cache(maxsize=256)
 def _instants(w: StackWorkload) -> dict[str, dict[str, float]]:
-    instants = training_instants(w) if w.training else forward_instants(w)
+    instants = device_instants(w, training_instants(w) if w.training else forward_instants(w))  # offload: to host
     return {name: {key: float(terms.get(key, 0.0)) for key in STACK_TERM_NAMES} for name, terms in instants.items()}
 
 
