@@ -1,9 +1,22 @@
-r"""Runtime performance benchmark (issue 6): single-GPU SDPA vs PyTorch context_parallel vs ringplan's ring.
+r"""Runtime performance benchmark (issues 6 and 19): single-GPU SDPA vs PyTorch context_parallel vs ringplan's
+ring, all-gather and Ulysses context-parallel attention, in one launch.
 
 Exact command (one launch on 2 H100s; the machine requires NVLink multicast to stay off)::
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 RINGPLAN_GIT_SHA=$(git rev-parse HEAD) \
       torchrun --standalone --nproc-per-node 2 benchmarks/bench_runtime.py --out benchmarks/results/runtime_h100x2
+
+Issue 19's matrix (32x128 and 32q/8kv x128, causal zigzag and non-causal, 131K and 262K tokens, forward
+and forward+backward; the cuDNN baseline where % of ideal is a target; its targets), as
+benchmarks/two_gpu_run.sh runs it (the whole matrix is ~690 s on 2 H100s: --budget-s cuts the tail)::
+
+    torchrun --standalone --nproc-per-node 2 benchmarks/bench_runtime.py --grid issue19 --tokens 131072,262144 \
+      --parts single,cp,ring,allgather,ulysses --kernels cudnn --single-at largest-fwd-bwd \
+      --causal-layouts zigzag --warmup 1 --repeats 3 --budget-s 190 --out $OUT/bench_runtime
+
+CPU smoke run (gloo, 2 ranks spawned by the script itself, tiny shapes, seconds; what CI runs)::
+
+    python benchmarks/bench_runtime.py --cpu-smoke --out /tmp/bench_runtime_smoke
 
 ``--nproc-per-node 1`` times the single-GPU kernels only. Rank 0 writes ``DIR/bench_runtime.json``
 (every case, provenance, method) and ``DIR/bench_runtime.md``, after every case (a crash keeps
@@ -16,7 +29,11 @@ Per configuration (heads, total tokens S, causal or not, forward or forward+back
     the winner only) of the winner at the group's smallest size run.
 (b) ``context_parallel`` with rotate methods allgather and alltoall, load-balanced when causal (it
     refuses non-causal with load balancing: run without, and noted).
-(c) ``ring``: ringplan_runtime.ring_attention, contiguous (+ zigzag when causal), backend auto.
+(c) ringplan's schemes, backend auto, contiguous (+ the ``--causal-layouts`` when causal): ``ring``
+    (ringplan_runtime.ring_attention), ``allgather`` (allgather_attention) and ``ulysses``
+    (ulysses_attention, U = world size); each with the planner's predicted per-rank peak bytes
+    (``ringplan.memory.cp_terms``) and step time (the time model, when it knows the local GPU) next
+    to the measured ones.
 Plus ``ring_dilated`` cases against (dense ring time × density).
 Timing: ``--warmup`` + ``--repeats`` steps, CUDA events, per step the slowest rank, median.
 Extra peak = max_memory_allocated after a reset minus the bytes allocated at the reset (the inputs).
@@ -28,10 +45,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import inspect
 import json
 import os
+import platform
 import shlex
 import statistics
 import sys
@@ -55,6 +74,9 @@ if str(REPO) not in sys.path:  # torchrun puts benchmarks/ on the path, not the 
 MULTICAST_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 KERNELS = ("cudnn", "flash", "efficient", "sdpa_default")
 CP_ROTATE_METHODS = ("allgather", "alltoall")
+#: ringplan's context-parallel schemes: part name -> ringplan_runtime function.
+SCHEMES = {"ring": "ring_attention", "allgather": "allgather_attention", "ulysses": "ulysses_attention"}
+PARTS = ("single", "cp", *SCHEMES, "dilated")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Planning estimates for the budget only (never reported): counted FLOP/s of the fastest kernel
 # (ANCHORS.md: cuDNN fwd 535-600 TFLOP/s on H100, F.sdpa fwd+bwd 589 at 8K tokens; taken lower),
@@ -70,6 +92,15 @@ GRID = ((0, True, False, slice(None)), (0, False, False, slice(None)), ("dilated
         (1, True, True, slice(0, 1)), (0, False, True, slice(0, 1)), (1, False, True, slice(0, 1)),
         (1, True, False, slice(-1, None)), (1, False, False, slice(-1, None)), (1, True, True, slice(1, -1)),
         (0, True, True, slice(-1, None)))
+# Issue 19's matrix (both shapes x causal/non-causal x fwd/fwd+bwd x every size), in
+# priority order: main-shape causal forward, the 262K causal fwd+bwd (the >= 95%-of-ideal target), main
+# non-causal forward, GQA forward, the rest of fwd+bwd, the dearest (non-causal fwd+bwd at 262K), then the
+# dilated cases (only with ``dilated`` in --parts; the two-GPU run leaves them out).
+GRID_ISSUE19 = ((0, True, False, slice(None)), (0, True, True, slice(-1, None)), (0, False, False, slice(None)),
+                (1, True, False, slice(None)), (1, False, False, slice(None)), (0, True, True, slice(0, -1)),
+                (1, True, True, slice(None)), (0, False, True, slice(0, -1)), (1, False, True, slice(0, -1)),
+                (0, False, True, slice(-1, None)), (1, False, True, slice(-1, None)), ("dilated",))
+GRIDS = {"issue6": GRID, "issue19": GRID_ISSUE19}
 
 
 class SkipCase(Exception):
@@ -127,7 +158,11 @@ class Options:
                                 Heads(n_heads=32, n_kv_heads=8, head_dim=128))
     dilated: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = (
         ((16_384, 65_536, 262_144), (1, 2, 4)), ((8_192, 65_536, 262_144), (1, 4, 16)))
-    parts: tuple[str, ...] = ("single", "cp", "ring", "dilated")
+    parts: tuple[str, ...] = PARTS
+    grid: str = "issue6"
+    kernels: tuple[str, ...] = KERNELS
+    causal_layouts: tuple[str, ...] = ("contiguous", "zigzag")
+    single_at: str = "all"  # all | largest-fwd-bwd (the single-GPU baseline only where % of ideal is a target)
     dtype: str = "bf16"
     warmup: int = 2
     repeats: int = 5
@@ -142,8 +177,16 @@ class Options:
     def __post_init__(self) -> None:
         if not self.tokens or min(self.tokens) <= 0 or not self.heads:
             raise ValueError(f"need positive token counts and at least one head shape, got {self.tokens}, {self.heads}")
-        if unknown := set(self.parts) - {"single", "cp", "ring", "dilated"}:
-            raise ValueError(f"unknown parts {sorted(unknown)}; choose from single, cp, ring, dilated")
+        if unknown := set(self.parts) - set(PARTS):
+            raise ValueError(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"unknown grid {self.grid!r}; choose from {', '.join(GRIDS)}")
+        if not self.kernels or set(self.kernels) - set(KERNELS):
+            raise ValueError(f"kernels {list(self.kernels)}: choose one or more of {', '.join(KERNELS)}")
+        if self.single_at not in ("all", "largest-fwd-bwd"):
+            raise ValueError(f"single_at {self.single_at!r}: choose all or largest-fwd-bwd")
+        if not self.causal_layouts or set(self.causal_layouts) - {"contiguous", "zigzag"}:
+            raise ValueError(f"causal layouts {list(self.causal_layouts)}: choose from contiguous, zigzag")
         if self.warmup < 0 or self.repeats < 1 or self.dtype not in DTYPES:
             raise ValueError(f"need warmup >= 0, repeats >= 1, dtype in {sorted(DTYPES)}; got "
                              f"{self.warmup}, {self.repeats}, {self.dtype!r}")
@@ -159,6 +202,7 @@ class Env:
     start_s: float
     mesh: Any = None
     family_s: dict = field(default_factory=dict)  # group -> {kernel: median s} at the group's first size
+    gpu: str | None = None  # the local GPU's catalog name (time predictions), None off GPU or not in the catalog
     records: list = field(default_factory=list)
 
 
@@ -234,8 +278,9 @@ def sdpa_kernels_used(step: Callable[[], None]) -> list[str]:
 
 
 def timed_steps(step: Callable[[], None], env: Env, options: Options,
-                spy: bool = False) -> tuple[list[float], int | None, list[str] | None]:
-    """Seconds of each timed step (CUDA events on GPU), extra peak bytes over what was allocated, kernels seen.
+                spy: bool = False) -> tuple[list[float], int | None, list[str] | None, int | None]:
+    """Seconds of each timed step (CUDA events on GPU), extra peak bytes over what was allocated, kernels
+    seen, and the bytes allocated when the peak was reset (None off GPU).
 
     Warm-up steps first (the first one under ``sdpa_kernels_used`` when ``spy``); then every rank
     lines up (one small collective) so that ring steps start together; the allocator peak is reset
@@ -261,13 +306,13 @@ def timed_steps(step: Callable[[], None], env: Env, options: Options,
             end.record()
         sync(env)
         peak = torch.cuda.max_memory_allocated(env.device) - base_bytes
-        return [s.elapsed_time(e) / 1e3 for s, e in events], peak, kernels
+        return [s.elapsed_time(e) / 1e3 for s, e in events], peak, kernels, base_bytes
     times_s = []
     for _ in range(options.repeats):
         t0 = time.perf_counter()
         step()
         times_s.append(time.perf_counter() - t0)
-    return times_s, None, kernels
+    return times_s, None, kernels, None
 
 
 def make_step(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor],
@@ -433,16 +478,22 @@ def _local_qkv(cfg: Config, env: Env, options: Options) -> tuple[torch.Tensor, .
 
 
 @contextlib.contextmanager
-def ring_case(cfg: Config, layout: str, env: Env, options: Options) -> Iterator[Prepared]:
-    """(c) ringplan_runtime.ring_attention on this rank's chunk, backend auto."""
-    ring_attention = _runtime_fn("ring_attention")
+def scheme_case(cfg: Config, scheme: str, layout: str, env: Env, options: Options) -> Iterator[Prepared]:
+    """(c) ringplan_runtime's ``scheme`` (ring, allgather, ulysses over every rank) on this rank's chunk,
+    backend auto, the default cross-rank input check on (what a caller gets)."""
+    attention = _runtime_fn(SCHEMES[scheme])
     q, k, v, grad_out = _local_qkv(cfg, env, options)
     notes: tuple[str, ...] = ()
     with contextlib.suppress(Exception):
         notes = (f"backend {_runtime_fn('select_backend')(q.device, q.dtype, cfg.heads.head_dim, 'auto')}",)
-    forward = lambda: ring_attention(q, k, v, group=None, causal=cfg.causal, layout=layout,  # noqa: E731
-                                     backend="auto")
+    forward = lambda: attention(q, k, v, group=None, causal=cfg.causal, layout=layout,  # noqa: E731
+                                backend="auto")
     yield Prepared(step=make_step(forward, [q, k, v], grad_out), input_bytes=_nbytes(q, k, v, grad_out), notes=notes)
+
+
+def ring_case(cfg: Config, layout: str, env: Env, options: Options) -> contextlib.AbstractContextManager:
+    """(c) ringplan_runtime.ring_attention on this rank's chunk (``scheme_case`` of the ring)."""
+    return scheme_case(cfg, "ring", layout, env, options)
 
 
 @contextlib.contextmanager
@@ -472,7 +523,7 @@ def dilated_case(cfg: Config, env: Env, options: Options) -> Iterator[Prepared]:
 class Variant:
     """One contender on one config: how to prepare it, how ranks' times combine, its cost estimate."""
 
-    part: str  # single | context_parallel | ring | ring_dilated
+    part: str  # single | context_parallel | ring | allgather | ulysses | ring_dilated
     method: str
     prepare: Callable[[], contextlib.AbstractContextManager]
     reduce: str  # "rank0" (single GPU: rank 0's times) or "max" (per step, the slowest rank)
@@ -484,7 +535,7 @@ def plan(options: Options, world_size: int) -> list[Config]:
     """Configs in priority order (``GRID``): the budget drops the last ones first."""
     tokens = sorted(set(options.tokens))
     configs: list[Config] = []
-    for row in GRID:
+    for row in GRIDS[options.grid]:
         if row[0] == "dilated":
             if world_size > 1 and "dilated" in options.parts:
                 configs += [Config(heads=options.heads[0], seq_len_tokens=tokens[-1], causal=False, training=False,
@@ -498,12 +549,13 @@ def plan(options: Options, world_size: int) -> list[Config]:
 
 
 def family_kernels(cfg: Config, env: Env, options: Options) -> list[str]:
-    """All kernels up to ``family_max_tokens``; above, those within ``family_keep_ratio`` of the group's winner."""
+    """All ``--kernels`` up to ``family_max_tokens``; above, those within ``family_keep_ratio`` of the group's
+    winner."""
     family = env.family_s.get(cfg.group)
     if cfg.seq_len_tokens <= options.family_max_tokens or not family:
-        return list(KERNELS)
+        return list(options.kernels)
     best = min(family.values())
-    return [k for k in KERNELS if k in family and family[k] <= options.family_keep_ratio * best]
+    return [k for k in options.kernels if k in family and family[k] <= options.family_keep_ratio * best]
 
 
 def variants(cfg: Config, env: Env, options: Options) -> list[Variant]:
@@ -513,7 +565,8 @@ def variants(cfg: Config, env: Env, options: Options) -> list[Variant]:
         return [Variant(part="ring_dilated", method="contiguous", prepare=lambda: dilated_case(cfg, env, options),
                         reduce="max", cost_factor=1.3 * dilated_density(cfg) / p)]
     out = []
-    if "single" in options.parts:
+    if "single" in options.parts and (options.single_at == "all" or (
+            cfg.training and cfg.seq_len_tokens == max(options.tokens))):
         out += [Variant(part="single", method=k, prepare=(lambda k=k: single_gpu_case(cfg, k, env, options)),
                         reduce="rank0", cost_factor=KERNEL_SLOWDOWN[k]) for k in family_kernels(cfg, env, options)]
     if p > 1 and "cp" in options.parts:
@@ -526,12 +579,13 @@ def variants(cfg: Config, env: Env, options: Options) -> list[Variant]:
             out.append(Variant(part="context_parallel", method=method, reduce="max", cost_factor=1.15 / p,
                                prepare=lambda r=rotate: context_parallel_case(cfg, r, env, options),
                                fallback=fallback if gqa else None))
-    if p > 1 and "ring" in options.parts:
-        for layout in ("contiguous", "zigzag") if cfg.causal else ("contiguous",):
-            # Contiguous causal: the last rank computes P - 1/2 of the P²/2 blocks.
-            share = (2 * p - 1) / p**2 if cfg.causal and layout == "contiguous" else 1.05 / p
-            out.append(Variant(part="ring", method=layout, reduce="max", cost_factor=share,
-                               prepare=lambda lay=layout: ring_case(cfg, lay, env, options)))
+    for scheme in (s for s in SCHEMES if p > 1 and s in options.parts):
+        for layout in options.causal_layouts if cfg.causal else ("contiguous",):
+            # Contiguous causal: the last rank computes P - 1/2 of the P²/2 blocks (Ulysses: balanced).
+            share = (2 * p - 1) / p**2 if cfg.causal and layout == "contiguous" and scheme != "ulysses" \
+                else (1.1 if scheme == "ulysses" else 1.05) / p
+            out.append(Variant(part=scheme, method=layout, reduce="max", cost_factor=share,
+                               prepare=lambda s=scheme, lay=layout: scheme_case(cfg, s, lay, env, options)))
     return out
 
 
@@ -549,6 +603,68 @@ def estimate_s(variant: Variant, cfg: Config, env: Env, options: Options) -> flo
     return SETUP_ESTIMATE_S + (options.warmup + options.repeats) * base * variant.cost_factor
 
 
+# ---------------------------------------------------------------- planner predictions
+
+def local_catalog_gpu(env: Env) -> str | None:
+    """Catalog name of this rank's GPU by its driver name, or None (CPU, or not in the catalog)."""
+    if env.device.type != "cuda":
+        return None
+    with contextlib.suppress(Exception):
+        from ringplan.hardware import load_catalog
+
+        spec = load_catalog().gpu_by_driver_name(torch.cuda.get_device_name(env.device))
+        return spec.name if spec else None
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def predict(scheme: str, layout: str, *, n_heads: int, n_kv_heads: int, head_dim: int, seq_len_tokens: int,
+            causal: bool, training: bool, world_size: int, dtype: str, gpu: str | None) -> dict:
+    """The planner's per-rank peak bytes (Σ of ``ringplan.memory.cp_terms`` at θ = 1: the analytic terms,
+    no fitted allocator slack) and step time (``ringplan.time``, for the catalog ``gpu``; None without
+    one) of one attention layer under ``scheme``; a failure is named in ``prediction_note``."""
+    out: dict = {"predicted_peak_bytes": None, "predicted_step_s": None, "prediction_note": ""}
+    notes = []
+    try:
+        from ringplan.memory.cp_terms import memory_terms
+        from ringplan.workload import AttentionPattern, AttentionShape, RingLayout, Workload
+
+        workload = Workload(seq_len_tokens=seq_len_tokens, training=training,
+                            shape=AttentionShape(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                                                 dtype=dtype),
+                            pattern=AttentionPattern(causal=causal))
+        ring = RingLayout(ring_size=world_size, layout=layout, cp_scheme=scheme)
+        out["predicted_peak_bytes"] = sum(memory_terms(workload, ring).values())
+    except Exception as exc:  # noqa: BLE001 - a prediction that cannot be made is noted, never fatal
+        notes.append(f"memory: {type(exc).__name__}: {str(exc)[:160]}")
+    if gpu is not None and out["predicted_peak_bytes"] is not None:
+        try:
+            if scheme == "ring":
+                from ringplan.time.attention_time import step_time_prediction
+
+                out["predicted_step_s"] = step_time_prediction(workload, ring, gpu).step_time_s
+            else:
+                from ringplan.time.cp_time import cp_step_time
+
+                out["predicted_step_s"] = cp_step_time(workload, ring, gpu).step_time_s
+        except Exception as exc:  # noqa: BLE001
+            notes.append(f"time: {type(exc).__name__}: {str(exc)[:160]}")
+    elif gpu is None:
+        notes.append("time: no catalog GPU here")
+    out["prediction_note"] = "; ".join(notes)
+    return out
+
+
+def prediction_fields(cfg: Config, variant: "Variant", env: Env, options: Options) -> dict:
+    """``predict`` for ringplan's schemes (empty for the other parts)."""
+    if variant.part not in SCHEMES:
+        return {}
+    h = cfg.heads
+    return dict(predict(variant.part, variant.method, n_heads=h.n_heads, n_kv_heads=h.n_kv_heads,
+                        head_dim=h.head_dim, seq_len_tokens=cfg.seq_len_tokens, causal=cfg.causal,
+                        training=cfg.training, world_size=env.world_size, dtype=options.dtype, gpu=env.gpu))
+
+
 # ---------------------------------------------------------------- running one case
 
 def _failure(exc: BaseException) -> dict:
@@ -562,7 +678,7 @@ def _failure(exc: BaseException) -> dict:
 
 def empty_outcome(status: str = "ok", reason: str = "") -> dict:
     return {"status": status, "reason": reason, "times_s": [], "extra_peak_bytes": None, "input_bytes": None,
-            "notes": []}
+            "peak_allocated_bytes": None, "notes": []}
 
 
 def _attempt_local(variant: Variant, env: Env, options: Options) -> dict:
@@ -580,8 +696,9 @@ def _attempt_local(variant: Variant, env: Env, options: Options) -> dict:
                     outcome.update(status="skipped", reason="setup failed on another rank")
                 return outcome
             spy = variant.part == "context_parallel" or variant.method == "sdpa_default"
-            times_s, peak, kernels = timed_steps(prepared.step, env, options, spy=spy)
+            times_s, peak, kernels, base = timed_steps(prepared.step, env, options, spy=spy)
             outcome.update(times_s=times_s, extra_peak_bytes=peak, input_bytes=prepared.input_bytes,
+                           peak_allocated_bytes=None if peak is None else base + peak,
                            notes=list(prepared.notes) + ([f"dispatched to {'+'.join(kernels)}"] if kernels else []))
     except Exception as exc:  # noqa: BLE001
         outcome.update(_failure(exc), times_s=[])
@@ -596,12 +713,15 @@ def merge_outcomes(outcomes: list[dict], reduce: str) -> dict:
         status = next(s for s in ("oom", "error", "skipped") if s in statuses)
         reasons = {o["reason"] for _, o in bad}
         reason = reasons.pop() if len(reasons) == 1 else "; ".join(f"rank {r}: {o['reason']}" for r, o in bad)
-        return {**outcomes[0], "status": status, "reason": reason, "times_s": [], "extra_peak_bytes": None}
+        return {**outcomes[0], "status": status, "reason": reason, "times_s": [], "extra_peak_bytes": None,
+                "peak_allocated_bytes": None}
     if reduce == "rank0" or len(outcomes) == 1:
         return dict(outcomes[0])
     peaks = [o["extra_peak_bytes"] for o in outcomes]
+    totals = [o.get("peak_allocated_bytes") for o in outcomes]
     return {**outcomes[0], "times_s": [max(step) for step in zip(*(o["times_s"] for o in outcomes))],
             "extra_peak_bytes": None if None in peaks else max(peaks),
+            "peak_allocated_bytes": None if None in totals else max(totals),
             "rank_median_s": [statistics.median(o["times_s"]) for o in outcomes]}
 
 
@@ -641,7 +761,8 @@ def run_variant(variant: Variant, cfg: Config, env: Env, options: Options) -> di
     times = outcome["times_s"]
     stats = {"time_median_s": statistics.median(times), "time_min_s": min(times), "time_max_s": max(times)} \
         if times else {"time_median_s": None, "time_min_s": None, "time_max_s": None}
-    return {**record, **outcome, **stats, "case_wall_s": round(time.monotonic() - env.start_s - elapsed, 3)}
+    return {**record, **outcome, **stats, **prediction_fields(cfg, variant, env, options),
+            "case_wall_s": round(time.monotonic() - env.start_s - elapsed, 3)}
 
 
 def _mode(training: bool) -> str:
@@ -682,6 +803,11 @@ def derive(records: list[dict]) -> list[dict]:
         if r["part"] == "ring_dilated" and r["status"] == "ok" and dense is not None:
             d["dense_ring_time_s"] = dense["time_median_s"]
             d["time_over_dense_x_density"] = r["time_median_s"] / (dense["time_median_s"] * r["density"])
+        if r["status"] == "ok" and r.get("predicted_peak_bytes") and r.get("peak_allocated_bytes"):
+            measured = r["peak_allocated_bytes"]
+            d["peak_error_pct"] = 100.0 * (r["predicted_peak_bytes"] - measured) / measured
+        if r["status"] == "ok" and r.get("predicted_step_s"):
+            d["time_error_pct"] = 100.0 * (r["predicted_step_s"] - r["time_median_s"]) / r["time_median_s"]
         out.append(d)
     return out
 
@@ -733,6 +859,68 @@ def targets(records: list[dict], heads_label: str, world_size: int) -> list[str]
     return lines
 
 
+def _fastest(rows: list[dict]) -> dict | None:
+    return min(rows, key=lambda r: r["time_median_s"]) if rows else None
+
+
+def targets_issue19(records: list[dict], world_size: int) -> list[str]:
+    """Issue 19's targets per ringplan scheme over the cases both it and context_parallel measured:
+    at least as fast as the fastest context_parallel setting in every case; >= 10% faster somewhere;
+    extra peak <= 50% of the smaller context_parallel extra peak in every case; fwd+bwd >= 95% of
+    ideal at the largest size (causal and non-causal, where measured). Then the planner's error."""
+    if world_size != 2:
+        return [f"targets are defined for 2 GPUs; this launch had {world_size}"]
+    cases = sorted({_key(r) for r in _find(records, part="context_parallel")}, key=str)
+    s_max = max((r["seq_len_tokens"] for r in records), default=0)
+    lines, best_gain = [], None
+    for scheme in SCHEMES:
+        rows = []  # (key, ringplan's fastest layout, fastest cp, smallest cp extra peak)
+        for key in cases:
+            match = dict(zip(("heads", "seq_len_tokens", "causal", "mode"), key))
+            mine, cps = _fastest(_find(records, part=scheme, **match)), _find(records, part="context_parallel", **match)
+            if mine is not None:
+                peaks = [r["extra_peak_bytes"] for r in cps if r["extra_peak_bytes"] is not None]
+                rows.append((key, mine, _fastest(cps), min(peaks) if peaks else None))
+        if not rows:
+            lines.append(f"NOT MEASURED {scheme}: no case with both it and context_parallel")
+            continue
+        ratios = [(mine["time_median_s"] / cp["time_median_s"], key) for key, mine, cp, _ in rows]
+        worst, best = max(ratios), min(ratios)
+        if best_gain is None or best[0] < best_gain[0]:
+            best_gain = (best[0], best[1], scheme)
+        lines.append(f"{_verdict(worst[0] <= 1.0)} {scheme} at least as fast as the fastest context_parallel in "
+                     f"{sum(r <= 1.0 for r, _ in ratios)}/{len(ratios)} cases; worst {worst[0]:.3f}x its time "
+                     f"({_case(worst[1])}), best {best[0]:.3f}x ({_case(best[1])})")
+        mem = [(mine["extra_peak_bytes"] / peak, key) for key, mine, _, peak in rows
+               if peak and mine["extra_peak_bytes"] is not None]
+        if mem:
+            top = max(mem)
+            lines.append(f"{_verdict(top[0] <= 0.5)} {scheme} extra peak <= 50% of context_parallel's in "
+                         f"{sum(m <= 0.5 for m, _ in mem)}/{len(mem)} cases; worst {100 * top[0]:.0f}% "
+                         f"({_case(top[1])})")
+        else:
+            lines.append(f"NOT MEASURED {scheme} extra peak vs context_parallel (no GPU memory figures)")
+        for r in _find(records, part=scheme, mode="fwd+bwd", seq_len_tokens=s_max):
+            if r["pct_of_ideal"] is not None:
+                lines.append(f"{_verdict(r['pct_of_ideal'] >= 95)} {scheme} {r['method']} fwd+bwd "
+                             f"{_case(_key(r))}: {r['pct_of_ideal']:.1f}% of ideal, target >= 95%")
+    if best_gain is not None:
+        ratio, key, scheme = best_gain
+        lines.insert(0, f"{_verdict(ratio <= 1 / 1.1)} >= 10% faster than the fastest context_parallel somewhere: "
+                        f"best {100 * (1 / ratio - 1):.1f}% faster ({scheme}, {_case(key)})")
+    for label, name in (("peak memory", "peak_error_pct"), ("step time", "time_error_pct")):
+        errs = [abs(r[name]) for r in records if r["part"] in SCHEMES and r.get(name) is not None]
+        if errs:
+            lines.append(f"planner {label} error over {len(errs)} ringplan cases: median "
+                         f"{statistics.median(errs):.1f}%, max {max(errs):.1f}% (indicative; validate is the gauge)")
+    return lines
+
+
+def _case(key: tuple) -> str:
+    heads, tokens, causal, mode = key
+    return f"{heads} {tokens:,} {'causal' if causal else 'non-causal'} {mode}"
+
+
 def _verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
@@ -747,7 +935,8 @@ def _gb(n_bytes: float | None) -> str:
 
 # ---------------------------------------------------------------- output
 
-PART_LABELS = {"single": "1gpu", "context_parallel": "cp", "ring": "ring", "ring_dilated": "dilated"}
+PART_LABELS = {"single": "1gpu", "context_parallel": "cp", "ring": "ring", "allgather": "rp allgather",
+               "ulysses": "rp ulysses", "ring_dilated": "dilated"}
 SHORT_WORDS = (("allgather", "ag"), ("alltoall", "a2a"), ("contiguous", "contig"), ("sdpa_default", "sdpa"),
                ("kv-repeated", "kvH"), ("efficient", "eff"))
 
@@ -783,6 +972,9 @@ def table_rows(records: list[dict], compact: bool = False) -> list[dict]:
                     "% ideal": f"{r['pct_of_ideal']:.0f}" if r.get("pct_of_ideal") and r["part"] != "single" else "",
                     "+GB": _gb(r.get("extra_peak_bytes")) if ok else ""})
         if not compact:
+            pred, err_m, err_t = r.get("predicted_peak_bytes"), r.get("peak_error_pct"), r.get("time_error_pct")
+            row.update({"pred GB": _gb(pred) if pred else "", "mem err %": f"{err_m:+.1f}" if err_m is not None else "",
+                        "time err %": f"{err_t:+.1f}" if err_t is not None else ""})
             row["status"] = "ok" if ok else f"{r['status']}: {r['reason'][:60]}"
         rows.append(row)
     return rows
@@ -806,7 +998,11 @@ def method_text(options: Options) -> str:
             f"{options.family_keep_ratio}x of the winner at the group's first size (1.0: the winner only). "
             "context_parallel: F.scaled_dot_product_attention default dispatch (kernel named in notes), "
             "load-balanced when causal, GQA through enable_gqa (else K/V with H heads, noted). "
-            f"Time budget {options.budget_s:.0f} s.")
+            "ringplan schemes (ring, rp allgather, rp ulysses): the public functions with backend auto and their "
+            "default cross-rank input check; predicted peak = the planner's analytic per-rank terms "
+            "(ringplan.memory.cp_terms, theta = 1) against the measured peak allocated (max over ranks); predicted "
+            "time = ringplan.time for the local catalog GPU. "
+            f"Grid {options.grid}; time budget {options.budget_s:.0f} s.")
 
 
 def provenance(env: Env, options: Options) -> dict:
@@ -820,13 +1016,28 @@ def provenance(env: Env, options: Options) -> dict:
     prov["cudnn_version"] = torch.backends.cudnn.version() if index is not None else None
     prov["world_size"] = env.world_size
     prov["environment"] = {name: os.environ.get(name) for name in MULTICAST_OFF_ENV}
+    prov["machine"] = machine_info()
     return prov
+
+
+def machine_info() -> dict:
+    """Host, OS, CPU count and every visible GPU (name, memory) of the machine that ran the launch."""
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            gpus.append({"index": i, "name": props.name, "total_memory_bytes": props.total_memory,
+                         "multi_processor_count": props.multi_processor_count})
+    return {"hostname": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "gpus": gpus}
 
 
 def write_outputs(env: Env, options: Options, prov: dict, complete: bool) -> tuple[list[str], str]:
     """Rank 0 writes DIR/bench_runtime.json and DIR/bench_runtime.md atomically; returns (targets, compact table)."""
     records = derive(env.records)
-    goal_lines = targets(records, options.heads[0].label, env.world_size)
+    issue = "19" if options.grid == "issue19" else "6"
+    goal_lines = targets_issue19(records, env.world_size) if issue == "19" else \
+        targets(records, options.heads[0].label, env.world_size)
     skipped = sum(_skipped_by_budget(r) for r in records)
     notes = [f"{skipped} case(s) skipped by the time budget of {options.budget_s:.0f} s"] if skipped else []
     if not complete:
@@ -837,14 +1048,16 @@ def write_outputs(env: Env, options: Options, prov: dict, complete: bool) -> tup
                "elapsed_s": round(time.monotonic() - env.start_s, 1), "targets": goal_lines, "notes": notes,
                "records": records}
     text = "\n".join([
-        "# Runtime benchmark: single GPU vs context_parallel vs ringplan ring", "",
+        "# Runtime benchmark: single GPU vs context_parallel vs ringplan's ring, all-gather and Ulysses", "",
         f"{prov['gpu_name']} x{env.world_size}, driver {prov['driver_version']}, torch {prov['torch_version']}, "
         f"CUDA {prov['cuda_version']}, NCCL {prov['nccl_version']}, git {prov['git_sha'][:12]}, {prov['date_utc']}", "",
         f"Command: `{prov['command']}`", "", f"Method: {prov['method']}", "",
         "`*` marks the single-GPU baseline (fastest kernel); `lb` = context_parallel load balancing; "
         "TFLOP/s per GPU; `x 1gpu` = speedup over the baseline (dilated: time / (dense ring time x density)); "
-        "`+GB` = extra peak memory over the inputs, GB = 10^9 bytes, max over ranks.", "",
-        table, "", "## Targets (issue 6)", "", *[f"- {line}" for line in goal_lines],
+        "`+GB` = extra peak memory over the inputs, GB = 10^9 bytes, max over ranks; `rp` = ringplan_runtime; "
+        "`pred GB` = the planner's per-rank peak, `mem err %` / `time err %` = predicted vs measured peak "
+        "allocated and median step time.", "",
+        table, "", f"## Targets (issue {issue})", "", *[f"- {line}" for line in goal_lines],
         *(["", "## Notes", "", *[f"- {n}" for n in notes]] if notes else []), ""])
     out = Path(options.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -878,6 +1091,7 @@ def run(options: Options) -> tuple[list[dict], list[str], str]:
     watchdog.daemon = True
     watchdog.start()
     env = init_env(options)
+    env.gpu = local_catalog_gpu(env)
     prov = provenance(env, options) if env.rank == 0 else {}
     goal_lines, table = [], ""
     try:
@@ -886,9 +1100,10 @@ def run(options: Options) -> tuple[list[dict], list[str], str]:
                 record = run_variant(variant, cfg, env, options)
                 env.records.append(record)
                 if variant.part == "single" and cfg.group not in env.family_s and \
-                        len(family_kernels(cfg, env, options)) == len(KERNELS) and variant.method == KERNELS[-1]:
-                    env.family_s[cfg.group] = {r["method"]: r["time_median_s"] for r in env.records[-len(KERNELS):]
-                                               if r["status"] == "ok"}
+                        len(family_kernels(cfg, env, options)) == len(options.kernels) and \
+                        variant.method == options.kernels[-1]:
+                    env.family_s[cfg.group] = {r["method"]: r["time_median_s"]
+                                               for r in env.records[-len(options.kernels):] if r["status"] == "ok"}
                 if env.rank == 0:
                     result = _ms(record) if record["times_s"] else record["reason"]
                     print(f"[{time.monotonic() - env.start_s:6.1f} s] {record['part']} {record['method']} "
@@ -930,7 +1145,18 @@ def _launch_command() -> str:
               help="Head shapes H[/H_kv]xD, comma-separated; the first is the main one (targets, dilated).")
 @click.option("--dilated", multiple=True, help="Dilated case 'w1,w2,..:r1,r2,..' at the largest S (repeatable; "
               "default 16384,65536,262144:1,2,4 and 8192,65536,262144:1,4,16).")
-@click.option("--parts", default="single,cp,ring,dilated", show_default=True, help="Which contenders to run.")
+@click.option("--parts", default=",".join(PARTS), show_default=True, help="Which contenders to run.")
+@click.option("--grid", type=click.Choice(sorted(GRIDS)), default="issue6", show_default=True,
+              help="Case matrix and targets: issue6 (with dilated cases) or issue19 (scheme comparison).")
+@click.option("--kernels", default=",".join(KERNELS), show_default=True,
+              help="Single-GPU kernels to time (the fastest is the baseline), comma-separated.")
+@click.option("--causal-layouts", default="contiguous,zigzag", show_default=True,
+              help="Layouts of ringplan's schemes for causal cases (non-causal: contiguous).")
+@click.option("--single-at", type=click.Choice(["all", "largest-fwd-bwd"]), default="all", show_default=True,
+              help="Where the single-GPU baseline runs: every case, or only fwd+bwd at the largest size (the "
+                   "%-of-ideal target; saves a third of the launch).")
+@click.option("--cpu-smoke", is_flag=True, help="CI smoke run: tiny shapes, fp32, gloo, issue-19 grid; without "
+              "torchrun it spawns its 2 ranks itself. Overrides the size and timing options.")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bf16", show_default=True, help="Input dtype.")
 @click.option("--warmup", type=click.IntRange(0), default=2, show_default=True, help="Warm-up steps per case.")
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed steps per case.")
@@ -945,27 +1171,76 @@ def _launch_command() -> str:
               help="Above --family-max-tokens, time the kernels within this factor of the group's winner.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="cuda with NCCL, cpu with gloo (CI smoke test).")
-def main(out_dir: Path, tokens: str, heads: str, dilated: tuple[str, ...], parts: str, dtype: str, warmup: int,
-         repeats: int, budget_s: float, pg_timeout_s: float, hard_timeout_s: float, family_max_tokens: int,
-         family_keep_ratio: float, device: str) -> None:
-    """Time single-GPU SDPA, PyTorch context_parallel and ringplan's ring attention in one launch."""
+def main(out_dir: Path, tokens: str, heads: str, dilated: tuple[str, ...], parts: str, grid: str, kernels: str,
+         causal_layouts: str, single_at: str, cpu_smoke: bool, dtype: str, warmup: int, repeats: int, budget_s: float,
+         pg_timeout_s: float, hard_timeout_s: float, family_max_tokens: int, family_keep_ratio: float,
+         device: str) -> None:
+    """Time single-GPU SDPA, PyTorch context_parallel and ringplan's ring, all-gather and Ulysses attention
+    in one launch."""
     for name, value in MULTICAST_OFF_ENV.items():
         os.environ.setdefault(name, value)
+    split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
     try:
         options = Options(out_dir=out_dir, tokens=_int_list(tokens),
-                          heads=tuple(Heads.parse(h) for h in heads.split(",") if h.strip()),
-                          parts=tuple(p.strip() for p in parts.split(",") if p.strip()), dtype=dtype,
+                          heads=tuple(Heads.parse(h) for h in split(heads)), parts=split(parts), grid=grid,
+                          kernels=split(kernels), causal_layouts=split(causal_layouts), single_at=single_at,
+                          dtype=dtype,
                           warmup=warmup, repeats=repeats, budget_s=budget_s, pg_timeout_s=pg_timeout_s,
                           hard_timeout_s=hard_timeout_s, family_max_tokens=family_max_tokens,
                           family_keep_ratio=family_keep_ratio, device=device, command=_launch_command(),
                           **({"dilated": tuple(_dilated_spec(d) for d in dilated)} if dilated else {}))
+        if cpu_smoke:
+            options = smoke_options(out_dir, parts=options.parts, command=options.command)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if cpu_smoke and "WORLD_SIZE" not in os.environ:
+        spawn_smoke(options)
+        payload = json.loads((Path(out_dir) / "bench_runtime.json").read_text())
+        print("\n".join(payload["targets"]) + "\n\n" + markdown_table(payload["records"], compact=True), flush=True)
+        return
     records, goal_lines, table = run(options)
     if goal_lines or table:
         skipped = sum(_skipped_by_budget(r) for r in records)
         note = f"{skipped} case(s) skipped by the time budget (listed in bench_runtime.md)\n" if skipped else ""
         print("\n" + "\n".join(goal_lines) + "\n\n" + note + table, flush=True)
+
+
+SMOKE_WORLD_SIZE = 2
+
+
+def smoke_options(out_dir: Path, **overrides: Any) -> Options:
+    """The CPU smoke run: issue 19's grid (+ one dilated case) at 128 tokens, GQA 4/2x16 heads (the GQA
+    paths; the second shape of the grid is left out to keep CI short), fp32, gloo, the default SDPA
+    dispatch as the single-device baseline; seconds on two idle cores."""
+    base = dict(out_dir=Path(out_dir), tokens=(128,), heads=(Heads.parse("4/2x16"),),
+                dilated=(((32, 64, 128), (1, 2, 4)),), grid="issue19", kernels=("sdpa_default",),
+                causal_layouts=("zigzag",), dtype="fp32", warmup=1, repeats=1, budget_s=120.0, pg_timeout_s=60.0,
+                hard_timeout_s=170.0, device="cpu")
+    return Options(**{**base, **overrides})
+
+
+def _smoke_worker(rank: int, world_size: int, port: int, options: Options) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    run(options)
+
+
+def spawn_smoke(options: Options, nprocs: int = SMOKE_WORLD_SIZE) -> None:
+    """Run ``options`` on ``nprocs`` spawned gloo ranks on this machine (no torchrun needed)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # The spawned interpreters take this process's sys.path and unpickle the worker and Options by module
+    # name: imported as ``bench_runtime`` (tests), that needs benchmarks/ on the path (appended: no shadowing).
+    for path in (str(REPO), str(Path(__file__).resolve().parent)):
+        if path not in sys.path:
+            sys.path.append(path)
+    mp.start_processes(_smoke_worker, args=(nprocs, port, options), nprocs=nprocs, start_method="spawn")
 
 
 def _dilated_spec(text: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
