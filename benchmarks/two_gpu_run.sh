@@ -4,7 +4,8 @@
 #   benchmarks/two_gpu_run.sh [--dry-run | --cpu-smoke] [OUT]        (OUT defaults to $OUT)
 #
 # On the device tool (kind nvidia-h100-x2, or nvidia-h200-x2 when that is what is lent):
-#   RINGPLAN_GIT_SHA=$(git rev-parse HEAD) bash benchmarks/two_gpu_run.sh "$OUT"
+#   RINGPLAN_GIT_SHA=<HEAD's sha, resolved here> bash benchmarks/two_gpu_run.sh "$OUT"
+# (the device copy may have no .git; run it from a committed tree)
 #
 # Every step is a separate process under `timeout` with its own budget (they sum to 525 s, under the
 # device's 600 s per command); a failure or a timeout costs that step only. Each step writes under
@@ -19,7 +20,7 @@ MODE=gpu
 case "${1:-}" in
   --dry-run) MODE=dry; shift ;;
   --cpu-smoke) MODE=cpu; shift ;;
-  -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
 esac
 OUT_DIR="${1:-${OUT:-}}"
 if [ -z "$OUT_DIR" ]; then echo "two_gpu_run.sh: give OUT (or set \$OUT)" >&2; exit 2; fi
