@@ -20,7 +20,7 @@ MODE=gpu
 case "${1:-}" in
   --dry-run) MODE=dry; shift ;;
   --cpu-smoke) MODE=cpu; shift ;;
-  -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
 esac
 OUT_DIR="${1:-${OUT:-}}"
 if [ -z "$OUT_DIR" ]; then echo "two_gpu_run.sh: give OUT (or set \$OUT)" >&2; exit 2; fi
