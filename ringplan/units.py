@@ -13,7 +13,9 @@ from fractions import Fraction
 _DECIMAL = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 _BINARY = {"KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
 _NUMBER = r"(?P<num>[+-]?(?:\d{1,3}(?:,\d{3})+(?:\.\d*)?|\d+(?:\.\d*)?|\.\d+))"
-_TOKENS_RE = re.compile(rf"^\s*{_NUMBER}\s*(?P<suffix>[KMGT]I?)?\s*$", re.IGNORECASE | re.ASCII)
+#: Token counts also take underscores between digits (``1_000_000``) and a decimal exponent (``1e6``).
+_TOKEN_NUMBER = r"(?P<num>[+-]?(?:\d{1,3}(?:,\d{3})+(?:\.\d*)?|\d+(?:_\d+)*(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)"
+_TOKENS_RE = re.compile(rf"^\s*{_TOKEN_NUMBER}\s*(?P<suffix>[KMGT]I?)?\s*$", re.IGNORECASE | re.ASCII)
 _BYTES_RE = re.compile(rf"^\s*{_NUMBER}\s*(?P<suffix>[KMGT]I?)?B?\s*$", re.IGNORECASE | re.ASCII)
 
 MB = 10**6
@@ -29,7 +31,7 @@ def _scaled_integer(text: str, match: re.Match | None, what: str, examples: str,
         raise ValueError(f"cannot read {text!r} as {what} (examples: {examples})")
     suffix = (match["suffix"] or "").upper()
     scale = _BINARY.get(suffix) or _DECIMAL[suffix]
-    number = match["num"].replace(",", "")
+    number = match["num"].replace(",", "").replace("_", "")
     # Decimal arithmetic on the digits: float(1.1) * 10**6 would give 1100000.0000000002.
     value = Fraction(number) * scale
     if value <= 0:
@@ -42,7 +44,8 @@ def _scaled_integer(text: str, match: re.Match | None, what: str, examples: str,
 
 
 def parse_tokens(text: str | int) -> int:
-    """Token count from ``200K``, ``1M``, ``1Mi``, ``1.5M``, ``128Ki``, ``1,048,576`` or a plain integer.
+    """Token count from ``200K``, ``1M``, ``1Mi``, ``1.5M``, ``128Ki``, ``1,048,576``, ``1_000_000``,
+    ``1e6`` or a plain integer.
 
     Must be a positive whole number: ``1.0000005M`` and ``0`` are errors, not roundings.
     """

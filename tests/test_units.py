@@ -12,7 +12,7 @@ BYTE_UNITS = {"MB": 10**6, "GB": 10**9, "MiB": 2**20, "GiB": 2**30}
 @pytest.mark.parametrize("text, tokens", [
     ("1M", 1_000_000), ("1Mi", 1_048_576), ("200K", 200_000), ("200k", 200_000), ("128Ki", 131_072),
     ("1.5M", 1_500_000), ("131072", 131_072), ("1,048,576", 1_048_576), (" 2K ", 2_000), ("1.1M", 1_100_000),
-    (4096, 4096),
+    (4096, 4096), ("1e6", 1_000_000), ("1_000_000", 1_000_000), ("2.5E3K", 2_500_000),
 ])
 def test_parse_tokens_examples(text, tokens):
     """Decimal suffixes are powers of 1000, binary (Ki/Mi/Gi) powers of 1024; commas group digits."""
@@ -21,7 +21,7 @@ def test_parse_tokens_examples(text, tokens):
 
 @pytest.mark.parametrize("text, fragment", [
     ("0", "'0'"), ("-5", "'-5'"), ("abc", "'abc'"), ("", "''"), ("1.0000005M", "1.0000005M"),
-    ("1e6", "'1e6'"), ("1MB", "'1MB'"), ("1,00", "'1,00'"),
+    ("1e-6", "'1e-6'"), ("1MB", "'1MB'"), ("1,00", "'1,00'"),
 ])
 def test_parse_tokens_rejects_with_the_value(text, fragment):
     """Zero, negative, fractional, malformed token counts raise ValueError quoting the input."""

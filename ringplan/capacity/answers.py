@@ -9,14 +9,17 @@ answers, chosen here, not in the CLI, which only formats (issue 13):
 - whole model, a check: the chosen setting when one fits, else the most frugal one (the least
   memory), so the answer says how far off the closest setting is;
 - whole model, fewest GPUs: when S splits over few world sizes (the answer is not a power of two,
-  or nothing fits), the fewest GPUs for S rounded down to a multiple of ``ROUND_TOKENS``, if fewer.
+  or nothing fits), the fewest GPUs for S rounded down to a multiple of ``ROUND_TOKENS``, if fewer;
+- when S on W does not fit (a check, or ``ringplan plan``): what would — the fewest GPUs that hold S
+  and the longest S that the W GPUs hold (issue 16);
+- whole model, offload chosen: the same run without offload, so the answer names what it beat.
 
 Built only on the public searches of ``ringplan.capacity.attention`` and ``ringplan.capacity.stack``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from ringplan.capacity import attention, stack
@@ -44,6 +47,22 @@ class CapacityAnswer:
     feasible: bool
     rounded_seq_len_tokens: int | None = None
     rounded_minimum: stack.StackRow | None = None
+    #: When S on W does not fit: the fewest GPUs that hold S, and the most tokens the W GPUs hold.
+    fewest_that_fit: attention.CapacityRow | stack.StackRow | None = None
+    longest_that_fits: attention.CapacityRow | stack.StackRow | None = None
+    #: Whole model, ``best`` offloads its checkpoints: the same run without offload (what offload beat).
+    without_offload: stack.StackRow | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanAnswer:
+    """``ringplan plan``'s answer: the ranked plan, and when nothing fits, what would (the fewest GPUs
+    for S, the most tokens on W); when the fastest setting offloads, the same run without offload."""
+
+    plan: stack.StackPlan
+    fewest_that_fit: stack.StackRow | None = None
+    longest_that_fits: stack.StackRow | None = None
+    without_offload: stack.StackRow | None = None
 
 
 def attention_capacity(query: attention.CapacityQuery, seq_len_tokens: int | None,
@@ -53,7 +72,12 @@ def attention_capacity(query: attention.CapacityQuery, seq_len_tokens: int | Non
         raise ValueError("give --tokens N (fewest GPUs), --world-size K (most tokens), or both")
     if seq_len_tokens is not None and world_size is not None:
         row = attention.evaluate(query, seq_len_tokens, world_size)
-        return CapacityAnswer(kind="check", best=row, rows=(row,), feasible=row.feasible)
+        fewest = longest = None
+        if not row.feasible:
+            fewest = attention.min_world_size(query, seq_len_tokens).minimum
+            longest = attention.max_tokens(query, world_size).best
+        return CapacityAnswer(kind="check", best=row, rows=(row,), feasible=row.feasible, fewest_that_fit=fewest,
+                              longest_that_fits=longest)
     if seq_len_tokens is not None:
         result = attention.min_world_size(query, seq_len_tokens)
         return CapacityAnswer(kind="min_world_size", best=result.minimum, rows=tuple(result.rows),
@@ -84,11 +108,11 @@ def stack_capacity(query: stack.StackQuery, seq_len_tokens: int | None, world_si
         rounded, other = rounder_length(query, seq_len_tokens, result.minimum)
         return CapacityAnswer(kind="min_world_size", best=result.minimum, rows=tuple(result.rows),
                               feasible=result.minimum is not None, rounded_seq_len_tokens=rounded,
-                              rounded_minimum=other)
+                              rounded_minimum=other, without_offload=without_offload(query, result.minimum))
     result = stack.max_tokens(query, world_size)
     rows = (result.best,) if result.best else (result.next_infeasible,)
     return CapacityAnswer(kind="max_tokens", best=result.best, next_infeasible=result.next_infeasible, rows=rows,
-                          feasible=result.best is not None)
+                          feasible=result.best is not None, without_offload=without_offload(query, result.best))
 
 
 def _stack_check(query: stack.StackQuery, seq_len_tokens: int, world_size: int) -> CapacityAnswer:
@@ -99,7 +123,38 @@ def _stack_check(query: stack.StackQuery, seq_len_tokens: int, world_size: int) 
     if not chosen and not found.evaluated and not found.pruned:
         raise ValueError(found.rejected[0].reason if found.rejected else "no candidate settings")
     row = chosen[0] if chosen else stack.frugal_row(query, found)
-    return CapacityAnswer(kind="check", best=row, rows=(row,), feasible=bool(chosen))
+    fewest, longest = (None, None) if chosen else what_would_fit(query, seq_len_tokens, world_size)
+    return CapacityAnswer(kind="check", best=row, rows=(row,), feasible=bool(chosen), fewest_that_fit=fewest,
+                          longest_that_fits=longest, without_offload=without_offload(query, row if chosen else None))
+
+
+def what_would_fit(query: stack.StackQuery, seq_len_tokens: int,
+                   world_size: int) -> tuple[stack.StackRow | None, stack.StackRow | None]:
+    """(the fewest GPUs that hold S, the most tokens W GPUs hold), each None when there is none."""
+    fewest = stack.min_world_size(query, seq_len_tokens).minimum
+    try:
+        longest = stack.max_tokens(query, world_size).best
+    except ValueError:  # no valid length on W GPUs (e.g. a ring size that does not divide W)
+        longest = None
+    return fewest, longest
+
+
+def without_offload(query: stack.StackQuery, row: stack.StackRow | None) -> stack.StackRow | None:
+    """The same run as ``row`` with its checkpoints kept on the GPU, when ``row`` offloads them."""
+    if row is None or not row.settings.offload_checkpoints:
+        return None
+    settings = replace(row.settings, offload_checkpoints=False)
+    return stack.memory_row(query, replace(row.workload, settings=settings))
+
+
+def plan_answer(query: stack.StackQuery, seq_len_tokens: int, world_size: int | None) -> PlanAnswer:
+    """``ringplan plan``: every setting ranked (``stack.plan``); when none fits, what would; when the
+    fastest offloads, the same run without offload."""
+    result = stack.plan(query, seq_len_tokens, world_size)
+    if not result.feasible:
+        fewest, longest = what_would_fit(query, seq_len_tokens, result.world_size)
+        return PlanAnswer(plan=result, fewest_that_fit=fewest, longest_that_fits=longest)
+    return PlanAnswer(plan=result, without_offload=without_offload(query, result.feasible[0]))
 
 
 def rounder_length(query: stack.StackQuery, seq_len_tokens: int,

@@ -121,6 +121,60 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
+class MarginType(FiniteFloat):
+    """The safety margin: a fraction in [0, 1) (``0.05``) or a percentage (``5%``); a bare number of 1
+    or more (``5``) is an error that suggests the fraction it probably meant."""
+
+    def __init__(self) -> None:
+        super().__init__(min=0.0, max=1.0, max_open=True)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        text = value.strip() if isinstance(value, str) else None
+        if text is not None and text.endswith("%"):
+            if len(text) > MAX_NUMBER_CHARS or not _ASCII_FLOAT.fullmatch(text[:-1]):
+                self.fail(f"{shown(value)} is not a percentage (e.g. 5%)", param, ctx)
+            value = str(float(text[:-1]) / 100.0)
+        elif text is not None and _ASCII_FLOAT.fullmatch(text) and 1.0 <= float(text) <= 100.0:
+            self.fail(f"{shown(value)} is out of the range 0 <= x < 1: the margin is a fraction of usable memory; "
+                      f"did you mean {float(text) / 100:g} (or {float(text):g}%)?", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+#: Dtype names the options accept beside the planner's own (``bf16``, ``fp16``, ``fp32``).
+DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+
+
+class DtypeChoice(click.Choice):
+    """A dtype: ``bf16``/``bfloat16``, ``fp16``/``float16``, ``fp32``/``float32`` (any case), read as the
+    planner's short name."""
+
+    def __init__(self, choices: Sequence[str]) -> None:
+        super().__init__(list(choices), case_sensitive=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str):
+            value = DTYPE_ALIASES.get(value.strip().lower(), value.strip().lower())
+        return super().convert(value, param, ctx)
+
+
+class QuietAliasOption(click.Option):
+    """An option with extra names that it accepts but ``--help`` does not list (old spellings kept
+    working: ``--training`` for ``--train``): ``quiet_aliases=("--training", ...)``."""
+
+    def __init__(self, *args: Any, quiet_aliases: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.quiet_aliases = frozenset(quiet_aliases)
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        opts, secondary = self.opts, self.secondary_opts
+        self.opts = [o for o in opts if o not in self.quiet_aliases]
+        self.secondary_opts = [o for o in secondary if o not in self.quiet_aliases]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts, self.secondary_opts = opts, secondary
+
+
 class InputFile(click.Path):
     """A file the command reads. Missing: left to the reader (which names it). Present: must be a
     regular file (``/dev/zero``, a FIFO or a directory would hang or fail mid-read)."""

@@ -214,7 +214,7 @@ def _write(paths: tuple[str, ...], output_format: str) -> None:
         return
     click.echo(f"wrote {MEMORY_FIT.path()} ({len(payload['inputs']['profiles'])} profiles, "
                f"{len(calibrations)} GPU(s))")
-    click.echo(render_rows([_pretty(r) for r in _uniform(records)], "table"))
+    _echo_compact(records)
 
 
 def _emit(fits: list[dict[str, Any]], points: list[dict[str, Any]], form: str, show_residuals: bool,
@@ -224,17 +224,28 @@ def _emit(fits: list[dict[str, Any]], points: list[dict[str, Any]], form: str, s
     elif output_format == "csv":
         click.echo(render_rows(_uniform(fits), "csv"))
     else:
+        from ringplan.cli.readable import echo_lines, output_width
+
         for chosen in ("seed", "analytic", "theta"):
             records = [r for r in fits if r["form"] == chosen]
             if records:
-                click.echo(f"{chosen} form:")
-                click.echo(render_rows([_pretty(r) for r in _uniform(records)], "table"))
+                profiles = ", ".join(dict.fromkeys(r["profile"] for r in records))
+                worst = max(r["max_abs_relative_residual"] for r in records)
+                echo_lines([(f"{chosen} form", f"{len(records)} fit(s), worst point {worst:.1%} off; "
+                                               f"profile(s): {profiles}")], output_width())
+                _echo_compact(records)
             elif chosen == "analytic" and form in ("analytic", "both"):
-                click.echo("analytic form: no rows of kind 'measured' to calibrate (reported and estimated rows "
-                           "are another implementation's figures)")
+                echo_lines([("analytic form", "no rows of kind 'measured' to calibrate (reported and estimated "
+                                              "rows are another implementation's figures)")], output_width())
         if show_residuals:
+            from ringplan.cli.readable import fitted_table, output_width
+
             click.echo("residuals (observed - predicted):")
-            click.echo(render_rows([_pretty(p) for p in points], "table"))
+            first = ("gpu", "tokens_per_rank", "ring_size", "observed_mb", "predicted_mb", "residual_mb",
+                     "relative_residual")
+            rows = [{k: _pretty(p)[k] for k in first + tuple(k for k in p if k not in first + ("profile",))}
+                    for p in points]
+            click.echo(fitted_table(rows, output_width(), droppable=list(rows[0])[5:] if rows else []))
 
 
 def _uniform(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -254,3 +265,31 @@ def _pretty(record: dict[str, Any]) -> dict[str, str]:
         return str(value)
 
     return {k: show(v) for k, v in record.items()}
+
+
+#: Short column names of the compact fit tables (the JSON keeps the long ones).
+_SHORT = {"points": "n", "mb_per_token": "MB/token", "overhead_mb": "overhead MB", "r_squared": "R²",
+          "max_abs_relative_residual": "worst", "median_abs_relative_residual": "median",
+          "relative_uncertainty": "±", "constant_mb": "const MB", "max_abs_residual_mb": "worst MB",
+          "ring_sizes": "rings", "stale_rows": "stale"}
+
+
+def _echo_compact(records: list[dict[str, Any]]) -> None:
+    """One fit table within the terminal's width: no profile or form column, the token range in one
+    column, short names; the rightmost columns (θ, coefficients) are left out when too wide."""
+    from ringplan.cli.readable import fitted_table, output_width
+
+    rows = []
+    for record in _uniform(records):
+        row = {}
+        for key, value in record.items():
+            if key in ("profile", "form", "tokens_per_rank_max"):
+                continue
+            if key == "tokens_per_rank_min":
+                row["tokens/GPU"] = f"{value:,.0f}-{record['tokens_per_rank_max']:,.0f}"
+            elif key in ("max_abs_relative_residual", "median_abs_relative_residual", "relative_uncertainty"):
+                row[_SHORT[key]] = "-" if value is None else f"{value:.2%}"
+            else:
+                row[_SHORT.get(key, key.removeprefix("theta_").removeprefix("c_"))] = _pretty({key: value})[key]
+        rows.append(row)
+    click.echo(fitted_table(rows, output_width(), droppable=list(rows[0])[6:] if rows else []))

@@ -32,13 +32,13 @@ def gpu_table_row(gpu, catalog) -> dict[str, str]:
         return "-" if value is None else f"{value / 1e12:,.1f}"
 
     intra, inter = catalog.link(gpu.intra_node_link), catalog.link(gpu.inter_node_link)
-    return {"name": gpu.name, "aliases": ", ".join(gpu.aliases),
-            "usable GiB": f"{gpu.usable_memory_bytes / GIB:,.2f}" + ("" if gpu.usable_memory_measured else " (nominal)"),
+    return {"name": gpu.name,
+            "GiB": f"{gpu.usable_memory_bytes / GIB:,.1f}" + ("" if gpu.usable_memory_measured else " (nom.)"),
             "bf16 TFLOP/s": tflops("bf16"), "fp32 TFLOP/s": tflops("fp32"),
             "HBM TB/s": f"{gpu.hbm_bandwidth_bytes_per_s / 1e12:.2f}",
-            "intra-node": f"{intra.name} ({intra.bandwidth_bytes_per_s / 1e9:,.0f} GB/s)",
-            "inter-node": f"{inter.name} ({inter.bandwidth_bytes_per_s / 1e9:,.1f} GB/s)",
-            "GPUs/node": str(gpu.gpus_per_node)}
+            "node": f"{gpu.gpus_per_node} x {intra.name} {intra.bandwidth_bytes_per_s / 1e9:,.0f} GB/s",
+            "between nodes": f"{inter.name} {inter.bandwidth_bytes_per_s / 1e9:,.1f} GB/s",
+            "aliases": ", ".join(gpu.aliases)}
 
 
 def _flat(record: dict[str, Any]) -> dict[str, Any]:
@@ -80,9 +80,15 @@ def gpus(show_links: bool, show_sources: bool, names: tuple[str, ...], output_fo
     elif output_format == "csv":
         click.echo(render_rows([_flat(r) for r in records], "csv"))
     else:
-        click.echo(render_rows(table, "table"))
+        from ringplan.cli.readable import fitted_table, output_width, wrapped
+
+        width = output_width()
+        if not show_links:
+            click.echo("GiB: usable, as the driver reports it (nom.: datasheet); TFLOP/s dense; node: GPUs x link")
+        click.echo(fitted_table(table, width, droppable=["between nodes", "fp32 TFLOP/s", "aliases"]))
         if show_sources:
             for record in records:
                 click.echo(f"\n{record['name']}:")
                 for field_name, source in record["sources"].items():
-                    click.echo(f"  {field_name}: {source}")
+                    for line in wrapped(f"  {field_name}", source, width):
+                        click.echo(line)

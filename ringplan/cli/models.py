@@ -29,11 +29,11 @@ def model_table_row(spec) -> dict[str, str]:
 
     extras = [x for x, on in (("tied", spec.tied_embeddings), ("qk-norm", spec.qk_norm),
                               ("biases", spec.qkv_bias or spec.mlp_bias)) if on]
-    return {"name": spec.name, "layers": str(spec.n_layers), "hidden": f"{spec.embed_dim:,}",
-            "heads/kv": f"{spec.n_heads}/{spec.n_kv_heads}", "head dim": str(spec.head_dim),
-            "ffn": f"{spec.ffn_dim:,} {spec.ffn_type}", "vocab": f"{spec.vocab_size:,}",
-            "norm": spec.norm, "position": spec.position, "other": ", ".join(extras) or "-",
-            "params B": f"{parameter_count(spec) / 1e9:,.3f}"}
+    positions = f" {spec.max_positions // 1024}K" if spec.max_positions >= 1024 else ""
+    return {"name": spec.name, "params B": f"{parameter_count(spec) / 1e9:,.2f}", "L": str(spec.n_layers),
+            "E": f"{spec.embed_dim:,}", "H/H_kv x D": f"{spec.n_heads}/{spec.n_kv_heads} x {spec.head_dim}",
+            "FFN": f"{spec.ffn_dim:,} {spec.ffn_type}", "vocab": f"{spec.vocab_size:,}",
+            "positions": f"{spec.position}{positions}", "other": ", ".join(extras + [spec.norm])}
 
 
 def _flat(record: dict[str, Any]) -> dict[str, Any]:
@@ -67,11 +67,17 @@ def models(names: tuple[str, ...], config_path: str | None, show_sources: bool, 
     elif output_format == "csv":
         click.echo(render_rows([_flat(r) for r in records], "csv"))
     else:
-        click.echo(render_rows([model_table_row(spec) for spec in chosen], "table"))
+        from ringplan.cli.readable import fitted_table, output_width, wrapped
+
+        width = output_width()
+        click.echo(fitted_table([model_table_row(spec) for spec in chosen], width, droppable=["positions", "other"]))
         if show_sources or names or config_path:
             for record in records:
-                click.echo(f"\n{record['name']}" + (f" (aliases: {', '.join(record['aliases'])})"
-                                                     if record["aliases"] else "") + ":")
+                click.echo(f"\n{record['name']}:")
+                if record["aliases"]:
+                    for line in wrapped("  aliases", ", ".join(record["aliases"]), width):
+                        click.echo(line)
                 click.echo(f"  non-embedding parameters: {record['non_embedding_parameter_count'] / 1e9:,.3f} B")
                 for field_name, source in record["sources"].items():
-                    click.echo(f"  {field_name}: {source}")
+                    for line in wrapped(f"  {field_name}", source, width):
+                        click.echo(line)

@@ -34,7 +34,8 @@ from typing import Any
 import click
 
 from ringplan.cli.common import (BYTES, MAX_BATCH, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH,
-                                 MAX_WORLD_SIZE, SEGMENT_LIST, TOKEN_LIST, TOKENS, BoundedInt, FiniteFloat, InputFile)
+                                 MAX_WORLD_SIZE, SEGMENT_LIST, TOKEN_LIST, TOKENS, BoundedInt, DtypeChoice, FiniteFloat,
+                                 InputFile, QuietAliasOption)
 from ringplan.models import FFN_TYPES, NORMS, ModelSpec
 from ringplan.stack import CHECKPOINTING, LOSS_MODES, SHARDINGS, StackSettings
 from ringplan.workload import BACKENDS, CP_SCHEMES, DTYPE_BYTES, LAYOUTS
@@ -58,15 +59,18 @@ _WORKLOAD_OPTIONS = (
                  help="Head dim D."),
     click.option("--embed-dim", type=BoundedInt(min=1, max=MAX_WIDTH), default=None,
                  help="Model width E seen by the projections; default H x D."),
-    click.option("--dtype", type=click.Choice(sorted(DTYPE_BYTES)), default="bf16", show_default=True,
-                 help="Activation and weight dtype (accumulators are fp32 regardless)."),
+    click.option("--dtype", type=DtypeChoice(sorted(DTYPE_BYTES)), default="bf16", show_default=True,
+                 help="Activation and weight dtype (accumulators are fp32 regardless); bfloat16, float16, "
+                      "float32 also read."),
     click.option("--causal/--no-causal", default=False, show_default=True, help="Causal mask."),
     click.option("--segment-lengths", "segment_lengths", type=SEGMENT_LIST, default="",
                  help="Dilated attention segment lengths, comma-separated (e.g. 4096,8192,16384)."),
     click.option("--dilation-rates", "dilation_rates", type=TOKEN_LIST, default="",
                  help="Dilation rate per segment length, comma-separated (e.g. 1,2,4)."),
-    click.option("--train/--forward", "training", default=False, show_default=True,
-                 help="Training (forward + backward) or forward only."),
+    click.option("--train/--forward", "--training/--forward-only", "training", default=False, show_default=True,
+                 cls=QuietAliasOption, quiet_aliases=("--training", "--forward-only"),
+                 help="Training (forward + backward) or forward only; with --model / --config: default forward "
+                      "(prefill), give --train for a training step (`ringplan plan` defaults to --train)."),
     click.option("--projections/--no-projections", default=False, show_default=True,
                  help="Include the QKV and output projections (the seed's module)."),
     click.option("--layout", type=click.Choice(LAYOUTS), default="contiguous", show_default=True,
@@ -131,8 +135,8 @@ def shape_options(func: Callable) -> Callable:
                      help="Head dimension D."),
         click.option("--batch", type=BoundedInt(min=1, max=MAX_BATCH), default=1, show_default=True,
                      help="Batch size B."),
-        click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
-                     help="Element type of Q/K/V."),
+        click.option("--dtype", type=DtypeChoice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+                     help="Element type of Q/K/V (bfloat16, float16, float32 also read)."),
         click.option("--backend", type=click.Choice(["auto", "cudnn", "flash", "efficient", "math", "cpu"]),
                      default="auto", show_default=True, help="Local block kernel (auto: fastest with data)."),
         click.option("--causal/--no-causal", default=False, show_default=True, help="Causal attention."),
@@ -204,7 +208,8 @@ _SELECTION_OPTIONS = (
 )
 
 _SHAPE_OPTIONS = (
-    click.option("--hidden", "embed_dim", type=BoundedInt(min=1, max=MAX_WIDTH), default=None,
+    click.option("--embed-dim", "--hidden", "embed_dim", type=BoundedInt(min=1, max=MAX_WIDTH), default=None,
+                 cls=QuietAliasOption, quiet_aliases=("--hidden",),
                  help="Model width E (hidden size); custom shapes default to heads x head dim."),
     click.option("--heads", "n_heads", type=BoundedInt(min=1, max=MAX_HEADS), default=None, help="Query heads H."),
     click.option("--kv-heads", "n_kv_heads", type=BoundedInt(min=1, max=MAX_HEADS), default=None,
@@ -222,25 +227,28 @@ _SHAPE_OPTIONS = (
 )
 
 _SETTINGS_OPTIONS = (
-    click.option("--sharding", type=click.Choice(SHARDINGS), default="zero3", show_default=True,
+    click.option("--sharding", type=click.Choice(SHARDINGS), default="zero3",
                  help="Data-parallel sharding: none, zero1 (optimizer states), zero2 (+ gradients), "
-                      "zero3 (+ parameters; FSDP)."),
+                      "zero3 (+ parameters; FSDP). Searched when not given."),
     click.option("--shard-group", "shard_group_size", type=BoundedInt(min=1, max=MAX_WORLD_SIZE), default=None,
                  help="GPUs G that share one copy of the sharded state; default: the whole world."),
-    click.option("--checkpointing", type=click.Choice(CHECKPOINTING), default="none", show_default=True,
-                 help="Activation checkpointing: none, selective (recompute MLP and norms), full (each block)."),
-    click.option("--offload/--no-offload", "offload_checkpoints", default=False, show_default=True,
-                 help="Keep the saved block inputs in pinned CPU memory (needs --checkpointing full)."),
-    click.option("--loss", type=click.Choice(LOSS_MODES), default="chunked", show_default=True,
-                 help="Loss over all logits at once (full) or a chunk of tokens at a time (chunked)."),
+    click.option("--checkpointing", type=click.Choice(CHECKPOINTING), default="none",
+                 help="Activation checkpointing: none, selective (recompute MLP and norms), full (each block). "
+                      "Searched when not given."),
+    click.option("--offload/--no-offload", "offload_checkpoints", default=False,
+                 help="Keep the saved block inputs in pinned CPU memory (needs --checkpointing full). "
+                      "Searched when not given."),
+    click.option("--loss", type=click.Choice(LOSS_MODES), default="chunked",
+                 help="Loss over all logits at once (full) or a chunk of tokens at a time (chunked). "
+                      "Searched when not given."),
     click.option("--loss-chunk", "loss_chunk_tokens", type=TOKENS, default=4096, show_default=True,
                  help="Tokens per loss chunk with --loss chunked (4096, 8Ki, ...)."),
 )
 
 _DTYPE_OPTIONS = (
-    click.option("--dtype", type=click.Choice(sorted(DTYPE_BYTES)), default="bf16", show_default=True,
-                 help="Compute and gathered-weight dtype."),
-    click.option("--master-dtype", type=click.Choice(sorted(DTYPE_BYTES)), default="fp32", show_default=True,
+    click.option("--dtype", type=DtypeChoice(sorted(DTYPE_BYTES)), default="bf16", show_default=True,
+                 help="Compute and gathered-weight dtype (bfloat16, float16, float32 also read)."),
+    click.option("--master-dtype", type=DtypeChoice(sorted(DTYPE_BYTES)), default="fp32", show_default=True,
                  help="Dtype of the sharded master weights, gradients and Adam states."),
 )
 

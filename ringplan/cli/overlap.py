@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from ringplan.cli.common import OneLineErrorCommand, bad_input_exits_2, format_option, render_rows
+from ringplan.cli.common import OneLineErrorCommand, QuietAliasOption, bad_input_exits_2, format_option, render_rows
 from ringplan.cli.options import build_shape, link_options, link_override, shape_options
 
 
@@ -24,7 +24,8 @@ def _row(gpu_name: str, threshold) -> dict[str, str]:
 @click.command("overlap", cls=OneLineErrorCommand)
 @click.option("--gpu", "gpus", multiple=True, help="GPU type (repeatable); default: every catalog GPU with data.")
 @shape_options
-@click.option("--training/--forward-only", default=False, show_default=True,
+@click.option("--train/--forward", "--training/--forward-only", "training", default=False, show_default=True,
+              cls=QuietAliasOption, quiet_aliases=("--training", "--forward-only"),
               help="Also give the backward pass (K/V plus fp32 dK/dV travel).")
 @click.option("--scope", type=click.Choice(["intra", "inter", "both"]), default="both", show_default=True,
               help="Which link: inside a node, between nodes, or both.")
@@ -73,7 +74,31 @@ def overlap(gpus: tuple[str, ...], n_heads: int, n_kv_heads: int | None, head_di
                 rows.append(_row(spec.name, threshold))
     if not rows:
         raise ValueError("no GPU has the data for this shape: " + "; ".join(sorted(set(skipped))[:3]))
-    click.echo(render_rows(rows, output_format))
+    if output_format != "table":
+        click.echo(render_rows(rows, output_format))
+    else:
+        _echo_readable(rows, causal=causal, layout=layout, training=training)
     if skipped and output_format == "table":
         click.echo(f"\nskipped {len(set(s.split(':')[0] for s in skipped))} GPU(s) without data: "
                    + ", ".join(sorted(set(s.split(":")[0] for s in skipped))), err=True)
+
+
+def _echo_readable(rows: list[dict[str, str]], *, causal: bool, layout: str, training: bool) -> None:
+    """The answer in words, a compact table, and each provenance once below it."""
+    from ringplan.cli.readable import echo_lines, fitted_table, output_width
+
+    width = output_width()
+    mode = "forward and backward passes" if training else "forward pass"
+    echo_lines([("answer", "a ring step's compute hides its K/V transfer once each GPU holds at least "
+                           "'min tokens/GPU' tokens (below; fewer tokens per GPU leave the link exposed)"),
+                ("workload", f"{'causal' if causal else 'non-causal'}, {layout} layout, {mode}; 'F/B tokens': "
+                             f"Ring Attention's bound (Liu et al. 2023) for comparison")], width)
+    sources = list(dict.fromkeys(r["provenance"] for r in rows))
+    table = [{"gpu": r["gpu"], "link": r["link"].replace("_node", ""), "pass": r["pass"], "backend": r["backend"],
+              "min tokens/GPU": r["min tokens/rank"], "F/B tokens": r["F/B tokens"], "TFLOP/s": r["F TFLOP/s"],
+              "GB/s": r["B GB/s"], "alpha us": r["alpha us"], "source": str(sources.index(r["provenance"]) + 1)}
+             for r in rows]
+    click.echo("")
+    click.echo(fitted_table(table, width, droppable=["F/B tokens", "source", "backend", "alpha us"]))
+    click.echo("")
+    echo_lines([(f"source {i + 1}", text) for i, text in enumerate(sources)], width)

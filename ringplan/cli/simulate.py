@@ -11,7 +11,8 @@ from typing import Any
 import click
 
 from ringplan.cli.common import (MAX_SIMULATED_RING_SIZE, MAX_WIDTH, TOKENS, BoundedInt, IntListType,
-                                 OneLineErrorCommand, OutputFile, bad_input_exits_2, format_option, render_rows)
+                                 OneLineErrorCommand, OutputFile, QuietAliasOption, bad_input_exits_2, format_option,
+                                 render_rows)
 from ringplan.cli.options import build_shape, link_options, link_override, shape_options
 
 #: Segment lengths and dilation rates (positive), ranks to draw (from 0).
@@ -37,13 +38,46 @@ def _breakdown_rows(prediction: Any, ring_size: int, seq_len: int) -> list[dict[
     ]
 
 
-def _pass_rows(prediction: Any) -> list[dict[str, str]]:
+def _pass_rows(prediction: Any, time_text=None) -> list[dict[str, str]]:
+    """One row per pass; times in ms with three decimals (JSON), or through ``time_text`` (table)."""
+    shown = time_text or (lambda s: f"{s * 1e3:,.3f} ms")
     rows = []
     for timeline in prediction.simulation.timelines:
         rows.append({"pass": timeline.name, "steps": str(timeline.step_start_s.shape[1]),
-                     "first rank done": f"{timeline.finish_s.min() * 1e3:,.3f} ms",
-                     "last rank done": f"{timeline.finish_s.max() * 1e3:,.3f} ms"})
+                     "first rank done": shown(float(timeline.finish_s.min())),
+                     "last rank done": shown(float(timeline.finish_s.max()))})
     return rows
+
+
+def _readable_rows(prediction: Any) -> list[dict[str, str]]:
+    """The time breakdown for the table output, in ms / s / min / h."""
+    from ringplan.cli.readable import time_text
+
+    return [{"quantity": "compute (busiest rank)", "value": time_text(prediction.compute_s)},
+            {"quantity": "exposed communication", "value": time_text(prediction.exposed_comm_s)},
+            {"quantity": "host call overhead", "value": time_text(prediction.call_overhead_s)},
+            {"quantity": "ideal (mean compute)", "value": time_text(prediction.ideal_s)},
+            {"quantity": "imbalance", "value": time_text(prediction.imbalance_s)},
+            {"quantity": "efficiency vs ideal", "value": f"{prediction.efficiency * 100:.1f} %"},
+            {"quantity": "K/V message", "value": f"{prediction.kv_message_bytes / 2**20:,.1f} MiB"},
+            {"quantity": "backend", "value": prediction.backend}]
+
+
+def _answer_lines(prediction: Any, workload: Any, ring: Any, gpu: str, seq_len: int) -> list[tuple[str, str]]:
+    """(label, text): the step time first, then the workload, the ring and its nodes, and the provenance."""
+    from ringplan.cli.readable import rate_text, time_text
+
+    s, p = workload.shape, workload.pattern
+    rate = seq_len * s.batch / prediction.step_time_s if prediction.step_time_s else None
+    mode = "training step (forward + backward)" if workload.training else "forward pass"
+    return [("answer", f"{time_text(prediction.step_time_s)} per {mode} of one attention layer, "
+                       f"{rate_text(rate)}"),
+            ("workload", f"{seq_len:,} tokens, {s.n_heads} heads x {s.head_dim} (kv heads {s.n_kv_heads}), "
+                         f"{s.dtype}, batch {s.batch}, {'dilated' if p.dilated else 'dense'}, "
+                         f"{'causal' if p.causal else 'non-causal'}"),
+            ("layout", f"ring of {ring.ring_size} x {gpu} on {prediction.nodes} node{'s' * (prediction.nodes > 1)}; "
+                       f"{ring.layout} layout; {seq_len // ring.ring_size:,} tokens per GPU"),
+            ("provenance", prediction.provenance)]
 
 
 def plot_timeline(result: Any, path: str, ranks: list[int]) -> None:
@@ -80,7 +114,9 @@ def plot_timeline(result: Any, path: str, ranks: list[int]) -> None:
 @shape_options
 @click.option("--embed-dim", type=BoundedInt(min=1, max=MAX_WIDTH), default=None,
               help="Model width E for the projections (default H*D).")
-@click.option("--training/--forward-only", default=False, show_default=True, help="Forward+backward or forward only.")
+@click.option("--train/--forward", "--training/--forward-only", "training", default=False, show_default=True,
+              cls=QuietAliasOption, quiet_aliases=("--training", "--forward-only"),
+              help="Forward+backward or forward only.")
 @click.option("--projections/--no-projections", default=False, show_default=True,
               help="Include the QKV and output projections.")
 @click.option("--segment-lengths", type=POSITIVE_INTS, default=None,
@@ -143,10 +179,16 @@ def simulate(gpu: str, seq_len: int, ring_size: int, n_heads: int, n_kv_heads: i
     if output_format == "csv":
         click.echo(render_rows(rows, "csv"))
         return
-    click.echo(render_rows(rows, "table"))
-    click.echo("\n" + render_rows(_pass_rows(prediction), "table"))
-    click.echo("\n" + render_rows(details, "table"))
-    click.echo(f"\ntimeline (0 .. {prediction.step_time_s * 1e3:,.3f} ms; # compute, - waiting):")
+    from ringplan.cli.readable import echo_lines, fitted_table, output_width, time_text
+
+    width = output_width()
+    echo_lines(_answer_lines(prediction, workload, ring, gpu, seq_len), width)
+    click.echo("")
+    click.echo(fitted_table([{"quantity": r["quantity"], "value": r["value"]} for r in _readable_rows(prediction)],
+                            width))
+    click.echo("\n" + fitted_table(_pass_rows(prediction, time_text), width))
+    click.echo("\n" + fitted_table(details, width))
+    click.echo(f"\ntimeline (0 .. {time_text(prediction.step_time_s)}; # compute, - waiting):")
     click.echo("\n".join(lines))
     if plot_path:
         click.echo(f"\nplot written to {plot_path}")

@@ -65,26 +65,6 @@ _NOT_TERMS = ("total_bytes", "residual_bound_bytes", "uncertainty_bytes", "usabl
               "headroom_bytes")
 
 
-def stack_table_rows(rows, *, terms: bool = True) -> list[dict[str, str]]:
-    """Human table: memory in GiB (with ``terms``, every term that is non-zero in some row)."""
-    records = [stack_row_record(r) for r in rows]
-    keys = [k for k in records[0] if k.endswith("_bytes") and k not in _NOT_TERMS] if terms else []
-    shown = [k for k in keys if any(rec[k] for rec in records)]
-    table = []
-    for row, rec in zip(rows, records):
-        line = {"GPUs": str(rec["world_size"]), "ring x DP": f"{rec['ring_size']} x {rec['data_parallel']}",
-                "tokens/GPU": f"{rec['tokens_per_rank']:,}", "settings": settings_label(row.settings)}
-        line.update({k.removesuffix("_bytes"): f"{rec[k] / GIB:.2f}" for k in shown})
-        line.update({"total": f"{rec['total_bytes'] / GIB:.2f}", "bound": f"{rec['residual_bound_bytes'] / GIB:.2f}",
-                     "headroom": f"{rec['headroom_bytes'] / GIB:.2f}", "fits": "yes" if rec["feasible"] else "no",
-                     "step_s": "-" if rec["step_time_s"] is None else f"{rec['step_time_s']:.4g}"})
-        if any(not r["feasible"] for r in records):
-            line["why not"] = rec["why"] or ""
-        line["memory from"] = row.prediction.provenance_kind
-        table.append(line)
-    return table
-
-
 def stack_query_record(query) -> dict[str, Any]:
     from ringplan.profiles.stack import MODEL_FIELDS
 
@@ -96,33 +76,182 @@ def stack_query_record(query) -> dict[str, Any]:
             "candidates": [settings_label(s) for s in query.candidates]}
 
 
-def emit_stack(query, answer: dict[str, Any], rows, output_format: str, *, terms: bool = True,
-               extra: list[dict[str, Any]] | None = None) -> None:
-    """Print a whole-model answer: header, answer text, table (or JSON / CSV of the rows)."""
+def emit_stack(query, answer: dict[str, Any], rows, output_format: str, *, extra: list[dict[str, Any]] | None = None,
+               breakdown: bool = False) -> None:
+    """Print a whole-model answer: the answer lines and a compact table (or JSON / CSV of the rows;
+    ``answer["lines"]`` stays out of JSON)."""
     if output_format == "json":
+        answer = {k: v for k, v in answer.items() if k not in ("lines", "best_row")}
         click.echo(json.dumps({"query": stack_query_record(query), "answer": answer,
                                "rows": [stack_row_record(r) for r in rows], **({"rejected": extra} if extra else {})},
                               indent=2))
         return
     if output_format == "csv":
         click.echo(render_rows([stack_row_record(r) for r in rows], "csv"))
+        from ringplan.cli.readable import warn
+
+        warn(answer.get("warnings", []))
         return
-    gpu = query.gpu
-    memory_kind = "measured by the driver" if gpu.usable_memory_measured else "nominal, datasheet"
-    click.echo(f"{gpu.name} ({gpu.driver_name}): usable {gpu.usable_memory_bytes / GIB:,.2f} GiB ({memory_kind}); "
-               f"budget {query.budget_bytes / GIB:,.2f} GiB with a {query.safety_margin:.0%} safety margin")
-    click.echo(f"model: {describe_model(query.model)}; {'training' if query.training else 'forward (prefill)'}, "
-               f"batch {query.batch}, {query.layout} layout")
-    click.echo(answer["text"])
+    readable_stack(query, answer, rows, extra=extra, breakdown=breakdown)
+
+
+def setting_labels(query, settings, given: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """``sharding zero3 (chosen)``, …: each searched setting of ``settings``, labelled ``(given)`` when
+    pinned on the command line, ``(chosen)`` when the search picked it among others, ``(forward)``
+    when a forward pass has only that value."""
+    values = {"sharding": settings.sharding, "checkpointing": settings.checkpointing,
+              "offload_checkpoints": settings.offload_checkpoints, "loss": settings.loss}
+    names = {"offload_checkpoints": "offload"}
+    labels = []
+    for field, value in values.items():
+        options = {getattr(c, field) for c in query.candidates}
+        how = "(given)" if field in given else "(chosen)" if len(options) > 1 else \
+            "(forward)" if not query.training else "(only option)"
+        shown_value = ("yes" if value else "no") if isinstance(value, bool) else value
+        if field == "sharding" and settings.shard_group_size:
+            shown_value += f" over {settings.shard_group_size} GPUs"
+        if field == "loss" and value == "chunked":
+            shown_value += f" ({settings.loss_chunk_tokens:,} tokens)"
+        labels.append(f"{names.get(field, field)} {shown_value} {how}")
+    if getattr(settings, "offload_params", False):
+        labels.append("parameters and optimizer states on the host (given)")
+    return labels
+
+
+def host_ram_per_node_bytes(query, row) -> float:
+    """Pinned host memory one node needs for the offloaded checkpoints of its GPUs (0 without offload)."""
+    return row.host_memory_bytes_per_node
+
+
+def stack_warnings(query, row) -> list[str]:
+    """What a reader must know about the answer: the prediction's own warnings, a ring spanning nodes,
+    a length beyond the model's positions."""
+    if row is None:
+        return []
+    warnings = list(row.prediction.warnings)
+    per_node = query.gpu.gpus_per_node
+    if row.ring_size > per_node:
+        warnings.append(f"the ring of {row.ring_size} GPUs spans {-(-row.ring_size // per_node)} nodes of "
+                        f"{per_node}: some hops cross the inter-node link")
+    model = query.model
+    if model.max_positions and row.seq_len_tokens > model.max_positions:
+        kind = "learned positions: cannot run as is" if model.position == "learned" else \
+            "RoPE: needs context extension"
+        warnings.append(f"{row.seq_len_tokens:,} tokens > {model.name}'s {model.max_positions:,} positions ({kind})")
+    return warnings
+
+
+def readable_record(query, row, *, given: frozenset[str] | set[str] = frozenset(), ring_given: bool = False,
+                    offload_alternative=None) -> dict:
+    """The fields issue 16 adds to a whole-model JSON answer: settings chosen vs given, causal, layout,
+    host RAM, tokens per second, warnings."""
+    from ringplan.cli.readable import nodes, tokens_per_s
+
+    if row is None:
+        return {"causal": True, "warnings": []}
+    settings = {label.split(" ")[0]: label.rsplit(" ", 1)[-1].strip("()") for label in
+                setting_labels(query, row.settings, given)}
+    record = {"settings_source": {**settings, "ring_size": "given" if ring_given else "default"}, "causal": True,
+              "layout": {"world_size": row.world_size, "ring_size": row.ring_size,
+                         "data_parallel": row.data_parallel, "nodes": nodes(row.world_size, query.gpu.gpus_per_node),
+                         "gpus_per_node": query.gpu.gpus_per_node, "sequence_layout": query.layout},
+              "host_ram_per_node_bytes": round(host_ram_per_node_bytes(query, row)),
+              "tokens_per_s": tokens_per_s(row.seq_len_tokens, query.batch, row.data_parallel, row.step_time_s),
+              "warnings": stack_warnings(query, row)}
+    if offload_alternative is not None:
+        record["without_offload_bytes"] = round(offload_alternative.prediction.upper_bytes)
+    return record
+
+
+def readable_stack(query, answer: dict[str, Any], rows, *, extra: list[dict[str, Any]] | None = None,
+                   breakdown: bool = False) -> None:
+    """The default table output: the answer lines (``answer["lines"]``), then a compact table, within
+    the terminal's width; ``breakdown``: the per-term table (terms as rows) too."""
+    from ringplan.cli.readable import breakdown_table, echo_lines, fitted_table, output_width, warn
+
+    width = output_width()
+    echo_lines(answer["lines"], width)
     if rows:
-        click.echo("per-GPU memory in GiB (2^30 bytes)" + (", by term:" if terms else ":"))
-        click.echo(render_rows(stack_table_rows(rows, terms=terms), "table"))
-        chosen = next((r for r in rows if r.feasible), rows[0])
-        click.echo(f"memory model ({chosen.world_size} GPUs, {settings_label(chosen.settings)}): "
-                   f"{chosen.prediction.provenance}")
+        click.echo("")
+        best = answer.get("best_row")
+        click.echo(fitted_table(compact_stack_rows(rows, best), width,
+                                droppable=["settings", "step", "headroom GiB", "tokens/GPU", "ring x DP"]))
+        if breakdown:
+            click.echo("")
+            columns = [(f"{r.world_size} GPUs #{i + 1}" if len(rows) > 1 else f"{r.world_size} GPUs",
+                        dict(r.prediction.terms_bytes)) for i, r in enumerate(rows)]
+            click.echo(breakdown_table(columns, width, keep=next((i for i, r in enumerate(rows) if r is best), 0)))
     if extra:
         click.echo("not valid runs here:")
-        click.echo(render_rows(extra, "table"))
+        click.echo(fitted_table(extra, width))
+    warn(answer.get("warnings", []))
+
+
+def compact_stack_rows(rows, best=None) -> list[dict[str, str]]:
+    """At most eight columns: GPUs, ring x DP, tokens/GPU, settings, GiB used (need + bound), headroom,
+    fits, step time."""
+    from ringplan.cli.readable import gib_number, time_text
+
+    table = []
+    for row in rows:
+        p = row.prediction
+        line = {"GPUs": str(row.world_size) + (" *" if row is best else ""),
+                "ring x DP": f"{row.ring_size}x{row.data_parallel}",
+                "tokens/GPU": f"{row.tokens_per_rank:,}", "settings": settings_label(row.settings),
+                "GiB used": gib_number(p.upper_bytes), "headroom GiB": gib_number(row.headroom_bytes),
+                "fits": "yes" if row.feasible else "no"}
+        if any(r.step_time_s is not None for r in rows):
+            line["step"] = time_text(row.step_time_s)
+        table.append(line)
+    return table
+
+
+def stack_answer_lines(query, headline: str, row, *, given: frozenset[str] | set[str] = frozenset(),
+                       ring_given: bool = False, offload_alternative=None,
+                       notes: tuple[tuple[str, str], ...] = ()) -> list[tuple[str, str]]:
+    """(label, text) lines that answer first: GPUs and layout, model and mode, tokens, settings,
+    memory, uncertainty, step time and tokens/s, host RAM, the alternative offload beat."""
+    from ringplan.cli.readable import gib, nodes, rate_text, time_text, tokens_per_s, uncertainty_text
+
+    gpu, model = query.gpu, query.model
+    mode = "training step" if query.training else "forward (prefill)"
+    lines = [("answer", headline)]
+    lines.append(("model", f"{model.name}, {_params(model)} parameters; causal, {mode}, batch {query.batch}"))
+    if row is None:
+        lines.append(("memory", f"budget {gib(query.budget_bytes)} per GPU ({gib(gpu.usable_memory_bytes)} usable, "
+                                f"{query.safety_margin:.0%} margin)"))
+        return lines + list(notes)
+    n_nodes = nodes(row.world_size, gpu.gpus_per_node)
+    ring_how = "(given)" if ring_given else "(every GPU in one ring unless --ring-size)"
+    lines.append(("layout", f"{row.world_size} x {gpu.name} on {n_nodes} node{'s' * (n_nodes > 1)}: ring "
+                            f"{row.ring_size} x data-parallel {row.data_parallel} {ring_how}; {query.layout} "
+                            f"sequence layout"))
+    lines.append(("tokens", f"{row.seq_len_tokens:,} per sequence, {row.tokens_per_rank:,} per GPU"))
+    lines.append(("settings", ", ".join(setting_labels(query, row.settings, given))))
+    p = row.prediction
+    verdict = "headroom" if row.feasible else "short by"
+    lines.append(("memory", f"{gib(p.total_bytes)} + {gib(p.residual_bound_bytes)} bound = {gib(p.upper_bytes)} "
+                            f"per GPU of a {gib(row.budget_bytes)} budget ({gib(gpu.usable_memory_bytes)} usable, "
+                            f"{query.safety_margin:.0%} margin); {verdict} {gib(abs(row.headroom_bytes))}"))
+    lines.append(("uncertainty", uncertainty_text(p, p.residual_bound_bytes)))
+    if row.step_time_s is not None:
+        rate = tokens_per_s(row.seq_len_tokens, query.batch, row.data_parallel, row.step_time_s)
+        lines.append(("step", f"{time_text(row.step_time_s)} per step, {rate_text(rate)}"))
+    host = host_ram_per_node_bytes(query, row)
+    if host:
+        budget = row.host_budget_bytes_per_node
+        lines.append(("host RAM", f"{gib(host)} pinned per node for what is offloaded ({gib(row.host_memory_bytes_per_gpu)} "
+                                  f"per GPU)" + (f" of the node's {gib(budget)}" if budget else "")))
+    if offload_alternative is not None:
+        lines.append(("offload chosen", f"without it the same plan needs "
+                                        f"{gib(offload_alternative.prediction.upper_bytes)} per GPU"))
+    return lines + list(notes)
+
+
+def _params(model) -> str:
+    from ringplan.models import parameter_count
+
+    return f"{parameter_count(model) / 1e9:,.2f}B"
 
 
 # ----------------------------------------------------------------------------- capacity --model
@@ -139,9 +268,55 @@ def _gpus_text(row) -> str:
     return f"{row.world_size} x (ring {row.ring_size} x data-parallel {row.data_parallel})"
 
 
-def capacity_answer_record(query, answer, seq_len_tokens: int | None, world_size: int | None) -> dict[str, Any]:
-    """The ``answer`` object of ``capacity --model`` (kind, text, and the figures that answer) from
-    a ``ringplan.capacity.answers.CapacityAnswer``."""
+def capacity_answer_record(query, answer, seq_len_tokens: int | None, world_size: int | None, *,
+                           given: frozenset[str] = frozenset(), ring_given: bool = False) -> dict[str, Any]:
+    """The ``answer`` object of ``capacity --model`` (kind, text, the figures that answer, and what
+    issue 16 adds: settings chosen vs given, layout, host RAM, tokens/s, warnings, what would fit)
+    from a ``ringplan.capacity.answers.CapacityAnswer``, with ``lines`` for the table output."""
+    record = _capacity_answer_core(query, answer, seq_len_tokens, world_size)
+    best, gpu = answer.best, query.gpu.name
+    notes = []
+    if answer.kind == "check":
+        verb = "fit on" if answer.feasible else "do NOT fit on"
+        headline = f"{seq_len_tokens:,} tokens {verb} {world_size} x {gpu}" + (
+            "" if answer.feasible else " with any setting (below: the setting needing least memory)")
+    elif answer.kind == "min_world_size":
+        headline = (f"{seq_len_tokens:,} tokens need {best.world_size} x {gpu} (the fewest)" if best else
+                    f"no setting on up to {query.max_world_size:,} x {gpu} holds {seq_len_tokens:,} tokens")
+        if answer.rounded_minimum is not None:
+            notes.append(("note", f"{seq_len_tokens:,} splits evenly over few GPU counts; "
+                                  f"{answer.rounded_seq_len_tokens:,} tokens fit on "
+                                  f"{answer.rounded_minimum.world_size} x {gpu}"))
+    else:
+        headline = (f"{world_size} x {gpu} hold at most {best.seq_len_tokens:,} tokens "
+                    f"({answer.next_infeasible.seq_len_tokens:,} would not fit)" if best else
+                    f"not even the shortest valid sequence fits on {world_size} x {gpu}")
+    notes += what_would_fit_notes(answer, gpu)
+    alternative = getattr(answer, "without_offload", None)
+    record["lines"] = stack_answer_lines(query, headline, best, given=given, ring_given=ring_given,
+                                         offload_alternative=alternative, notes=tuple(notes))
+    record.update(readable_record(query, best, given=given, ring_given=ring_given, offload_alternative=alternative))
+    record["best_row"] = best
+    fewest, longest = getattr(answer, "fewest_that_fit", None), getattr(answer, "longest_that_fits", None)
+    if fewest is not None or longest is not None:
+        record["would_fit"] = {"world_size": fewest.world_size if fewest else None,
+                               "seq_len_tokens": longest.seq_len_tokens if longest else None}
+    return record
+
+
+def what_would_fit_notes(answer, gpu: str) -> list[tuple[str, str]]:
+    """(``would fit``, ``16 x h100 hold these tokens``), (…, ``the given 8 x h100 hold 524,288 tokens``)
+    when nothing fits."""
+    fewest, longest = getattr(answer, "fewest_that_fit", None), getattr(answer, "longest_that_fits", None)
+    notes = []
+    if fewest is not None:
+        notes.append(("would fit", f"{fewest.world_size} x {gpu} hold these {fewest.seq_len_tokens:,} tokens"))
+    if longest is not None:
+        notes.append(("would fit", f"the given {longest.world_size} x {gpu} hold {longest.seq_len_tokens:,} tokens"))
+    return notes
+
+
+def _capacity_answer_core(query, answer, seq_len_tokens: int | None, world_size: int | None) -> dict[str, Any]:
     from ringplan.capacity.stack import describe_settings
 
     gpu, best = query.gpu.name, answer.best

@@ -15,12 +15,13 @@ SEED = str(measured_dir() / "gtx1080-seed.json")
 
 # Golden option sets (torchtitan's test_no_new_cli_options): a new option is a decision, update here.
 EXPECTED_OPTIONS = {
-    "capacity": ["--backend", "--batch", "--causal", "--checkpointing", "--config", "--cp", "--dilation-rates",
-                 "--dtype", "--embed-dim", "--ffn", "--format", "--forward", "--gpu", "--gpus", "--head-dim", "--heads",
-                 "--kv-heads", "--layers", "--layout", "--loss", "--loss-chunk", "--max-world-size", "--model",
-                 "--model-form", "--no-causal", "--no-offload", "--no-projections", "--no-step-time", "--offload",
-                 "--plot", "--profile", "--projections", "--ring-size", "--safety-margin", "--segment-lengths",
-                 "--shard-group", "--sharding", "--step-time", "--tokens", "--train", "--ulysses-degree", "--vocab",
+    "capacity": ["--backend", "--batch", "--breakdown", "--causal", "--checkpointing", "--config", "--cp",
+                 "--dilation-rates", "--dtype", "--embed-dim", "--ffn", "--format", "--forward", "--forward-only",
+                 "--gpu", "--gpus", "--head-dim", "--heads", "--kv-heads", "--layers", "--layout", "--loss",
+                 "--loss-chunk", "--max-world-size", "--model", "--model-form", "--no-causal", "--no-offload",
+                 "--no-projections", "--no-step-time", "--offload", "--plot", "--profile", "--projections",
+                 "--ring-size", "--safety-margin", "--segment-lengths", "--shard-group", "--sharding", "--step-time",
+                 "--tokens", "--train", "--training", "--ulysses-degree", "--vocab",
                  "--world-size"],
     "gpus": ["--format", "--links", "--sources"],
     "fit": ["--form", "--format", "--include-estimated", "--prior-weight", "--residuals", "--series", "--target",
@@ -45,8 +46,8 @@ def test_capacity_answers_the_readme_question():
     """`ringplan capacity --gpu a100-40gb --tokens 1M` prints a minimum world size and a table, exit 0."""
     result = run("capacity", "--gpu", "a100-40gb", "--tokens", "1M")
     assert result.exit_code == 0, result.output
-    assert "minimum world size for 1,000,000 tokens" in result.output
-    assert "| GPUs" in result.output and "provenance" in result.output
+    assert result.output.startswith("answer: 1,000,000 tokens need 1 x a100-40gb")
+    assert "| GPUs" in result.output and "uncertainty:" in result.output
 
 
 def test_capacity_json_and_csv():

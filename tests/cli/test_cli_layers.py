@@ -12,7 +12,7 @@ import ringplan
 PACKAGE = Path(ringplan.__file__).parent
 CLI = PACKAGE / "cli"
 #: The CLI modules that are not commands: shared by several commands.
-SHARED = {"__init__", "common", "options", "stack_output", "commands_registry"}
+SHARED = {"__init__", "common", "options", "readable", "stack_output", "commands_registry"}
 COMMANDS = sorted(p.stem for p in CLI.glob("*.py") if p.stem not in SHARED)
 
 

@@ -14,12 +14,13 @@ from ringplan.cli import main
 
 HF_CONFIGS = Path(__file__).resolve().parents[1] / "data" / "hf_configs"
 # Golden option set (torchtitan's test_no_new_cli_options): a new option is a decision, update here.
-PLAN_OPTIONS = ["--all", "--backend", "--batch", "--checkpointing", "--config", "--dtype", "--ffn", "--ffn-type",
-                "--format", "--forward", "--gpu", "--gpus", "--head-dim", "--heads", "--hidden", "--kv-heads",
+PLAN_OPTIONS = ["--all", "--backend", "--batch", "--breakdown", "--checkpointing", "--config", "--dtype",
+                "--embed-dim", "--ffn", "--ffn-type", "--format", "--forward", "--forward-only", "--gpu", "--gpus",
+                "--head-dim", "--heads", "--hidden", "--kv-heads",
                 "--layers", "--layout", "--loss", "--loss-chunk", "--master-dtype", "--max-world-size", "--model",
                 "--no-offload", "--no-qk-norm", "--no-step-time", "--norm", "--offload", "--qk-norm", "--ring-size",
                 "--safety-margin", "--shard-group", "--sharding", "--step-time", "--tied-embeddings", "--tokens",
-                "--train", "--untied-embeddings", "--vocab"]
+                "--train", "--training", "--untied-embeddings", "--vocab", "--world-size"]
 LLAMA_1M = ["capacity", "--model", "llama-3-8b", "--gpu", "h100", "--tokens", "1M", "--train"]
 
 
@@ -46,7 +47,7 @@ def test_capacity_model_fewest_gpus():
     tokens per GPU and memory by term; the answer row fits and every row with fewer GPUs does not."""
     result = run(*LLAMA_1M)
     assert result.exit_code == 0, result.output
-    assert "minimum GPUs for 1,000,000 tokens" in result.output and "llama-3-8b" in result.output
+    assert "1,000,000 tokens need" in result.output and "llama-3-8b" in result.output
     data = as_json(*LLAMA_1M)
     minimum = data["answer"]["minimum_world_size"]
     rows = {row["world_size"]: row for row in data["rows"]}
@@ -66,7 +67,7 @@ def test_capacity_model_hints_a_length_that_splits():
     whose answer is a power of two gets no note."""
     result = run("capacity", "--model", "llama-3-8b", "--gpu", "h100", "--tokens", "1000001", "--train")
     assert result.exit_code == 0, result.output
-    assert "101 x" in result.output and "note: 1,000,001 splits evenly over few world sizes" in result.output
+    assert "101 x" in result.output and "note: 1,000,001 splits evenly over few GPU counts" in result.output
     rounded = as_json("capacity", "--model", "llama-3-8b", "--gpu", "h100", "--tokens", "999424", "--train")
     assert f"999,424 tokens fit on {rounded['answer']['minimum_world_size']} x" in result.output
     assert "note:" not in run(*LLAMA_1M).output
@@ -79,11 +80,11 @@ def test_capacity_model_max_tokens_and_check():
     best = data["answer"]["max_tokens"]
     assert best and data["rows"][0]["feasible"] and data["rows"][0]["seq_len_tokens"] == best
     fits = run("capacity", "--model", "llama-3-8b", "--gpu", "h100", "--gpus", "8", "--tokens", str(best), "--train")
-    assert fits.exit_code == 0 and "fits with" in fits.output
+    assert fits.exit_code == 0 and "tokens fit on 8 x" in fits.output
     unit = 8  # contiguous layout over a ring of 8
     over = run("capacity", "--model", "llama-3-8b", "--gpu", "h100", "--gpus", "8", "--tokens", str(best + unit),
                "--train")
-    assert over.exit_code == 1 and "does NOT fit" in over.output
+    assert over.exit_code == 1 and "do NOT fit" in over.output
 
 
 def test_capacity_model_exit_1_when_nothing_fits():
@@ -133,7 +134,7 @@ def test_plan_exit_1_and_all_lists_why():
     """No setting fits: exit 1; the table with --all says why for each."""
     result = run("plan", "--model", "llama-3-70b", "--gpu", "h100", "--tokens", "1M", "--gpus", "2", "--all",
                  "--no-step-time")
-    assert result.exit_code == 1 and "no setting fits" in result.output and "why not" in result.output
+    assert result.exit_code == 1 and "no setting fits" in result.output and "would fit:" in result.output
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -29,13 +29,14 @@ SMALL = ["--heads", "4", "--head-dim", "32", "--dtype", "fp32", "--warmup", "0",
 PROFILE_OPTIONS = {
     "--out", "--tokens", "--world-sizes", "--shape", "--mode", "--record-as", "--series", "--progress",
     "--device", "--warmup", "--steps", "--timeout", "--batch", "--heads", "--kv-heads", "--head-dim", "--embed-dim",
-    "--dtype", "--causal", "--segment-lengths", "--dilation-rates", "--train", "--projections", "--layout",
-    "--backend", "--format"}
+    "--dtype", "--causal", "--segment-lengths", "--dilation-rates", "--train", "--training", "--projections",
+    "--layout", "--backend", "--format"}
 VALIDATE_OPTIONS = {
     "--gpu", "--world-size", "--tokens", "--tolerance", "--time-tolerance", "--bisect", "--capacity-tolerance",
     "--resolution", "--safety-margin", "--emulate-gpu", "--profile", "--record", "--device", "--warmup", "--steps",
     "--timeout", "--batch", "--heads", "--kv-heads", "--head-dim", "--embed-dim", "--dtype", "--causal",
-    "--segment-lengths", "--dilation-rates", "--train", "--projections", "--layout", "--backend", "--format",
+    "--segment-lengths", "--dilation-rates", "--train", "--training", "--projections", "--layout", "--backend",
+    "--format",
     # whole models (validate --model)
     "--model", "--config", "--layers", "--ffn", "--vocab", "--sharding", "--shard-group", "--checkpointing",
     "--offload", "--loss", "--loss-chunk", "--ring-size", "--write"}

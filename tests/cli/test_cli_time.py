@@ -17,13 +17,13 @@ from ringplan.profiles.timing import (KernelProfile, P2pProfile, load_timing_pro
 REPO = Path(__file__).resolve().parents[2]
 SIMULATE_OPTIONS = {
     "--gpu", "--tokens", "--ring-size", "--heads", "--kv-heads", "--head-dim", "--batch", "--dtype", "--backend",
-    "--causal", "--layout", "--timing-dir", "--step-overhead-us", "--embed-dim", "--training", "--projections",
+    "--causal", "--layout", "--timing-dir", "--step-overhead-us", "--embed-dim", "--train", "--projections",
     "--segment-lengths", "--dilation-rates", "--nodes", "--gpus-per-node", "--intra-link", "--intra-bandwidth",
     "--intra-latency-us", "--inter-link", "--inter-bandwidth", "--inter-latency-us", "--timeline-width",
     "--timeline-ranks", "--plot", "--format"}
 OVERLAP_OPTIONS = {
     "--gpu", "--heads", "--kv-heads", "--head-dim", "--batch", "--dtype", "--backend", "--causal", "--layout",
-    "--timing-dir", "--step-overhead-us", "--training", "--scope", "--intra-link", "--intra-bandwidth",
+    "--timing-dir", "--step-overhead-us", "--train", "--scope", "--intra-link", "--intra-bandwidth",
     "--intra-latency-us", "--inter-link", "--inter-bandwidth", "--inter-latency-us", "--format"}
 
 
@@ -48,7 +48,8 @@ def test_simulate_table_breakdown_and_timeline():
     result = run("simulate", "--gpu", "h100", "--tokens", "64Ki", "--ring-size", "4", "--causal", "--layout", "zigzag",
                  "--training")
     assert result.exit_code == 0, result.output
-    for word in ("step time", "exposed communication", "efficiency vs ideal", "attention backward", "provenance"):
+    for word in ("per training step", "exposed communication", "efficiency vs ideal", "attention backward",
+                 "provenance"):
         assert word in result.output
     assert sum(line.startswith("rank ") for line in result.output.splitlines()) == 4
 
