@@ -65,12 +65,17 @@ def test_need_never_grows_with_more_gpus(plan):
 
 @given(plans)
 def test_memory_saving_settings_never_need_more(plan):
-    """Chunked ≤ full loss; offloaded checkpoints ≤ kept ones; full ≤ selective ≤ no checkpointing."""
+    """Chunked ≤ full loss; offloaded checkpoints ≤ kept ones; full ≤ selective ≤ no checkpointing —
+    for the catalog models at their own depth. (A 4-block cut of Mistral-7B is the exception a brute
+    force over the grid found: at block 0's backward only that block's activations are left, and full
+    checkpointing's recompute of the whole block holds 0.19 GiB more than selective's; the savings on
+    the other blocks, which pay for it at real depth, are too few there.)"""
     name, gpu, m, ring, settings = plan
     tokens = 8192 * ring * m
+    layers = MODELS.model(name).n_layers
 
     def at(**changes) -> float:
-        return upper(name, gpu, tokens, ring, replace(settings, **changes))
+        return upper(name, gpu, tokens, ring, replace(settings, **changes), layers=layers)
 
     assert at(loss="chunked") <= at(loss="full") * (1 + FLOAT_SLACK)
     assert at(checkpointing="full", offload_checkpoints=True) <= at(checkpointing="full") * (1 + FLOAT_SLACK)
