@@ -128,14 +128,22 @@ def step_inputs(workload: Workload, layout: RingLayout, *, device: torch.device,
 
 
 def step_output(inputs: StepInputs) -> torch.Tensor:
-    """The forward pass of one step: the module, the dilated ring, or the dense ring.
+    """The forward pass of one step: the module, the dilated ring, the dense ring, or (``layout.cp_scheme``)
+    all-gather or Ulysses attention over the whole group (hybrid needs a U × R grid of groups: not here).
 
     The ranks' inputs are built alike by construction, so the cross-rank comparison of inputs
     (``check_consistency``) is off: the step measures the attention alone.
     """
-    from ringplan_runtime import ring_attention, ring_dilated_attention
+    from ringplan_runtime import allgather_attention, ring_attention, ring_dilated_attention, ulysses_attention
 
     workload, layout = inputs.workload, inputs.layout
+    if layout.cp_scheme != "ring":
+        schemes = {"allgather": allgather_attention, "ulysses": ulysses_attention}
+        if layout.cp_scheme not in schemes:
+            raise ValueError(f"measure runs the ring, allgather and ulysses schemes, not {layout.cp_scheme}")
+        return schemes[layout.cp_scheme](inputs.q, inputs.k, inputs.v, group=inputs.group,
+                                         causal=workload.pattern.causal, layout=layout.layout,
+                                         backend=layout.backend, check_consistency=False)
     if inputs.module is not None:
         return inputs.module(inputs.x, already_split=True)
     if workload.pattern.dilated:
