@@ -157,5 +157,5 @@ def test_settings_options_through_click():
     assert CliRunner().invoke(cmd, ["--sharding", "fsdp"]).exit_code == 2
     opts = sorted(o for p in cmd.params for o in (*p.opts, *p.secondary_opts))
     assert opts == ["--checkpointing", "--dtype", "--loss", "--loss-chunk", "--master-dtype", "--no-offload",
-                    "--offload", "--shard-group", "--sharding"]
+                    "--no-offload-params", "--offload", "--offload-params", "--shard-group", "--sharding"]
     assert all(p.help for p in cmd.params)

@@ -11,7 +11,8 @@ import click
 from ringplan.cli.common import (MAX_WORLD_SIZE, TOKENS, BoundedInt, InputFile, MarginType, OneLineErrorCommand,
                                  OutputFile, QuietAliasOption, bad_input_exits_2, format_option, render_rows)
 from ringplan.cli.options import (build_workload, cp_scheme_options, explicit_options, explicit_setting_fields,
-                                  model_requested, model_selection_options, stack_query, stack_settings_options, workload_options)
+                                  host_memory_option, model_requested, model_selection_options, stack_query,
+                                  stack_settings_options, workload_options)
 from ringplan.units import GIB
 
 
@@ -66,6 +67,7 @@ def step_time_hook():
 @cp_scheme_options
 @model_selection_options
 @stack_settings_options
+@host_memory_option
 @format_option
 @click.option("--plot", "plot_path", type=OutputFile(), default=None,
               help="Also draw per-GPU memory against tokens per world size into FILE (needs the plot extra).")
@@ -128,6 +130,7 @@ def capacity(ctx: click.Context, gpu_name: str, tokens: int | None, world_size: 
 _WHOLE_MODEL_ONLY = {"n_layers": "--layers", "ffn_dim": "--ffn", "vocab_size": "--vocab", "sharding": "--sharding",
                      "shard_group_size": "--shard-group", "checkpointing": "--checkpointing",
                      "offload_checkpoints": "--offload", "loss": "--loss", "loss_chunk_tokens": "--loss-chunk",
+                     "offload_params": "--offload-params", "host_memory_bytes_per_node": "--host-memory",
                      "ring_size": "--ring-size"}
 #: Attention-layer options (key → flag): an error with --model / --config (a model's attention is causal,
 #: dense, with its projections counted in the stack terms).

@@ -238,6 +238,10 @@ _SETTINGS_OPTIONS = (
     click.option("--offload/--no-offload", "offload_checkpoints", default=False,
                  help="Keep the saved block inputs in pinned CPU memory (needs --checkpointing full). "
                       "Searched when not given."),
+    click.option("--offload-params/--no-offload-params", "offload_params", default=False,
+                 help="Keep the sharded master weights, their gradients and the AdamW states in pinned host "
+                      "memory and step AdamW on the CPU (FSDP2 CPUOffloadPolicy: all three together; zero3 or "
+                      "none). Given only, never searched."),
     click.option("--loss", type=click.Choice(LOSS_MODES), default="chunked",
                  help="Loss over all logits at once (full) or a chunk of tokens at a time (chunked). "
                       "Searched when not given."),
@@ -273,6 +277,15 @@ def model_options(func):
 def stack_settings_options(func):
     """Decorate a command with --sharding, --shard-group, --checkpointing, --offload, --loss, --loss-chunk."""
     return _apply(_SETTINGS_OPTIONS, func)
+
+
+def host_memory_option(func):
+    """Decorate a whole-model planning command with --host-memory (host RAM per node)."""
+    return click.option(
+        "--host-memory", "host_memory_bytes_per_node", type=BYTES, default=None,
+        help="Host RAM of one node (2TB, 512GiB, ...); a plan whose pinned host memory per node (offloaded "
+             "checkpoints and states) exceeds it is infeasible. Default: the GPU's host system "
+             "(DGX H100/H200/B200: 2 TB; ringplan.memory.host_memory).")(func)
 
 
 def stack_dtype_options(func):
@@ -365,7 +378,7 @@ def settings_from_options(**kw: Any) -> StackSettings:
     """The ``StackSettings`` the options describe (``dtype`` → ``param_dtype``); missing keys keep
     the dataclass defaults. Bad input → ``ValueError``."""
     keys = ("sharding", "shard_group_size", "checkpointing", "offload_checkpoints", "loss", "loss_chunk_tokens",
-            "master_dtype")
+            "master_dtype", "offload_params")
     values = {k: kw[k] for k in keys if kw.get(k) is not None}
     dtype = kw.get("param_dtype") or kw.get("dtype")
     if dtype is not None:
@@ -382,7 +395,7 @@ def explicit_setting_fields(**kw: Any) -> frozenset[str]:
 
 #: Settings options whose value, when given, is pinned instead of searched.
 _SETTING_KEYS = ("sharding", "shard_group_size", "checkpointing", "offload_checkpoints", "loss", "loss_chunk_tokens",
-                 "master_dtype", "dtype")
+                 "master_dtype", "dtype", "offload_params")
 
 
 def stack_step_time_hook():
@@ -422,7 +435,8 @@ def stack_query(*, gpu_name: str, training: bool, batch: int, layout: str, backe
     return StackQuery(model=model, gpu=gpu, training=training, batch=batch, layout=layout, backend=backend,
                       candidates=candidates, ring_size=ring_size, data_parallel=None if ring_size else 1,
                       safety_margin=safety_margin, max_world_size=max_world_size,
-                      step_time=stack_step_time_hook() if step_time else None)
+                      step_time=stack_step_time_hook() if step_time else None,
+                      host_memory_bytes_per_node=kw.get("host_memory_bytes_per_node"))
 
 
 # ----------------------------------------------------------------------------- measurement (profile, validate)

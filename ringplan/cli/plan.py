@@ -12,8 +12,8 @@ import click
 
 from ringplan.cli.common import (MAX_BATCH, MAX_WORLD_SIZE, TOKENS, BoundedInt, MarginType, OneLineErrorCommand,
                                  QuietAliasOption, bad_input_exits_2, format_option)
-from ringplan.cli.options import (explicit_setting_fields, model_options, stack_dtype_options, stack_query,
-                                  stack_settings_options)
+from ringplan.cli.options import (explicit_setting_fields, host_memory_option, model_options, stack_dtype_options,
+                                  stack_query, stack_settings_options)
 from ringplan.cli.stack_output import (emit_stack, readable_record, settings_label, stack_answer_lines,
                                        what_would_fit_notes)
 from ringplan.units import GIB
@@ -48,6 +48,7 @@ from ringplan.workload import BACKENDS, LAYOUTS
               help="Local attention kernel.")
 @model_options
 @stack_settings_options
+@host_memory_option
 @stack_dtype_options
 @click.option("--all", "show_all", is_flag=True, help="Also list the settings that do not fit, and why.")
 @click.option("--step-time/--no-step-time", default=True, show_default=True,

@@ -249,7 +249,8 @@ def _boundary_text(boundary) -> str:
 #: Whole-model options (key → flag): an error for one attention layer.
 _MODEL_ONLY = {"ffn_dim": "--ffn", "vocab_size": "--vocab", "sharding": "--sharding", "shard_group_size": "--shard-group",
                "checkpointing": "--checkpointing", "offload_checkpoints": "--offload", "loss": "--loss",
-               "loss_chunk_tokens": "--loss-chunk", "ring_size": "--ring-size", "write_path": "--write"}
+               "loss_chunk_tokens": "--loss-chunk", "ring_size": "--ring-size", "write_path": "--write",
+               "offload_params": "--offload-params"}
 #: Attention-layer options (key → flag): an error for a whole model (its attention is dense and causal,
 #: its projections are in the stack terms; bisection, emulation and attention profiles are layer tools).
 _ATTENTION_ONLY = {"segment_lengths": "--segment-lengths", "dilation_rates": "--dilation-rates",

@@ -16,9 +16,10 @@ HF_CONFIGS = Path(__file__).resolve().parents[1] / "data" / "hf_configs"
 # Golden option set (torchtitan's test_no_new_cli_options): a new option is a decision, update here.
 PLAN_OPTIONS = ["--all", "--backend", "--batch", "--breakdown", "--checkpointing", "--config", "--dtype",
                 "--embed-dim", "--ffn", "--ffn-type", "--format", "--forward", "--forward-only", "--gpu", "--gpus",
-                "--head-dim", "--heads", "--hidden", "--kv-heads",
+                "--head-dim", "--heads", "--hidden", "--host-memory", "--kv-heads",
                 "--layers", "--layout", "--loss", "--loss-chunk", "--master-dtype", "--max-world-size", "--model",
-                "--no-offload", "--no-qk-norm", "--no-step-time", "--norm", "--offload", "--qk-norm", "--ring-size",
+                "--no-offload", "--no-offload-params", "--no-qk-norm", "--no-step-time", "--norm", "--offload",
+                "--offload-params", "--qk-norm", "--ring-size",
                 "--safety-margin", "--shard-group", "--sharding", "--step-time", "--tied-embeddings", "--tokens",
                 "--train", "--training", "--untied-embeddings", "--vocab", "--world-size"]
 LLAMA_1M = ["capacity", "--model", "llama-3-8b", "--gpu", "h100", "--tokens", "1M", "--train"]
