@@ -294,6 +294,17 @@ def _offload_s(c: _Costs, spec) -> float:
     return 2 * copy * c.w.model.n_layers
 
 
+def _state_offload(c: _Costs, spec):
+    """``offload_time.OffloadTime`` of parameter / optimizer-state offload (all 0 without it): the CPU
+    AdamW step and the exposed part of the PCIe copies."""
+    from ringplan.hardware import load_catalog
+    from ringplan.time.offload_time import offload_time
+
+    if c.w.settings.offload_params:
+        c.note("offload link", "default: catalog PCIe link and DRAM bandwidth of the GPU's host system")
+    return offload_time(c.w, spec, load_catalog())
+
+
 def _attention_s(c: _Costs, spec, timing_dir) -> tuple[float, float]:
     """(forward, backward) seconds of one layer's ring attention from the attention time model
     (no host call overhead: inside a stack the host queues it behind earlier kernels)."""
@@ -343,14 +354,17 @@ def step_time(w: StackWorkload, gpu, *, timing_dir: str | Path | None = None,
         comm = overlapped_end_s(units) + overlapped_end_s(backward) - sum(u.compute_s for u in units + backward)
         units += backward
         local = mdl.parameter_count(w.model) / shard_group_size(w)
-        c.bytes("optimizer_s", optimizer_bytes(local, w.settings.master_dtype_bytes))
+        if w.settings.offload_params:  # AdamW steps on the host (ringplan.time.offload_time)
+            c.add("optimizer_s", _state_offload(c, spec).cpu_optimizer_step_time_s)
+        else:
+            c.bytes("optimizer_s", optimizer_bytes(local, w.settings.master_dtype_bytes))
     else:
         comm = overlapped_end_s(units) - sum(u.compute_s for u in units)
     total = sum(u.before_s + u.after_s for u in units)
     if w.training and w.settings.sharding in ("zero1", "zero2") and shard_group_size(w) > 1:
         regather = _gather_s(w, links, mdl.parameter_count(w.model))  # the updated shards, after the step
         comm, total = comm + regather, total + regather
-    offload = _offload_s(c, spec)
+    offload = _offload_s(c, spec) + (_state_offload(c, spec).exposed_pcie_time_s if w.training else 0.0)
     overhead = DEFAULT_CALL_OVERHEAD_S if call_overhead_s is None else float(call_overhead_s)
     per_kernel = DEFAULT_HOST_S_PER_KERNEL if host_s_per_kernel is None else host_s_per_kernel
     device = sum(c.parts.values()) + comm + offload

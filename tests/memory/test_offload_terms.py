@@ -118,3 +118,25 @@ def test_offload_time_hand_computed():
     assert 0 < t.exposed_pcie_time_s < t.pcie_time_s
     assert t.exposed_time_s == t.exposed_pcie_time_s + t.cpu_optimizer_step_time_s
     assert offload_time(workload(), catalog.gpu("h100"), catalog).exposed_time_s == 0.0
+
+
+def test_host_links_agree_with_the_step_time_model():
+    """One host link per GPU: ``HOST_SYSTEMS`` names the same PCIe link as the checkpoint-offload time model."""
+    from ringplan.time.stack_time import HOST_LINK
+
+    assert {name: host.host_link for name, host in HOST_SYSTEMS.items()} == HOST_LINK
+
+
+def test_step_time_swaps_the_gpu_optimizer_for_the_cpu_step():
+    """With offload the step's optimizer part is the CPU AdamW step and the exposed PCIe copies join the
+    offload part; every other part is unchanged."""
+    from ringplan.time.stack_time import step_time
+
+    catalog = load_catalog()
+    plain, offloaded = workload(world=8, checkpointing="full"), workload(world=8, checkpointing="full",
+                                                                         offload_params=True)
+    a, b = step_time(plain, "h100").parts_s, step_time(offloaded, "h100").parts_s
+    extra = offload_time(offloaded, catalog.gpu("h100"), catalog)
+    assert b["optimizer_s"] == pytest.approx(extra.cpu_optimizer_step_time_s)
+    assert b["offload_s"] == pytest.approx(a["offload_s"] + extra.exposed_pcie_time_s)
+    assert all(a[k] == b[k] for k in a if k not in ("optimizer_s", "offload_s"))
