@@ -167,13 +167,12 @@ def _whole_model(*, gpu_name: str, tokens: int | None, world_size: int | None, m
 
 
 def _model(model_form: str, profile_paths: tuple[str, ...]):
-    from ringplan.memory.attention_model import MemoryModel, default_memory_model
+    from ringplan.memory.attention_model import default_memory_model, memory_model_from_profiles
     from ringplan.profiles.attention import load_profile
 
     if not profile_paths:
         return default_memory_model(model_form)
-    profiles = [load_profile(path) for path in profile_paths]
-    return MemoryModel(rows=tuple((row, p.path or "") for p in profiles for row in p.rows), form=model_form)
+    return memory_model_from_profiles([load_profile(path) for path in profile_paths], model_form)
 
 
 def _answer_record(query, answer, tokens: int | None, world_size: int | None) -> dict[str, Any]:

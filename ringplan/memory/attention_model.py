@@ -26,7 +26,7 @@ from ringplan.memory.calibration import fit_calibrations, overhead_features, sla
 from ringplan.memory.family_borrow import borrowed_bound_bytes, nearest_family
 from ringplan.memory.fit_cache import FitCache, usable_calibrations
 from ringplan.memory.part_fit import Calibration, PartFit, with_borrowed
-from ringplan.memory.attention_fits import (FIT_KINDS, FitStats, MemoryFit, SeedFit, fit_seed_form,
+from ringplan.memory.attention_fits import (FIT_KINDS, FitStats, MemoryFit, SeedFit, fit_rows, fit_seed_form,
                                             fit_warnings, kernel_family, row_family, row_inputs, seed_shape_key,
                                             slack_family, workload_family)
 from ringplan.memory.attention_terms import TermInputs, term_inputs, terms_at
@@ -376,6 +376,19 @@ def _workload_seed_key(workload: Workload, layout: RingLayout) -> tuple:
 def measured_rows(directory: str | Path | None = None) -> tuple[tuple[Measurement, str], ...]:
     """(row, source file) of every profile in ``directory`` (default ``profiles/measured``)."""
     return tuple((row, profile.path or "") for profile in load_profiles(directory) for row in profile.rows)
+
+
+def memory_model_from_profiles(profiles, form: str = "analytic") -> MemoryModel:
+    """The model fitted on the rows of the given profiles (``capacity --profile``). ``ValueError``
+    naming the files when they hold no row a fit can use — the same rule as ``ringplan fit`` (a file
+    of zero rows must not answer as "analytic, unfitted")."""
+    rows = tuple((row, p.path or "") for p in profiles for row in p.rows)
+    try:
+        fit_rows([row for row, _ in rows])
+    except ValueError as exc:
+        names = ", ".join(p.path or "<profile>" for p in profiles)
+        raise ValueError(f"{names}: {exc}") from None
+    return MemoryModel(rows=rows, form=form)
 
 
 def _fit_measured(directory: Path | None) -> tuple[dict[str, Calibration], str]:

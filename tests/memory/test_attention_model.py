@@ -177,3 +177,16 @@ def test_default_model_choices():
     assert h200.relative_uncertainty < PRIOR_RELATIVE_UNCERTAINTY
     seed_model = default_memory_model("seed")
     assert "seed form" in seed_model.predict(WORKLOAD, RingLayout(ring_size=8), CATALOG.gpu("a100-40gb")).provenance
+
+
+def test_profiles_without_fittable_rows_are_refused(tmp_path):
+    """``capacity --profile`` with a file of zero rows (or only OOM rows) is bad input, as for
+    ``ringplan fit``: a ValueError naming the file, never an "analytic (unfitted)" answer."""
+    from ringplan.memory.attention_model import memory_model_from_profiles
+    from ringplan.profiles.attention import Profile, Provenance
+
+    empty = Profile(provenance=Provenance(source="test"), rows=(), path=str(tmp_path / "empty.json"))
+    with pytest.raises(ValueError, match="empty.json: no rows to fit"):
+        memory_model_from_profiles([empty])
+    seed = load_profile(measured_dir() / "gtx1080-seed.json")
+    assert memory_model_from_profiles([seed]).rows
