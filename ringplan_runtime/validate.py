@@ -38,13 +38,16 @@ CPU_MAX_TOKENS_PER_RANK = 16_384
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Plan:
-    """What to run: the workload on a ring, the GPU the prediction is for, and the emulated GPU."""
+    """What to run: the workload on a ring, the GPU the prediction is for, and the emulated GPU.
+    ``runs_on``: the GPU that actually runs an emulated plan (its step time is that GPU's: an
+    emulated card caps memory, not speed); None when not emulating or not in the catalog."""
 
     workload: Workload
     layout: RingLayout
     gpu: GpuSpec | None
     emulate: GpuSpec | None = None
     device_type: str = "cuda"
+    runs_on: GpuSpec | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -170,17 +173,19 @@ def ring_sent_bytes(workload: Workload, layout: RingLayout) -> int | None:
 
 def predicted_step_time_s(plan: Plan) -> tuple[float | None, str]:
     """The time model's step time for the plan, or None (no time model, no data, or CPU)."""
-    if plan.device_type != "cuda" or plan.gpu is None:
+    gpu = plan.runs_on if plan.emulate is not None and plan.runs_on is not None else plan.gpu
+    if plan.device_type != "cuda" or gpu is None:
         return None, "no time model on CPU"
     try:
         from ringplan.time.attention_time import step_time_prediction
     except ImportError:
         return None, "ringplan.time.attention_time absent"
     try:
-        prediction = step_time_prediction(plan.workload, plan.layout, plan.gpu)
+        prediction = step_time_prediction(plan.workload, plan.layout, gpu)
     except ValueError as error:
         return None, f"time model: {error}"
-    return prediction.step_time_s, f"time model ({prediction.provenance})"
+    ran_on = f"; timed as {gpu.name}, the GPU that ran the emulation" if gpu is not plan.gpu else ""
+    return prediction.step_time_s, f"time model ({prediction.provenance}{ran_on})"
 
 
 def predicted_figures(plan: Plan, model, *, tolerance: float, time_tolerance: float,
@@ -391,7 +396,8 @@ def run_stack(plan: StackPlan, *, settings: MeasureSettings, timeout_s: float = 
 
 def predicted_stack_step_time_s(plan: StackPlan) -> tuple[float | None, str]:
     """``stack_time.step_time`` of the plan, or None (CPU, no GPU, or no data)."""
-    if plan.device_type != "cuda" or plan.gpu is None:
+    gpu = plan.runs_on if plan.emulate is not None and plan.runs_on is not None else plan.gpu
+    if plan.device_type != "cuda" or gpu is None:
         return None, "no time model on CPU"
     from ringplan.time.stack_time import step_time
 

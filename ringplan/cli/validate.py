@@ -80,7 +80,17 @@ def _plan(gpu_name, emulate_gpu, world_size, tokens, device, workload_args, *, c
     workload = build_workload(seq_len_tokens=tokens, **workload_args)
     layout = RingLayout(ring_size=world_size, layout=workload_args["layout"], backend=workload_args["backend"])
     check_launch(world_size=world_size if check_devices else 1, device_type=device_type, emulate=emulate)
-    return Plan(workload=workload, layout=layout, gpu=gpu, emulate=emulate, device_type=device_type)
+    runs_on = _emulating_gpu(catalog, device_type) if emulate is not None else None
+    return Plan(workload=workload, layout=layout, gpu=gpu, emulate=emulate, device_type=device_type,
+                runs_on=runs_on)
+
+
+def _emulating_gpu(catalog, device_type: str):
+    """The local GPU that runs an emulation, for its step time; None when the catalog lacks it."""
+    try:
+        return _local_gpu(catalog, device_type)
+    except ValueError:
+        return None
 
 
 def _local_gpu(catalog, device_type: str):
