@@ -229,7 +229,7 @@ def stack_answer_lines(query, headline: str, row, *, given: frozenset[str] | set
     lines.append(("tokens", f"{row.seq_len_tokens:,} per sequence, {row.tokens_per_rank:,} per GPU"))
     lines.append(("settings", ", ".join(setting_labels(query, row.settings, given))))
     p = row.prediction
-    verdict = "headroom" if row.feasible else "short by"
+    verdict = "headroom" if row.headroom_bytes >= 0 else "short by"  # a row can fail on host RAM alone
     lines.append(("memory", f"{gib(p.total_bytes)} + {gib(p.residual_bound_bytes)} bound = {gib(p.upper_bytes)} "
                             f"per GPU of a {gib(row.budget_bytes)} budget ({gib(gpu.usable_memory_bytes)} usable, "
                             f"{query.safety_margin:.0%} margin); {verdict} {gib(abs(row.headroom_bytes))}"))
@@ -241,7 +241,8 @@ def stack_answer_lines(query, headline: str, row, *, given: frozenset[str] | set
     if host:
         budget = row.host_budget_bytes_per_node
         lines.append(("host RAM", f"{gib(host)} pinned per node for what is offloaded ({gib(row.host_memory_bytes_per_gpu)} "
-                                  f"per GPU)" + (f" of the node's {gib(budget)}" if budget else "")))
+                                  f"per GPU)" + (f" of the node's {gib(budget)}" if budget else "")
+                                  + (" — over the node's host RAM (--host-memory)" if budget and host > budget else "")))
     if offload_alternative is not None:
         lines.append(("offload chosen", f"without it the same plan needs "
                                         f"{gib(offload_alternative.prediction.upper_bytes)} per GPU"))
