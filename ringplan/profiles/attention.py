@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from ringplan.paths import measured_dir
-from ringplan.profiles.envelope import (ROW_KINDS, Checker, Provenance, parsed_profile, profile_files,
+from ringplan.profiles.envelope import (Checker, Provenance, RowColumns, parsed_profile, profile_files,
                                         provenance_to_json, write_merged_profile)
 from ringplan.jsonfile import read_json_file
 from ringplan.units import DTYPE_BYTES
-from ringplan.workload import BACKENDS, LAYOUTS, AttentionPattern, AttentionShape, RingLayout, Workload
+from ringplan.workload import AttentionPattern, AttentionShape, RingLayout, Workload
 
 PROFILE_SCHEMA = "ringplan.profile/1"
 FIGURE_FIELDS: tuple[str, ...] = (
@@ -113,30 +113,14 @@ _REQUIRED = ("gpu", "seq_len_tokens", "ring_size", "n_heads", "n_kv_heads", "hea
 _ROW_FIELDS = tuple(f.name for f in fields(Measurement))
 
 
+_COLUMNS = RowColumns(known=_ROW_FIELDS, required=_REQUIRED, ints=_INT_FIELDS, flags=_BOOL_FIELDS,
+                      figures=FIGURE_FIELDS)
+
+
 def _row_from_json(check: Checker, index: int, raw: Any) -> Measurement:
     where = f"rows[{index}]"
-    if not isinstance(raw, dict):
-        check.fail(where, "is not an object", raw)
-    for name in raw:
-        if name not in _ROW_FIELDS:
-            check.fail(f"{where}.{name}", "is not a known column (known: " + ", ".join(_ROW_FIELDS) + ")",
-                       show_value=False)
-    for name in _REQUIRED:
-        if raw.get(name) is None:
-            check.fail(f"{where}.{name}", "is missing", show_value=False)
-    values: dict[str, Any] = {name: check.positive_int(f"{where}.{name}", raw[name])
-                              for name in _INT_FIELDS if name in raw}
-    for name in _BOOL_FIELDS:
-        if name in raw and not isinstance(raw[name], bool):
-            check.fail(f"{where}.{name}", "is not true/false", raw[name])
-        values[name] = raw.get(name, False)
-    for name in FIGURE_FIELDS:
-        values[name] = check.figure(f"{where}.{name}", raw.get(name))
+    values = check.row_values(index, raw, columns=_COLUMNS)
     values["dtype"] = check.choice(f"{where}.dtype", raw["dtype"], tuple(DTYPE_BYTES))
-    values["layout"] = check.choice(f"{where}.layout", raw.get("layout", "contiguous"), LAYOUTS)
-    values["backend"] = check.choice(f"{where}.backend", raw.get("backend", "auto"), BACKENDS)
-    values["kind"] = check.choice(f"{where}.kind", raw.get("kind", "measured"), ROW_KINDS)
-    values["gpu"] = check.gpu(f"{where}.gpu", raw["gpu"])
     for name in ("segment_lengths_tokens", "dilation_rates"):
         values[name] = check.int_tuple(f"{where}.{name}", raw.get(name, []))
     if len(values["segment_lengths_tokens"]) != len(values["dilation_rates"]):
@@ -144,10 +128,6 @@ def _row_from_json(check: Checker, index: int, raw: Any) -> Measurement:
                    list(values["dilation_rates"]))
     if values["n_heads"] % values["n_kv_heads"]:
         check.fail(f"{where}.n_kv_heads", f"does not divide n_heads={values['n_heads']}", values["n_kv_heads"])
-    for name in ("series", "notes"):
-        if raw.get(name) is not None and not isinstance(raw[name], str):
-            check.fail(f"{where}.{name}", "is not a string", raw[name])
-        values[name] = raw.get(name)
     return Measurement(**values)
 
 

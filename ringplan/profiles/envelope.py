@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ringplan.jsonfile import write_merged_json
+from ringplan.workload import BACKENDS, LAYOUTS
 
 #: Provenance keys with one string value (or null), and ``gpu_count`` / ``cudnn_version`` (a positive integer or null):
 #: the union of the keys the committed memory, stack and timing profiles carry.
@@ -76,6 +77,18 @@ def shown(value: Any, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters (a 300-digit number in a message helps no one)."""
     text = repr(value) if not (isinstance(value, int) and abs(value) > MAX_INTEGER) else f"<{value.bit_length()}-bit integer>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RowColumns:
+    """The columns of one row format, as ``Checker.row_values`` checks them."""
+
+    known: tuple[str, ...]
+    required: tuple[str, ...]
+    ints: tuple[str, ...]
+    flags: tuple[str, ...]
+    figures: tuple[str, ...]
+    true_by_default: tuple[str, ...] = ()
 
 
 class Checker:
@@ -151,6 +164,38 @@ class Checker:
             return load_catalog().gpu(value).name
         except ValueError as exc:
             self.fail(where, f"is not in the GPU catalog ({exc})", show_value=False)
+
+    def row_values(self, index: int, raw: Any, *, columns: "RowColumns") -> dict[str, Any]:
+        """The checked values every row format shares: ``raw`` is an object of known columns with the
+        required ones present; integers positive, flags true/false (absent: ``columns.true_by_default``
+        are true), figures finite; layout, backend, kind and GPU valid; series and notes strings."""
+        where = f"rows[{index}]"
+        if not isinstance(raw, dict):
+            self.fail(where, "is not an object", raw)
+        for name in raw:
+            if name not in columns.known:
+                self.fail(f"{where}.{name}", "is not a known column (known: " + ", ".join(columns.known) + ")",
+                          show_value=False)
+        for name in columns.required:
+            if raw.get(name) is None:
+                self.fail(f"{where}.{name}", "is missing", show_value=False)
+        values: dict[str, Any] = {name: self.positive_int(f"{where}.{name}", raw[name])
+                                  for name in columns.ints if name in raw}
+        for name in columns.flags:
+            if name in raw and not isinstance(raw[name], bool):
+                self.fail(f"{where}.{name}", "is not true/false", raw[name])
+            values[name] = raw.get(name, name in columns.true_by_default)
+        for name in columns.figures:
+            values[name] = self.figure(f"{where}.{name}", raw.get(name))
+        values["layout"] = self.choice(f"{where}.layout", raw.get("layout", "contiguous"), LAYOUTS)
+        values["backend"] = self.choice(f"{where}.backend", raw.get("backend", "auto"), BACKENDS)
+        values["kind"] = self.choice(f"{where}.kind", raw.get("kind", "measured"), ROW_KINDS)
+        values["gpu"] = self.gpu(f"{where}.gpu", raw["gpu"])
+        for name in ("series", "notes"):
+            if raw.get(name) is not None and not isinstance(raw[name], str):
+                self.fail(f"{where}.{name}", "is not a string", raw[name])
+            values[name] = raw.get(name)
+        return values
 
     def unique_rows(self, keys: Sequence[Hashable]) -> None:
         """Refuse two rows with the same key (one row per run: which one would count?)."""

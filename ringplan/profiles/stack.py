@@ -28,11 +28,11 @@ from typing import Any
 
 from ringplan.models import ModelSpec
 from ringplan.paths import stack_profiles_dir
-from ringplan.profiles.envelope import (ROW_KINDS, Checker, Provenance, parsed_profile, profile_files,
+from ringplan.profiles.envelope import (Checker, Provenance, RowColumns, parsed_profile, profile_files,
                                         provenance_to_json, write_merged_profile)
 from ringplan.jsonfile import read_json_file
 from ringplan.stack import StackSettings, StackWorkload
-from ringplan.workload import BACKENDS, LAYOUTS, RingLayout
+from ringplan.workload import RingLayout
 
 STACK_SCHEMA = "ringplan.stack/1"
 #: Observed figures of a row (None: not observed, e.g. allocator figures on a CPU run).
@@ -141,36 +141,16 @@ def _sub_object(check: Checker, where: str, raw: Any, known: tuple[str, ...], bu
         check.fail(where, f"is invalid ({exc})", show_value=False)
 
 
+_COLUMNS = RowColumns(known=_ROW_FIELDS, required=_REQUIRED, ints=_INT_FIELDS, flags=_BOOL_FIELDS,
+                      figures=STACK_FIGURE_FIELDS, true_by_default=("training",))
+
+
 def _row_from_json(check: Checker, index: int, raw: Any) -> StackMeasurement:
     where = f"rows[{index}]"
-    if not isinstance(raw, dict):
-        check.fail(where, "is not an object", raw)
-    for name in raw:
-        if name not in _ROW_FIELDS:
-            check.fail(f"{where}.{name}", "is not a known column (known: " + ", ".join(_ROW_FIELDS) + ")",
-                       show_value=False)
-    for name in _REQUIRED:
-        if raw.get(name) is None:
-            check.fail(f"{where}.{name}", "is missing", show_value=False)
-    values: dict[str, Any] = {name: check.positive_int(f"{where}.{name}", raw[name])
-                              for name in _INT_FIELDS if name in raw}
-    for name in _BOOL_FIELDS:
-        if name in raw and not isinstance(raw[name], bool):
-            check.fail(f"{where}.{name}", "is not true/false", raw[name])
-        values[name] = raw.get(name, name == "training")
-    for name in STACK_FIGURE_FIELDS:
-        values[name] = check.figure(f"{where}.{name}", raw.get(name))
-    values["layout"] = check.choice(f"{where}.layout", raw.get("layout", "contiguous"), LAYOUTS)
-    values["backend"] = check.choice(f"{where}.backend", raw.get("backend", "auto"), BACKENDS)
-    values["kind"] = check.choice(f"{where}.kind", raw.get("kind", "measured"), ROW_KINDS)
-    values["gpu"] = check.gpu(f"{where}.gpu", raw["gpu"])
+    values = check.row_values(index, raw, columns=_COLUMNS)
     values["model"] = _sub_object(check, f"{where}.model", raw["model"], MODEL_FIELDS, ModelSpec)
     values["settings"] = _sub_object(check, f"{where}.settings", raw.get("settings", {}), SETTINGS_FIELDS,
                                      StackSettings)
-    for name in ("series", "notes"):
-        if raw.get(name) is not None and not isinstance(raw[name], str):
-            check.fail(f"{where}.{name}", "is not a string", raw[name])
-        values[name] = raw.get(name)
     row = StackMeasurement(**values)
     try:
         row.workload()
