@@ -246,7 +246,10 @@ _SETTINGS_OPTIONS = (
                  help="Loss over all logits at once (full) or a chunk of tokens at a time (chunked). "
                       "Searched when not given."),
     click.option("--loss-chunk", "loss_chunk_tokens", type=TOKENS, default=4096, show_default=True,
-                 help="Tokens per loss chunk with --loss chunked (4096, 8Ki, ...)."),
+                 help="Tokens per loss chunk with --loss chunked (4096, 8Ki, ...): the loss tile."),
+    click.option("--mlp-tile", "mlp_tile_tokens", type=TOKENS, default=None,
+                 help="Run the MLP on this many tokens of each sequence at a time, each tile recomputed in "
+                      "backward (must divide the tokens per GPU). Given only, never searched."),
 )
 
 _DTYPE_OPTIONS = (
@@ -378,7 +381,7 @@ def settings_from_options(**kw: Any) -> StackSettings:
     """The ``StackSettings`` the options describe (``dtype`` → ``param_dtype``); missing keys keep
     the dataclass defaults. Bad input → ``ValueError``."""
     keys = ("sharding", "shard_group_size", "checkpointing", "offload_checkpoints", "loss", "loss_chunk_tokens",
-            "master_dtype", "offload_params")
+            "master_dtype", "offload_params", "mlp_tile_tokens")
     values = {k: kw[k] for k in keys if kw.get(k) is not None}
     dtype = kw.get("param_dtype") or kw.get("dtype")
     if dtype is not None:
@@ -395,7 +398,7 @@ def explicit_setting_fields(**kw: Any) -> frozenset[str]:
 
 #: Settings options whose value, when given, is pinned instead of searched.
 _SETTING_KEYS = ("sharding", "shard_group_size", "checkpointing", "offload_checkpoints", "loss", "loss_chunk_tokens",
-                 "master_dtype", "dtype", "offload_params")
+                 "master_dtype", "dtype", "offload_params", "mlp_tile_tokens")
 
 
 def stack_step_time_hook():

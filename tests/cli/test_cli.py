@@ -18,7 +18,7 @@ EXPECTED_OPTIONS = {
     "capacity": ["--backend", "--batch", "--breakdown", "--causal", "--checkpointing", "--config", "--cp",
                  "--dilation-rates", "--dtype", "--embed-dim", "--ffn", "--format", "--forward", "--forward-only",
                  "--gpu", "--gpus", "--head-dim", "--heads", "--host-memory", "--kv-heads", "--layers", "--layout",
-                 "--loss", "--loss-chunk", "--max-world-size", "--model", "--model-form", "--no-causal", "--no-offload",
+                 "--loss", "--loss-chunk", "--max-world-size", "--mlp-tile", "--model", "--model-form", "--no-causal", "--no-offload",
                  "--no-offload-params", "--no-projections", "--no-step-time", "--offload", "--offload-params", "--plot",
                  "--profile", "--projections", "--ring-size", "--safety-margin", "--segment-lengths", "--shard-group", "--sharding", "--step-time",
                  "--tokens", "--train", "--training", "--ulysses-degree", "--vocab",

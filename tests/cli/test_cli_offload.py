@@ -43,3 +43,21 @@ def test_host_memory_over_the_node_is_infeasible():
     assert fits.exit_code == 0
     best = json.loads(fits.output)["rows"][0]
     assert best["offload_params"] and best["host_memory_budget_bytes_per_node"] == 2 * 10**12
+
+
+def test_mlp_tile_is_a_given_setting():
+    """``--mlp-tile`` reaches the plan as the tiled MLP (JSON settings), lets one H100 hold a longer
+    sequence than without, and a tile that does not divide the tokens per GPU is bad input."""
+    import json
+
+    from click.testing import CliRunner
+
+    from ringplan.cli import main
+
+    base = ["capacity", "--model", "llama-3-8b", "--layers", "4", "--gpu", "h100", "--gpus", "1", "--train",
+            "--sharding", "zero3", "--checkpointing", "none", "--format", "json"]
+    plain = json.loads(CliRunner().invoke(main, base).output)
+    tiled = json.loads(CliRunner().invoke(main, base + ["--mlp-tile", "1024"]).output)
+    assert tiled["answer"]["max_tokens"] > plain["answer"]["max_tokens"]
+    bad = CliRunner().invoke(main, base[:-2] + ["--tokens", "3000", "--mlp-tile", "1024"])
+    assert bad.exit_code == 2 and bad.output.count("Error:") == 1 and "tile" in bad.output

@@ -17,7 +17,7 @@ HF_CONFIGS = Path(__file__).resolve().parents[1] / "data" / "hf_configs"
 PLAN_OPTIONS = ["--all", "--backend", "--batch", "--breakdown", "--checkpointing", "--config", "--dtype",
                 "--embed-dim", "--ffn", "--ffn-type", "--format", "--forward", "--forward-only", "--gpu", "--gpus",
                 "--head-dim", "--heads", "--hidden", "--host-memory", "--kv-heads",
-                "--layers", "--layout", "--loss", "--loss-chunk", "--master-dtype", "--max-world-size", "--model",
+                "--layers", "--layout", "--loss", "--loss-chunk", "--master-dtype", "--max-world-size", "--mlp-tile", "--model",
                 "--no-offload", "--no-offload-params", "--no-qk-norm", "--no-step-time", "--norm", "--offload",
                 "--offload-params", "--qk-norm", "--ring-size",
                 "--safety-margin", "--shard-group", "--sharding", "--step-time", "--tied-embeddings", "--tokens",

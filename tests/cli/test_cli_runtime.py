@@ -39,7 +39,7 @@ VALIDATE_OPTIONS = {
     "--format",
     # whole models (validate --model)
     "--model", "--config", "--layers", "--ffn", "--vocab", "--sharding", "--shard-group", "--checkpointing",
-    "--offload", "--offload-params", "--loss", "--loss-chunk", "--ring-size", "--write"}
+    "--offload", "--offload-params", "--loss", "--loss-chunk", "--mlp-tile", "--ring-size", "--write"}
 
 
 def _options(name: str) -> set[str]:
