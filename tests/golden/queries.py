@@ -149,11 +149,24 @@ def all_queries() -> list[str]:
     return list(dict.fromkeys(queries))
 
 
+def fresh_models() -> None:
+    """Forget the memory models a previous query built, so each answer is the one a fresh process
+    gives: a model memoises its predictions, and the searches' lower bound reads an exact figure
+    once it was predicted, so which equal-memory setting a table shows could depend on the queries
+    (or tests) run before it in the same process."""
+    from ringplan.memory.attention_model import default_memory_model
+    from ringplan.memory.stack_model import default_stack_memory_model
+
+    default_stack_memory_model.cache_clear()
+    default_memory_model.cache_clear()
+
+
 def run_query(query: str) -> dict:
     from click.testing import CliRunner
 
     from ringplan.cli import main
 
+    fresh_models()
     result = CliRunner().invoke(main, query.split(), catch_exceptions=True)
     output = result.output
     if result.exception is not None and not isinstance(result.exception, SystemExit):
