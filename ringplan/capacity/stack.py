@@ -320,12 +320,11 @@ def chosen_rows(query: StackQuery, found: Scan) -> list[StackRow]:
 
 
 def frugal_row(query: StackQuery, found: Scan) -> StackRow | None:
-    """For a (S, W) where nothing fits: the predicted row of the candidate with the least memory
-    among those predicted and the one with the lowest lower bound among the pruned."""
-    rows = list(found.evaluated)
-    if found.pruned:
-        rows.append(memory_row(query, min(found.pruned, key=lambda pair: pair[0])[1]))
-    return min(rows, key=lambda r: (r.prediction.upper_bytes, preference_key(r.settings))) if rows else None
+    """For a (S, W) where nothing fits: the candidate with the least memory, every candidate (the
+    pruned ones too) predicted in full — which candidates were pruned depends on what the model had
+    already predicted (its lower bound is the exact figure then), the answer must not."""
+    rows = [*found.evaluated, *(memory_row(query, w) for _, w in found.pruned)]
+    return lowest_memory_row(rows) if rows else None
 
 
 def lowest_memory_row(rows: list[StackRow]) -> StackRow:
