@@ -20,9 +20,13 @@ Built only on the public searches of ``ringplan.capacity.attention`` and ``ringp
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from ringplan.capacity import attention, stack
+from ringplan.capacity import attention
+
+# The whole-model search is imported by the functions that use it: not on an attention query's cold start.
+if TYPE_CHECKING:
+    from ringplan.capacity import stack
 
 #: Ring sizes whose largest S the attention max-tokens answer shows below the asked W.
 SHOWN_RING_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -99,6 +103,8 @@ def _attention_max_tokens(query: attention.CapacityQuery, world_size: int) -> Ca
 def stack_capacity(query: stack.StackQuery, seq_len_tokens: int | None, world_size: int | None) -> CapacityAnswer:
     """A whole model: check S on W, fewest GPUs for S (with the rounded-length hint), or most
     tokens on W, each over the query's candidate settings."""
+    from ringplan.capacity import stack
+
     if seq_len_tokens is None and world_size is None:
         raise ValueError("give --tokens N (fewest GPUs), --world-size K (most tokens), or both")
     if seq_len_tokens is not None and world_size is not None:
@@ -118,6 +124,8 @@ def stack_capacity(query: stack.StackQuery, seq_len_tokens: int | None, world_si
 def _stack_check(query: stack.StackQuery, seq_len_tokens: int, world_size: int) -> CapacityAnswer:
     """S on W: the chosen setting when one fits, else the most frugal one; ``ValueError`` when no
     candidate is a valid run there (its reason)."""
+    from ringplan.capacity import stack
+
     found = stack.scan(query, seq_len_tokens, world_size, first_only=query.step_time is None)
     chosen = stack.chosen_rows(query, found)
     if not chosen and not found.evaluated and not found.pruned:
@@ -131,6 +139,8 @@ def _stack_check(query: stack.StackQuery, seq_len_tokens: int, world_size: int) 
 def what_would_fit(query: stack.StackQuery, seq_len_tokens: int,
                    world_size: int) -> tuple[stack.StackRow | None, stack.StackRow | None]:
     """(the fewest GPUs that hold S, the most tokens W GPUs hold), each None when there is none."""
+    from ringplan.capacity import stack
+
     fewest = stack.min_world_size(query, seq_len_tokens).minimum
     try:
         longest = stack.max_tokens(query, world_size).best
@@ -141,6 +151,8 @@ def what_would_fit(query: stack.StackQuery, seq_len_tokens: int,
 
 def without_offload(query: stack.StackQuery, row: stack.StackRow | None) -> stack.StackRow | None:
     """The same run as ``row`` with its checkpoints kept on the GPU, when ``row`` offloads them."""
+    from ringplan.capacity import stack
+
     if row is None or not row.settings.offload_checkpoints:
         return None
     settings = replace(row.settings, offload_checkpoints=False)
@@ -150,6 +162,8 @@ def without_offload(query: stack.StackQuery, row: stack.StackRow | None) -> stac
 def plan_answer(query: stack.StackQuery, seq_len_tokens: int, world_size: int | None) -> PlanAnswer:
     """``ringplan plan``: every setting ranked (``stack.plan``); when none fits, what would; when the
     fastest offloads, the same run without offload."""
+    from ringplan.capacity import stack
+
     result = stack.plan(query, seq_len_tokens, world_size)
     if not result.feasible:
         fewest, longest = what_would_fit(query, seq_len_tokens, result.world_size)
@@ -161,6 +175,8 @@ def rounder_length(query: stack.StackQuery, seq_len_tokens: int,
                    best: stack.StackRow | None) -> tuple[int | None, stack.StackRow | None]:
     """(S rounded down to a multiple of ``ROUND_TOKENS``, its fewest-GPUs row) when S's answer is
     not a power of two (or nothing fits) and the rounded length fits on fewer GPUs; else (None, None)."""
+    from ringplan.capacity import stack
+
     rounded = seq_len_tokens - seq_len_tokens % ROUND_TOKENS
     if rounded <= 0 or rounded == seq_len_tokens or (best is not None and best.world_size & (best.world_size - 1) == 0):
         return None, None
