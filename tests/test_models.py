@@ -298,7 +298,7 @@ def test_models_command_lists_the_catalog(catalog):
     assert result.exit_code == 0, result.output
     for spec in catalog.models:
         assert f"| {spec.name} " in result.output
-    assert "8.030" in result.output and "0.124" in result.output
+    assert "|     8.03 |" in result.output and "|     0.12 |" in result.output
 
 
 def test_models_command_json_and_one_model_with_sources():
@@ -333,7 +333,7 @@ def test_models_command_bad_input_exits_2(args, message):
 
 def test_models_option_set():
     """Golden option set of `ringplan models`; every option has help."""
-    cmd = main.commands["models"]
+    cmd = main.get_command(None, "models")
     assert sorted(o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")) == [
         "--config", "--format", "--sources"]
     assert all(p.help for p in cmd.params if isinstance(p, click.Option))
@@ -412,7 +412,8 @@ def test_full_model_options_golden_set():
         click.echo(model_from_options(**kw).name)
 
     opts = sorted(o for p in cmd.params for o in (*p.opts, *p.secondary_opts))
-    assert opts == ["--config", "--ffn", "--ffn-type", "--head-dim", "--heads", "--hidden", "--kv-heads", "--layers",
+    assert opts == ["--config", "--embed-dim", "--ffn", "--ffn-type", "--head-dim", "--heads", "--hidden", "--kv-heads",
+                    "--layers",
                     "--model", "--no-qk-norm", "--norm", "--qk-norm", "--tied-embeddings", "--untied-embeddings",
                     "--vocab"]
     assert all(p.help for p in cmd.params)

@@ -15,15 +15,16 @@ SEED = str(measured_dir() / "gtx1080-seed.json")
 
 # Golden option sets (torchtitan's test_no_new_cli_options): a new option is a decision, update here.
 EXPECTED_OPTIONS = {
-    "capacity": ["--backend", "--batch", "--breakdown", "--causal", "--checkpointing", "--config", "--cp",
+    "capacity": ["--backend", "--batch", "--breakdown", "--catalog", "--causal", "--checkpointing", "--config", "--cp",
                  "--dilation-rates", "--dtype", "--embed-dim", "--ffn", "--format", "--forward", "--forward-only",
-                 "--gpu", "--gpus", "--head-dim", "--heads", "--host-memory", "--kv-heads", "--layers", "--layout",
+                 "--gpu", "--gpu-spec", "--gpus", "--head-dim", "--heads", "--host-memory", "--kv-heads", "--layers",
+                 "--layout",
                  "--loss", "--loss-chunk", "--max-world-size", "--mlp-tile", "--model", "--model-form", "--no-causal", "--no-offload",
                  "--no-offload-params", "--no-projections", "--no-step-time", "--offload", "--offload-params", "--plot",
                  "--profile", "--projections", "--ring-size", "--safety-margin", "--segment-lengths", "--shard-group", "--sharding", "--step-time",
                  "--tokens", "--train", "--training", "--ulysses-degree", "--vocab",
                  "--world-size"],
-    "gpus": ["--format", "--links", "--sources"],
+    "gpus": ["--catalog", "--format", "--gpu-spec", "--links", "--sources"],
     "fit": ["--form", "--format", "--include-estimated", "--prior-weight", "--residuals", "--series", "--target",
             "--write"],
 }
@@ -36,7 +37,7 @@ def run(*args: str):
 @pytest.mark.parametrize("command", sorted(EXPECTED_OPTIONS))
 def test_no_new_cli_options(command):
     """The option set of each planner command is exactly the documented one, and every option has help."""
-    cmd = main.commands[command]
+    cmd = main.get_command(None, command)
     options = sorted(o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-"))
     assert options == EXPECTED_OPTIONS[command]
     assert all(p.help for p in cmd.params if isinstance(p, click.Option))

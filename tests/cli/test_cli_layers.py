@@ -28,10 +28,13 @@ def imported_modules(path: Path) -> list[tuple[str, list[str]]]:
 
 
 def test_every_command_module_is_known():
-    """The command modules are the ones the registry imports (a new shared module joins SHARED)."""
-    registry = {module.removeprefix("ringplan.cli.") for module, _ in imported_modules(CLI / "commands_registry.py")
-                if module.startswith("ringplan.cli.")}
+    """The command modules are the ones the registry names (a new shared module joins SHARED), and
+    every registered command loads."""
+    from ringplan.cli.commands_registry import COMMANDS as REGISTERED, load_command
+
+    registry = {target.split(":")[0].removeprefix("ringplan.cli.") for target in REGISTERED.values()}
     assert set(COMMANDS) == registry
+    assert all(load_command(name).name == name for name in REGISTERED)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -14,8 +14,9 @@ from ringplan.cli import main
 
 HF_CONFIGS = Path(__file__).resolve().parents[1] / "data" / "hf_configs"
 # Golden option set (torchtitan's test_no_new_cli_options): a new option is a decision, update here.
-PLAN_OPTIONS = ["--all", "--backend", "--batch", "--breakdown", "--checkpointing", "--config", "--dtype",
-                "--embed-dim", "--ffn", "--ffn-type", "--format", "--forward", "--forward-only", "--gpu", "--gpus",
+PLAN_OPTIONS = ["--all", "--backend", "--batch", "--breakdown", "--catalog", "--checkpointing", "--config", "--dtype",
+                "--embed-dim", "--ffn", "--ffn-type", "--format", "--forward", "--forward-only", "--gpu", "--gpu-spec",
+                "--gpus",
                 "--head-dim", "--heads", "--hidden", "--host-memory", "--kv-heads",
                 "--layers", "--layout", "--loss", "--loss-chunk", "--master-dtype", "--max-world-size", "--mlp-tile", "--model",
                 "--no-offload", "--no-offload-params", "--no-qk-norm", "--no-step-time", "--norm", "--offload",
@@ -37,7 +38,7 @@ def as_json(*args: str) -> dict:
 
 def test_plan_option_set():
     """The plan command's options are exactly the documented ones, each with help."""
-    cmd = main.commands["plan"]
+    cmd = main.get_command(None, "plan")
     options = sorted(o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-"))
     assert options == PLAN_OPTIONS
     assert all(p.help for p in cmd.params if isinstance(p, click.Option))

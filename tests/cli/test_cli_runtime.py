@@ -39,11 +39,13 @@ VALIDATE_OPTIONS = {
     "--format",
     # whole models (validate --model)
     "--model", "--config", "--layers", "--ffn", "--vocab", "--sharding", "--shard-group", "--checkpointing",
-    "--offload", "--offload-params", "--loss", "--loss-chunk", "--mlp-tile", "--ring-size", "--write"}
+    "--offload", "--offload-params", "--loss", "--loss-chunk", "--mlp-tile", "--ring-size", "--write",
+    # hardware outside the catalog (issue 17)
+    "--gpu-spec", "--catalog"}
 
 
 def _options(name: str) -> set[str]:
-    command = main.commands[name]
+    command = main.get_command(None, name)
     return {opt for param in command.params for opt in param.opts if opt.startswith("--")}
 
 
