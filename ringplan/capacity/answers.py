@@ -107,6 +107,8 @@ def stack_capacity(query: stack.StackQuery, seq_len_tokens: int | None, world_si
 
     if seq_len_tokens is None and world_size is None:
         raise ValueError("give --tokens N (fewest GPUs), --world-size K (most tokens), or both")
+    if seq_len_tokens is not None:
+        query.check_positions(seq_len_tokens)
     if seq_len_tokens is not None and world_size is not None:
         return _stack_check(query, seq_len_tokens, world_size)
     if seq_len_tokens is not None:
@@ -164,6 +166,7 @@ def plan_answer(query: stack.StackQuery, seq_len_tokens: int, world_size: int | 
     fastest offloads, the same run without offload."""
     from ringplan.capacity import stack
 
+    query.check_positions(seq_len_tokens)
     result = stack.plan(query, seq_len_tokens, world_size)
     if not result.feasible:
         fewest, longest = what_would_fit(query, seq_len_tokens, result.world_size)

@@ -162,6 +162,18 @@ class StackQuery:
         return budget is None or host_memory_fits(w, gpus_per_node=self.gpu.gpus_per_node,
                                                   host_memory_bytes_per_node_available=budget)
 
+    def positions_fit(self, seq_len_tokens: int) -> bool:
+        """False when the model has learned positions and S is beyond them (GPT-2: 1,024): such a
+        model cannot run that length as it is. RoPE models extrapolate (a warning, not a limit)."""
+        m = self.model
+        return not (m.position == "learned" and m.max_positions and seq_len_tokens > m.max_positions)
+
+    def check_positions(self, seq_len_tokens: int) -> None:
+        """``ValueError`` (bad input) when S is beyond the model's learned positions."""
+        if not self.positions_fit(seq_len_tokens):
+            raise ValueError(f"{seq_len_tokens:,} tokens > {self.model.name}'s {self.model.max_positions:,} learned "
+                             "positions: the model cannot run that length as it is (its position table ends there)")
+
     def ring_for(self, world_size: int) -> int:
         """P for W GPUs: the fixed ring size, else W / DP (``ValueError`` when it does not divide)."""
         p = self.ring_size if self.ring_size is not None else world_size // self.data_parallel
@@ -433,7 +445,7 @@ def max_tokens(query: StackQuery, world_size: int) -> StackMaxTokens:
         def needed(m: int, settings: StackSettings = settings) -> float:
             """Memory + bound of S = m·unit (the lower bound where that already exceeds the budget)."""
             w = query.workload(m * unit, world_size, settings)
-            if not query.host_fits(w):
+            if not query.host_fits(w) or not query.positions_fit(w.seq_len_tokens):
                 return math.inf
             bound = query.memory.lower_bound_bytes(w, query.gpu)
             return bound if bound > query.budget_bytes else query.memory.predict(w, query.gpu).upper_bytes

@@ -102,3 +102,20 @@ def test_rounded_length_hint():
     assert best.world_size == 101 and rounded == 999_424 and other.world_size == 32
     answer = stack_capacity(query, seq, None)
     assert (answer.rounded_seq_len_tokens, answer.rounded_minimum) == (rounded, other)
+
+
+def test_learned_positions_bound_the_length():
+    """GPT-2's 1,024 learned positions: a longer --tokens is bad input (ValueError → exit 2), and the
+    most tokens K GPUs hold stops at 1,024 whatever the memory would allow."""
+    from ringplan.capacity.answers import plan_answer, stack_capacity
+    from ringplan.capacity.stack import StackQuery
+    from ringplan.hardware import load_catalog
+    from ringplan.models import load_model_catalog
+
+    query = StackQuery(model=load_model_catalog().model("gpt2"), gpu=load_catalog().gpu("h100"))
+    with pytest.raises(ValueError, match="1,024 learned positions"):
+        stack_capacity(query, 128_000, None)
+    with pytest.raises(ValueError, match="learned positions"):
+        plan_answer(query, 1_000_000, 8)
+    assert stack_capacity(query, None, 8).best.seq_len_tokens == 1024
+    assert stack_capacity(query, 1024, None).feasible
