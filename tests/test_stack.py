@@ -156,6 +156,6 @@ def test_settings_options_through_click():
         "Error: offloading checkpoints to CPU needs full checkpointing, got checkpointing 'none'")
     assert CliRunner().invoke(cmd, ["--sharding", "fsdp"]).exit_code == 2
     opts = sorted(o for p in cmd.params for o in (*p.opts, *p.secondary_opts))
-    assert opts == ["--checkpointing", "--dtype", "--loss", "--loss-chunk", "--master-dtype", "--no-offload",
+    assert opts == ["--checkpointing", "--dtype", "--loss", "--loss-chunk", "--master-dtype", "--mlp-tile", "--no-offload",
                     "--no-offload-params", "--offload", "--offload-params", "--shard-group", "--sharding"]
     assert all(p.help for p in cmd.params)
