@@ -11,8 +11,8 @@ import click
 from ringplan.cli.common import (MAX_WORLD_SIZE, TOKENS, BoundedInt, InputFile, MarginType, OneLineErrorCommand,
                                  OutputFile, QuietAliasOption, bad_input_exits_2, format_option, render_rows)
 from ringplan.cli.options import (build_workload, cp_scheme_options, explicit_options, explicit_setting_fields,
-                                  host_memory_option, model_requested, model_selection_options, stack_query,
-                                  stack_settings_options, workload_options)
+                                  gpu_from_options, hardware_options, host_memory_option, model_requested,
+                                  model_selection_options, stack_query, stack_settings_options, workload_options)
 from ringplan.units import GIB
 
 
@@ -40,7 +40,9 @@ def step_time_hook():
 
 
 @click.command("capacity", cls=OneLineErrorCommand)
-@click.option("--gpu", "gpu_name", required=True, help="GPU type from the catalog (`ringplan gpus`), e.g. a100-40gb, h100.")
+@click.option("--gpu", "gpu_name", default=None,
+              help="GPU type from the catalog (`ringplan gpus`), e.g. a100-40gb, h100; optional with --gpu-spec.")
+@hardware_options
 @click.option("--tokens", type=TOKENS, default=None,
               help="Global sequence length S: 1M = 1e6 = 1_000_000, 1Mi = 1,048,576, 200K, 128Ki. "
                    "Alone: find the fewest GPUs.")
@@ -74,7 +76,8 @@ def step_time_hook():
 @click.option("--breakdown", is_flag=True, help="Table format: also the per-GPU memory by term (terms as rows).")
 @click.pass_context
 @bad_input_exits_2
-def capacity(ctx: click.Context, gpu_name: str, tokens: int | None, world_size: int | None, max_world_size: int,
+def capacity(ctx: click.Context, gpu_name: str | None, gpu_spec: str | None, catalog_path: str | None,
+             tokens: int | None, world_size: int | None, max_world_size: int,
              safety_margin: float, model_form: str, profile_paths: tuple[str, ...], step_time: bool,
              output_format: str, plot_path: str | None, breakdown: bool, **workload_args: Any) -> None:
     """Fewest GPUs of one type for --tokens N, or most tokens for --gpus K.
@@ -102,13 +105,13 @@ def capacity(ctx: click.Context, gpu_name: str, tokens: int | None, world_size: 
         refused = {"plot_path": plot_path, "profile_paths": profile_paths, "model_form": model_form, **scheme}
         ctx.exit(_whole_model(gpu_name=gpu_name, tokens=tokens, world_size=world_size, max_world_size=max_world_size,
                               safety_margin=safety_margin, step_time=step_time, output_format=output_format,
-                              workload_args=workload_args, refused=refused, breakdown=breakdown))
+                              workload_args={**workload_args, "gpu_spec": gpu_spec, "catalog_path": catalog_path},
+                              refused=refused, breakdown=breakdown))
     _refuse_whole_model_options(workload_args)
     from ringplan.capacity.answers import attention_capacity
     from ringplan.capacity.attention import CapacityQuery
-    from ringplan.hardware import load_catalog
 
-    gpu = load_catalog().gpu(gpu_name)
+    gpu = gpu_from_options(gpu_name, gpu_spec, catalog_path)
     workload = build_workload(seq_len_tokens=tokens, **workload_args)
     query = CapacityQuery(workload=workload, layout=workload_args["layout"], backend=workload_args["backend"],
                           gpu=gpu, safety_margin=safety_margin, max_world_size=max_world_size,
@@ -146,7 +149,7 @@ def _refuse_whole_model_options(workload_args: dict[str, Any]) -> None:
         raise ValueError(f"{', '.join(given)} plan a whole model: give --model NAME or --config PATH")
 
 
-def _whole_model(*, gpu_name: str, tokens: int | None, world_size: int | None, max_world_size: int,
+def _whole_model(*, gpu_name: str | None, tokens: int | None, world_size: int | None, max_world_size: int,
                  safety_margin: float, step_time: bool, output_format: str, workload_args: dict[str, Any],
                  refused: dict[str, Any], breakdown: bool) -> int:
     """``capacity --model``: answer with ``ringplan.capacity.answers.stack_capacity``; exit code 0 fits, 1 not."""

@@ -18,6 +18,8 @@ Decorators:
   ``--master-dtype`` for commands without a ``--dtype`` of their own; ``stack_query`` builds the
   whole-model query (``capacity --model``, ``plan``).
 - ``runtime_options``: how ``profile`` and ``validate`` measure; ``measure_settings``.
+- ``hardware_options``: ``--gpu-spec`` and ``--catalog`` (hardware outside the catalog, issue 17);
+  ``gpu_from_options`` resolves the GPU a command plans for, ``catalog_from_options`` the catalog.
 
 Builders raise ``ValueError`` on bad input (``bad_input_exits_2`` makes that exit code 2).
 Inside a click command, an option left at its default never overrides a named or read model
@@ -189,6 +191,46 @@ def link_options(func: Callable) -> Callable:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+# ----------------------------------------------------------------------------- hardware outside the catalog
+
+
+_HARDWARE_OPTIONS = (
+    click.option("--gpu-spec", "gpu_spec", default=None, metavar="KEY=VALUE,...",
+                 help="A GPU outside the catalog, e.g. memory=96GiB,bf16=989TF,hbm=3.35TB/s,link=450GB/s,"
+                      "gpus-per-node=8 (keys: memory, bf16, fp16, fp32, hbm, link, inter-link, gpus-per-node, "
+                      "name); with --gpu NAME: that GPU with these fields replaced. Fits come from measured GPUs "
+                      "and say which."),
+    click.option("--catalog", "catalog_path", type=InputFile(), default=None, metavar="FILE",
+                 help="A GPU catalog JSON (the schema of profiles/gpus.json) merged over the bundled one; its "
+                      "numbers' source is user-specified (FILE)."),
+)
+
+
+def hardware_options(func):
+    """Decorate a command with --gpu-spec and --catalog (``gpu_from_options``, ``catalog_from_options``)."""
+    return _apply(_HARDWARE_OPTIONS, func)
+
+
+def catalog_from_options(catalog_path: str | None = None, **_: Any):
+    """The bundled GPU catalog, or with --catalog FILE merged over it (``ringplan.hardware.catalog_with``)."""
+    from ringplan.hardware import catalog_with, load_catalog
+
+    return catalog_with(catalog_path) if catalog_path else load_catalog()
+
+
+def gpu_from_options(gpu_name: str | None, gpu_spec: str | None = None, catalog_path: str | None = None):
+    """The ``GpuSpec`` a command plans for: --gpu NAME from the (merged) catalog, or --gpu-spec (on
+    --gpu NAME's entry when both are given). Neither → ``ValueError``."""
+    catalog = catalog_from_options(catalog_path)
+    if gpu_spec is None:
+        if gpu_name is None:
+            raise ValueError("give --gpu NAME (`ringplan gpus`) or --gpu-spec KEY=VALUE,...")
+        return catalog.gpu(gpu_name)
+    from ringplan.hardware import gpu_from_spec
+
+    return gpu_from_spec(gpu_spec, base=catalog.gpu(gpu_name) if gpu_name else None, catalog=catalog)
 
 
 # ----------------------------------------------------------------------------- whole models
@@ -425,13 +467,12 @@ def base_settings(kw: dict[str, Any]):
     return settings_from_options(**given), fixed
 
 
-def stack_query(*, gpu_name: str, training: bool, batch: int, layout: str, backend: str, ring_size: int | None,
-                safety_margin: float, max_world_size: int, step_time: bool, **kw: Any):
+def stack_query(*, gpu_name: str | None, training: bool, batch: int, layout: str, backend: str,
+                ring_size: int | None, safety_margin: float, max_world_size: int, step_time: bool, **kw: Any):
     """The ``StackQuery`` the options describe (model, GPU, pinned and searched settings)."""
-    from ringplan.hardware import load_catalog
     from ringplan.capacity.stack import StackQuery, settings_space
 
-    gpu = load_catalog().gpu(gpu_name)
+    gpu = gpu_from_options(gpu_name, kw.get("gpu_spec"), kw.get("catalog_path"))
     model = model_from_options(**kw)
     base, fixed = base_settings(kw)
     candidates = settings_space(training=training, base=base, fixed=fixed)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import click
 
 from ringplan.cli.common import OneLineErrorCommand, QuietAliasOption, bad_input_exits_2, format_option, render_rows
-from ringplan.cli.options import build_shape, link_options, link_override, shape_options
+from ringplan.cli.options import (build_shape, catalog_from_options, gpu_from_options, hardware_options, link_options,
+                                  link_override, shape_options)
 
 
 def _row(gpu_name: str, threshold) -> dict[str, str]:
@@ -23,6 +24,7 @@ def _row(gpu_name: str, threshold) -> dict[str, str]:
 
 @click.command("overlap", cls=OneLineErrorCommand)
 @click.option("--gpu", "gpus", multiple=True, help="GPU type (repeatable); default: every catalog GPU with data.")
+@hardware_options
 @shape_options
 @click.option("--train/--forward", "--training/--forward-only", "training", default=False, show_default=True,
               cls=QuietAliasOption, quiet_aliases=("--training", "--forward-only"),
@@ -32,7 +34,8 @@ def _row(gpu_name: str, threshold) -> dict[str, str]:
 @link_options
 @format_option
 @bad_input_exits_2
-def overlap(gpus: tuple[str, ...], n_heads: int, n_kv_heads: int | None, head_dim: int, batch: int, dtype: str,
+def overlap(gpus: tuple[str, ...], gpu_spec: str | None, catalog_path: str | None, n_heads: int,
+            n_kv_heads: int | None, head_dim: int, batch: int, dtype: str,
             backend: str, causal: bool, layout: str, timing_dir: str | None, step_overhead_us: float | None,
             training: bool, scope: str, intra_link: str | None, intra_bandwidth: int | None,
             intra_latency_us: float | None, inter_link: str | None, inter_bandwidth: int | None,
@@ -44,19 +47,18 @@ def overlap(gpus: tuple[str, ...], n_heads: int, n_kv_heads: int | None, head_di
     'F/B tokens' is Ring Attention's bound (Liu et al. 2023) for comparison.
     """
     from ringplan.time.overlap import overlap_threshold
-    from ringplan.time.timing_data import resolve_gpu
 
     shape = build_shape(n_heads, n_kv_heads, head_dim, batch, dtype)
     overrides = {"intra_node": link_override(intra_link, intra_bandwidth, intra_latency_us, "intra"),
                  "inter_node": link_override(inter_link, inter_bandwidth, inter_latency_us, "inter")}
     scopes = {"intra": ["intra_node"], "inter": ["inter_node"], "both": ["intra_node", "inter_node"]}[scope]
     passes = ["forward", "backward"] if training else ["forward"]
-    if gpus:
-        specs = [resolve_gpu(name) for name in gpus]
+    if gpu_spec is not None:  # the spec on each --gpu, or alone
+        specs = [gpu_from_options(name, gpu_spec, catalog_path) for name in gpus or (None,)]
+    elif gpus:
+        specs = [gpu_from_options(name, None, catalog_path) for name in gpus]
     else:
-        from ringplan.hardware import load_catalog
-
-        specs = list(load_catalog().gpus)
+        specs = list(catalog_from_options(catalog_path).gpus)
     rows, skipped = [], []
     for spec in specs:
         for link_scope in scopes:
@@ -67,7 +69,7 @@ def overlap(gpus: tuple[str, ...], n_heads: int, n_kv_heads: int | None, head_di
                         pass_name=pass_name, link=overrides[link_scope], timing_dir=timing_dir,
                         step_overhead_s=None if step_overhead_us is None else step_overhead_us * 1e-6)
                 except ValueError as exc:
-                    if gpus:
+                    if gpus or gpu_spec is not None:
                         raise
                     skipped.append(f"{spec.name}: {exc}")
                     break

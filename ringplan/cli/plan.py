@@ -12,8 +12,8 @@ import click
 
 from ringplan.cli.common import (MAX_BATCH, MAX_WORLD_SIZE, TOKENS, BoundedInt, MarginType, OneLineErrorCommand,
                                  QuietAliasOption, bad_input_exits_2, format_option)
-from ringplan.cli.options import (explicit_setting_fields, host_memory_option, model_options, stack_dtype_options,
-                                  stack_query, stack_settings_options)
+from ringplan.cli.options import (explicit_setting_fields, hardware_options, host_memory_option, model_options,
+                                  stack_dtype_options, stack_query, stack_settings_options)
 from ringplan.cli.stack_output import (emit_stack, readable_record, settings_label, stack_answer_lines,
                                        what_would_fit_notes)
 from ringplan.units import GIB
@@ -24,7 +24,9 @@ from ringplan.workload import BACKENDS, LAYOUTS
 
 
 @click.command("plan", cls=OneLineErrorCommand)
-@click.option("--gpu", "gpu_name", required=True, help="GPU type from the catalog (`ringplan gpus`), e.g. h100.")
+@click.option("--gpu", "gpu_name", default=None,
+              help="GPU type from the catalog (`ringplan gpus`), e.g. h100; optional with --gpu-spec.")
+@hardware_options
 @click.option("--tokens", type=TOKENS, required=True,
               help="Global sequence length S (1M = 1e6 = 1_000_000, 1Mi, 200K, 128Ki).")
 @click.option("--gpus", "--world-size", "world_size", type=BoundedInt(min=1, max=MAX_WORLD_SIZE), default=None,

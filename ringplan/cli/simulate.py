@@ -13,7 +13,8 @@ import click
 from ringplan.cli.common import (MAX_SIMULATED_RING_SIZE, MAX_WIDTH, TOKENS, BoundedInt, IntListType,
                                  OneLineErrorCommand, OutputFile, QuietAliasOption, bad_input_exits_2, format_option,
                                  render_rows)
-from ringplan.cli.options import build_shape, link_options, link_override, shape_options
+from ringplan.cli.options import (build_shape, gpu_from_options, hardware_options, link_options, link_override,
+                                  shape_options)
 
 #: Segment lengths and dilation rates (positive), ranks to draw (from 0).
 POSITIVE_INTS = IntListType(min_value=1)
@@ -106,7 +107,8 @@ def plot_timeline(result: Any, path: str, ranks: list[int]) -> None:
 
 
 @click.command("simulate", cls=OneLineErrorCommand)
-@click.option("--gpu", required=True, help="GPU type (catalog name or alias, e.g. h100).")
+@click.option("--gpu", default=None, help="GPU type (catalog name or alias, e.g. h100); optional with --gpu-spec.")
+@hardware_options
 @click.option("--tokens", "seq_len", type=TOKENS, required=True, help="Global sequence length S (1M, 128Ki, ...).")
 @click.option("--ring-size", "--world-size", "ring_size", type=BoundedInt(min=1, max=MAX_SIMULATED_RING_SIZE),
               default=2, show_default=True,
@@ -136,7 +138,8 @@ def plot_timeline(result: Any, path: str, ranks: list[int]) -> None:
               help="Also draw the timeline to this image file (needs matplotlib).")
 @format_option
 @bad_input_exits_2
-def simulate(gpu: str, seq_len: int, ring_size: int, n_heads: int, n_kv_heads: int | None, head_dim: int,
+def simulate(gpu: str | None, gpu_spec: str | None, catalog_path: str | None, seq_len: int, ring_size: int,
+             n_heads: int, n_kv_heads: int | None, head_dim: int,
              batch: int, dtype: str, backend: str, causal: bool, layout: str, timing_dir: str | None,
              step_overhead_us: float | None, embed_dim: int | None, training: bool, projections: bool,
              segment_lengths: tuple[int, ...] | None, dilation_rates: tuple[int, ...] | None, nodes: int | None,
@@ -150,6 +153,7 @@ def simulate(gpu: str, seq_len: int, ring_size: int, n_heads: int, n_kv_heads: i
     from ringplan.time.attention_time import step_time_prediction
     from ringplan.workload import AttentionPattern, RingLayout, Workload
 
+    spec = gpu_from_options(gpu, gpu_spec, catalog_path)
     shape = build_shape(n_heads, n_kv_heads, head_dim, batch, dtype, embed_dim)
     workload = Workload(seq_len_tokens=seq_len, shape=shape,
                         pattern=AttentionPattern(causal=causal, segment_lengths_tokens=segment_lengths or (),
@@ -157,7 +161,7 @@ def simulate(gpu: str, seq_len: int, ring_size: int, n_heads: int, n_kv_heads: i
                         training=training, projections=projections)
     ring = RingLayout(ring_size=ring_size, layout=layout, backend=backend)
     prediction = step_time_prediction(
-        workload, ring, gpu, nodes=nodes, gpus_per_node=gpus_per_node, timing_dir=timing_dir,
+        workload, ring, spec, nodes=nodes, gpus_per_node=gpus_per_node, timing_dir=timing_dir,
         intra_link=link_override(intra_link, intra_bandwidth, intra_latency_us, "intra"),
         inter_link=link_override(inter_link, inter_bandwidth, inter_latency_us, "inter"),
         step_overhead_s=None if step_overhead_us is None else step_overhead_us * 1e-6, keep_simulation=True)
@@ -182,7 +186,7 @@ def simulate(gpu: str, seq_len: int, ring_size: int, n_heads: int, n_kv_heads: i
     from ringplan.cli.readable import echo_lines, fitted_table, output_width, time_text
 
     width = output_width()
-    echo_lines(_answer_lines(prediction, workload, ring, gpu, seq_len), width)
+    echo_lines(_answer_lines(prediction, workload, ring, spec.name if gpu_spec else gpu, seq_len), width)
     click.echo("")
     click.echo(fitted_table([{"quantity": r["quantity"], "value": r["value"]} for r in _readable_rows(prediction)],
                             width))

@@ -28,8 +28,9 @@ import click
 
 from ringplan.cli.common import (MAX_WORLD_SIZE, TOKENS, BoundedInt, FiniteFloat, InputFile, OneLineErrorCommand,
                                  OutputFile, bad_input_exits_2, bytes_text, format_option, render_rows, result_record)
-from ringplan.cli.options import (build_workload, explicit_options, measure_settings, model_from_options,
-                                  model_requested, model_selection_options, runtime_options, settings_from_options,
+from ringplan.cli.options import (build_workload, catalog_from_options, explicit_options, gpu_from_options,
+                                  hardware_options, measure_settings, model_from_options, model_requested,
+                                  model_selection_options, runtime_options, settings_from_options,
                                   stack_settings_options, workload_options)
 
 PERCENT = FiniteFloat(min=0.0, max=100.0)
@@ -63,20 +64,23 @@ def boundary_record(boundary) -> dict[str, Any]:
             "probes": [result_record(p) for p in boundary.probes]}
 
 
-def _plan(gpu_name, emulate_gpu, world_size, tokens, device, workload_args, *, check_devices: bool = True):
-    """The plan, its prediction GPU (the emulated one when emulating) and the device type."""
+def _plan(gpu_name, emulate_gpu, world_size, tokens, device, workload_args, *, check_devices: bool = True,
+          hardware: dict[str, Any] | None = None):
+    """The plan, its prediction GPU (the emulated one when emulating) and the device type. ``hardware``:
+    --gpu-spec and --catalog (``options.gpu_from_options``)."""
     import torch
 
-    from ringplan.hardware import load_catalog
     from ringplan.workload import RingLayout
     from ringplan_runtime.validate import Plan, check_launch
 
-    catalog = load_catalog()
+    hardware = hardware or {}
+    catalog = catalog_from_options(hardware.get("catalog_path"))
     emulate = catalog.gpu(emulate_gpu) if emulate_gpu else None
     device_type = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
     if device_type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but CUDA is not available")
-    gpu = emulate or (catalog.gpu(gpu_name) if gpu_name else _local_gpu(catalog, device_type))
+    gpu = emulate or (gpu_from_options(gpu_name, **hardware) if gpu_name or hardware.get("gpu_spec")
+                      else _local_gpu(catalog, device_type))
     workload = build_workload(seq_len_tokens=tokens, **workload_args)
     layout = RingLayout(ring_size=world_size, layout=workload_args["layout"], backend=workload_args["backend"])
     check_launch(world_size=world_size if check_devices else 1, device_type=device_type, emulate=emulate)
@@ -119,6 +123,7 @@ def _model(profile_paths: tuple[str, ...]):
 @click.command("validate", cls=OneLineErrorCommand)
 @click.option("--gpu", "gpu_name", default=None,
               help="Catalog GPU the prediction is for (default: the local GPU by its driver name).")
+@hardware_options
 @click.option("--world-size", type=BoundedInt(min=1, max=MAX_WORLD_SIZE), required=True,
               help="Ranks in the ring (one GPU each).")
 @click.option("--tokens", type=TOKENS, required=True, help="Global sequence length S (1M, 1Mi, 200K, 131072).")
@@ -174,16 +179,18 @@ def validate(ctx: click.Context, gpu_name: str | None, world_size: int, tokens: 
     from ringplan_runtime.provenance import command_line
     from ringplan_runtime.validate import bisect_boundary, under_torchrun, validate_in_process, validate_plan
 
+    hardware = {key: workload_args.pop(key) for key in ("gpu_spec", "catalog_path")}
     if whole_model_requested(workload_args):
         ctx.exit(_validate_model(
             ctx, gpu_name=gpu_name, world_size=world_size, tokens=tokens, tolerance=tolerance,
             time_tolerance=time_tolerance, device=device, warmup_steps=warmup_steps, timed_steps=timed_steps,
-            timeout_s=timeout_s, output_format=output_format, workload_args=workload_args,
+            timeout_s=timeout_s, output_format=output_format, workload_args={**workload_args, **hardware},
             attention_only={"bisect": bisect, "emulate_gpu": emulate_gpu, "profile_paths": profile_paths,
                             "record_path": record_path}))
     _refuse_model_options(workload_args)
     torchrun = under_torchrun()
-    plan = _plan(gpu_name, emulate_gpu, world_size, tokens, device, workload_args, check_devices=not torchrun)
+    plan = _plan(gpu_name, emulate_gpu, world_size, tokens, device, workload_args, check_devices=not torchrun,
+                 hardware=hardware)
     if bisect and plan.device_type != "cuda":
         raise ValueError("--bisect searches a GPU's out-of-memory boundary: it needs CUDA devices")
     if bisect and torchrun:
@@ -289,7 +296,6 @@ def _stack_plan(gpu_name: str | None, world_size: int, tokens: int, device: str,
     """The whole-model plan the options describe; every bad input raises ValueError before a launch."""
     import torch
 
-    from ringplan.hardware import load_catalog
     from ringplan.stack import StackWorkload
     from ringplan.workload import RingLayout
     from ringplan_runtime.stack_parallel import RUN_SHARDINGS
@@ -299,8 +305,12 @@ def _stack_plan(gpu_name: str | None, world_size: int, tokens: int, device: str,
     device_type = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
     if device_type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but CUDA is not available")
-    catalog = load_catalog()
-    gpu = catalog.gpu(gpu_name) if gpu_name else _local_gpu(catalog, device_type)
+    hardware = {key: workload_args.get(key) for key in ("gpu_spec", "catalog_path")}
+    catalog = catalog_from_options(hardware["catalog_path"])
+    gpu = gpu_from_options(gpu_name, **hardware) if gpu_name or hardware["gpu_spec"] else \
+        _local_gpu(catalog, device_type)
+    if workload_args.get("write_path") and hardware["gpu_spec"]:
+        raise ValueError("--write records a row for a catalog GPU, not one from --gpu-spec")
     layout = RingLayout(ring_size=workload_args.get("ring_size") or world_size, layout=workload_args["layout"],
                         backend=workload_args["backend"])
     w = StackWorkload(model=model_from_options(**workload_args), seq_len_tokens=tokens, batch=workload_args["batch"],

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ringplan.hardware import Catalog, GpuSpec
 from ringplan.memory.host_memory import host_system
 from ringplan.memory.offload_terms import (cpu_optimizer_step_time_s, d2h_bytes_per_step, exposed_pcie_time_s,
-                                           h2d_bytes_per_step, pcie_time_s)
+                                           h2d_bytes_per_step, offloads_states, pcie_time_s)
 from ringplan.stack import StackWorkload
 
 
@@ -35,7 +35,11 @@ class OffloadTime:
 
 def offload_time(w: StackWorkload, gpu: GpuSpec, catalog: Catalog) -> OffloadTime:
     """``OffloadTime`` of ``w`` on ``gpu``: the host link of its host system (``host_system(gpu.name)``),
-    the node's DRAM bandwidth shared by its GPUs (one process per GPU steps at once). All 0 without offload."""
+    the node's DRAM bandwidth shared by its GPUs (one process per GPU steps at once). All 0 without offload
+    (no host system looked up: a GPU outside the catalog has none)."""
+    if not offloads_states(w):
+        return OffloadTime(h2d_bytes=0.0, d2h_bytes=0.0, pcie_time_s=0.0, exposed_pcie_time_s=0.0,
+                           cpu_optimizer_step_time_s=0.0)
     host = host_system(gpu.name)
     link = catalog.link(host.host_link).bandwidth_bytes_per_s
     per_gpu_dram = host.host_memory_bandwidth_bytes_per_s / gpu.gpus_per_node

@@ -100,10 +100,13 @@ def resolve_link(gpu, scope: str, override: object, timing: TimingData) -> tuple
     name = override or (gpu.intra_node_link if scope == "intra_node" else gpu.inter_node_link)
     if override is None and scope == "intra_node" and gpu.driver_name.lower() == ANCHOR_GPU_DRIVER_NAME:
         return cm.h100_nvlink_anchor_link(), "default: ANCHORS.md 2xH100 NVLink exchange"
-    spec = _catalog().link(name)
+    from ringplan.hardware import gpu_link
+
+    spec = gpu_link(gpu, name, _catalog())  # a link the GPU brings (--gpu-spec, --catalog), else the catalog's
     link = cm.LinkModel(name=spec.name, latency_s=max(spec.latency_s, TORCH_P2P_FLOOR_S),
                         bandwidth_bytes_per_s=spec.bandwidth_bytes_per_s, source="catalog")
-    return link, f"default: catalog {spec.name} with the 0.14 ms torch p2p floor"
+    where = "user-specified link" if spec in getattr(gpu, "own_links", ()) else "catalog"
+    return link, f"default: {where} {spec.name} with the 0.14 ms torch p2p floor"
 
 
 def compute_model_for(gpu, dtype: str, timing: TimingData, step_overhead_s: float | None = None) -> cp.ComputeModel:
