@@ -105,7 +105,7 @@ def test_one_gpu_holds_the_same_model_states_whatever_the_sharding(name):
     assert max(states.values()) == pytest.approx(min(states.values()), rel=1e-12), states
 
 
-@pytest.mark.parametrize("name, gpu, world", [("gpt2-xl", "h100", 2), ("qwen3-0.6b", "l40s", 4),
+@pytest.mark.parametrize("name, gpu, world", [("mistral-7b-v0.1", "h100", 2), ("qwen3-0.6b", "l40s", 4),
                                               ("llama-3-8b", "h200", 8)])
 def test_max_tokens_agrees_with_queries_around_it(name, gpu, world):
     """``--gpus K``'s longest length fits with its chosen setting; one token unit more fits with no

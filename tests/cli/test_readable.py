@@ -37,7 +37,7 @@ MATRIX = (
         ("plan --model llama-3-8b --gpu h100 --tokens 4M --gpus 8 --no-step-time", ["no setting fits",
                                                                                    "would fit:"]),
         ("plan --model qwen3-8b --gpu a100-80gb --tokens 256K --all --no-step-time", ["answer:", "fits"]),
-        ("plan --model gpt2-xl --gpu l40s --tokens 64K --forward --no-step-time", ["forward (prefill)"]),
+        ("plan --model mistral-7b-v0.1 --gpu l40s --tokens 64K --forward --no-step-time", ["forward (prefill)"]),
         ("gpus", ["h100-80gb-sxm", "GiB"]),
         ("gpus --links", ["nvlink-4"]),
         ("gpus h100 --sources", ["usable_memory_bytes"]),
