@@ -188,7 +188,8 @@ def calibrated_prediction(chosen: ChosenParts, p: TermInputs, phi: dict[str, flo
     fitted parts when they are not measured on this GPU inside their range, or × the catalog
     overhead when that is used."""
     analytic = sum(phi.values())
-    features = {"workspace": workspace_features(p), "overhead": overhead_features(p, assume_ring_traffic=plan)}
+    features = {"workspace": workspace_features(p, gpu.name),
+                "overhead": overhead_features(p, assume_ring_traffic=plan)}
     allocated = analytic + (chosen.workspace.bytes(features["workspace"]) if chosen.workspace else 0.0)
     features["slack"] = slack_features(phi, allocated)
     slack = chosen.slack.bytes(features["slack"]) if chosen.slack else 0.0

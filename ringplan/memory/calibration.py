@@ -62,10 +62,41 @@ def fp32_rows_bytes(p: TermInputs) -> float:
     return p.batch * p.tokens_per_rank * p.n_heads * (p.head_dim + 1) * FP32_BYTES
 
 
-def gqa_fp32_rows_bytes(p: TermInputs) -> float:
-    """``fp32_rows_bytes`` again under GQA (H_kv < H), else 0: on H200 cuDNN's GQA backward held
-    twice the MHA workspace."""
-    return fp32_rows_bytes(p) if p.n_kv_heads < p.n_heads else 0.0
+#: Name tags of catalog GPUs of compute capability >= 9.0 (Hopper, Blackwell): where the runtime's ``auto``
+#: runs cuDNN SDPA (``ringplan_runtime.backends.CUDNN_AUTO_MIN_CAPABILITY``; sm80 A100, sm89 L40S/RTX 4090 and
+#: older get the flash op, fp32 the memory-efficient one). AMD GPUs have no cuDNN.
+CUDNN_AUTO_GPU_TAGS: tuple[str, ...] = ("h100", "h200", "h800", "h20", "b200", "b100", "gb200")
+
+
+def auto_backend(gpu_name: str, *, head_dim: int, half_precision: bool) -> str:
+    """The local kernel the runtime's ``auto`` runs on ``gpu_name`` (``ringplan_runtime.backends.select_backend``):
+    cuDNN on sm90+ for bf16/fp16 up to head_dim 128, then flash for bf16/fp16 up to 256, then the
+    memory-efficient kernel (the only one for fp32) up to 256, else math. head_dim must be a multiple of 8
+    for every fused kernel. Ignores: a torch build without cuDNN >= 9 (the runtime then falls to flash)."""
+    aligned = head_dim % 8 == 0
+    if half_precision and aligned and head_dim <= 128 and any(tag in gpu_name.lower() for tag in CUDNN_AUTO_GPU_TAGS):
+        return "cudnn"
+    if half_precision and aligned and head_dim <= 256:
+        return "flash"
+    return "efficient" if aligned and head_dim <= 256 else "math"
+
+
+def kernel_backend(p: TermInputs, gpu_name: str | None) -> str:
+    """The backend that runs ``p``'s blocks: the forced one, else ``auto_backend`` on ``gpu_name``
+    (ValueError when ``auto`` has no GPU to resolve on)."""
+    if p.backend != "auto":
+        return p.backend
+    if gpu_name is None:
+        raise ValueError("backend 'auto' needs the GPU to tell which kernel runs (and so its workspace)")
+    return auto_backend(gpu_name, head_dim=p.head_dim, half_precision=p.dtype_bytes == 2)
+
+
+def gqa_fp32_rows_bytes(p: TermInputs, backend: str) -> float:
+    """``fp32_rows_bytes`` again under GQA (H_kv < H) when ``backend`` is cuDNN, else 0: on H100 and H200
+    cuDNN's GQA backward held twice the MHA workspace (fitted coefficient 0.99 on both). Flash and the
+    memory-efficient kernel are run on K/V expanded to H heads by the runtime (the ``attention_terms``
+    count that copy), so their workspace is the MHA one; not measured on a non-cuDNN GPU."""
+    return fp32_rows_bytes(p) if backend == "cudnn" and p.n_kv_heads < p.n_heads else 0.0
 
 
 def ring_state_bytes(terms: dict[str, float]) -> float:
@@ -80,8 +111,11 @@ def ring_traffic(p: TermInputs) -> bool:
     return any(b.group > 1 for b in branches(p))
 
 
-def workspace_features(p: TermInputs) -> dict[str, float]:
-    return {"constant_bytes": 1.0, "fp32_rows": fp32_rows_bytes(p), "gqa_fp32_rows": gqa_fp32_rows_bytes(p)}
+def workspace_features(p: TermInputs, gpu_name: str | None = None) -> dict[str, float]:
+    """The workspace features of ``p`` on ``gpu_name`` (needed when ``p.backend`` is ``auto``: the GQA
+    doubling follows the backend that GPU runs, ``kernel_backend``)."""
+    return {"constant_bytes": 1.0, "fp32_rows": fp32_rows_bytes(p),
+            "gqa_fp32_rows": gqa_fp32_rows_bytes(p, kernel_backend(p, gpu_name))}
 
 
 def slack_features(terms: dict[str, float], allocated_bytes: float) -> dict[str, float]:
@@ -116,7 +150,7 @@ def fit_workspace(rows: Sequence[Measurement], *, source: str = "") -> PartFit:
     current = [r for r in rows if not is_stale(r, analytic[id(r)])]
     used = current or list(rows)
 
-    points = [row_point(r, workspace_features(row_inputs(r)), r.peak_allocated_bytes - analytic[id(r)],
+    points = [row_point(r, workspace_features(row_inputs(r), r.gpu), r.peak_allocated_bytes - analytic[id(r)],
                         r.peak_allocated_bytes) for r in used]
     first = used[0]
     return fit_part("workspace", first.gpu, kernel_family(row_family(first)), points, WORKSPACE_FEATURES,

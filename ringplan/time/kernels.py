@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ringplan.memory.calibration import CUDNN_AUTO_GPU_TAGS, auto_backend
 from ringplan.time.kernel_rates import RateCurve, RatePoint, blended, block_tokens, extended_by_trend, fit_rate_curve
 from ringplan.time.links import AffineFit, TimeCurve, fit_time_curve
 from ringplan.profiles.timing import KernelRow
@@ -221,6 +222,35 @@ def scaled_curve(curve: TimeCurve, factor: float) -> TimeCurve:
                      points=tuple((x, t * factor) for x, t in curve.points), extrapolation=curve.extrapolation)
 
 
+# The flash op is FlashAttention-2, written for sm80 (mma.sync; no Hopper wgmma/TMA): on Hopper it reaches a
+# smaller share of the peak than on Ampere/Ada, so a flash rate moves between the two by share of peak, not by
+# peak alone. Hopper: 343 of 989.5 TFLOP/s on H100 (ANCHORS.md, 32x128 non-causal forward: 34.7%). sm8x: "50-73%
+# of the theoretical maximum FLOPs/s on A100" (Dao 2023, FlashAttention-2, abstract): the midpoint, 61.5%, taken.
+# Other backends (cuDNN, memory-efficient) keep the peak ratio: no published share per architecture to use.
+FLASH_PEAK_SHARE: dict[str, float] = {"sm90": 343e12 / H100_BF16_PEAK_FLOPS_PER_S, "sm8x": (0.50 + 0.73) / 2}
+#: Name tags of the catalog's sm80/sm86/sm89 NVIDIA GPUs (Ampere, Ada): where the flash op is at home.
+SM8X_GPU_TAGS: tuple[str, ...] = ("a100", "a800", "a10", "a40", "a6000", "l4", "l40", "rtx-30", "rtx-40", "rtx 30",
+                                  "rtx 40")
+
+
+def architecture_share(gpu_name: str) -> str | None:
+    """``sm90`` (Hopper/Blackwell: the GPUs where ``auto`` runs cuDNN), ``sm8x`` (Ampere/Ada), else None."""
+    name = gpu_name.lower()
+    if any(tag in name for tag in CUDNN_AUTO_GPU_TAGS):
+        return "sm90"
+    return "sm8x" if any(tag in name for tag in SM8X_GPU_TAGS) else None
+
+
+def flash_transfer_gain(backend: str, source_gpu: str, target_gpu: str) -> float:
+    """Factor on a rate moved by peak ratio from ``source_gpu`` to ``target_gpu``: for the flash op between a
+    Hopper-class and an Ampere/Ada GPU, the ratio of its shares of peak (``FLASH_PEAK_SHARE``: 1.77 from H100/H200
+    to A100); 1 otherwise (same architecture, another backend, or a GPU of neither kind)."""
+    source, target = architecture_share(source_gpu), architecture_share(target_gpu)
+    if backend != "flash" or source is None or target is None or source == target:
+        return 1.0
+    return FLASH_PEAK_SHARE[target] / FLASH_PEAK_SHARE[source]
+
+
 def default_forward_flops_per_s(backend: str, head_dim: int, causal: bool) -> tuple[float, str]:
     """H100 bf16 effective forward FLOP/s for a kernel, from ANCHORS.md, with its source.
 
@@ -261,6 +291,10 @@ def default_kernel_model(key: KernelKey, *, gpu_name: str, peak_flops_per_s: flo
     rate *= peak_flops_per_s / H100_BF16_PEAK_FLOPS_PER_S
     if _REFERENCE_GPU not in gpu_name.lower():
         source += f" x peak ratio {peak_flops_per_s / H100_BF16_PEAK_FLOPS_PER_S:.3f} (transferred from H100)"
+    gain = flash_transfer_gain(key.backend, _REFERENCE_GPU, gpu_name)
+    if gain != 1.0:
+        rate = min(rate * gain, peak_flops_per_s)
+        source += f" x flash share of peak {gain:.2f} (FlashAttention-2 on sm8x vs Hopper)"
     return KernelModel(key=key, curve=TimeCurve(intercept_s=0.0, seconds_per_unit=1.0 / rate, extrapolation="kernel"),
                        provenance=f"default: {source}")
 
@@ -369,7 +403,6 @@ class MeasuredKernels:
 # fits it from ring step times). Default merge: 3× the minimal HBM traffic (an unfused merge of
 # several elementwise kernels), ASSUMED until op='merge' rows are measured.
 DEFAULT_STEP_OVERHEAD_S = 20e-6
-_CUDNN_DEFAULT_GPUS = ("h100", "h200", "h800", "h20", "b200", "b100", "gb200")
 DEFAULT_MERGE_TRAFFIC_FACTOR = 3.0
 # ASSUMED: contiguous elementwise copies/casts/adds stream at 90% of the catalog HBM bandwidth
 # (CUDA device-to-device copies and STREAM triad reach ~3.0 of 3.35 TB/s on H100 SXM); not
@@ -422,7 +455,8 @@ class ComputeModel:
         for other in self.other_gpus:
             found = _closest_fit(other.fits, key)
             if found is not None:
-                factor = other.peak_flops_per_s / self.peak_flops_per_s
+                factor = other.peak_flops_per_s / self.peak_flops_per_s / \
+                    flash_transfer_gain(key.backend, other.gpu_driver_name, self.gpu_name)
                 return KernelModel(key=key, curve=scaled_curve(found[1].curve, factor), fit=found[1],
                                    provenance=f"fitted on {other.gpu_driver_name} and transferred")
         return default_kernel_model(key, gpu_name=self.gpu_name, peak_flops_per_s=self.peak_flops_per_s)
@@ -452,10 +486,14 @@ class ComputeModel:
                 base += f" at head_dim {probe.head_dim} {probe.dtype} (transferred)"
             curve = curve.capped(self.peak_flops_per_s)
         else:
-            curve = curve.scaled(measured.peak_for(key.dtype) / self.peak_flops_per_s).capped(self.peak_flops_per_s)
+            gain = flash_transfer_gain(key.backend, measured.gpu_driver_name, self.gpu_name)
+            factor = measured.peak_for(key.dtype) / self.peak_flops_per_s / gain
+            curve = curve.scaled(factor).capped(self.peak_flops_per_s)
             base = f"fitted on {measured.gpu_driver_name} and transferred"
             if (probe.head_dim, probe.dtype) != (key.head_dim, key.dtype):
                 base = f"fitted on {measured.gpu_driver_name} at head_dim {probe.head_dim} {probe.dtype} and transferred"
+            if gain != 1.0:
+                base += f" (x flash share of peak {gain:.2f})"
         kind = "transferred" if "transferred" in base else "measured"
         if how.startswith("extrapolated"):
             label, kind = f"{how}: {base})", ("transferred" if kind == "transferred" else "extrapolated")
@@ -492,17 +530,11 @@ class ComputeModel:
         return flops / (GEMM_EFFICIENCY * self.peak_flops_per_s)
 
     def fastest_backend(self, head_dim: int, dtype: str) -> str:
-        """The backend the runtime's ``auto`` runs (``ringplan_runtime.backends.select_backend``), so the plan
-        times the kernel that will run: on Hopper/Blackwell cudnn for bf16/fp16 up to head_dim 128
-        (ANCHORS.md: 1.75x flash on H100), then flash for bf16/fp16 up to 256, then the memory-efficient
-        kernel (the only one for fp32) up to 256, else math. Elsewhere the same without cudnn."""
-        half = dtype in ("bf16", "fp16")
-        aligned = head_dim % 8 == 0
-        if half and aligned and head_dim <= 128 and any(tag in self.gpu_name.lower() for tag in _CUDNN_DEFAULT_GPUS):
-            return "cudnn"
-        if half and aligned and head_dim <= 256:
-            return "flash"
-        return "efficient" if aligned and head_dim <= 256 else "math"
+        """The backend the runtime's ``auto`` runs (``ringplan.memory.calibration.auto_backend``, the one rule the
+        memory model's workspace also follows), so the plan times the kernel that will run: on Hopper/Blackwell
+        cudnn for bf16/fp16 up to head_dim 128 (ANCHORS.md: 1.75x flash on H100), then flash for bf16/fp16 up
+        to 256, then the memory-efficient kernel (the only one for fp32) up to 256, else math."""
+        return auto_backend(self.gpu_name, head_dim=head_dim, half_precision=dtype in ("bf16", "fp16"))
 
 
 def _closest_fit(fits: dict[KernelKey, AffineFit], key: KernelKey) -> tuple[KernelKey, AffineFit] | None:

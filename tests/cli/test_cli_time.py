@@ -25,7 +25,7 @@ OVERLAP_OPTIONS = {
     "--gpu", "--heads", "--kv-heads", "--head-dim", "--batch", "--dtype", "--backend", "--causal", "--layout",
     "--timing-dir", "--step-overhead-us", "--train", "--scope", "--intra-link", "--intra-bandwidth",
     "--intra-latency-us", "--inter-link", "--inter-bandwidth", "--inter-latency-us", "--format", "--gpu-spec",
-    "--catalog"}
+    "--catalog", "--rule", "--flops-per-s"}
 
 
 def run(*args):
