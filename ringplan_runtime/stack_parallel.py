@@ -181,7 +181,9 @@ def build_stack(w: StackWorkload, *, device, seed: int = 0) -> StackRun:
                         positions=_positions(w, rank, device))
     model = model.to(torch_dtype(w.settings.master_dtype))
     apply_fsdp(model, shard_mesh(w, device), w.settings)
-    model.to_empty(device=device)
+    # With CPUOffloadPolicy FSDP2 wants the sharded parameters materialised on the host (torchtitan
+    # does the same: to_empty on "cpu"); the values are drawn on the compute device, as without offload.
+    model.to_empty(device="cpu" if w.settings.offload_params else device)
     init_parameters(model, seed=seed, device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, foreach=True)
     return StackRun(workload=w, model=model, optimizer=optimizer, device=device, rank=rank,

@@ -396,8 +396,7 @@ def run_stack(plan: StackPlan, *, settings: MeasureSettings, timeout_s: float = 
 
 def predicted_stack_step_time_s(plan: StackPlan) -> tuple[float | None, str]:
     """``stack_time.step_time`` of the plan, or None (CPU, no GPU, or no data)."""
-    gpu = plan.runs_on if plan.emulate is not None and plan.runs_on is not None else plan.gpu
-    if plan.device_type != "cuda" or gpu is None:
+    if plan.device_type != "cuda" or plan.gpu is None:
         return None, "no time model on CPU"
     from ringplan.time.stack_time import step_time
 

@@ -25,3 +25,15 @@ def test_emulation_on_an_unknown_gpu_keeps_the_old_answer():
     plan = Plan(workload=WORKLOAD, layout=RingLayout(ring_size=1), gpu=gtx, emulate=gtx, runs_on=None)
     seconds, source = predicted_step_time_s(plan)
     assert seconds is None and "bf16" in source
+
+
+def test_whole_model_plan_is_timed_on_its_gpu():
+    """A whole-model plan (no emulation) gets the stack time model's step time on its GPU."""
+    from ringplan.models import load_model_catalog
+    from ringplan.stack import StackWorkload
+    from ringplan_runtime.validate import StackPlan, predicted_stack_step_time_s
+
+    w = StackWorkload(model=load_model_catalog().model("qwen3-0.6b"), seq_len_tokens=8192, world_size=1,
+                      layout=RingLayout(ring_size=1))
+    seconds, source = predicted_stack_step_time_s(StackPlan(workload=w, gpu=CATALOG.gpu("h100")))
+    assert seconds > 0 and "stack time model" in source
