@@ -154,10 +154,16 @@ def fitted_table(rows: Sequence[dict[str, str]], width: int, droppable: Sequence
         if not drop:
             break
         keys.remove(drop.pop())
-    widest = max(keys, key=lambda k: max(len(r[k]) for r in rows))
-    limit = max(8, max(len(r[widest]) for r in rows) - too_wide)
-    rows = [{**r, widest: r[widest] if len(r[widest]) <= limit else r[widest][:limit - 1] + "…"} for r in rows]
-    return markdown_table(rows, keys)
+    while too_wide > 0:  # cut the widest cells until the table fits (or no cell can shrink more)
+        widest = max(keys, key=lambda k: max(len(r[k]) for r in rows))
+        longest = max(len(r[widest]) for r in rows)
+        limit = max(8, longest - too_wide)
+        if limit >= longest:
+            break
+        rows = [{**r, widest: r[widest] if len(r[widest]) <= limit else r[widest][:limit - 1] + "…"} for r in rows]
+        table = markdown_table(rows, keys)
+        too_wide = max(map(len, table.splitlines()), default=0) - width
+    return table
 
 
 def breakdown_table(columns: Sequence[tuple[str, dict[str, float]]], width: int, keep: int = 0) -> str:

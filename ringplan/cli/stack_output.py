@@ -15,10 +15,11 @@ from ringplan.units import GIB
 
 
 def settings_label(settings) -> str:
-    """``zero3 · full+offload · chunked``: sharding (and group), checkpointing, loss."""
+    """``zero3 / full+offload / chunked``: sharding (and group), checkpointing, loss (ASCII: a terminal
+    counts it as it prints it)."""
     sharding = settings.sharding + (f"/G={settings.shard_group_size}" if settings.shard_group_size else "")
     ckpt = settings.checkpointing + ("+offload" if settings.offload_checkpoints else "")
-    return f"{sharding} · {ckpt} · {settings.loss}"
+    return f"{sharding} / {ckpt} / {settings.loss}"
 
 
 def describe_model(model) -> str:
