@@ -1,11 +1,15 @@
 """What is planned for a whole model: the stack, its sequence, the GPUs and the memory settings.
 
-Notation (README, ``docs/STACK.md``): W world size = DP × P, P context-parallel (ring) size,
-DP = W / P data-parallel replicas, G sharding-group size, S global tokens per sequence.
+Notation (README, ``docs/STACK.md``): W world size = DP × P × T, P context-parallel (ring) size,
+T tensor-parallel degree, DP = W / (P·T) data-parallel replicas, G sharding-group size, S global
+tokens per sequence.
 
-Every rank of the job is in one ring of P ranks (the context-parallel group) and in one
-sharding group of G ranks over which weights, gradients and optimizer states are split
-(ZeRO-1/2/3; ``zero3`` is FSDP2 ``fully_shard``). Constructors validate and raise ``ValueError``
+Every rank of the job is in one tensor-parallel group of T ranks (Megatron-style tensor parallelism
+with sequence parallelism: attention heads, FFN columns and the vocabulary split T ways; torchtitan's
+``parallelize_module`` plan), one context-parallel group of P ranks (``layout.cp_scheme``: ring,
+all-gather, Ulysses or hybrid) and one sharding group of G ranks over which its TP shard of the
+weights, gradients and optimizer states is split (ZeRO-1/2/3; ``zero3`` is FSDP2 ``fully_shard``
+over the DP × CP ranks, as torchtitan composes FSDP2 × CP × TP on one DeviceMesh). Constructors validate and raise ``ValueError``
 naming the offending values, so the CLI turns bad input into a one-line error with exit code 2.
 """
 
@@ -102,7 +106,8 @@ class StackSettings:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StackWorkload:
     """One step of a whole model: ``batch`` sequences of S = ``seq_len_tokens`` tokens per
-    data-parallel replica, on W = ``world_size`` GPUs in rings of P = ``layout.ring_size``.
+    data-parallel replica, on W = ``world_size`` GPUs in context-parallel groups of
+    P = ``layout.ring_size`` ranks and tensor-parallel groups of T = ``tp_degree`` ranks.
 
     ``training`` False is forward only (prefill): weights in ``param_dtype``, no gradients or
     optimizer states.
@@ -115,22 +120,30 @@ class StackWorkload:
     world_size: int
     layout: RingLayout
     settings: StackSettings = field(default_factory=StackSettings)
+    tp_degree: int = 1
 
     def __post_init__(self) -> None:
         for name, kind in (("model", ModelSpec), ("layout", RingLayout), ("settings", StackSettings)):
             if not isinstance(getattr(self, name), kind):
                 raise ValueError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
-        _require_positive_int(seq_len_tokens=self.seq_len_tokens, batch=self.batch, world_size=self.world_size)
+        _require_positive_int(seq_len_tokens=self.seq_len_tokens, batch=self.batch, world_size=self.world_size,
+                              tp_degree=self.tp_degree)
         if not isinstance(self.training, bool):
             raise ValueError(f"training must be true or false, got {self.training!r}")
-        w, p = self.world_size, self.layout.ring_size
+        w, p, t = self.world_size, self.layout.ring_size, self.tp_degree
         if w % p:
             raise ValueError(f"world size {w} is not a multiple of the ring size {p}")
-        g = self.settings.shard_group_size
-        if g is not None and g > w:
-            raise ValueError(f"sharding group of {g} GPUs is larger than the world size {w}")
-        if g is not None and w % g:
-            raise ValueError(f"world size {w} is not a multiple of the sharding group of {g} GPUs")
+        if w % (p * t):
+            raise ValueError(f"world size {w} is not a multiple of context parallel {p} x tensor parallel {t} "
+                             f"(W = DP x CP x TP)")
+        check_tp_degree(self.model, t)
+        g, holders = self.settings.shard_group_size, w // t
+        where = f"the world size {w}" if t == 1 else f"the {holders} GPUs holding one tensor-parallel shard (W / TP)"
+        if g is not None and g > holders:
+            raise ValueError(f"sharding group of {g} GPUs is larger than {where}")
+        if g is not None and holders % g:
+            holders_text = f"world size {w}" if t == 1 else f"{holders} GPUs holding one tensor-parallel shard"
+            raise ValueError(f"{holders_text} is not a multiple of the sharding group of {g} GPUs")
         if self.settings.offload_params and not self.training:
             raise ValueError("offloading parameters and optimizer states needs training (a forward pass keeps "
                              "replicated weights on the GPU and has no optimizer)")
@@ -154,6 +167,26 @@ def check_offload(settings: StackSettings) -> None:
     if settings.offload_params and settings.sharding not in ("zero3", "none"):
         raise ValueError(f"offloading parameters and optimizer states needs FSDP2 (sharding zero3 or none), "
                          f"got sharding {settings.sharding!r}")
+
+
+def check_tp_degree(model: ModelSpec, tp_degree: int) -> None:
+    """``ValueError`` naming the nearest valid degrees unless T divides the query heads H, the KV heads
+    H_kv (or H_kv divides T: each KV head is then replicated T / H_kv times, as Megatron does) and the
+    FFN width F (column/row-parallel MLP)."""
+    t, h, h_kv, f = tp_degree, model.n_heads, model.n_kv_heads, model.ffn_dim
+    if t == 1:
+        return
+    if h % t or f % t or (h_kv % t and t % h_kv):
+        valid = [d for d in range(1, h + 1) if h % d == 0 and f % d == 0 and (h_kv % d == 0 or d % h_kv == 0)]
+        nearest = " or ".join(str(d) for d in sorted(sorted(valid, key=lambda d: (abs(d - t), d))[:2]))
+        raise ValueError(f"tensor parallel {t} does not divide {model.name}'s {h} heads / {h_kv} KV heads / "
+                         f"FFN width {f:,}; nearest valid degrees: {nearest}")
+
+
+def kv_heads_per_tp_rank(w: StackWorkload) -> int:
+    """KV heads a tensor-parallel rank holds: H_kv / T, or 1 when T > H_kv (each KV head replicated
+    T / H_kv times)."""
+    return max(1, w.model.n_kv_heads // w.tp_degree)
 
 
 def nearest_divisors(n: int, target: int, count: int = 2) -> list[int]:
@@ -188,13 +221,14 @@ def tokens_per_rank(w: StackWorkload) -> int:
 
 
 def data_parallel_size(w: StackWorkload) -> int:
-    """Data-parallel replicas DP = W / P (each holds ``batch`` sequences)."""
-    return w.world_size // w.layout.ring_size
+    """Data-parallel replicas DP = W / (P·T) (each holds ``batch`` sequences)."""
+    return w.world_size // (w.layout.ring_size * w.tp_degree)
 
 
 def shard_group_size(w: StackWorkload) -> int:
-    """Resolved sharding group G: 1 without sharding (every rank holds a full copy), else the
-    setting, or W when the setting is None. Sharded state per rank is the full state / G."""
+    """Resolved sharding group G: 1 without sharding (every rank holds a full copy of its TP shard),
+    else the setting, or W / T (every rank holding the same TP shard) when the setting is None.
+    Sharded state per rank is the rank's TP shard of the state / G."""
     if w.settings.sharding == "none":
         return 1
-    return w.settings.shard_group_size or w.world_size
+    return w.settings.shard_group_size or w.world_size // w.tp_degree
