@@ -7,7 +7,8 @@ Per rank of m = B·S/P local tokens (``StepTime`` names every part; they sum to 
 
 - GEMMs: per block q, k, v, o and the MLP (gate and up, down), and the LM head. Forward
   2·m·in·out FLOPs each; backward two GEMMs of that size (input and weight gradient);
-  checkpointing adds a forward of what it recomputes (``RECOMPUTED``). Timed by shape from a
+  checkpointing adds a forward of what it recomputes (``RECOMPUTED``), a tiled MLP the forward of its
+  MLP, run as n/t GEMMs of B·t rows each (``recomputed_parts``, ``gemm_rows``). Timed by shape from a
   measured GEMM profile of the GPU (``ringplan.time.gemms``, ``benchmarks/measure_gemm.py``),
   another GPU's scaled by the peak ratio, else the prior ``GEMM_EFFICIENCY`` × catalog peak.
 - attention: one layer's ring attention from ``ringplan.time.attention_time`` (kernels, merges, exposed ring
@@ -47,6 +48,26 @@ from ringplan.time.stack_bytes import block_op_bytes, loss_bytes_per_token, opti
 _BLOCK_PARTS = frozenset({"q", "kv", "o", "gate_up", "up", "down", "norms", "qk_norm", "rope", "mlp_act", "residual"})
 RECOMPUTED: dict[str, frozenset[str]] = {"none": frozenset(), "selective": _BLOCK_PARTS,
                                           "full": _BLOCK_PARTS | {"attention"}}
+#: What a sequence-tiled MLP (``mlp_tile_tokens``) runs again in backward, tile by tile
+#: (``ringplan_runtime.tiling``): the MLP's GEMMs and its activation; a no-op on top of checkpointing,
+#: which already recomputes them.
+MLP_PARTS: frozenset[str] = frozenset({"gate_up", "up", "down", "mlp_act"})
+
+
+def recomputed_parts(w: StackWorkload) -> frozenset[str]:
+    """Block parts run again in backward: checkpointing's (``RECOMPUTED``) and, with a tiled MLP, the MLP's."""
+    tiled = MLP_PARTS if w.settings.mlp_tile_tokens is not None else frozenset()
+    return RECOMPUTED[w.settings.checkpointing] | tiled
+
+
+def gemm_rows(w: StackWorkload, shape: GemmShape, tokens: int) -> tuple[int, int]:
+    """(rows per GEMM call, calls) of one block GEMM over ``tokens`` local rows: a tiled MLP runs its
+    GEMMs on B·t rows, n / t times (t the MLP tile, n the tokens per rank); the rest once on all rows."""
+    t = w.settings.mlp_tile_tokens
+    if t is None or shape.name not in MLP_PARTS:
+        return tokens, 1
+    calls = tokens_per_rank(w) // t
+    return tokens // calls, calls
 #: Host link for checkpoint offload (pinned CPU memory ↔ GPU), by catalog GPU: the card's PCIe
 #: generation from its datasheet (SXM modules talk to the CPU over PCIe too).
 HOST_LINK: dict[str, str] = {
@@ -115,10 +136,13 @@ class _Costs:
     weight: int = 1  # how many times the pass being costed runs (L for a block)
     notes: dict[str, str] = field(default_factory=dict)
 
-    def gemm(self, pass_name: str, tokens: int, shape: GemmShape, *, recompute: bool = False) -> float:
+    def gemm(self, pass_name: str, tokens: int, shape: GemmShape, *, recompute: bool = False,
+             calls: int = 1) -> float:
+        """Seconds of ``calls`` runs of ``shape`` over ``tokens`` rows each (added to the GEMM part)."""
         seconds, label = self.gemms.time_s(pass_name, tokens, shape)
+        seconds *= calls
         self.note("gemm", label)
-        self.flops += self.weight * gemm_flops(tokens, shape)
+        self.flops += self.weight * calls * gemm_flops(tokens, shape)
         self.prior_gemm_s += self.weight * seconds if label.startswith("default") else 0.0
         return self.add("gemm_s", seconds, recompute)
 
@@ -138,14 +162,15 @@ def _block_pass_s(c: _Costs, attention_s: tuple[float, float], backward: bool) -
     """Seconds of one block's forward, or its backward with what checkpointing recomputes."""
     model, e = c.w.model, c.w.settings.param_dtype_bytes
     ops = block_op_bytes(model, e)
-    again = RECOMPUTED[c.w.settings.checkpointing] if backward else frozenset()
+    again = recomputed_parts(c.w) if backward else frozenset()
     total = 0.0
     for shape in block_gemms(model):
+        rows, calls = gemm_rows(c.w, shape, c.tokens)
         if not backward:
-            total += c.gemm("forward", c.tokens, shape)
+            total += c.gemm("forward", rows, shape, calls=calls)
             continue
-        total += c.gemm("backward_input", c.tokens, shape) + c.gemm("backward_weight", c.tokens, shape)
-        total += c.gemm("forward", c.tokens, shape, recompute=True) if shape.name in again else 0.0
+        total += c.gemm("backward_input", rows, shape, calls=calls) + c.gemm("backward_weight", rows, shape, calls=calls)
+        total += c.gemm("forward", rows, shape, recompute=True, calls=calls) if shape.name in again else 0.0
     for name, (fwd, bwd) in ops.items():
         total += c.bytes("elementwise_s", (bwd if backward else fwd) * c.tokens)
         total += c.bytes("elementwise_s", fwd * c.tokens, recompute=True) if name in again else 0.0

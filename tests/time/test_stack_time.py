@@ -75,6 +75,21 @@ def test_full_checkpointing_adds_one_block_forward():
     assert full.recompute_s > none.recompute_s > 0  # the chunked loss recomputes its logits either way
 
 
+def test_tiled_mlp_adds_one_mlp_forward_unless_checkpointing_recomputes_it():
+    """A tiled MLP recomputes its tile's MLP in backward: one more forward of the MLP GEMMs
+    (2·m·(2·E·F + F·E) for SwiGLU), counted as recompute; under full checkpointing (which recomputes
+    the MLP already) the FLOPs do not change; the tiles' GEMMs are n/t calls of B·t rows."""
+    model = small_model()
+    plain = step_time(workload(8192, world=1, model=model), "h100")
+    tiled = step_time(workload(8192, world=1, model=model, mlp_tile_tokens=2048), "h100")
+    mlp = sum(gemm_flops(8192, s) for s in block_gemms(model) if s.name in ("gate_up", "down"))
+    assert tiled.gemm_flops - plain.gemm_flops == pytest.approx(model.n_layers * mlp, rel=REL)
+    assert tiled.recompute_s > plain.recompute_s
+    full = step_time(workload(8192, world=1, model=model, checkpointing="full"), "h100")
+    full_tiled = step_time(workload(8192, world=1, model=model, checkpointing="full", mlp_tile_tokens=2048), "h100")
+    assert full_tiled.gemm_flops == pytest.approx(full.gemm_flops, rel=REL)
+
+
 def test_collective_is_one_transfer_of_the_non_local_share():
     """A ring collective over G ranks moves (G − 1)/G of the buffer through one link; a group of one is free."""
     from ringplan.time.links import LinkModel
