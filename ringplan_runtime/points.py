@@ -46,7 +46,7 @@ from ringplan_runtime.measure import MeasureSettings, RankMeasurement, measure_s
 from ringplan_runtime.provenance import Provenance
 
 __all__ = ["CALIBRATION_TOKENS_PER_RANK", "PointResult", "RingOutOfMemory", "SweepPoint", "calibrated_cap",
-           "point_result", "points_worker", "run_points", "smallest_valid_tokens", "valid_token_counts"]
+           "point_result", "points_worker", "ring_timeout_s", "run_points", "smallest_valid_tokens", "valid_token_counts"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -191,12 +191,13 @@ def valid_token_counts(workload: Workload, layout: RingLayout, *, upper_tokens: 
 def run_points(points: Sequence[SweepPoint], *, settings: MeasureSettings | None = None,
                usable_memory_bytes: int | None = None, timeout_s: float = 600.0, fault: dict | None = None,
                on_result: Callable[[PointResult], None] | None = None, command: str | None = None,
-               device: str = "auto") -> list[PointResult]:
+               device: str = "auto", deadline_s: float | None = None) -> list[PointResult]:
     """Measure points that share one ring size on local processes; every point gets a result.
 
     Launches rings (``ringplan_runtime.harness.run_rings``) until every point has a result; a failed
     ring costs only the point it was running. ``device``: ``cuda`` (NCCL, one GPU per rank), ``cpu``
-    (gloo) or ``auto`` (CUDA when present).
+    (gloo) or ``auto`` (CUDA when present). ``deadline_s`` (``time.monotonic()``): no ring starts
+    after it and a running ring is ended at it (its finished points kept); the rest get no result.
     """
     if not points:
         return []
@@ -214,7 +215,16 @@ def run_points(points: Sequence[SweepPoint], *, settings: MeasureSettings | None
                         ring_size, failure)
 
     return run_rings(points, world_size=ring_size, backend=backend, worker=points_worker, worker_args=worker_args,
-                     finish=finish, timeout_s=lambda remaining: timeout_s, on_result=on_result)
+                     finish=finish, timeout_s=lambda remaining: ring_timeout_s(timeout_s, deadline_s),
+                     on_result=on_result)
+
+
+def ring_timeout_s(timeout_s: float, deadline_s: float | None) -> float | None:
+    """A ring's timeout: ``timeout_s``, cut to what is left before ``deadline_s`` (None: start no ring)."""
+    if deadline_s is None:
+        return timeout_s
+    left_s = deadline_s - time.monotonic()
+    return None if left_s <= 0 else min(timeout_s, left_s)
 
 
 def _collect(points: Sequence[SweepPoint], records: RankResults, ring_size: int,

@@ -53,11 +53,13 @@ def sweep_points(*, tokens: Sequence[int], world_sizes: Sequence[int], shapes: S
 
 def run_sweep(points: Sequence[SweepPoint], *, profile_path: str | Path, settings: MeasureSettings | None = None,
               command: str | None = None, timeout_s: float = 600.0, progress: bool = True,
-              record_as: str | None = None, series: str | None = None, device: str = "auto") -> list[PointResult]:
+              record_as: str | None = None, series: str | None = None, device: str = "auto",
+              deadline_s: float | None = None) -> list[PointResult]:
     """Measure ``points`` (grouped by ring size) and merge each finished point into ``profile_path``.
 
     Rows are written as they arrive, so an interrupted sweep keeps what it measured; rows already
     in the file are merged by key (``ringplan.profiles.attention.write_profile``), never dropped.
+    ``deadline_s`` (``time.monotonic()``): points not finished by then get no result (``run_points``).
     """
     settings = settings or MeasureSettings()
     results: list[PointResult] = []
@@ -71,7 +73,7 @@ def run_sweep(points: Sequence[SweepPoint], *, profile_path: str | Path, setting
     for ring_size in sorted({p.layout.ring_size for p in points}):
         group = [p for p in points if p.layout.ring_size == ring_size]
         results.extend(run_points(group, settings=settings, timeout_s=timeout_s, on_result=record, command=command,
-                                  device=device))
+                                  device=device, deadline_s=deadline_s))
     bar.close()
     return results
 
