@@ -6,6 +6,10 @@ backward. ``ringplan.memory.stack_terms`` combines them with the activations int
 Notation as ``ringplan.memory.stack_terms``: G sharding group, Ψ parameters, Ψ_G those one rank holds,
 e bytes of the compute dtype, e_m of the master dtype. The runtime runs FSDP2 (``zero3`` over G, or
 ``none`` as G = 1); ZeRO-1/2 are planned from the ZeRO paper (Rajbhandari et al. 2020), not run.
+
+Tensor parallelism (T = ``tp_degree`` > 1): every shape is one TP rank's (``tp_terms.tp_local_param_shapes``:
+H/T heads, max(1, H_kv/T) KV heads, F/T FFN columns, ⌈V/T⌉ vocabulary rows, norms replicated), Ψ is the
+TP rank's parameter count, and FSDP2 / ZeRO shard it over G (the ranks of the same TP coordinate).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from ringplan.memory.tp_terms import (local_ffn_dim, local_heads, local_kv_heads, local_vocab, sequence_shard_tokens,
+                                     tp_local_param_shapes)
 from ringplan.stack import StackWorkload, shard_group_size, tokens_per_rank
 from ringplan.workload import DTYPE_BYTES
 
@@ -25,7 +31,9 @@ ZERO_STAGES = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StackShape:
-    """The evaluation point: every size a formula reads, from a validated ``StackWorkload``."""
+    """The evaluation point: every size a formula reads, from a validated ``StackWorkload``. H, H_kv, F and V
+    are one tensor-parallel rank's (H/T, max(1, H_kv/T), F/T, ⌈V/T⌉; the model's at ``tp`` = 1); ``n_sp``
+    the tokens per sequence in a sequence-parallel region, ⌈n/T⌉."""
 
     batch: int
     n: int
@@ -40,24 +48,35 @@ class StackShape:
     e_m: int
     G: int
     P: int
+    tp: int = 1
+    n_sp: int = 0
 
     @property
     def T(self) -> int:
-        """Local tokens B·n."""
+        """Local tokens B·n (all-gathered over the TP group inside its tensor-parallel regions)."""
         return self.batch * self.n
+
+    @property
+    def T_sp(self) -> int:
+        """Local tokens of a sequence-parallel region: B·⌈n/T⌉ (B·n at T = 1)."""
+        return self.batch * self.n_sp
 
 
 @functools.lru_cache(maxsize=512)
 def stack_shape(w: StackWorkload) -> StackShape:
     m, s = w.model, w.settings
-    return StackShape(batch=w.batch, n=tokens_per_rank(w), E=m.embed_dim, H=m.n_heads, H_kv=m.n_kv_heads,
-                      D=m.head_dim, F=m.ffn_dim, V=m.vocab_size, L=m.n_layers, e=DTYPE_BYTES[s.param_dtype],
-                      e_m=DTYPE_BYTES[s.master_dtype], G=shard_group_size(w), P=w.layout.ring_size)
+    return StackShape(batch=w.batch, n=tokens_per_rank(w), E=m.embed_dim, H=local_heads(w), H_kv=local_kv_heads(w),
+                      D=m.head_dim, F=local_ffn_dim(w), V=local_vocab(w), L=m.n_layers, e=DTYPE_BYTES[s.param_dtype],
+                      e_m=DTYPE_BYTES[s.master_dtype], G=shard_group_size(w), P=w.layout.ring_size, tp=w.tp_degree,
+                      n_sp=sequence_shard_tokens(w))
 
 
 def block_param_shapes(w: StackWorkload) -> list[tuple[int, int]]:
     """(rows, columns) of every parameter of one block (vectors have 1 column), as FSDP2 shards
-    them along rows: q/k/v/o (+ biases), qk norms, two RMSNorms, gate/up/down (+ biases)."""
+    them along rows: q/k/v/o (+ biases), qk norms, two RMSNorms, gate/up/down (+ biases). One TP rank's
+    (``tp_terms.tp_local_param_shapes``) at T > 1."""
+    if w.tp_degree > 1:
+        return list(tp_local_param_shapes(w)["block"])
     m = w.model
     shapes = [(m.q_dim, m.embed_dim), (m.kv_dim, m.embed_dim), (m.kv_dim, m.embed_dim), (m.embed_dim, m.q_dim),
               (m.embed_dim, 1), (m.embed_dim, 1)]
@@ -86,25 +105,27 @@ def unit_shapes_upto(w: StackWorkload, stage: str) -> list[tuple[int, int]]:
     """Parameters of one block whose gradients exist once its backward has reached ``stage``
     (backward order: down; gate, up, post-attention norm; output projection; the rest).
     ``mlp_weights``: every MLP weight (a tiled MLP's backward from its second tile on)."""
-    m, shapes = w.model, block_param_shapes(w)
-    down = [(m.embed_dim, m.ffn_dim)] + ([(m.embed_dim, 1)] if m.mlp_bias else [])
+    m, shapes, f = w.model, block_param_shapes(w), local_ffn_dim(w)
+    down = [(m.embed_dim, f)] + ([(m.embed_dim, 1)] if m.mlp_bias else [])
     if stage == "mlp":
         return down
     n_in = 2 if m.ffn_type == "swiglu" else 1
-    ffn = down + [(m.ffn_dim, m.embed_dim)] * n_in + ([(m.ffn_dim, 1)] * n_in if m.mlp_bias else [])
+    ffn = down + [(f, m.embed_dim)] * n_in + ([(f, 1)] * n_in if m.mlp_bias else [])
     if stage == "mlp_weights":
         return ffn
     mlp = ffn + [(m.embed_dim, 1)]
     if stage == "norm2":
         return mlp
     if stage == "attention":
-        return mlp + [(m.embed_dim, m.q_dim)] + ([(m.embed_dim, 1)] if m.out_bias else [])
+        return mlp + [(m.embed_dim, local_heads(w) * m.head_dim)] + ([(m.embed_dim, 1)] if m.out_bias else [])
     return shapes
 
 
 @functools.lru_cache(maxsize=512)
 def unit_shapes(w: StackWorkload) -> dict[str, tuple[tuple[int, int], ...]]:
     """``unit_param_shapes`` as tuples, cached per workload (the terms ask for them at every instant)."""
+    if w.tp_degree > 1:
+        return tp_local_param_shapes(w)
     m = w.model
     embed = [(m.vocab_size, m.embed_dim)] + ([(m.max_positions, m.embed_dim)] if m.position == "learned" else [])
     root = [(m.embed_dim, 1)] * (2 if m.norm == "layernorm" else 1)
@@ -218,9 +239,14 @@ def optimizer_step_bytes(w: StackWorkload) -> float:
 
 @functools.lru_cache(maxsize=512)
 def _psi(w: StackWorkload) -> int:
+    """Ψ: the model's parameters (T = 1), or one TP rank's (Σ of its local shapes, L blocks)."""
     from ringplan.models import parameter_count
 
-    return parameter_count(w.model)
+    if w.tp_degree == 1:
+        return parameter_count(w.model)
+    units = tp_local_param_shapes(w)
+    return sum((w.model.n_layers if name == "block" else 1) * sum(r * c for r, c in shapes)
+               for name, shapes in units.items())
 
 
 # ----------------------------------------------------------------------------- FSDP2 units

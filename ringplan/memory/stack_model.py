@@ -474,7 +474,7 @@ def _fit_stack_profiles(directory: Path | None) -> tuple[dict[str, Calibration],
 #: ``profiles/fitted/stack-fit.json``: the calibrations of ``profiles/measured/stack``.
 STACK_FIT = FitCache(schema="ringplan.stack-fit/1", file_name="stack-fit.json",
                      sources=("stack_terms.py", "model_states.py", "stack_model.py", "attention_terms.py",
-                              "part_fit.py", "offload_terms.py"),
+                              "part_fit.py", "offload_terms.py", "tp_terms.py", "cp_terms.py"),
                      profiles_dir=stack_profiles_dir, fit=_fit_stack_profiles, prefix="stack ")
 
 

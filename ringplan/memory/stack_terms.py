@@ -28,6 +28,9 @@ and projection backward (after the ring buffers are freed), AdamW's ``step`` cou
 and scalar tensors; kernel workspaces, allocator rounding and memory outside the allocator are
 fitted per GPU (``ringplan.memory.stack_model``). CPU-only tensors (gloo's copy of a reduce-scatter input,
 the CPU kernel's strided LSE) are left out: they are not on a GPU.
+
+Tensor parallelism T > 1 and the context-parallel schemes: ``ringplan.memory.tp_terms`` (one TP rank's shapes,
+sequence-parallel B·⌈n/T⌉ vs all-gathered B·n rows, each block's attention under ``w.layout.cp_scheme``).
 """
 
 from __future__ import annotations
@@ -35,18 +38,10 @@ from __future__ import annotations
 import functools
 
 from ringplan.units import FP32_BYTES
-from ringplan.memory.attention_terms import (
-    TermInputs,
-    attention_instant,
-    backward_instant,
-    kv_bytes,
-    output_bytes,
-    output_instant,
-    q_bytes,
-    saved_lse_bytes,
-    term_inputs,
-)
-from ringplan.stack import StackWorkload, attention_workload
+from ringplan.memory import tp_terms
+from ringplan.memory.attention_terms import kv_bytes, output_bytes, q_bytes
+from ringplan.memory.tp_terms import attention_point, final_hidden_bytes, gathered_hidden_bytes
+from ringplan.stack import StackWorkload
 from ringplan.memory.offload_terms import OFFLOAD_HOST_TERM_NAMES, device_instants, offload_host_terms
 from ringplan.memory.model_states import (
     fsdp_state_at,
@@ -80,23 +75,18 @@ HOST_TERM_NAMES: tuple[str, ...] = ("offloaded_checkpoints_bytes",) + OFFLOAD_HO
 # ----------------------------------------------------------------------------- activations of one block
 
 
-@functools.lru_cache(maxsize=512)
-def attention_point(w: StackWorkload) -> TermInputs:
-    """One layer's ring attention as ``ringplan.memory.attention_terms`` evaluates it (q, k, v after RoPE)."""
-    return term_inputs(attention_workload(w), w.layout)
-
-
 def hidden_state_bytes(w: StackWorkload) -> float:
-    """One hidden state of the rank's tokens: T·E·e (a block input or output, a norm output, the
-    residual sum h, a gradient flowing between blocks)."""
+    """One hidden state of the rank's tokens: T·E·e (a block input or output, a norm's input, the
+    residual sum h, a gradient flowing between blocks); with T > 1 a sequence-parallel shard,
+    B·⌈n/T⌉·E·e (``tp_terms.sequence_parallel_hidden_bytes``)."""
     s = stack_shape(w)
-    return float(s.T * s.E * s.e)
+    return float(s.T_sp * s.E * s.e)
 
 
 def norm_statistics_bytes(w: StackWorkload, rows_per_token: int = 1) -> float:
     """fp32 RMSNorm statistics saved for backward: rstd, T·4 per norm over E (``rows_per_token``
-    = H + H_kv for the per-head qk norms)."""
-    return float(stack_shape(w).T * rows_per_token * FP32_BYTES)
+    = H + H_kv for the per-head qk norms); B·⌈n/T⌉ rows in the sequence-parallel norms."""
+    return float(stack_shape(w).T_sp * rows_per_token * FP32_BYTES)
 
 
 def qk_norm_bytes(w: StackWorkload) -> float:
@@ -109,10 +99,9 @@ def qk_norm_bytes(w: StackWorkload) -> float:
 
 
 def attention_saved_bytes(w: StackWorkload) -> float:
-    """What ring attention saves for backward: q, k (after RoPE), v, the output and its fp32 LSE:
-    B·n·(H + 2·H_kv)·D·e + B·n·H·D·e + B·H·n·4 (``memory_terms`` q, kv, output, saved LSE)."""
-    p = attention_point(w)
-    return q_bytes(p) + kv_bytes(p) + output_bytes(p) + saved_lse_bytes(p)
+    """What one block's attention saves for backward (``tp_terms.attention_saved_bytes``; the ring: q, k
+    (after RoPE), v, the output and its fp32 LSE, B·n·(H + 2·H_kv)·D·e + B·n·H·D·e + B·H·n·4)."""
+    return tp_terms.attention_saved_bytes(attention_point(w))
 
 
 def ffn_bytes(w: StackWorkload) -> float:
@@ -140,7 +129,9 @@ def block_tensors(w: StackWorkload, *, upto: str, mode: str | None = None) -> fl
     q, k, v, output, LSE; h = x + attention; rstd and output of the MLP norm), ``mlp`` (+ gate and
     up), ``all`` (+ their SwiGLU product). ``selective`` keeps only ring attention's tensors (the
     rest is recomputed segment by segment in backward); ``full`` keeps nothing. A tiled MLP saves
-    only its input (the MLP norm's output): ``mlp`` and ``all`` hold what ``mlp_input`` holds."""
+    only its input (the MLP norm's output): ``mlp`` and ``all`` hold what ``mlp_input`` holds. With T > 1
+    the norms' outputs the linears save are all-gathered (``gathered_hidden_bytes``), x, h and rstd are
+    sequence shards (Korthikanti et al. 2022, Sec. 4.2.2, without their re-gather in backward)."""
     mode = mode or w.settings.checkpointing
     if mode == "full":
         return 0.0
@@ -149,9 +140,9 @@ def block_tensors(w: StackWorkload, *, upto: str, mode: str | None = None) -> fl
     stages = ("attention", "mlp_input", "mlp", "all")
     if upto not in stages:
         raise ValueError(f"upto must be one of {list(stages)}, got {upto!r}")
-    total = norm_statistics_bytes(w) + hidden_state_bytes(w) + qk_norm_bytes(w)
+    total = norm_statistics_bytes(w) + gathered_hidden_bytes(w) + qk_norm_bytes(w)
     if upto != "attention":
-        total += attention_saved_bytes(w) + 2 * hidden_state_bytes(w) + norm_statistics_bytes(w)
+        total += attention_saved_bytes(w) + (hidden_state_bytes(w) + gathered_hidden_bytes(w)) + norm_statistics_bytes(w)
     if upto in ("mlp", "all") and mlp_tile_rows(w) is None:
         total += 2 * ffn_bytes(w)
     if upto == "all" and mlp_tile_rows(w) is None:
@@ -231,7 +222,7 @@ def mlp_backward_bytes(w: StackWorkload) -> float:
 
 def tiled_mlp_forward_bytes(w: StackWorkload) -> float:
     """A tiled MLP's forward at its peak (``ringplan_runtime.tiling.swiglu_rows_into``): the output
-    T·E·e, allocated once, and one tile's gate and up 2·B·t·F·e (silu and the product are computed
+    T·E·e (all B·n rows with T > 1: the down projection's partial output), allocated once, and one tile's gate and up 2·B·t·F·e (silu and the product are computed
     in place into the gate; the down projection writes into the output's rows)."""
     s = stack_shape(w)
     return float(s.T * s.E * s.e + 2 * mlp_tile_rows(w) * s.F * s.e)
@@ -306,7 +297,7 @@ def loss_backward_instant(w: StackWorkload) -> dict[str, float]:
     rows, several = _loss_rows(w)
     terms = {**_model_states(w), **fsdp_state_at(w, "loss"), "rope_tables_bytes": rope_tables_bytes(w),
              "saved_activations_bytes": _saved(w, stack_shape(w).L, final_norm=True),
-             "hidden_bytes": hidden_state_bytes(w) * (2 if several else 1),
+             "hidden_bytes": final_hidden_bytes(w, 2 if several else 1),
              "logits_bytes": log_probabilities_bytes(w, rows), "loss_bytes": loss_gradients_bytes(w, rows)}
     return _plus(terms, unit_grads_bytes=head_grad_bytes(w) if several else 0.0)
 
@@ -320,7 +311,7 @@ def loss_head_grad_instant(w: StackWorkload) -> dict[str, float]:
     s = stack_shape(w)
     terms = {**_model_states(w), **fsdp_state_at(w, "loss"), "rope_tables_bytes": rope_tables_bytes(w),
              "saved_activations_bytes": _saved(w, s.L, final_norm=True),
-             "hidden_bytes": hidden_state_bytes(w) * (2 + rows / s.T)}
+             "hidden_bytes": final_hidden_bytes(w, 2 + rows / s.T)}
     return _plus(terms, unit_grads_bytes=3 * head_grad_bytes(w))
 
 
@@ -338,7 +329,7 @@ def _backward_block_tensors(w: StackWorkload, stage: str) -> float:
     (ring attention's saved tensors are in ``memory_terms``); norm1: the input norm's rstd.
     Selective recomputes the input norm and q/k/v only after the ring attention's backward."""
     none = {"mlp": block_tensors(w, upto="mlp", mode="none"),
-            "norm2": block_tensors(w, upto="mlp_input", mode="none") - hidden_state_bytes(w),
+            "norm2": block_tensors(w, upto="mlp_input", mode="none") - gathered_hidden_bytes(w),
             "attention": block_tensors(w, upto="attention", mode="none"),
             "norm1": norm_statistics_bytes(w)}[stage]
     if w.settings.checkpointing == "selective" and stage != "norm1":
@@ -357,14 +348,14 @@ def block_backward_terms(w: StackWorkload, index: int, stage: str) -> dict[str, 
              "hidden_bytes": hidden_state_bytes(w)}
     tiled = stage == "mlp" and mlp_tile_rows(w) is not None
     if tiled:  # the input gradient, allocated once; every MLP weight's gradient from the second tile on
-        terms["hidden_bytes"] += hidden_state_bytes(w)
+        terms["hidden_bytes"] += gathered_hidden_bytes(w)
         terms["mlp_bytes"] = tiled_mlp_backward_bytes(w)
         if mlp_tiles(w) > 1:
             stage = "mlp_weights"
     elif stage == "mlp":
         terms["mlp_bytes"] = mlp_backward_bytes(w)
     elif stage == "attention":
-        terms["attention_bytes"] = sum(backward_instant(attention_point(w)).values())
+        terms["attention_bytes"] = sum(tp_terms.attention_backward_terms(attention_point(w)).values())
     else:
         terms["norm_bytes"] = norm_backward_bytes(w)
         terms["projection_bytes"] = hidden_state_bytes(w)
@@ -385,7 +376,7 @@ def embedding_backward_instant(w: StackWorkload) -> dict[str, float]:
     input kept, the table gathered, its dense gradient V·E·e and the embedding output's gradient
     T·E·e."""
     table = unit_grad_bytes(w, unit_shapes(w)["embed"])
-    return _plus({**_model_states(w), **fsdp_state_at(w, "embed"), "hidden_bytes": hidden_state_bytes(w)},
+    return _plus({**_model_states(w), **fsdp_state_at(w, "embed"), "hidden_bytes": gathered_hidden_bytes(w)},
                  unit_grads_bytes=table)
 
 
@@ -454,23 +445,26 @@ def forward_instants(w: StackWorkload) -> dict[str, dict[str, float]]:
     x with: the input norm's temporaries; RoPE (the normed input, the projected q, k, v); ring
     attention (``memory_terms``: q, k, v, its buffers and output); the output projection and residual
     (attention output, projection, h); the MLP norm; the MLP (h, its normed input, 4·T·F·e); then
-    the final norm. Nothing is saved (``inference_mode``)."""
-    s, x = stack_shape(w), hidden_state_bytes(w)
+    the final norm. Nothing is saved (``inference_mode``). With T > 1: x, h and the norms in sequence
+    shards, the normed input gathered (B·n rows) for q/k/v and the MLP, the output projection's partial
+    B·n·E·e beside its reduce-scattered result; the attention part is the scheme's
+    (``tp_terms.attention_forward_bytes``)."""
+    s, x, g = stack_shape(w), hidden_state_bytes(w), gathered_hidden_bytes(w)
     base = {"param_copy_bytes": param_copy_bytes(w), "batch_bytes": batch_bytes(w),
             "rope_tables_bytes": rope_tables_bytes(w)}
     p = attention_point(w)
     qkv = q_bytes(p) + kv_bytes(p)
     qk_inputs = float(s.T * (s.H + s.H_kv) * s.D * s.e) if w.model.qk_norm else 0.0
     attn_out = output_bytes(p)
-    ring = max(sum(attention_instant(p).values()), sum(output_instant(p).values()))
+    ring = tp_terms.attention_forward_bytes(p)
     return {
         "norm1": {**base, "layer_activations_bytes": x + norm_statistics_bytes(w), "norm_bytes": norm_forward_bytes(w)},
-        "rope": {**base, "layer_activations_bytes": 2 * x + qkv + qk_inputs, "rope_bytes": rope_forward_bytes(w)},
+        "rope": {**base, "layer_activations_bytes": (x + g) + qkv + qk_inputs, "rope_bytes": rope_forward_bytes(w)},
         "attention": {**base, "layer_activations_bytes": x, "attention_bytes": ring},
-        "residual": {**base, "layer_activations_bytes": x + attn_out, "projection_bytes": 2 * x},
+        "residual": {**base, "layer_activations_bytes": x + attn_out, "projection_bytes": g + x},
         "norm2": {**base, "layer_activations_bytes": 2 * x + attn_out + norm_statistics_bytes(w),
                   "norm_bytes": norm_forward_bytes(w)},
-        "mlp": {**base, "layer_activations_bytes": 3 * x + attn_out,
+        "mlp": {**base, "layer_activations_bytes": (2 * x + g) + attn_out,
                 "mlp_bytes": mlp_forward_bytes(w) if mlp_tile_rows(w) is None else tiled_mlp_forward_bytes(w)},
         "final_norm": {**base, "hidden_bytes": x + norm_statistics_bytes(w), "norm_bytes": norm_forward_bytes(w)},
     }

@@ -1,0 +1,187 @@
+"""Tensor parallelism (T = ``StackWorkload.tp_degree``) in a whole model's byte terms: what one rank of a
+tensor-parallel group holds, as torchtitan's ``parallelize_module`` plan runs Megatron-style TP with
+sequence parallelism (SP).
+
+The plan (torchtitan ``parallelize_llama`` / ``apply_tp``; Korthikanti et al. 2022, "Reducing Activation
+Recomputation in Large Transformer Models", Sec. 4.2.2, for the sequence-parallel regions):
+
+* attention norm, MLP norm and final norm ``SequenceParallel``: their inputs, outputs and rstd hold
+  ⌈n/T⌉ of the rank's n tokens per sequence (``sequence_shard_tokens``), and so do the block inputs,
+  h = x + attention and every gradient flowing between blocks;
+* q, k, v ``ColwiseParallel`` with the norm output all-gathered to [B, n, E] (``gathered_rows``; DTensor
+  saves that gathered input for the weight gradients — Megatron would re-gather it in backward, the
+  plan does not), H/T local query heads and max(1, H_kv/T) KV heads (``stack.kv_heads_per_tp_rank``:
+  each KV head replicated T/H_kv times when T > H_kv);
+* o_proj ``RowwiseParallel``: a partial [B, n, E] reduce-scattered back to sequence shards;
+* MLP gate/up ``ColwiseParallel`` (F/T columns), down ``RowwiseParallel`` reduce-scattered;
+* embedding vocab-parallel (⌈V/T⌉ rows, partial output reduce-scattered), LM head ``ColwiseParallel``
+  over the gathered final-norm output with loss parallel (⌈V/T⌉ logits per row).
+
+Weights, gradients and AdamW states of the TP-sharded layers are the local shapes (``local_*``), then
+sharded by FSDP2 over G (the ranks of the same TP coordinate); norms are replicated over T. At T = 1
+every function here returns the single-GPU value (the reduction the tests check).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+
+from ringplan.memory import attention_terms as at
+from ringplan.memory import cp_terms as cp
+from ringplan.memory.attention_terms import TermInputs, term_inputs
+from ringplan.stack import StackWorkload, attention_workload, kv_heads_per_tp_rank, tokens_per_rank
+from ringplan.workload import Workload
+
+
+def ceil_div(a: int, b: int) -> int:
+    """⌈a / b⌉ for positive integers."""
+    return -(-a // b)
+
+
+def sequence_shard_tokens(w: StackWorkload) -> int:
+    """Tokens per sequence in a sequence-parallel region: ⌈n/T⌉ (torch.chunk along the sequence; rank 0's,
+    the largest shard). n at T = 1."""
+    return ceil_div(tokens_per_rank(w), w.tp_degree)
+
+
+def sequence_shard_rows(w: StackWorkload) -> int:
+    """Rows of a sequence-parallel activation: B·⌈n/T⌉ (Korthikanti et al. 2022: the norm and dropout
+    regions' activations divided by t)."""
+    return w.batch * sequence_shard_tokens(w)
+
+
+def gathered_rows(w: StackWorkload) -> int:
+    """Rows of a tensor-parallel region's input, all-gathered over the T ranks: B·n (the q/k/v, gate/up
+    and LM-head input; also the partial output of o_proj and down before their reduce-scatter)."""
+    return w.batch * tokens_per_rank(w)
+
+
+def local_heads(w: StackWorkload) -> int:
+    """Query heads per TP rank: H/T (``ColwiseParallel`` q; ``stack.check_tp_degree`` makes T divide H)."""
+    return w.model.n_heads // w.tp_degree
+
+
+def local_kv_heads(w: StackWorkload) -> int:
+    """KV heads per TP rank: max(1, H_kv/T) (``stack.kv_heads_per_tp_rank``)."""
+    return kv_heads_per_tp_rank(w)
+
+
+def local_ffn_dim(w: StackWorkload) -> int:
+    """FFN columns per TP rank: F/T (gate/up ``ColwiseParallel``, down ``RowwiseParallel``)."""
+    return w.model.ffn_dim // w.tp_degree
+
+
+def local_vocab(w: StackWorkload) -> int:
+    """Vocabulary rows per TP rank: ⌈V/T⌉ (vocab-parallel embedding, ``ColwiseParallel`` LM head;
+    rank 0's shard when T does not divide V)."""
+    return ceil_div(w.model.vocab_size, w.tp_degree)
+
+
+@functools.lru_cache(maxsize=512)
+def tp_attention_workload(w: StackWorkload) -> Workload:
+    """One layer's attention as one TP rank runs it: ``stack.attention_workload`` with H/T query heads and
+    max(1, H_kv/T) KV heads (``embed_dim`` H/T·D: projections are excluded, so it counts nothing). The
+    workload itself at T = 1."""
+    work = attention_workload(w)
+    if w.tp_degree == 1:
+        return work
+    h = local_heads(w)
+    shape = replace(work.shape, n_heads=h, n_kv_heads=local_kv_heads(w), embed_dim=h * w.model.head_dim)
+    return replace(work, shape=shape)
+
+
+def sequence_parallel_hidden_bytes(w: StackWorkload) -> float:
+    """One hidden state in a sequence-parallel region: B·⌈n/T⌉·E·e (a block input or output, h, a norm's
+    input or output, the gradient flowing between blocks). B·n·E·e at T = 1."""
+    return float(sequence_shard_rows(w) * w.model.embed_dim * w.settings.param_dtype_bytes)
+
+
+def gathered_hidden_bytes(w: StackWorkload) -> float:
+    """One all-gathered hidden state: B·n·E·e (the input a ``ColwiseParallel`` linear saves, or a
+    ``RowwiseParallel`` partial output before its reduce-scatter). The hidden state itself at T = 1."""
+    return float(gathered_rows(w) * w.model.embed_dim * w.settings.param_dtype_bytes)
+
+
+def final_hidden_bytes(w: StackWorkload, copies: float) -> float:
+    """The LM head's input and what accumulates on it: ``copies`` × B·n·E·e (all-gathered with T > 1) plus,
+    with T > 1, the final norm's sequence-parallel output B·⌈n/T⌉·E·e the caller still holds (at T = 1 that
+    is the head's input itself)."""
+    caller = sequence_parallel_hidden_bytes(w) if w.tp_degree > 1 else 0.0
+    return gathered_hidden_bytes(w) * copies + caller
+
+
+def tp_local_param_shapes(w: StackWorkload) -> dict[str, tuple[tuple[int, int], ...]]:
+    """(rows, columns) of one TP rank's parameters per FSDP2 unit (``block``, ``embed``, ``head``, ``root``),
+    in the runtime's order (``model_states.block_param_shapes``): q (H/T·D, E), k, v (H_kv'·D, E),
+    o (E, H/T·D), the two norms (E, 1) replicated, gate/up (F/T, E), down (E, F/T); biases of colwise
+    layers split, of rowwise layers (o, down) replicated; qk norms (D, 1) replicated; the table and the
+    untied head (⌈V/T⌉, E); learned positions (P_max, E) replicated; the final norm replicated."""
+    m = w.model
+    e, d, f = m.embed_dim, m.head_dim, local_ffn_dim(w)
+    q, kv = local_heads(w) * d, local_kv_heads(w) * d
+    n_in = 2 if m.ffn_type == "swiglu" else 1
+    block = [(q, e), (kv, e), (kv, e), (e, q), (e, 1), (e, 1)] + [(f, e)] * n_in + [(e, f)]
+    block += [(q, 1), (kv, 1), (kv, 1)] if m.qkv_bias else []
+    block += [(e, 1)] if m.out_bias else []
+    block += [(d, 1), (d, 1)] if m.qk_norm else []
+    block += ([(f, 1)] * n_in + [(e, 1)]) if m.mlp_bias else []
+    block += [(e, 1), (e, 1)] if m.norm == "layernorm" else []
+    vocab = local_vocab(w)
+    embed = [(vocab, e)] + ([(m.max_positions, e)] if m.position == "learned" else [])
+    root = [(e, 1)] * (2 if m.norm == "layernorm" else 1)
+    return {"block": tuple(block), "embed": tuple(embed), "head": () if m.tied_embeddings else ((vocab, e),),
+            "root": tuple(root)}
+
+
+# ----------------------------------------------------------------------------- one TP rank's attention, every scheme
+
+
+@functools.lru_cache(maxsize=512)
+def attention_point(w: StackWorkload) -> TermInputs:
+    """One layer's attention on one TP rank as the attention-layer terms evaluate it: H/T query heads,
+    max(1, H_kv/T) KV heads, n tokens per CP rank, under ``w.layout.cp_scheme`` (q, k, v after RoPE)."""
+    return term_inputs(tp_attention_workload(w), w.layout)
+
+
+def splits_heads(p: TermInputs) -> bool:
+    """Whether the scheme moves the attention onto head shards (Ulysses or hybrid over P > 1 ranks)."""
+    return p.cp_scheme in ("ulysses", "hybrid") and p.ring_size > 1
+
+
+def attention_saved_bytes(p: TermInputs) -> float:
+    """What one block's attention keeps for backward. Ring and all-gather (``_RingAttention``,
+    ``_AllGatherAttention``: q, k, v, out, LSE): B·n·(H + 2·H_kv)·D·e + B·n·H·D·e + B·H·n·4. Ulysses and
+    hybrid (P > 1): the inner attention's saved head shards, output and LSE (``cp_terms.head_shard_inputs``:
+    H/U heads, r·H_kv/U KV heads, U·n tokens; ``cp_collectives.LocalAttention`` or the inner ring) plus the
+    output all-to-all's result B·n·H·D·e, a new tensor that o_proj saves (the ring's output is shared)."""
+    if not splits_heads(p):
+        return at.q_bytes(p) + at.kv_bytes(p) + at.output_bytes(p) + at.saved_lse_bytes(p)
+    h = cp.head_shard_inputs(p)
+    return at.q_bytes(h) + at.kv_bytes(h) + at.output_bytes(h) + at.saved_lse_bytes(h) + at.output_bytes(p)
+
+
+def attention_backward_terms(p: TermInputs) -> dict[str, float]:
+    """The attention part of a block's backward: the scheme's largest backward instant of the attention-layer
+    terms — the ring's ``attention_terms.backward_instant`` (every scheme at P = 1), the all-gather's
+    ``cp_terms.allgather_backward_instant``, Ulysses' / hybrid's output-gradient all-to-all or inner backward
+    (``cp_terms.ulysses_instants``). Ignores (Ulysses/hybrid): the caller's q, k, v in those instants are
+    not alive in a whole model's backward (nothing saves them) while o_proj's saved output is; equal
+    bytes for MHA without K/V replication."""
+    if p.ring_size == 1 or p.cp_scheme == "ring":
+        return at.backward_instant(replace(p, cp_scheme="ring", ulysses_degree=1) if p.cp_scheme != "ring" else p)
+    if p.cp_scheme == "allgather":
+        return cp.allgather_backward_instant(p)
+    return cp.largest_terms(cp.ulysses_instants(p)[2:])
+
+
+def attention_forward_bytes(p: TermInputs) -> float:
+    """The attention part of a prefill block at its largest forward instant: the ring's attention or
+    output instant (every scheme at P = 1), the all-gather's forward, Ulysses' / hybrid's inner forward or
+    output all-to-all (``cp_terms``)."""
+    if p.ring_size == 1 or p.cp_scheme == "ring":
+        ring = replace(p, cp_scheme="ring", ulysses_degree=1) if p.cp_scheme != "ring" else p
+        return max(sum(at.attention_instant(ring).values()), sum(at.output_instant(ring).values()))
+    if p.cp_scheme == "allgather":
+        return sum(cp.allgather_forward_instant(p).values())
+    return max(sum(terms.values()) for terms in cp.ulysses_instants(p))
