@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "overlap": "ringplan.cli.overlap:overlap",
     "profile": "ringplan.cli.profile:profile",
     "validate": "ringplan.cli.validate:validate",
+    "calibrate": "ringplan.cli.calibrate:calibrate",
 }
 
 
