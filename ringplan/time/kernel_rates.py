@@ -137,13 +137,14 @@ def _monotone_rates(tokens: Sequence[float], rates: Sequence[float]) -> list[flo
 
 def fit_overhead_s(points: Sequence[RatePoint]) -> float:
     """c0 of t ≈ c0 + a·B·H·D·(n_q + n_k) + b·FLOPs, non-negative least squares on relative error, capped at
-    ``MAX_OVERHEAD_SHARE`` of the fastest call. Source: scipy.optimize.nnls."""
-    from scipy.optimize import nnls  # scipy only when fitting
+    ``MAX_OVERHEAD_SHARE`` of the fastest call (``links.nonnegative_least_squares``: the exact
+    non-negative solution, as scipy.optimize.nnls)."""
+    from ringplan.time.links import nonnegative_least_squares
 
     seconds = np.array([p.seconds for p in points])
     design = np.array([[1.0, p.batch_heads * p.head_dim * (p.q_tokens + p.kv_tokens), p.flops] for p in points])
     scale = design.max(axis=0)
-    coef, _ = nnls(design / scale / seconds[:, None], np.ones(len(points)))
+    coef = nonnegative_least_squares(design / scale / seconds[:, None], np.ones(len(points)))
     return float(min(coef[0] / scale[0], MAX_OVERHEAD_SHARE * seconds.min()))
 
 

@@ -21,6 +21,8 @@ synchronous ring the slowest hop bounds every step (the simulator plays that out
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -135,8 +137,6 @@ def fit_time_curve(x: np.ndarray | list[float], seconds: np.ndarray | list[float
     Raises ValueError on fewer than 2 distinct sizes, non-positive values, or a slope that comes
     out non-positive (time not growing with size: the sweep is broken).
     """
-    from scipy.optimize import lsq_linear  # scipy only when fitting
-
     xs, ts = np.asarray(x, dtype=float), np.asarray(seconds, dtype=float)
     if xs.shape != ts.shape or xs.ndim != 1:
         raise ValueError(f"sizes and seconds must be two equal-length lists, got shapes {xs.shape} and {ts.shape}")
@@ -151,8 +151,7 @@ def fit_time_curve(x: np.ndarray | list[float], seconds: np.ndarray | list[float
     weights = 1.0 / ts
     design = np.column_stack([np.ones_like(xs), xs]) * weights[:, None]
     scale = np.array([1.0, 1.0 / xs.max()])  # columns of similar magnitude for the solver
-    solution = lsq_linear(design * scale, ts * weights, bounds=([0.0, 0.0], [np.inf, np.inf]), method="bvls")
-    intercept, slope = solution.x * scale
+    intercept, slope = nonnegative_least_squares(design * scale, ts * weights) * scale
     if slope <= 0:
         raise ValueError(f"fitted time does not grow with size (slope {slope!r}); the sweep is not usable")
     fitted = intercept + slope * xs
@@ -166,6 +165,30 @@ def fit_time_curve(x: np.ndarray | list[float], seconds: np.ndarray | list[float
                      residuals_s=tuple((ts - fitted).tolist()),
                      relative_errors=tuple(((fitted - ts) / ts).tolist()),
                      n_points=len(xs), x_range=(float(xs.min()), float(xs.max())))
+
+
+def nonnegative_least_squares(design: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """argmin ||design·c − target|| subject to c ≥ 0. For the affine fits here (two columns) the
+    optimum is the least-squares solution on one face of the orthant: every face (a subset of the
+    coefficients held at 0) is solved with numpy's ``lstsq`` and the best non-negative solution kept
+    (exact for a convex problem, and no scipy import on a planner command's path); wider designs go
+    to scipy's bounded solver (``scipy.optimize.lsq_linear``, BVLS)."""
+    columns = design.shape[1]
+    if columns > 3:
+        from scipy.optimize import lsq_linear
+
+        return lsq_linear(design, target, bounds=(np.zeros(columns), np.full(columns, np.inf)), method="bvls").x
+    best, best_residual = np.zeros(columns), float(np.sum(target ** 2))
+    for free in itertools.product((True, False), repeat=columns):
+        if not any(free):
+            continue
+        keep = np.array(free)
+        solution = np.zeros(columns)
+        solution[keep] = np.linalg.lstsq(design[:, keep], target, rcond=None)[0]
+        residual = float(np.sum((design @ solution - target) ** 2))
+        if np.all(solution >= 0.0) and residual < best_residual:
+            best, best_residual = solution, residual
+    return best
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -164,3 +164,18 @@ def test_link_curve_keeps_its_latency_floor():
     kernel = cm.TimeCurve(intercept_s=0.0, seconds_per_unit=1e-10, points=points, extrapolation="kernel")
     assert link.time_s(10.0) == pytest.approx(1e-4, rel=REL_TOL)
     assert kernel.time_s(10.0) < link.time_s(10.0)
+
+
+@given(st.integers(0, 10_000), st.integers(2, 3), st.integers(3, 12))
+def test_nonnegative_least_squares_matches_scipy(seed, columns, rows):
+    """The face-by-face solver (no scipy import on a planner command's path) reaches scipy's bounded
+    optimum (``lsq_linear``, BVLS): same residual, every coefficient non-negative."""
+    from scipy.optimize import lsq_linear
+
+    rng = np.random.default_rng(seed)
+    design, target = rng.random((rows, columns)), rng.normal(size=rows)
+    ours = cm.nonnegative_least_squares(design, target)
+    theirs = lsq_linear(design, target, bounds=(np.zeros(columns), np.full(columns, np.inf)), method="bvls").x
+    assert np.all(ours >= 0)
+    residual = lambda c: float(np.sum((design @ c - target) ** 2))  # noqa: E731
+    assert residual(ours) == pytest.approx(residual(theirs), rel=1e-9, abs=1e-12)
