@@ -36,22 +36,29 @@ class GemmShape:
     count: int = 1
 
 
-def block_gemms(model: mdl.ModelSpec) -> tuple[GemmShape, ...]:
+def block_gemms(model: mdl.ModelSpec, tp_degree: int = 1) -> tuple[GemmShape, ...]:
     """The GEMMs of one block: q (E → H·D), k and v (E → H_kv·D), o (H·D → E), and the MLP —
     SwiGLU gate and up (E → F, two) and down (F → E), GELU up and down. Separate projections, as
-    torchtitan's Llama; biases are elementwise and ignored."""
-    e, f = model.embed_dim, model.ffn_dim
+    torchtitan's Llama; biases are elementwise and ignored. Tensor parallel T (Megatron, torchtitan's
+    plan): the column-parallel GEMMs keep out_features/T (q H/T·D, k and v max(1, H_kv/T)·D — replicated
+    KV heads when T > H_kv —, gate/up F/T), the row-parallel in_features/T (o H/T·D, down F/T), over the
+    all-gathered B·n rows."""
+    e, f = model.embed_dim, model.ffn_dim // tp_degree
+    q, kv = model.q_dim // tp_degree, max(1, model.n_kv_heads // tp_degree) * model.head_dim
+    if tp_degree == 1:
+        q, kv = model.q_dim, model.kv_dim
     mlp = (GemmShape(name="gate_up", in_features=e, out_features=f, count=2) if model.ffn_type == "swiglu"
            else GemmShape(name="up", in_features=e, out_features=f))
-    return (GemmShape(name="q", in_features=e, out_features=model.q_dim),
-            GemmShape(name="kv", in_features=e, out_features=model.kv_dim, count=2),
-            GemmShape(name="o", in_features=model.q_dim, out_features=e), mlp,
+    return (GemmShape(name="q", in_features=e, out_features=q),
+            GemmShape(name="kv", in_features=e, out_features=kv, count=2),
+            GemmShape(name="o", in_features=q, out_features=e), mlp,
             GemmShape(name="down", in_features=f, out_features=e))
 
 
-def lm_head_gemm(model: mdl.ModelSpec) -> GemmShape:
-    """The LM head: E → V (tied or not, the same GEMM)."""
-    return GemmShape(name="lm_head", in_features=model.embed_dim, out_features=model.vocab_size)
+def lm_head_gemm(model: mdl.ModelSpec, tp_degree: int = 1) -> GemmShape:
+    """The LM head: E → V (tied or not, the same GEMM); column-parallel under tensor parallel T:
+    E → ⌈V/T⌉ (vocab-parallel logits, loss parallel)."""
+    return GemmShape(name="lm_head", in_features=model.embed_dim, out_features=-(-model.vocab_size // tp_degree))
 
 
 def gemm_flops(tokens: int, shape: GemmShape) -> float:

@@ -53,12 +53,32 @@ def block_op_bytes(model: mdl.ModelSpec, dtype_bytes: int) -> dict[str, tuple[fl
     return ops
 
 
-def loss_bytes_per_token(model: mdl.ModelSpec, dtype_bytes: int) -> tuple[float, float]:
+def tp_block_op_bytes(model: mdl.ModelSpec, dtype_bytes: int, tp_degree: int) -> dict[str, tuple[float, float]]:
+    """``block_op_bytes`` per local token (B·n rows) on one rank of a tensor-parallel group of T: the
+    sequence-parallel regions (both norms, the residual adds, the residual-stream gradient sums of x and h)
+    run on ⌈n/T⌉ of the rows, so 1/T of their bytes per token (Korthikanti et al. 2022, Sec. 4.2.2); RoPE
+    and the qk norms on the local heads ((H/T + max(1, H_kv/T))·D values), the MLP activation on F/T; the
+    gradient sums of the gathered q/k/v and gate/up inputs (3 adds of 3e over E) stay on all rows.
+    ``block_op_bytes`` itself at T = 1."""
+    if tp_degree == 1:
+        return block_op_bytes(model, dtype_bytes)
+    t, e = tp_degree, model.embed_dim
+    heads = model.n_heads // t + max(1, model.n_kv_heads // t)
+    local = block_op_bytes(model, dtype_bytes)
+    scale = {"norms": 1 / t, "rope": heads * model.head_dim / ((model.n_heads + model.n_kv_heads) * model.head_dim),
+             "mlp_act": 1 / t, "qk_norm": heads / (model.n_heads + model.n_kv_heads)}
+    ops = {name: (fwd * scale.get(name, 1.0), bwd * scale.get(name, 1.0)) for name, (fwd, bwd) in local.items()}
+    ops["residual"] = (6 * dtype_bytes * e / t, 6 * dtype_bytes * e / t + 9 * dtype_bytes * e)
+    return ops
+
+
+def loss_bytes_per_token(model: mdl.ModelSpec, dtype_bytes: int, tp_degree: int = 1) -> tuple[float, float]:
     """(forward, backward) HBM bytes per token of the runtime's fp32 cross-entropy over V logits
     (``F.cross_entropy(logits.float())``): forward .float() (e + 4), log-softmax (read 4, write 4)
     = 12 + e per logit; backward the one-hot gradient (write 4), log-softmax backward (read 8,
-    write 4), cast back (4 + e) = 20 + e. Ignores the gather of the target logit."""
-    v = model.vocab_size
+    write 4), cast back (4 + e) = 20 + e. Under tensor parallel T (loss parallel) over the rank's
+    ⌈V/T⌉ logits. Ignores the gather of the target logit."""
+    v = -(-model.vocab_size // tp_degree)
     return v * (dtype_bytes + 12.0), v * (dtype_bytes + 20.0)
 
 

@@ -1,7 +1,7 @@
 """Step time of a whole transformer stack on one rank: a training step, or a prefill forward.
 
     step = host (start, kernel launches, allocator retries) + GEMMs + attention + elementwise + loss
-           + optimizer + exposed FSDP communication + exposed checkpoint offload
+           + optimizer + exposed FSDP communication + TP communication + exposed checkpoint offload
 
 Per rank of m = B·S/P local tokens (``StepTime`` names every part; they sum to the step):
 
@@ -11,8 +11,12 @@ Per rank of m = B·S/P local tokens (``StepTime`` names every part; they sum to 
   MLP, run as n/t GEMMs of B·t rows each (``recomputed_parts``, ``gemm_rows``). Timed by shape from a
   measured GEMM profile of the GPU (``ringplan.time.gemms``, ``benchmarks/measure_gemm.py``),
   another GPU's scaled by the peak ratio, else the prior ``GEMM_EFFICIENCY`` × catalog peak.
-- attention: one layer's ring attention from ``ringplan.time.attention_time`` (kernels, merges, exposed ring
-  exchange) × L; full checkpointing runs its forward again in backward.
+- attention: one layer's attention under ``layout.cp_scheme`` — the ring from ``ringplan.time.attention_time``
+  (kernels, merges, exposed ring exchange), all-gather / Ulysses / hybrid from ``ringplan.time.cp_time`` —
+  on the rank's H/T heads × L; full checkpointing runs its forward again in backward.
+- tensor parallel T > 1 (``ringplan.time.tp_time``): GEMMs of the TP-local shapes (``gemms.block_gemms``),
+  the sequence-parallel elementwise bytes /T (``stack_bytes.tp_block_op_bytes``), the TP all-gathers and
+  reduce-scatters, all exposed (``tp_comm_s``); FSDP moves the TP-local parameters over G.
 - elementwise: norms, RoPE, q/k norms, the MLP activation, residual adds, the embedding and FSDP's
   copies and casts: minimal bytes (``stack_bytes``) / (0.9 × HBM bandwidth).
 - loss (cross-entropy over V logits per token) and optimizer (foreach AdamW): bytes (``stack_bytes``)
@@ -34,13 +38,15 @@ from pathlib import Path
 from typing import Any
 
 from ringplan import models as mdl
-from ringplan.stack import StackWorkload, attention_workload, shard_group_size, tokens_per_rank
+from ringplan.memory.tp_terms import tp_attention_workload
+from ringplan.stack import StackWorkload, shard_group_size, tokens_per_rank
 from ringplan.time.fsdp_schedule import StreamUnit, collective_s, fsdp_unit_params, overlapped_end_s
 from ringplan.time.gemms import (GEMM_PRIOR_RELATIVE_UNCERTAINTY, GemmModel, GemmShape, block_gemms, gemm_flops,
                                  gemm_model_for, lm_head_gemm)
 from ringplan.time.host_launches import DEFAULT_HOST_S_PER_KERNEL, allocator_retry_s, host_launch_s, step_kernels
 from ringplan.time.provenance import note_weakest, provenance_rank
-from ringplan.time.stack_bytes import block_op_bytes, loss_bytes_per_token, optimizer_bytes, rms_norm_bytes
+from ringplan.time.stack_bytes import loss_bytes_per_token, optimizer_bytes, rms_norm_bytes, tp_block_op_bytes
+from ringplan.time.tp_time import tp_comm_s, tp_link, tp_param_count, tp_unit_params
 
 #: What a checkpointing mode runs again in backward (names of ``block_gemms`` and ``block_op_bytes``,
 #: and "attention"), as ``ringplan_runtime.transformer.Block`` does: selective recomputes the whole
@@ -86,6 +92,7 @@ class StepTime:
     """Predicted seconds of one step on the busiest rank, by part (the parts sum to ``step_time_s``).
 
     ``fsdp_comm_s`` is the exposed part of the collectives (``fsdp_comm_total_s`` all of them),
+    ``tp_comm_s`` the tensor-parallel collectives (all exposed; 0 at T = 1),
     ``offload_s`` the checkpoint copies (all exposed, ``offload_total_s`` the same);
     ``recompute_s`` is the share of GEMMs, attention and elementwise spent recomputing (already in
     them). ``relative_uncertainty`` covers only GEMMs timed from the prior efficiency; the measured
@@ -102,6 +109,7 @@ class StepTime:
     fsdp_comm_s: float
     offload_s: float
     host_overhead_s: float
+    tp_comm_s: float = 0.0
     recompute_s: float = 0.0
     fsdp_comm_total_s: float = 0.0
     offload_total_s: float = 0.0
@@ -118,7 +126,7 @@ class StepTime:
 
 
 STEP_PARTS: tuple[str, ...] = ("gemm_s", "attention_s", "elementwise_s", "loss_s", "optimizer_s", "fsdp_comm_s",
-                               "offload_s", "host_overhead_s")
+                               "tp_comm_s", "offload_s", "host_overhead_s")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -161,10 +169,10 @@ class _Costs:
 def _block_pass_s(c: _Costs, attention_s: tuple[float, float], backward: bool) -> float:
     """Seconds of one block's forward, or its backward with what checkpointing recomputes."""
     model, e = c.w.model, c.w.settings.param_dtype_bytes
-    ops = block_op_bytes(model, e)
+    ops = tp_block_op_bytes(model, e, c.w.tp_degree)
     again = recomputed_parts(c.w) if backward else frozenset()
     total = 0.0
-    for shape in block_gemms(model):
+    for shape in block_gemms(model, c.w.tp_degree):
         rows, calls = gemm_rows(c.w, shape, c.tokens)
         if not backward:
             total += c.gemm("forward", rows, shape, calls=calls)
@@ -182,15 +190,15 @@ def _block_pass_s(c: _Costs, attention_s: tuple[float, float], backward: bool) -
 def _head_pass_s(c: _Costs, backward: bool) -> float:
     """Final norm, then (training) the LM head and loss chunk by chunk; a chunk's logits and loss
     forward run again in backward (``checkpoint`` per chunk, loss ``chunked``)."""
-    model, s, e = c.w.model, c.w.settings, c.w.settings.param_dtype_bytes
+    model, s, e, t = c.w.model, c.w.settings, c.w.settings.param_dtype_bytes, c.w.tp_degree
     norm = rms_norm_bytes(e)[1 if backward else 0]
-    total = c.bytes("elementwise_s", norm * model.embed_dim * c.tokens)
+    total = c.bytes("elementwise_s", norm * model.embed_dim * (c.tokens if t == 1 else c.tokens / t))  # SP norm
     if not c.w.training:
         return total
     chunked = s.loss == "chunked"
     chunk = min(s.loss_chunk_tokens, c.tokens) if chunked else c.tokens
     sizes = [chunk] * (c.tokens // chunk) + ([c.tokens % chunk] if c.tokens % chunk else [])
-    head, loss = lm_head_gemm(model), loss_bytes_per_token(model, e)
+    head, loss = lm_head_gemm(model, t), loss_bytes_per_token(model, e, t)
     for size in sizes:
         if backward:
             total += c.gemm("backward_input", size, head) + c.gemm("backward_weight", size, head)
@@ -202,12 +210,14 @@ def _head_pass_s(c: _Costs, backward: bool) -> float:
 
 
 def _embedding_pass_s(c: _Costs, backward: bool) -> float:
-    """Token (and learned position) lookup; backward zero-fills the dense V×E gradient and adds rows."""
+    """Token (and learned position) lookup; backward zero-fills the dense V×E gradient and adds rows
+    (vocab-parallel under tensor parallel T: the rank's ⌈V/T⌉ rows, the lookup over all B·n rows)."""
     model, e = c.w.model, c.w.settings.param_dtype_bytes
     tables = 2 if model.position == "learned" else 1
     if not backward:
         return c.bytes("elementwise_s", tables * 2 * model.embed_dim * e * c.tokens)
-    return c.bytes("elementwise_s", model.vocab_size * model.embed_dim * e + tables * 3 * model.embed_dim * e * c.tokens)
+    vocab = -(-model.vocab_size // c.w.tp_degree)
+    return c.bytes("elementwise_s", vocab * model.embed_dim * e + tables * 3 * model.embed_dim * e * c.tokens)
 
 
 def _fsdp_copies_s(c: _Costs, params: int, *, gathers: int, reduces: bool) -> float:
@@ -236,15 +246,16 @@ def _links(c: _Costs, spec, timing_dir) -> _Links:
     from ringplan.time.timing_data import load_timing_data, resolve_link
 
     timing, per_node = load_timing_data(timing_dir), spec.gpus_per_node
-    g, w = shard_group_size(c.w), c.w.world_size
+    g, w, t = shard_group_size(c.w), c.w.world_size, c.w.tp_degree
 
-    def link(group: int, name: str):
-        found, label = resolve_link(spec, "intra_node" if group <= per_node else "inter_node", None, timing)
+    def link(group: int, span: int, name: str):
+        found, label = resolve_link(spec, "intra_node" if span <= per_node else "inter_node", None, timing)
         if group > 1:
             c.note(name, label)
         return found
 
-    return _Links(shard=link(g, "sharding link"), replica=link(w, "data-parallel link"))
+    # a sharding group's G ranks are T apart (TP innermost): they span G·T ranks
+    return _Links(shard=link(g, g * t, "sharding link"), replica=link(w, w, "data-parallel link"))
 
 
 def _gather_s(w: StackWorkload, links: _Links, params: int) -> float:
@@ -254,11 +265,12 @@ def _gather_s(w: StackWorkload, links: _Links, params: int) -> float:
 
 def _grad_sync_s(w: StackWorkload, links: _Links, params: int) -> float:
     """Gradient synchronisation of one unit: reduce-scatter of master-dtype gradients over the
-    sharding group G, then an all-reduce of the shard over the W/G replicas (``none``: G = 1, an
-    all-reduce over all W ranks, as DDP). Context-parallel ranks hold gradients of different tokens,
-    so they take part like data-parallel ones."""
+    sharding group G, then an all-reduce of the shard over the W/(T·G) replicas (``none``: G = 1, an
+    all-reduce over all W/T ranks holding the TP shard, as DDP). Context-parallel ranks hold gradients of
+    different tokens, so they take part like data-parallel ones."""
     g, m = shard_group_size(w), w.settings.master_dtype_bytes
-    return collective_s(links.shard, m * params, g) + 2 * collective_s(links.replica, m * params / g, w.world_size // g)
+    replicas = w.world_size // w.tp_degree // g
+    return collective_s(links.shard, m * params, g) + 2 * collective_s(links.replica, m * params / g, replicas)
 
 
 def _stream_units(c: _Costs, attention: tuple[float, float], links: _Links | None,
@@ -270,7 +282,8 @@ def _stream_units(c: _Costs, attention: tuple[float, float], links: _Links | Non
     for backward (``reshard_after_forward=True``); a tied head is gathered with the embedding's
     group at each use and reduced once with it. Prefill: no transfers (weights replicated).
     """
-    w, units = c.w, fsdp_unit_params(c.w.model)
+    w = c.w
+    units = fsdp_unit_params(w.model) if w.tp_degree == 1 else tp_unit_params(w)  # one TP rank's parameters
     gathered = w.training and w.settings.sharding == "zero3"
     head_params = units["head"] or units["embedding"]  # what the LM head gathers
 
@@ -331,11 +344,15 @@ def _state_offload(c: _Costs, spec):
 
 
 def _attention_s(c: _Costs, spec, timing_dir) -> tuple[float, float]:
-    """(forward, backward) seconds of one layer's ring attention from the attention time model
-    (no host call overhead: inside a stack the host queues it behind earlier kernels)."""
+    """(forward, backward) seconds of one layer's attention on the rank's H/T heads
+    (``tp_terms.tp_attention_workload``) from the attention time model of ``layout.cp_scheme`` (no host
+    call overhead: inside a stack the host queues it behind earlier kernels). At P = 1 every scheme is
+    one local kernel: the ring's model."""
     from ringplan.time.attention_time import step_time_prediction
 
-    work = attention_workload(c.w)
+    work = tp_attention_workload(c.w)
+    if c.w.layout.cp_scheme != "ring" and c.w.layout.ring_size > 1:
+        return _cp_attention_s(c, work, spec)
     forward = step_time_prediction(replace(work, training=False), c.w.layout, spec, timing_dir=timing_dir,
                                    call_overhead_s=0.0)
     c.note("attention", forward.provenance)
@@ -344,6 +361,21 @@ def _attention_s(c: _Costs, spec, timing_dir) -> tuple[float, float]:
     both = step_time_prediction(work, c.w.layout, spec, timing_dir=timing_dir, call_overhead_s=0.0)
     c.note("attention", both.provenance)
     return forward.step_time_s, max(0.0, both.step_time_s - forward.step_time_s)
+
+
+def _cp_attention_s(c: _Costs, work, spec) -> tuple[float, float]:
+    """(forward, backward) seconds of the all-gather / Ulysses / hybrid attention (``cp_time.cp_step_time``:
+    compute + exposed collectives, without its call overhead)."""
+    from ringplan.time.cp_time import cp_step_time
+
+    forward = cp_step_time(replace(work, training=False), c.w.layout, spec)
+    c.note("attention", forward.provenance)
+    if not c.w.training:
+        return forward.compute_s + forward.exposed_comm_s, 0.0
+    both = cp_step_time(work, c.w.layout, spec)
+    c.note("attention", both.provenance)
+    forward_s = forward.compute_s + forward.exposed_comm_s
+    return forward_s, max(0.0, both.compute_s + both.exposed_comm_s - forward_s)
 
 
 def step_time(w: StackWorkload, gpu, *, timing_dir: str | Path | None = None,
@@ -360,7 +392,8 @@ def step_time(w: StackWorkload, gpu, *, timing_dir: str | Path | None = None,
     launched kernel (default ``host_launches.DEFAULT_HOST_S_PER_KERNEL``; 0 leaves the launches out).
     ``allocator_pressure``: the step's peak allocation is above ``memory.stack_model.PRESSURE_FRACTION``
     of usable memory (the caller knows it from the memory model), so the allocator's retries are added.
-    All three land in ``host_overhead_s``. Bad input (unknown GPU, no data for the dtype) raises ValueError.
+    All three land in ``host_overhead_s``. Tensor parallel T > 1: ``tp_comm_s`` (``tp_time.tp_comm_s``).
+    Bad input (unknown GPU, no data for the dtype) raises ValueError.
     """
     from ringplan.time.attention_time import DEFAULT_CALL_OVERHEAD_S
     from ringplan.time.kernels import ELEMENTWISE_HBM_EFFICIENCY
@@ -378,7 +411,7 @@ def step_time(w: StackWorkload, gpu, *, timing_dir: str | Path | None = None,
         backward = _stream_units(c, attention, links, backward=True)
         comm = overlapped_end_s(units) + overlapped_end_s(backward) - sum(u.compute_s for u in units + backward)
         units += backward
-        local = mdl.parameter_count(w.model) / shard_group_size(w)
+        local = _rank_params(w) / shard_group_size(w)
         if w.settings.offload_params:  # AdamW steps on the host (ringplan.time.offload_time)
             c.add("optimizer_s", _state_offload(c, spec).cpu_optimizer_step_time_s)
         else:
@@ -387,16 +420,33 @@ def step_time(w: StackWorkload, gpu, *, timing_dir: str | Path | None = None,
         comm = overlapped_end_s(units) - sum(u.compute_s for u in units)
     total = sum(u.before_s + u.after_s for u in units)
     if w.training and w.settings.sharding in ("zero1", "zero2") and shard_group_size(w) > 1:
-        regather = _gather_s(w, links, mdl.parameter_count(w.model))  # the updated shards, after the step
+        regather = _gather_s(w, links, _rank_params(w))  # the updated shards, after the step
         comm, total = comm + regather, total + regather
     offload = _offload_s(c, spec) + (_state_offload(c, spec).exposed_pcie_time_s if w.training else 0.0)
     overhead = DEFAULT_CALL_OVERHEAD_S if call_overhead_s is None else float(call_overhead_s)
     per_kernel = DEFAULT_HOST_S_PER_KERNEL if host_s_per_kernel is None else host_s_per_kernel
+    c.parts["tp_comm_s"] = _tp_comm_s(c, spec, timing_dir)
     device = sum(c.parts.values()) + comm + offload
     host = (overhead * (2 if w.training else 1) + host_launch_s(step_kernels(w), per_kernel)
             + (allocator_retry_s(device) if allocator_pressure else 0.0))
     c.parts.update(fsdp_comm_s=comm, offload_s=offload, host_overhead_s=host)
     return _result(c, fsdp_total=total, offload_total=offload)
+
+
+def _rank_params(w: StackWorkload) -> int:
+    """Parameters one rank's TP shard holds before sharding over G: Ψ (T = 1), else ``tp_time.tp_param_count``."""
+    return mdl.parameter_count(w.model) if w.tp_degree == 1 else tp_param_count(w)
+
+
+def _tp_comm_s(c: _Costs, spec, timing_dir) -> float:
+    """The step's TP collectives (``tp_time.tp_comm_s``, all exposed); 0 at T = 1."""
+    if c.w.tp_degree == 1:
+        return 0.0
+    from ringplan.time.timing_data import load_timing_data
+
+    link, label = tp_link(c.w, spec, load_timing_data(timing_dir))
+    c.note("tensor-parallel link", label)
+    return tp_comm_s(c.w, link)
 
 
 def _result(c: _Costs, *, fsdp_total: float, offload_total: float) -> StepTime:
