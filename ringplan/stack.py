@@ -189,6 +189,14 @@ def kv_heads_per_tp_rank(w: StackWorkload) -> int:
     return max(1, w.model.n_kv_heads // w.tp_degree)
 
 
+def default_mlp_tile_tokens(model: ModelSpec) -> int:
+    """The MLP tile the search tries: the model width E in tokens, rounded up to a power of two (so it
+    divides power-of-two lengths). Arctic Long Sequence Training's ``TiledMLP`` shards the sequence
+    into ceil(S / E) tiles (Bekman et al. 2025, arXiv:2506.13996): a tile's FFN activations are then
+    about one MLP weight matrix, E·F."""
+    return 1 << max(0, (model.embed_dim - 1).bit_length())
+
+
 def nearest_divisors(n: int, target: int, count: int = 2) -> list[int]:
     """The ``count`` divisors of ``n`` closest to ``target`` (ties: the smaller first), ascending."""
     divisors = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]

@@ -5,8 +5,9 @@ W = P × DP GPUs: rings of P ranks (context parallelism) times DP data-parallel 
 minimum search varies whichever of P and DP the query leaves open (by default DP = 1, W = P).
 
 Settings searched (``settings_space``): sharding {none, zero1, zero2, zero3} × checkpointing {none,
-selective, full} × checkpoint offload (full only) × loss {full, chunked}; options the user fixed
-stay fixed. Forward (prefill) runs hold bf16 weights replicated on every rank with nothing saved
+selective, full} × checkpoint offload (full only) × loss {full, chunked} × parameter + optimizer-state
+offload (training, zero3 or none) × MLP tile {none, the model's tile: ``stack.default_mlp_tile_tokens``};
+options the user fixed stay fixed. Forward (prefill) runs hold bf16 weights replicated on every rank with nothing saved
 for a backward pass, so only the loss varies. Candidates whose predictions are identical at a
 world size (e.g. every sharding on one GPU) count once, as the preferred one.
 
@@ -14,8 +15,9 @@ A setting is feasible when ``total + residual bound <= usable memory × (1 − s
 (``ringplan.memory.stack_model``): capacity is never over-predicted by more than the fits' worst residual.
 Among feasible settings the fastest predicted step time wins (the ``step_time`` hook, from
 ``ringplan.time.stack_time``); settings it cannot time, or all when there is no hook, follow
-``preference_key``: less recomputation first (checkpointing none < selective < full < full with
-offload), then less communication (sharding none < zero1 < zero2 < zero3), then the full loss.
+``preference_key``: no parameter offload first, then no MLP tile, then less recomputation
+(checkpointing none < selective < full < full with offload), then less communication (sharding none
+< zero1 < zero2 < zero3), then the full loss.
 
 * ``min_world_size``: the first valid W with a feasible setting (``search.first_feasible``:
   memory is not monotone from one GPU to a ring).
@@ -40,7 +42,8 @@ from ringplan.capacity import search
 from ringplan.hardware import GpuSpec
 from ringplan.memory.attention_model import MemoryPrediction
 from ringplan.models import ModelSpec
-from ringplan.stack import CHECKPOINTING, LOSS_MODES, SHARDINGS, StackSettings, StackWorkload
+from ringplan.stack import (CHECKPOINTING, LOSS_MODES, SHARDINGS, StackSettings, StackWorkload,
+                            default_mlp_tile_tokens)
 from ringplan.memory.stack_model import StackMemoryModel, default_stack_memory_model
 from ringplan.memory.host_memory import (default_host_memory_bytes_per_node, host_memory_bytes_per_gpu,
                                          host_memory_bytes_per_node, host_memory_fits)
@@ -48,7 +51,8 @@ from ringplan.workload import RingLayout
 
 #: (workload, gpu) → predicted step time in seconds, or None when the time model cannot say.
 StackStepTimeFn = Callable[[StackWorkload, GpuSpec], "float | None"]
-SEARCHED_FIELDS: tuple[str, ...] = ("sharding", "checkpointing", "offload_checkpoints", "loss")
+SEARCHED_FIELDS: tuple[str, ...] = ("sharding", "checkpointing", "offload_checkpoints", "loss", "offload_params",
+                                    "mlp_tile_tokens")
 
 
 # ----------------------------------------------------------------------------- settings
@@ -58,28 +62,33 @@ SEARCHED_FIELDS: tuple[str, ...] = ("sharding", "checkpointing", "offload_checkp
 SHARDING_PREFERENCE: tuple[str, ...] = ("none", "zero3", "zero1", "zero2")
 
 
-def preference_key(settings: StackSettings) -> tuple[int, int, int]:
-    """Order without a time model: recomputation (none, selective, full, full + offload), then
-    sharding — what the runtime runs and was measured with (none, zero3) before the ZeRO-1/2 stages
-    planned from the paper's formulas — then loss (full before chunked)."""
+def preference_key(settings: StackSettings) -> tuple[int, int, int, int, int]:
+    """Order without a time model: parameter offload last (PCIe traffic and a CPU optimizer step),
+    then an MLP tile (its recomputation), then recomputation (none, selective, full, full + offload),
+    then sharding — what the runtime runs and was measured with (none, zero3) before the ZeRO-1/2
+    stages planned from the paper's formulas — then loss (full before chunked)."""
     recompute = CHECKPOINTING.index(settings.checkpointing) + int(settings.offload_checkpoints)
-    return recompute, SHARDING_PREFERENCE.index(settings.sharding), LOSS_MODES.index(settings.loss)
+    return (int(settings.offload_params), int(settings.mlp_tile_tokens is not None), recompute,
+            SHARDING_PREFERENCE.index(settings.sharding), LOSS_MODES.index(settings.loss))
 
 
 def settings_space(*, training: bool, base: StackSettings | None = None,
-                   fixed: frozenset[str] | set[str] = frozenset()) -> tuple[StackSettings, ...]:
+                   fixed: frozenset[str] | set[str] = frozenset(),
+                   mlp_tiles: tuple[int | None, ...] = (None,)) -> tuple[StackSettings, ...]:
     """Every valid combination of the searched fields not in ``fixed`` (those keep ``base``'s
     values, as do the dtypes, loss chunk and shard group), in ``preference_key`` order.
+    ``mlp_tiles``: the MLP tiles tried (None = untiled; ``model_mlp_tiles`` for a model).
     Forward: sharding none (a shard group only where fixed), no checkpointing, no offload unless
     fixed (nothing is sharded or saved for a backward pass)."""
     base = base if base is not None else StackSettings()
-    forward = {"sharding": ("none",), "checkpointing": ("none",), "offload_checkpoints": (False,)}
+    forward = {"sharding": ("none",), "checkpointing": ("none",), "offload_checkpoints": (False,),
+               "offload_params": (False,)}
     if not training and "shard_group_size" in fixed:
         forward["sharding"] = (base.sharding,)
     elif not training and "sharding" not in fixed:
         base = replace(base, shard_group_size=None)
     choices = {"sharding": SHARDINGS, "checkpointing": CHECKPOINTING, "offload_checkpoints": (False, True),
-               "loss": LOSS_MODES}
+               "loss": LOSS_MODES, "offload_params": (False, True), "mlp_tile_tokens": mlp_tiles}
     if not training:
         choices.update(forward)
     axes = [(getattr(base, name),) if name in fixed else choices[name] for name in SEARCHED_FIELDS]
@@ -87,19 +96,27 @@ def settings_space(*, training: bool, base: StackSettings | None = None,
     for values in itertools.product(*axes):
         try:
             space.append(replace(base, **dict(zip(SEARCHED_FIELDS, values))))
-        except ValueError:  # offload without full checkpointing, a shard group without sharding
+        except ValueError:  # offload without full checkpointing, a shard group without sharding, offload + zero1/2
             continue
     if not space:
         raise ValueError(f"no valid settings with {', '.join(f'{n}={getattr(base, n)!r}' for n in sorted(fixed))}")
     return tuple(sorted(dict.fromkeys(space), key=preference_key))
 
 
+def model_mlp_tiles(model: ModelSpec) -> tuple[int | None, ...]:
+    """The MLP tiles searched for ``model``: untiled, and ``stack.default_mlp_tile_tokens``."""
+    return None, default_mlp_tile_tokens(model)
+
+
 def describe_settings(settings: StackSettings) -> str:
-    """``zero3, full checkpointing + CPU offload, chunked loss (4,096 tokens)``."""
+    """``zero3 sharding, full checkpointing + CPU offload, chunked loss (4,096 tokens)`` (+ parameter offload
+    and the MLP tile when used)."""
     sharding = settings.sharding + (f" over {settings.shard_group_size} GPUs" if settings.shard_group_size else "")
     ckpt = f"{settings.checkpointing} checkpointing" + (" + CPU offload" if settings.offload_checkpoints else "")
     loss = "chunked loss" + f" ({settings.loss_chunk_tokens:,} tokens)" if settings.loss == "chunked" else "full loss"
-    return f"{sharding} sharding, {ckpt}, {loss}"
+    extra = (", parameters + optimizer states on the host" if settings.offload_params else "") + \
+        (f", MLP tile {settings.mlp_tile_tokens:,} tokens" if settings.mlp_tile_tokens else "")
+    return f"{sharding} sharding, {ckpt}, {loss}{extra}"
 
 
 # ----------------------------------------------------------------------------- query and rows
@@ -143,7 +160,8 @@ class StackQuery:
             raise ValueError("fix the ring size or the data-parallel size (the search varies the other)")
         RingLayout(ring_size=1, layout=self.layout, backend=self.backend)  # validates names
         if not self.candidates:
-            object.__setattr__(self, "candidates", settings_space(training=self.training))
+            object.__setattr__(self, "candidates", settings_space(training=self.training,
+                                                                  mlp_tiles=model_mlp_tiles(self.model)))
 
     @property
     def budget_bytes(self) -> float:
@@ -332,10 +350,15 @@ def chosen_rows(query: StackQuery, found: Scan) -> list[StackRow]:
 
 
 def frugal_row(query: StackQuery, found: Scan) -> StackRow | None:
-    """For a (S, W) where nothing fits: the candidate with the least memory, every candidate (the
-    pruned ones too) predicted in full — which candidates were pruned depends on what the model had
-    already predicted (its lower bound is the exact figure then), the answer must not."""
-    rows = [*found.evaluated, *(memory_row(query, w) for _, w in found.pruned)]
+    """For a (S, W) where nothing fits: the candidate with the least memory. Which candidates were
+    pruned depends on what the model had already predicted (its lower bound is the exact figure
+    then), the answer must not: the pruned ones are predicted in full in the order of their certified
+    lower bounds until the next bound exceeds the least memory found (an exact branch and bound)."""
+    rows = list(found.evaluated)
+    for bound, w in sorted(found.pruned, key=lambda pair: pair[0]):  # branch and bound: exact, whatever the bounds
+        if rows and bound > min(r.prediction.upper_bytes for r in rows):
+            break
+        rows.append(memory_row(query, w))
     return lowest_memory_row(rows) if rows else None
 
 
@@ -421,28 +444,31 @@ class StackMaxTokens:
     next_infeasible: StackRow | None
 
 
-def token_unit(query: StackQuery, world_size: int) -> int:
-    """S = m·unit is valid for every m ≥ 1: P × chunks per rank (1 contiguous, 2 zigzag), × the
-    candidates' MLP tiles (their least common multiple with the chunks: a tile divides n = S / P)."""
+def token_unit(query: StackQuery, world_size: int, settings: StackSettings) -> int:
+    """S = m·unit is valid for ``settings`` for every m ≥ 1: P × chunks per rank (1 contiguous, 2
+    zigzag), × the MLP tile (their least common multiple: a tile divides n = S / P)."""
     p = query.ring_for(world_size)
     chunks = RingLayout(ring_size=p, layout=query.layout, backend=query.backend).chunks_per_rank
-    return p * math.lcm(chunks, *(s.mlp_tile_tokens for s in query.candidates if s.mlp_tile_tokens))
+    return p * math.lcm(chunks, settings.mlp_tile_tokens or 1)
 
 
 def max_tokens(query: StackQuery, world_size: int) -> StackMaxTokens:
-    """Largest S on ``world_size`` GPUs over every candidate setting. Candidates are searched from
-    the least preferred (most memory-frugal) on; one that cannot hold the best length found so far
-    plus one unit is skipped. The chosen setting at that length follows ``scan``."""
-    unit = token_unit(query, world_size)
-    best_m, reasons = 0, []
+    """Largest S on ``world_size`` GPUs over every candidate setting, each on its own unit of valid
+    lengths (``token_unit``). Candidates are searched from the least preferred (most memory-frugal)
+    on; one that cannot hold the first of its lengths above the best found so far is skipped. The
+    chosen setting at that length follows ``scan``; ``next_infeasible`` is that setting's next
+    valid length."""
+    best_tokens, reasons, finest = 0, [], None
     for settings in reversed(query.candidates):
+        unit = token_unit(query, world_size, settings)
         try:
             query.workload(unit, world_size, settings)
         except ValueError as exc:
             reasons.append(str(exc))
             continue
+        finest = unit if finest is None else min(finest, unit)
 
-        def needed(m: int, settings: StackSettings = settings) -> float:
+        def needed(m: int, settings: StackSettings = settings, unit: int = unit) -> float:
             """Memory + bound of S = m·unit (the lower bound where that already exceeds the budget)."""
             w = query.workload(m * unit, world_size, settings)
             if not query.host_fits(w) or not query.positions_fit(w.seq_len_tokens):
@@ -450,16 +476,20 @@ def max_tokens(query: StackQuery, world_size: int) -> StackMaxTokens:
             bound = query.memory.lower_bound_bytes(w, query.gpu)
             return bound if bound > query.budget_bytes else query.memory.predict(w, query.gpu).upper_bytes
 
-        if best_m == 0 or needed(best_m + 1) <= query.budget_bytes:
-            start = best_m + 1 if best_m else 0
-            best_m = max(best_m, search.largest_within(needed, query.budget_bytes, start, search.MAX_SEARCH_TOKENS // unit))
+        above = best_tokens // unit + 1  # the first of this candidate's lengths above the best so far
+        if best_tokens == 0 or needed(above) <= query.budget_bytes:
+            start = above if best_tokens else 0
+            found = search.largest_within(needed, query.budget_bytes, start, search.MAX_SEARCH_TOKENS // unit)
+            best_tokens = max(best_tokens, found * unit)
     if len(reasons) == len(query.candidates):
         raise ValueError(reasons[0])
-    if best_m == 0:
-        frugal = frugal_row(query, scan(query, unit, world_size, first_only=False))
+    if best_tokens == 0:
+        frugal = frugal_row(query, scan(query, finest, world_size, first_only=False))
         return StackMaxTokens(world_size=world_size, best=None, choices=(), next_infeasible=frugal)
-    choices = tuple(chosen_rows(query, scan(query, best_m * unit, world_size, first_only=query.step_time is None)))
-    following = memory_row(query, query.workload((best_m + 1) * unit, world_size, choices[0].settings))
+    choices = tuple(chosen_rows(query, scan(query, best_tokens, world_size, first_only=query.step_time is None)))
+    chosen = choices[0].settings
+    following = memory_row(query, query.workload(best_tokens + token_unit(query, world_size, chosen), world_size,
+                                                 chosen))
     return StackMaxTokens(world_size=world_size, best=choices[0], choices=choices, next_infeasible=following)
 
 

@@ -161,7 +161,7 @@ def _whole_model(*, gpu_name: str | None, tokens: int | None, world_size: int | 
     if given:
         raise ValueError(f"{', '.join(given)} apply to one attention layer, not to --model / --config")
     query = stack_query(gpu_name=gpu_name, safety_margin=safety_margin, max_world_size=max_world_size,
-                        step_time=step_time, **workload_args)
+                        step_time=step_time, gpus_given=world_size is not None, **workload_args)
     answer = stack_capacity(query, tokens, world_size)
     record = capacity_answer_record(query, answer, tokens, world_size, given=explicit_setting_fields(**workload_args),
                                     ring_given=workload_args.get("ring_size") is not None)

@@ -262,7 +262,19 @@ class IntListType(click.ParamType):
         return values
 
 
+class TileTokensType(TokenCountType):
+    """A tile size in tokens, or ``none`` (no tiling; returned as 0)."""
+
+    name = "tokens|none"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, str) and value.strip().lower() == "none":
+            return 0
+        return super().convert(value, param, ctx)
+
+
 TOKENS = TokenCountType()
+TILE_TOKENS = TileTokensType()
 BYTES = ByteSizeType()
 TOKEN_LIST = TokenListType()
 SEGMENT_LIST = SegmentListType()

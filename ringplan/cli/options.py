@@ -36,7 +36,7 @@ from typing import Any
 import click
 
 from ringplan.cli.common import (BYTES, MAX_BATCH, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH,
-                                 MAX_WORLD_SIZE, SEGMENT_LIST, TOKEN_LIST, TOKENS, BoundedInt, DtypeChoice, FiniteFloat,
+                                 MAX_WORLD_SIZE, SEGMENT_LIST, TILE_TOKENS, TOKEN_LIST, TOKENS, BoundedInt, DtypeChoice, FiniteFloat,
                                  InputFile, QuietAliasOption)
 from ringplan.models import FFN_TYPES, NORMS, ModelSpec
 from ringplan.stack import CHECKPOINTING, LOSS_MODES, SHARDINGS, StackSettings
@@ -283,15 +283,17 @@ _SETTINGS_OPTIONS = (
     click.option("--offload-params/--no-offload-params", "offload_params", default=False,
                  help="Keep the sharded master weights, their gradients and the AdamW states in pinned host "
                       "memory and step AdamW on the CPU (FSDP2 CPUOffloadPolicy: all three together; zero3 or "
-                      "none). Given only, never searched."),
+                      "none). Searched when not given and --gpus is (training): asked for the fewest GPUs, "
+                      "ringplan does not trade GPUs for a PCIe-bound step unless told to."),
     click.option("--loss", type=click.Choice(LOSS_MODES), default="chunked",
                  help="Loss over all logits at once (full) or a chunk of tokens at a time (chunked). "
                       "Searched when not given."),
     click.option("--loss-chunk", "loss_chunk_tokens", type=TOKENS, default=4096, show_default=True,
                  help="Tokens per loss chunk with --loss chunked (4096, 8Ki, ...): the loss tile."),
-    click.option("--mlp-tile", "mlp_tile_tokens", type=TOKENS, default=None,
+    click.option("--mlp-tile", "mlp_tile_tokens", type=TILE_TOKENS, default=None,
                  help="Run the MLP on this many tokens of each sequence at a time, each tile recomputed in "
-                      "backward (must divide the tokens per GPU). Given only, never searched."),
+                      "backward (must divide the tokens per GPU), or 'none'. Searched when not given "
+                      "(untiled, or the model width in tokens rounded up to a power of two)."),
 )
 
 _DTYPE_OPTIONS = (
@@ -425,6 +427,8 @@ def settings_from_options(**kw: Any) -> StackSettings:
     keys = ("sharding", "shard_group_size", "checkpointing", "offload_checkpoints", "loss", "loss_chunk_tokens",
             "master_dtype", "offload_params", "mlp_tile_tokens")
     values = {k: kw[k] for k in keys if kw.get(k) is not None}
+    if values.get("mlp_tile_tokens") == 0:  # --mlp-tile none
+        values["mlp_tile_tokens"] = None
     dtype = kw.get("param_dtype") or kw.get("dtype")
     if dtype is not None:
         values["param_dtype"] = dtype
@@ -468,14 +472,21 @@ def base_settings(kw: dict[str, Any]):
 
 
 def stack_query(*, gpu_name: str | None, training: bool, batch: int, layout: str, backend: str,
-                ring_size: int | None, safety_margin: float, max_world_size: int, step_time: bool, **kw: Any):
-    """The ``StackQuery`` the options describe (model, GPU, pinned and searched settings)."""
-    from ringplan.capacity.stack import StackQuery, settings_space
+                ring_size: int | None, safety_margin: float, max_world_size: int, step_time: bool,
+                gpus_given: bool = True, **kw: Any):
+    """The ``StackQuery`` the options describe (model, GPU, pinned and searched settings).
+
+    Parameter + optimizer-state offload is searched only when the GPUs are given (``gpus_given``):
+    asked for the fewest GPUs, the search would always trade GPUs for a step an order of magnitude
+    slower (every weight over PCIe, AdamW on the CPU); ``--offload-params`` asks for it there."""
+    from ringplan.capacity.stack import StackQuery, model_mlp_tiles, settings_space
 
     gpu = gpu_from_options(gpu_name, kw.get("gpu_spec"), kw.get("catalog_path"))
     model = model_from_options(**kw)
     base, fixed = base_settings(kw)
-    candidates = settings_space(training=training, base=base, fixed=fixed)
+    if not gpus_given:
+        fixed = fixed | {"offload_params"}
+    candidates = settings_space(training=training, base=base, fixed=fixed, mlp_tiles=model_mlp_tiles(model))
     return StackQuery(model=model, gpu=gpu, training=training, batch=batch, layout=layout, backend=backend,
                       candidates=candidates, ring_size=ring_size, data_parallel=None if ring_size else 1,
                       safety_margin=safety_margin, max_world_size=max_world_size,

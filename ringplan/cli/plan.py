@@ -71,7 +71,7 @@ def plan(ctx: click.Context, tokens: int, world_size: int | None, show_all: bool
     """
     from ringplan.capacity.answers import plan_answer
 
-    query = stack_query(**kw)
+    query = stack_query(gpus_given=world_size is not None, **kw)
     found = plan_answer(query, tokens, world_size)
     result = found.plan
     rows = list(result.feasible) + (list(result.infeasible) if show_all else [])

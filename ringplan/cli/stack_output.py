@@ -15,11 +15,15 @@ from ringplan.units import GIB
 
 
 def settings_label(settings) -> str:
-    """``zero3 / full+offload / chunked``: sharding (and group), checkpointing, loss (ASCII: a terminal
-    counts it as it prints it)."""
-    sharding = settings.sharding + (f"/G={settings.shard_group_size}" if settings.shard_group_size else "")
+    """``zero3 / full+offload / chunked``: sharding (and group; ``+host`` with the parameters and
+    optimizer states offloaded), checkpointing, loss, and ``/ mlp 4K`` with an MLP tile (ASCII: a
+    terminal counts it as it prints it)."""
+    sharding = settings.sharding + (f"/G={settings.shard_group_size}" if settings.shard_group_size else "") \
+        + ("+host" if settings.offload_params else "")
     ckpt = settings.checkpointing + ("+offload" if settings.offload_checkpoints else "")
-    return f"{sharding} / {ckpt} / {settings.loss}"
+    tile = settings.mlp_tile_tokens
+    tile_text = "" if tile is None else f" / mlp {tile // 1024}K" if tile % 1024 == 0 else f" / mlp {tile}"
+    return f"{sharding} / {ckpt} / {settings.loss}{tile_text}"
 
 
 def describe_model(model) -> str:
@@ -101,21 +105,25 @@ def setting_labels(query, settings, given: frozenset[str] | set[str] = frozenset
     pinned on the command line, ``(chosen)`` when the search picked it among others, ``(forward)``
     when a forward pass has only that value."""
     values = {"sharding": settings.sharding, "checkpointing": settings.checkpointing,
-              "offload_checkpoints": settings.offload_checkpoints, "loss": settings.loss}
-    names = {"offload_checkpoints": "offload"}
+              "offload_checkpoints": settings.offload_checkpoints, "loss": settings.loss,
+              "offload_params": settings.offload_params, "mlp_tile_tokens": settings.mlp_tile_tokens}
+    names = {"offload_checkpoints": "offload", "offload_params": "params+optimizer on host",
+             "mlp_tile_tokens": "MLP tile"}
     labels = []
     for field, value in values.items():
         options = {getattr(c, field) for c in query.candidates}
         how = "(given)" if field in given else "(chosen)" if len(options) > 1 else \
             "(forward)" if not query.training else "(only option)"
+        if field in ("offload_params", "mlp_tile_tokens") and not value and how != "(given)":
+            continue  # stated when used or pinned; "not used" is the default reading
         shown_value = ("yes" if value else "no") if isinstance(value, bool) else value
+        if field == "mlp_tile_tokens":
+            shown_value = f"{value:,} tokens" if value else "none"
         if field == "sharding" and settings.shard_group_size:
             shown_value += f" over {settings.shard_group_size} GPUs"
         if field == "loss" and value == "chunked":
             shown_value += f" ({settings.loss_chunk_tokens:,} tokens)"
         labels.append(f"{names.get(field, field)} {shown_value} {how}")
-    if getattr(settings, "offload_params", False):
-        labels.append("parameters and optimizer states on the host (given)")
     return labels
 
 

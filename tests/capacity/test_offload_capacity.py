@@ -1,5 +1,5 @@
-"""Offload in the whole-model capacity search: given-only (never a searched field), the host memory of
-every row, and host memory per node as a second budget (an offload plan over it is infeasible)."""
+"""Offload and MLP tiles in the whole-model capacity search: searched (training), pinned when given, the
+host memory of every row, and host memory per node as a second budget (an offload plan over it is infeasible)."""
 
 from __future__ import annotations
 
@@ -22,12 +22,36 @@ def query(**kw) -> StackQuery:
     return StackQuery(model=LLAMA, gpu=H100, candidates=candidates, **kw)
 
 
-def test_offload_is_given_only():
-    """The search never adds offload; given, every candidate keeps it and only FSDP2 shardings remain."""
-    assert "offload_params" not in SEARCHED_FIELDS and "offload_optimizer" not in SEARCHED_FIELDS
-    assert not any(s.offload_params for s in settings_space(training=True))
+def test_offload_and_tiles_are_searched_in_training_and_pinned_when_given():
+    """Training searches parameter offload (FSDP2 shardings only: zero3, none) and the MLP tiles asked for;
+    a forward pass never offloads parameters; given, every candidate keeps them; without a time model
+    the plain settings come first (offload and tiles last: they cost time)."""
+    assert "offload_params" in SEARCHED_FIELDS and "mlp_tile_tokens" in SEARCHED_FIELDS
+    space = settings_space(training=True, mlp_tiles=(None, 4096))
+    assert {s.sharding for s in space if s.offload_params} == {"zero3", "none"}
+    assert {s.mlp_tile_tokens for s in space} == {None, 4096}
+    assert not space[0].offload_params and space[0].mlp_tile_tokens is None and space[-1].offload_params
+    assert not any(s.offload_params for s in settings_space(training=False, mlp_tiles=(None, 4096)))
     given = query().candidates
     assert given and all(s.offload_params and s.sharding in ("zero3", "none") for s in given)
+    pinned = settings_space(training=True, base=StackSettings(mlp_tile_tokens=None), fixed={"mlp_tile_tokens"},
+                            mlp_tiles=(None, 4096))
+    assert {s.mlp_tile_tokens for s in pinned} == {None}
+
+
+def test_one_h100_trains_llama_3_8b_longer_with_tiles_and_offload():
+    """Issue 15's question: the longest llama-3-8b training sequence on one H100, searched over tiles and
+    offload, is longer than without them, and the answer uses them (the same search with both pinned off
+    is the baseline)."""
+    from ringplan.capacity.stack import model_mlp_tiles
+
+    searched = StackQuery(model=LLAMA, gpu=H100, candidates=settings_space(training=True,
+                                                                           mlp_tiles=model_mlp_tiles(LLAMA)))
+    plain = StackQuery(model=LLAMA, gpu=H100, candidates=settings_space(training=True))
+    best, base = max_tokens(searched, 1).best, max_tokens(plain, 1).best
+    assert best.settings.offload_params and best.settings.mlp_tile_tokens == 4096
+    assert base is None or best.seq_len_tokens > base.seq_len_tokens
+    assert best.seq_len_tokens % 4096 == 0
 
 
 def test_rows_carry_host_memory_and_the_default_host_budget():

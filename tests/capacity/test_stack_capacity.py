@@ -34,6 +34,14 @@ def query_for(usable, *, training=True, layout="contiguous", max_world_size=16, 
                       max_world_size=max_world_size, memory=UNFITTED, **kw)
 
 
+def valid_workload(query, seq, world, settings):
+    """The candidate's workload, or None where it is not a valid run (e.g. its MLP tile does not divide n)."""
+    try:
+        return query.workload(seq, world, settings)
+    except ValueError:
+        return None
+
+
 def any_fits(query, seq, world) -> bool:
     """Brute force: some candidate (every one, no dedupe) is a valid run there and fits."""
     for s in query.candidates:
@@ -47,9 +55,10 @@ def any_fits(query, seq, world) -> bool:
 
 
 def test_settings_space():
-    """Training: 4 shardings x (none, selective, full, full + offload) x 2 losses, less recompute
+    """Training: 4 shardings x (none, selective, full, full + offload) x 2 losses, and the 2 FSDP2
+    shardings (zero3, none) again with parameters + optimizer states offloaded (+16), less recompute
     first; forward: only the loss varies (a shard group means nothing there); fixed fields stay."""
-    assert len(TRAIN_SPACE) == 32 and len(set(TRAIN_SPACE)) == 32
+    assert len(TRAIN_SPACE) == 48 and len(set(TRAIN_SPACE)) == 48
     assert [preference_key(s) for s in TRAIN_SPACE] == sorted(preference_key(s) for s in TRAIN_SPACE)
     assert TRAIN_SPACE[0] == StackSettings(sharding="none", checkpointing="none", loss="full")
     assert all(s.checkpointing == "full" for s in TRAIN_SPACE if s.offload_checkpoints)
@@ -79,8 +88,8 @@ def test_min_world_size_matches_brute_force(m, usable, layout, training):
     assert (result.minimum.world_size if result.minimum else None) == (feasible[0] if feasible else None)
     if result.minimum:
         assert result.minimum.feasible and result.minimum.seq_len_tokens == seq
-        first = min((s for s in query.candidates if memory_row(query, query.workload(seq, result.minimum.world_size,
-                                                                                     s)).feasible), key=preference_key)
+        valid = [w for w in (valid_workload(query, seq, result.minimum.world_size, s) for s in query.candidates) if w]
+        first = min((w.settings for w in valid if memory_row(query, w).feasible), key=preference_key)
         assert preference_key(result.minimum.settings) == preference_key(first)
 
 
@@ -89,17 +98,24 @@ def test_min_world_size_matches_brute_force(m, usable, layout, training):
        st.booleans(), st.randoms(use_true_random=False))
 def test_max_tokens_matches_brute_force(world, usable, layout, training, rng):
     """The answer fits, no setting fits the next valid length (nor the one after), and shorter
-    valid lengths fit (every one up to 64 units, else a sample and the last two)."""
+    valid lengths fit (every one up to 64 units, else a sample and the last two). Candidates with an
+    MLP tile run on a coarser unit (a tile divides n); the untiled ones' unit is the finest."""
     query = query_for(usable, training=training, layout=layout)
     result = max_tokens(query, world)
-    unit = token_unit(query, world)
+    unit = min(token_unit(query, world, s) for s in query.candidates)
+    assert all(token_unit(query, world, s) % unit == 0 for s in query.candidates)
     best = result.best.seq_len_tokens // unit if result.best else 0
     if result.best:
-        assert result.best.feasible and result.best.world_size == world
-        assert result.next_infeasible.seq_len_tokens == (best + 1) * unit and not result.next_infeasible.feasible
+        assert result.best.feasible and result.best.world_size == world and result.best.seq_len_tokens % unit == 0
+        chosen_unit = token_unit(query, world, result.best.settings)
+        assert result.next_infeasible.seq_len_tokens == best * unit + chosen_unit
+        assert not result.next_infeasible.feasible
     assert not any_fits(query, (best + 1) * unit, world) and not any_fits(query, (best + 2) * unit, world)
-    checked = range(1, best + 1) if best <= 64 else (*rng.sample(range(1, best), 6), best - 1, best)
-    assert all(any_fits(query, m * unit, world) for m in checked if m >= 1)
+    # shorter lengths on the chosen setting's unit fit (between them a tiled answer's tile does not divide n)
+    step = token_unit(query, world, result.best.settings) // unit if result.best else 1
+    top = best // step
+    checked = range(1, top + 1) if top <= 64 else (*rng.sample(range(1, top), 6), top - 1, top)
+    assert all(any_fits(query, m * step * unit, world) for m in checked if m >= 1)
 
 
 @settings(max_examples=200, deadline=None)
