@@ -1,8 +1,9 @@
-"""A decoder-only transformer (Llama / Qwen / Mistral family) whose attention is ``ring_attention``.
+"""A decoder-only transformer (Llama / Qwen / Mistral family) with context-parallel attention.
 
 ``Transformer(spec, group=..., layout=..., backend=...)``: token embedding, L pre-norm blocks
 (RMSNorm → q/k/v projections (optional qk RMSNorm over D, Qwen3) → RoPE at the rank's GLOBAL
-positions → causal ``ring_attention`` over the context-parallel ``group`` → output projection →
+positions → causal attention over the context-parallel ``group`` by ``cp_scheme`` (ring, all-gather,
+Ulysses or hybrid: ``context_parallel_attention``) → output projection →
 residual; RMSNorm → SwiGLU → residual), final RMSNorm, LM head (tied to the embedding or not).
 ``forward(tokens_local [B, n], positions_local [n]) -> hidden [B, n, E]`` (after the final norm);
 the loss is separate: ``lm_loss(model, hidden, labels_local, mode=..., chunk_tokens=...)``.
@@ -53,14 +54,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ringplan_runtime.allgather_attention import allgather_attention
+from ringplan_runtime.hybrid_attention import hybrid_attention
 from ringplan_runtime.layouts import token_positions
 from ringplan_runtime.ring_attention import ring_attention
+from ringplan_runtime.tensor_parallel import INIT_STD, init_parameters, initial_value, local_norm_call  # noqa: F401 (re-exported)
 from ringplan_runtime.tiling import check_tile_rows, tiled_mlp
+from ringplan_runtime.ulysses_attention import ulysses_attention
 
 IGNORE_INDEX = -100
 CHECKPOINTING = ("none", "selective", "full")
 LOSS_MODES = ("full", "chunked")
-INIT_STD = 0.02  # Hugging Face initializer_range of Llama-3 / Qwen3 config.json
 NORM_EPS = 1e-5  # Llama-3 rms_norm_eps (Qwen3 uses 1e-6: pass norm_eps)
 # RoPE base by model-name prefix (first match), each from the model's config.json ``rope_theta``.
 ROPE_THETA_BY_NAME = (
@@ -179,7 +183,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNorm.apply(x, self.weight, self.eps)
+        # Under tensor parallelism the weight is a replicated DTensor: the norm runs on local tensors.
+        return local_norm_call(_RMSNorm.apply, x, self.weight, self.eps)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -221,10 +226,32 @@ class MLP(nn.Module):
         return tiled_mlp(x, self, x.shape[0] * self.tile_tokens if x.dim() == 3 else self.tile_tokens)
 
 
-class Attention(nn.Module):
-    """q/k/v projections (+ optional qk RMSNorm over D), RoPE, causal ring attention, output projection."""
+#: The context-parallel schemes that take one group (``hybrid`` takes a (Ulysses, ring) pair of groups).
+CP_ATTENTION = {"ring": ring_attention, "allgather": allgather_attention, "ulysses": ulysses_attention}
 
-    def __init__(self, spec, *, group, layout: str, backend: str, norm_eps: float) -> None:
+
+def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scheme: str, group,
+                               layout: str, backend: str) -> torch.Tensor:
+    """Causal attention of the local queries over the CP group's whole sequence by ``scheme``
+    (``ringplan.workload.CP_SCHEMES``); ``group`` is the CP group, or for ``hybrid`` the pair
+    (Ulysses group, ring group) through this rank. The ranks' inputs are not compared (every rank runs
+    the same model on equal chunks)."""
+    if scheme == "hybrid":
+        ulysses_group, ring_group = group
+        return hybrid_attention(q, k, v, ulysses_group=ulysses_group, ring_group=ring_group, causal=True,
+                                layout=layout, backend=backend, check_consistency=False)
+    if scheme not in CP_ATTENTION:
+        raise ValueError(f"context-parallel scheme {scheme!r} is not one of {[*CP_ATTENTION, 'hybrid']}")
+    return CP_ATTENTION[scheme](q, k, v, group=group, causal=True, layout=layout, backend=backend,
+                                check_consistency=False)
+
+
+class Attention(nn.Module):
+    """q/k/v projections (+ optional qk RMSNorm over D), RoPE, causal context-parallel attention (ring,
+    all-gather, Ulysses or hybrid), output projection. Under tensor parallelism ``n_heads`` and
+    ``n_kv_heads`` are the rank's local head counts (``tensor_parallel.apply_tp`` sets them)."""
+
+    def __init__(self, spec, *, group, layout: str, backend: str, norm_eps: float, cp_scheme: str = "ring") -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
         self.q_proj = nn.Linear(spec.embed_dim, spec.n_heads * spec.head_dim, bias=spec.qkv_bias)
@@ -233,7 +260,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(spec.n_heads * spec.head_dim, spec.embed_dim, bias=spec.out_bias)
         self.q_norm = RMSNorm(spec.head_dim, norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, norm_eps) if spec.qk_norm else None
-        self.group, self.layout, self.backend = group, layout, backend
+        self.group, self.layout, self.backend, self.cp_scheme = group, layout, backend, cp_scheme
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """(q ``[B, n, H, D]``, k, v ``[B, n, H_kv, D]``) of the local tokens, q and k rotated."""
@@ -246,22 +273,22 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention of the local queries over the whole ring's keys -> ``[B, n, H, D]``."""
-        # Every rank runs the same model on equal chunks: no per-layer comparison of the ranks' inputs.
-        return ring_attention(q, k, v, group=self.group, causal=True, layout=self.layout, backend=self.backend,
-                              check_consistency=False)
+        """Causal attention of the local queries over the CP group's keys -> ``[B, n, H, D]``."""
+        return context_parallel_attention(q, k, v, scheme=self.cp_scheme, group=self.group, layout=self.layout,
+                                          backend=self.backend)
 
 
 class Block(nn.Module):
     """Pre-norm block; ``checkpointing`` ('none' | 'selective' | 'full') decides what backward keeps."""
 
-    def __init__(self, spec, *, group, layout: str, backend: str, norm_eps: float,
+    def __init__(self, spec, *, group, layout: str, backend: str, norm_eps: float, cp_scheme: str = "ring",
                  checkpointing: str = "none", mlp_tile_tokens: int | None = None) -> None:
         super().__init__()
         if checkpointing not in CHECKPOINTING:
             raise ValueError(f"checkpointing {checkpointing!r} is not one of {list(CHECKPOINTING)}")
         self.input_layernorm = RMSNorm(spec.embed_dim, norm_eps)
-        self.self_attn = Attention(spec, group=group, layout=layout, backend=backend, norm_eps=norm_eps)
+        self.self_attn = Attention(spec, group=group, layout=layout, backend=backend, norm_eps=norm_eps,
+                                   cp_scheme=cp_scheme)
         self.post_attention_layernorm = RMSNorm(spec.embed_dim, norm_eps)
         self.mlp = MLP(spec, mlp_tile_tokens)
         self.checkpointing = checkpointing
@@ -335,13 +362,13 @@ class LMHead(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Embedding, L pre-norm blocks with ring attention, final RMSNorm, LM head (see module docstring).
+    """Embedding, L pre-norm blocks with context-parallel attention, final RMSNorm, LM head (module docstring).
 
-    ``group``/``layout``/``backend`` are passed to every ``ring_attention`` call; ``positions`` given
+    ``group``/``layout``/``backend``/``cp_scheme`` go to every ``context_parallel_attention`` call; ``positions`` given
     to ``forward`` must be the rank's global positions for that layout (``rope_positions``).
     """
 
-    def __init__(self, spec, *, group=None, layout: str = "contiguous", backend: str = "auto",
+    def __init__(self, spec, *, group=None, layout: str = "contiguous", backend: str = "auto", cp_scheme: str = "ring",
                  rope_theta: float | None = None, norm_eps: float = NORM_EPS, checkpointing: str = "none",
                  offload_checkpoints: bool = False, mlp_tile_tokens: int | None = None) -> None:
         super().__init__()
@@ -353,8 +380,8 @@ class Transformer(nn.Module):
         self.offload_checkpoints = bool(offload_checkpoints)
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.embed_dim)
         self.layers = nn.ModuleList(
-            Block(spec, group=group, layout=layout, backend=backend, norm_eps=norm_eps, checkpointing=checkpointing,
-                  mlp_tile_tokens=mlp_tile_tokens)
+            Block(spec, group=group, layout=layout, backend=backend, norm_eps=norm_eps, cp_scheme=cp_scheme,
+                  checkpointing=checkpointing, mlp_tile_tokens=mlp_tile_tokens)
             for _ in range(spec.n_layers))
         self.norm = RMSNorm(spec.embed_dim, norm_eps)
         self.lm_head = LMHead(spec, tied_to=self.embed_tokens if spec.tied_embeddings else None)
@@ -383,49 +410,3 @@ def lm_loss(model: Transformer, hidden: torch.Tensor, labels: torch.Tensor, *, m
     ``checkpoint`` (one chunk's logits alive). Calls ``model.lm_head`` as a module, so FSDP hooks run.
     """
     return model.lm_head(hidden, labels, mode=mode, chunk_tokens=chunk_tokens)
-
-
-def initial_value(name: str, shape: torch.Size, generator: torch.Generator, device) -> torch.Tensor:
-    """fp32 initial value of parameter ``name``: norms 1, biases 0, weights N(0, INIT_STD²) (HF Llama init)."""
-    if name.endswith("norm.weight"):  # every RMSNorm: layernorm.weight, q_norm/k_norm, the final norm
-        return torch.ones(shape, device=device)
-    if name.endswith(".bias"):
-        return torch.zeros(shape, device=device)
-    return torch.randn(shape, generator=generator, device=device).mul_(INIT_STD)
-
-
-def _local_part(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of ``full`` for a (DTensor) parameter sharded by FSDP2 (torch.chunk on dim 0)."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    if not isinstance(param, DTensor):
-        return full
-    local = full
-    for mesh_dim, placement in enumerate(param.placements):
-        if isinstance(placement, Shard):
-            if placement.dim != 0:
-                raise ValueError(f"only dim-0 sharding is supported, got {param.placements}")
-            pieces = local.chunk(param.device_mesh.size(mesh_dim), dim=0)
-            index = param.device_mesh.get_local_rank(mesh_dim)
-            local = pieces[index] if index < len(pieces) else local[:0]
-    return local
-
-
-@torch.no_grad()
-def init_parameters(model: nn.Module, *, seed: int, device) -> None:
-    """Fill every parameter deterministically from ``seed``, whatever the sharding.
-
-    One generator on ``device`` draws each FULL parameter in ``named_parameters`` order (identical on
-    every rank and equal to an unsharded model's draw on the same device type); each rank keeps its
-    shard. Memory: one full fp32 parameter at a time.
-    """
-    from torch.distributed.tensor import DTensor
-
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        full = initial_value(name, param.shape, generator, device)
-        target = param.to_local() if isinstance(param, DTensor) else param
-        local = _local_part(param, full)
-        if tuple(target.shape) != tuple(local.shape):
-            raise ValueError(f"parameter {name}: local shard {tuple(target.shape)} != expected {tuple(local.shape)}")
-        target.copy_(local)

@@ -1,0 +1,184 @@
+"""Tensor parallelism (Megatron TP + sequence parallelism, DTensor) in the whole stack on CPU, gloo,
+against ``test_stack_cpu``'s dense float64 reference: loss, every gathered gradient
+(``DTensor.full_tensor()`` over the (dp·cp, tp) mesh), the AdamW update and the next loss.
+
+Ranks: W = DP × CP × T, TP innermost. One spawned group per world size (2, 4) runs every configuration
+of that size. T = 2 on TINY (H = 4, H_kv = 2: GQA with one KV head per TP rank); MQA (H_kv = 1 < T) is
+refused with a ``ValueError`` before any communication (the runtime does not replicate KV heads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist
+
+from ringplan.stack import kv_heads_per_tp_rank
+from ringplan_runtime import shard_sequence, spawn
+from ringplan_runtime.reference import relative_error
+from ringplan_runtime.stack_parallel import build_stack, global_batch, local_batch, placement
+from ringplan_runtime.tensor_parallel import check_tensor_parallel
+from runtime.test_stack_cpu import (DATA_SEED, FP32_EPS, REL_TOL_GRAD, REL_TOL_HIDDEN, REL_TOL_LOSS, REL_TOL_UPDATE,
+                                    SEED, Config, _dense_initial, _train, _worst, dense_reference, reference_step)
+
+SPAWN_TIMEOUT_S = 240.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParallelConfig:
+    """A ``test_stack_cpu.Config`` run with tensor parallel ``tp``, CP scheme ``scheme`` (Ulysses degree
+    ``ulysses``) and optionally ``kv_heads`` KV heads."""
+
+    base: Config
+    tp: int = 1
+    scheme: str = "ring"
+    ulysses: int | None = None
+    kv_heads: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.base.name
+
+    @property
+    def world(self) -> int:
+        return self.base.world
+
+    def workload(self, *, training: bool = True):
+        w = self.base.workload(training=training)
+        layout = dataclasses.replace(w.layout, cp_scheme=self.scheme, ulysses_degree=self.ulysses)
+        model = w.model if self.kv_heads is None else dataclasses.replace(w.model, n_kv_heads=self.kv_heads)
+        return dataclasses.replace(w, layout=layout, tp_degree=self.tp, model=model)
+
+
+CONFIGS = [
+    ParallelConfig(base=Config(name="t2", world=2, ring=1), tp=2),
+    ParallelConfig(base=Config(name="t2_tied_qknorm_selective_chunked", world=2, ring=1, tied=True, qk_norm=True,
+                               checkpointing="selective", loss="chunked", chunk_tokens=20), tp=2),
+    ParallelConfig(base=Config(name="t2_full_biases", world=2, ring=1, checkpointing="full", qkv_bias=True), tp=2),
+    ParallelConfig(base=Config(name="t2_cp2_ring_zigzag", world=4, ring=2, layout="zigzag"), tp=2),
+    ParallelConfig(base=Config(name="t2_cp2_allgather_qknorm", world=4, ring=2, layout="zigzag", qk_norm=True), tp=2,
+                   scheme="allgather"),
+    ParallelConfig(base=Config(name="t2_cp2_ulysses_tied", world=4, ring=2, tied=True), tp=2, scheme="ulysses"),
+    ParallelConfig(base=Config(name="t2_dp2_chunked", world=4, ring=1, loss="chunked", batch=1), tp=2),
+    ParallelConfig(base=Config(name="t2_dp2_replicated", world=4, ring=1, sharding="none", batch=1), tp=2),
+]
+PREFILL = [ParallelConfig(base=Config(name="prefill_t2_cp2_zigzag", world=4, ring=2, layout="zigzag"), tp=2)]
+MQA = ParallelConfig(base=Config(name="t2_mqa", world=2, ring=1), tp=2, kv_heads=1)
+
+
+def _prefill(config: ParallelConfig) -> torch.Tensor:
+    w = config.workload(training=False)
+    run = build_stack(w, device="cpu", seed=SEED)
+    tokens, _ = local_batch(*global_batch(w, DATA_SEED), dist.get_rank(), w)
+    return run.hidden(tokens).clone()
+
+
+def _refusal(config: ParallelConfig) -> str:
+    try:
+        build_stack(config.workload(), device="cpu", seed=SEED)
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+def run_world(world: int, configs: list, prefill: list, refused: list) -> dict:
+    """Spawned body: every configuration of this world size; rank 0 returns everything, the others
+    their losses and prefill hidden states; ``refused`` configurations return their ValueError text."""
+    torch.set_num_threads(1)
+    results = {c.name: _train(c) for c in configs if c.world == world}
+    results |= {c.name: _prefill(c) for c in prefill if c.world == world}
+    results |= {c.name: _refusal(c) for c in refused if c.world == world}
+    if dist.get_rank() != 0:
+        return {name: (r["loss"], r["second_loss"]) if isinstance(r, dict) else r for name, r in results.items()}
+    return results
+
+
+def check_training(config, per_rank: list) -> None:
+    """Rank 0's loss, gradients, AdamW update and next loss against the float64 reference; every rank's
+    losses equal rank 0's."""
+    got = per_rank[0][config.name]
+    initial = _dense_initial(config)
+    assert set(got["initial"]) == set(initial), config.name
+    assert all(torch.equal(got["initial"][n], initial[n]) for n in initial), f"{config.name}: init differs"
+    loss, grads, after, second = reference_step(initial, config)
+    assert abs(got["loss"] - loss) <= REL_TOL_LOSS * loss, f"{config.name}: loss {got['loss']} vs {loss}"
+    error, name = _worst(got["grads"], grads)
+    assert error <= REL_TOL_GRAD, f"{config.name}: gradient of {name} off by {error:.2e}"
+    for name in initial:
+        update = got["after"][name].double() - initial[name].double()
+        reference_update = after[name] - initial[name].double()
+        allowed = REL_TOL_UPDATE * reference_update.norm() + FP32_EPS * after[name].norm()
+        assert (update - reference_update).norm() <= allowed, f"{config.name}: AdamW update of {name}"
+    assert abs(got["second_loss"] - second) <= REL_TOL_LOSS * second, f"{config.name}: loss after the step"
+    for rank, losses in enumerate(per_rank[1:], start=1):
+        assert losses[config.name] == (got["loss"], got["second_loss"]), f"{config.name}: rank {rank} loss"
+
+
+@pytest.fixture(scope="module", params=(2, 4), ids=lambda w: f"W{w}")
+def world_results(request):
+    """(world size, per-rank results) of one spawned gloo group running that world's configurations."""
+    return request.param, spawn(run_world, world_size=request.param, backend="gloo",
+                                args=(request.param, CONFIGS, PREFILL, [MQA]), timeout_s=SPAWN_TIMEOUT_S)
+
+
+def test_tensor_parallel_training_matches_dense_reference(world_results):
+    """T = 2 alone, with CP = 2 (ring, all-gather, Ulysses) and with DP = 2 (FSDP2 and replicated): loss,
+    every gathered gradient, the AdamW update and the next loss equal the float64 dense model's (1e-5)."""
+    world, per_rank = world_results
+    for config in (c for c in CONFIGS if c.world == world):
+        check_training(config, per_rank)
+
+
+def test_tensor_parallel_prefill_matches_reference(world_results):
+    """Forward-only T = 2 × CP = 2: every rank's final hidden rows (all-gathered over TP) equal the dense
+    model's rows of its CP chunk; both TP ranks of a group return the same rows."""
+    world, per_rank = world_results
+    for config in (c for c in PREFILL if c.world == world):
+        w = config.workload(training=False)
+        tokens, labels = global_batch(w, DATA_SEED)
+        _, hidden = dense_reference({n: t.double() for n, t in _dense_initial(config).items()}, w.model, tokens,
+                                    labels)
+        for rank in range(world):
+            cp_index = placement(w, rank).ring_index
+            local = shard_sequence(hidden, rank=cp_index, ring_size=config.base.ring, layout=config.base.layout)
+            error = relative_error(per_rank[rank][config.name], local)
+            assert error <= REL_TOL_HIDDEN, f"{config.name}: rank {rank} hidden off by {error:.2e}"
+
+
+def test_mqa_beyond_kv_heads_is_refused_on_every_rank(world_results):
+    """T = 2 > H_kv = 1 (MQA): every rank raises the same ValueError before any collective (the spawned
+    group finished the other configurations afterwards, so no rank hung)."""
+    world, per_rank = world_results
+    if world != MQA.world:
+        return
+    assert "KV heads" in per_rank[0][MQA.name]
+    assert all(results[MQA.name] == per_rank[0][MQA.name] for results in per_rank)
+
+
+def test_placement_puts_tensor_parallel_ranks_innermost():
+    """W = 8 = DP 2 × CP 2 × T 2: rank r is TP index r mod 2, CP index (r // 2) mod 2, replica r // 4;
+    with T = 1 the placement is the former ring placement (ring r // P, index r mod P)."""
+    w = ParallelConfig(base=Config(name="w8", world=8, ring=2, batch=1), tp=2).workload()
+    got = [(p.replica, p.ring_index, p.tp_index) for p in (placement(w, r) for r in range(8))]
+    assert got == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)]
+    w1 = Config(name="w4", world=4, ring=2, batch=1).workload()
+    assert [(placement(w1, r).replica, placement(w1, r).ring_index) for r in range(4)] == [(0, 0), (0, 1), (1, 0),
+                                                                                          (1, 1)]
+
+
+def test_unrunnable_tensor_parallel_settings_raise():
+    """The runtime's own refusals, named: T > H_kv (MQA/GQA: KV heads not replicated over TP), T not
+    dividing the n tokens per rank (sequence parallelism), Ulysses degree not dividing H / T."""
+    assert kv_heads_per_tp_rank(MQA.workload()) == 1  # the planner replicates; the runtime refuses
+    with pytest.raises(ValueError, match="KV heads"):
+        check_tensor_parallel(MQA.workload())
+    odd = dataclasses.replace(CONFIGS[0].workload(), seq_len_tokens=31)
+    with pytest.raises(ValueError, match="sequence parallelism"):
+        check_tensor_parallel(odd)
+    wide = ParallelConfig(base=Config(name="u4", world=8, ring=4, batch=1), tp=2, scheme="ulysses").workload()
+    with pytest.raises(ValueError, match="Ulysses"):
+        check_tensor_parallel(wide)
