@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,6 +81,19 @@ def default_query(gpu: str) -> dict[str, Any]:
             "provenance": prediction.provenance}
 
 
+def invocation(params: dict[str, Any]) -> str:
+    """The command as given, from click's parsed options (``sys.argv`` is another program's under a test
+    runner): ``ringplan calibrate --budget-s 90.0 ...``."""
+    parts = ["ringplan", "calibrate"]
+    for name, value in params.items():
+        flag = "--format" if name == "output_format" else "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else f"--no-{flag[2:]}")
+        elif value is not None:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
 def phase_line(phase) -> str:
     """One phase in words: what it measured, in how long, where it wrote, what it skipped."""
     text = f"{phase.name}: {phase.done} of {phase.planned} in {phase.seconds:.1f} s"
@@ -123,12 +137,11 @@ def calibrate(ctx: click.Context, record_as: str | None, budget_s: float, profil
     with profiles_at(profiles_dir):
         gpu, driver_name = recorded_gpu(device, record_as)
         from ringplan_runtime.calibrate import calibrate as run_calibration
-        from ringplan_runtime.provenance import command_line
 
         before = default_query(gpu)
         began = time.monotonic()
         echo = (lambda phase: click.echo(phase_line(phase), err=True)) if output_format == "table" else None
-        phases = run_calibration(gpu, device=device, budget_s=budget_s, command=command_line(), progress=progress,
+        phases = run_calibration(gpu, device=device, budget_s=budget_s, command=invocation(ctx.params), progress=progress,
                                  on_phase=echo)
         seconds = time.monotonic() - began
         after = default_query(gpu)

@@ -52,11 +52,13 @@ def test_rows_are_written_with_provenance(first_run, tree):
     assert {r.gpu for r in rows} == {GPU_NAME} and all(r.kind == "measured" for r in rows)
     assert {r.training for r in rows} == {False, True} and any(r.projections for r in rows)
     profile = load_profile(tree / "measured" / f"{GPU_NAME}-calibrate.json")
-    assert "calibrate" in profile.provenance.command and profile.provenance.torch_version == torch.__version__
+    command = profile.provenance.command
+    assert command.startswith("ringplan calibrate ") and "--record-as h100" in command and "--budget-s 120" in command
+    assert profile.provenance.torch_version == torch.__version__
     kernels = load_timing_profile(next(p for p in answer["phases"] if p["name"] == "kernels")["written"][0])
     gemm = load_gemm_profile(next(p for p in answer["phases"] if p["name"] == "gemm")["written"][0])
     for timing in (kernels, gemm):
-        assert timing.rows and "calibrate" in timing.provenance["command"]
+        assert timing.rows and timing.provenance["command"] == profile.provenance.command
 
 
 def test_refit_includes_the_new_profile(first_run, tree):
