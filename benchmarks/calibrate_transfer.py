@@ -110,6 +110,13 @@ def summary(errors: list[float]) -> dict[str, float | int]:
             "max_abs_error_pct": max(absolute) if absolute else None}
 
 
+def by_scope(rows: list, errors: list[float], kept: list[bool]) -> dict[str, dict]:
+    """``summary`` of the kept rows at W = 1 (``single``) and on a ring (``ring``: a one-GPU calibrate
+    measures no ring, so these show what is left transferred)."""
+    return {scope: summary([e for (_, r), e, k in zip(rows, errors, kept) if k and (r.ring_size > 1) == ring])
+            for scope, ring in (("single", False), ("ring", True))}
+
+
 def run_calibrate(tree: Path, args) -> tuple[list[str], float, int, dict | None, str]:
     """``ringplan calibrate`` into the tree: (command, wall seconds, exit code, its JSON answer, stderr tail)."""
     command = ["calibrate", "--profiles-dir", str(tree), "--budget-s", f"{args.budget_s:g}", "--no-progress",
@@ -126,16 +133,21 @@ def run_calibrate(tree: Path, args) -> tuple[list[str], float, int, dict | None,
 
 
 def markdown(report: dict) -> str:
-    t, c, q = report["transferred"], report["calibrated"], report["default_query"]
+    q = report["default_query"]
     pct = lambda s, k: "-" if s[k] is None else f"{s[k]:.1f}%"  # noqa: E731
     gib = lambda d: f"± {d['uncertainty_bytes'] / 2**30:.3f} GiB" if d else "-"  # noqa: E731
     lines = [f"# ringplan calibrate on {report['gpu']} ({report['provenance']['gpu_driver_name']})", "",
              "| GPU | held-out rows | transferred error (median / worst) | calibrate wall s | "
              "calibrated error (median / worst) | ± default layer before → after |",
-             "|---|---:|---|---:|---|---|",
-             f"| {report['gpu']} | {c['rows']} | {pct(t, 'median_abs_error_pct')} / {pct(t, 'max_abs_error_pct')} | "
-             f"{report['calibrate']['wall_s']:.1f} | {pct(c, 'median_abs_error_pct')} / {pct(c, 'max_abs_error_pct')} | "
-             f"{gib(q.get('before'))} → {gib(q.get('after'))} |", "",
+             "|---|---|---|---:|---|---|"]
+    for scope in ("single", "ring"):
+        t, c = report["transferred"][scope], report["calibrated"][scope]
+        if t["rows"]:
+            lines.append(f"| {report['gpu']} | {t['rows']} at {'W = 1' if scope == 'single' else 'W = 2'} "
+                         f"({c['rows']} after) | {pct(t, 'median_abs_error_pct')} / {pct(t, 'max_abs_error_pct')} | "
+                         f"{report['calibrate']['wall_s']:.1f} | {pct(c, 'median_abs_error_pct')} / "
+                         f"{pct(c, 'max_abs_error_pct')} | {gib(q.get('before'))} → {gib(q.get('after'))} |")
+    lines += ["",
              "| file | family | tokens | W | measured GiB | transferred | calibrated |", "|---|---|---:|---:|---:|---:|---:|"]
     for row in report["rows"]:
         lines.append(f"| {row['file']} | {row['family']} | {row['seq_len_tokens']:,} | {row['ring_size']} | "
@@ -172,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": gpu, "held_out": "committed attention rows of this GPU (measured, not OOM, with device used) "
                                 "that calibrate did not measure itself",
         "removed_files": [str(p.relative_to(tree)) for p in removed],
-        "transferred": summary(transferred), "calibrated": summary([e for e, k in zip(calibrated, own) if k]),
+        "transferred": by_scope(rows, transferred, [True] * len(rows)),
+        "calibrated": by_scope(rows, calibrated, own),
         "calibrate": {"command": shlex.join(command), "wall_s": wall_s, "exit_code": code, "answer": answer},
         "default_query": (answer or {}).get("default_query", {}),
         "rows": [{"file": f, "family": row_family(r), "seq_len_tokens": r.seq_len_tokens, "ring_size": r.ring_size,
