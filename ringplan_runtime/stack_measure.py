@@ -2,8 +2,10 @@
 
 Method (recorded in every stack profile's provenance, see ``STACK_METHOD``):
 
-1. ``build_stack`` (``ringplan_runtime.stack_parallel``): FSDP2 + ring attention for training,
-   replicated weights under ``inference_mode`` for forward-only; this rank's seeded batch.
+1. ``build_stack`` (``ringplan_runtime.stack_parallel``): FSDP2 + the CP scheme (ring, all-gather,
+   Ulysses, hybrid) + tensor parallelism (T = ``w.tp_degree``) for training, replicated (TP-sharded)
+   weights under ``inference_mode`` (``no_grad`` when T > 1) for forward-only; this rank's seeded batch.
+   DTensors (FSDP2 shards, TP shards, TP activations) count by their local tensors.
 2. ``warmup_steps`` steps (at least one in training, so AdamW's states exist and FSDP2 has made
    its all-gather buffers, as in every later step of a real run).
 3. ``gc.collect``, ``torch.cuda.empty_cache`` (blocks the build and warm-up left cached are not the
@@ -22,7 +24,8 @@ Out of memory is a result (``feasible=False``, ``failure="oom"``), never a crash
 several ranks must then tear the ring down. Sweeps of points on spawned rings (a fresh ring after an
 out-of-memory point or a lost rank, a per-point timeout, a time budget), the ``ringplan.stack/1``
 profile they write and their command line are ``ringplan_runtime.stack_sweep``
-(``python -m ringplan_runtime.stack_measure`` still runs that command line).
+(``python -m ringplan_runtime.stack_measure`` still runs that command line). ``tracked_stack_peak`` is
+the tracker's step alone, with every storage live at the peak (for checking byte terms).
 """
 
 from __future__ import annotations
@@ -198,7 +201,7 @@ def _timed(run, batch) -> float:
     return start_event.elapsed_time(end_event) / 1e3
 
 
-def _memory_step(run, batch, settings: MeasureSettings) -> dict[str, int | None]:
+def _memory_step(run, batch, settings: MeasureSettings, keep_peak_tensors: bool = False) -> dict:
     """The memory step under the instruments (module docstring, step 3). The cyclic garbage
     collector is run before and paused during the step, so storages die when their last reference
     does (FSDP2 holds reference cycles)."""
@@ -210,7 +213,8 @@ def _memory_step(run, batch, settings: MeasureSettings) -> dict[str, int | None]
     if device.type == "cuda":
         torch.cuda.empty_cache()  # blocks cached by the build and warm-up are not this step's
         torch.cuda.reset_peak_memory_stats(device)
-    tracker = StackTracker(device=device.type) if settings.track_live_tensors else None
+    tracker = StackTracker(device=device.type, keep_peak_tensors=keep_peak_tensors) \
+        if settings.track_live_tensors else None
     host = StackTracker(device="cpu") if device.type == "cuda" and run.workload.settings.offload_checkpoints else None
     counter = SentBytesCounter() if settings.count_sent_bytes else None
     resident = None
@@ -230,6 +234,8 @@ def _memory_step(run, batch, settings: MeasureSettings) -> dict[str, int | None]
                "sent_bytes": counter.sent_bytes if counter else None, "peak_allocated_bytes": None,
                "peak_reserved_bytes": None, "device_used_bytes": None, "non_allocator_bytes": None,
                "resident_bytes": resident, "host_bytes": host.peak_bytes if host else None}
+    if keep_peak_tensors and tracker is not None:
+        figures["peak_op"], figures["peak_tensors"] = tracker.peak_op, tracker.peak_tensors
     if device.type == "cuda":
         figures.update(allocator_and_device_peaks(device))
     return figures
@@ -270,6 +276,34 @@ def measure_stack_rank(w: StackWorkload, *, settings: MeasureSettings | None = N
 def measure_stack(w: StackWorkload, *, settings: MeasureSettings) -> RankMeasurement:
     """``measure_stack_rank(w, settings=settings).measurement`` (the contract of docs/STACK.md)."""
     return measure_stack_rank(w, settings=settings).measurement
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StackPeak:
+    """The live-tensor peak of one step on this rank: its bytes, the bytes alive before the step, the
+    op at which it was reached and every storage live then (largest first, local shapes)."""
+
+    peak_bytes: int
+    resident_bytes: int
+    peak_op: str
+    peak_tensors: tuple
+
+
+def tracked_stack_peak(w: StackWorkload, *, seed: int = 0, device: torch.device | None = None) -> StackPeak:
+    """The tracker's peak of one step of ``w`` on this rank, after one warm-up step, with what is live
+    at it: the same build, batch and tracker as ``measure_stack_rank`` (``tracked_peak_bytes``), for
+    any T, CP scheme and settings the runtime runs. Call it on every rank of a ``w.world_size`` group."""
+    from ringplan_runtime.stack_parallel import build_stack
+
+    device = device or rank_device()
+    run = build_stack(w, device=device, seed=seed)
+    run.positions = run.positions.clone(memory_format=torch.contiguous_format)
+    batch = rank_batch(w, run, seed)
+    run_one_step(run, batch)
+    figures = _memory_step(run, batch, MeasureSettings(warmup_steps=1, timed_steps=1, count_sent_bytes=False,
+                                                       seed=seed), keep_peak_tensors=True)
+    return StackPeak(peak_bytes=figures["tracked_peak_bytes"], resident_bytes=figures["resident_bytes"],
+                     peak_op=figures["peak_op"], peak_tensors=figures["peak_tensors"])
 
 
 def _backend(w: StackWorkload, device: torch.device) -> str:

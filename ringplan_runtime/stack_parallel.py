@@ -33,7 +33,8 @@ gradients equal the dense model's gradient of the global mean loss. (``set_gradi
 on both, in torch 2.11 and 2.13.) The reported loss is the global mean.
 
 Forward-only workloads (``training=False``): weights in ``param_dtype`` replicated on every rank (no
-FSDP, no gradients, no optimizer; TP-sharded when T > 1), run under ``torch.inference_mode``; prefill =
+FSDP, no gradients, no optimizer; TP-sharded when T > 1), run under ``torch.inference_mode`` (``no_grad``
+when T > 1: ``StackRun.hidden``); prefill =
 embedding, blocks and final norm (no KV cache is kept; the next-token logits, B·V, are not computed).
 """
 
@@ -326,9 +327,12 @@ class StackRun:
         return loss
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Forward-only: final-norm hidden states ``[B, n, E]`` of the local tokens (an inference tensor)."""
+        """Forward-only: final-norm hidden states ``[B, n, E]`` of the local tokens (an inference tensor
+        when T = 1). T > 1 runs under ``no_grad``: under ``inference_mode`` DTensor raises and catches an
+        AssertionError per sharded op (torch 2.13: "Shard dim -1 ... must be normalized") whose
+        traceback cycles keep every block's activations alive until the garbage collector runs."""
         self._require(False)
-        with torch.inference_mode():
+        with torch.inference_mode() if self.workload.tp_degree == 1 else torch.no_grad():
             return local_value(self.model(tokens.to(self.device), self.positions))
 
     def forward(self, tokens: torch.Tensor) -> None:

@@ -68,9 +68,13 @@ def workload_to_json(w: StackWorkload) -> dict:
     """A point as JSON: the ``ringplan.stack/1`` row fields of its workload (model shape included)."""
     from ringplan.profiles.stack import MODEL_FIELDS
 
-    return {"model": {name: getattr(w.model, name) for name in MODEL_FIELDS}, "seq_len_tokens": w.seq_len_tokens,
-            "batch": w.batch, "training": w.training, "world_size": w.world_size, "ring_size": w.layout.ring_size,
-            "layout": w.layout.layout, "backend": w.layout.backend, "settings": asdict(w.settings)}
+    point = {"model": {name: getattr(w.model, name) for name in MODEL_FIELDS if not name.startswith("_")},
+             "seq_len_tokens": w.seq_len_tokens, "batch": w.batch, "training": w.training,
+             "world_size": w.world_size, "ring_size": w.layout.ring_size, "layout": w.layout.layout,
+             "backend": w.layout.backend, "settings": asdict(w.settings)}
+    if w.tp_degree > 1 or w.layout.cp_scheme != "ring":  # only then: ring-only T = 1 points read as before
+        point |= {"tp_degree": w.tp_degree, "cp_scheme": w.layout.cp_scheme, "ulysses_degree": w.layout.ulysses_degree}
+    return point
 
 
 def workload_from_json(raw: dict) -> StackWorkload:
@@ -84,10 +88,11 @@ def workload_from_json(raw: dict) -> StackWorkload:
     if raw.get("layers"):
         spec = spec.with_layers(int(raw["layers"]))
     layout = RingLayout(ring_size=raw["ring_size"], layout=raw.get("layout", "contiguous"),
-                        backend=raw.get("backend", "auto"))
+                        backend=raw.get("backend", "auto"), cp_scheme=raw.get("cp_scheme", "ring"),
+                        ulysses_degree=raw.get("ulysses_degree"))
     return StackWorkload(model=spec, seq_len_tokens=raw["seq_len_tokens"], batch=raw.get("batch", 1),
                          training=raw.get("training", True), world_size=raw["world_size"], layout=layout,
-                         settings=StackSettings(**raw.get("settings", {})))
+                         settings=StackSettings(**raw.get("settings", {})), tp_degree=raw.get("tp_degree", 1))
 
 
 def stack_points_worker(points: list[StackWorkload], results_dir: str, settings: MeasureSettings,

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from ringplan.stack import kv_heads_per_tp_rank
 from ringplan_runtime import shard_sequence, spawn
 from ringplan_runtime.reference import relative_error
+from ringplan_runtime.stack_measure import tracked_stack_peak
 from ringplan_runtime.stack_parallel import build_stack, global_batch, local_batch, placement
 from ringplan_runtime.tensor_parallel import check_tensor_parallel
 from runtime.test_stack_cpu import (DATA_SEED, FP32_EPS, REL_TOL_GRAD, REL_TOL_HIDDEN, REL_TOL_LOSS, REL_TOL_UPDATE,
@@ -68,6 +69,9 @@ CONFIGS = [
 ]
 PREFILL = [ParallelConfig(base=Config(name="prefill_t2_cp2_zigzag", world=4, ring=2, layout="zigzag"), tp=2)]
 MQA = ParallelConfig(base=Config(name="t2_mqa", world=2, ring=1), tp=2, kv_heads=1)
+#: Tracker runs (bf16, the default settings: chunked loss in one chunk): the peak and what is live at it.
+MEASURED = [ParallelConfig(base=Config(name="peak_t2", world=2, ring=1), tp=2),
+            ParallelConfig(base=Config(name="peak_t2_cp2_ulysses", world=4, ring=2), tp=2, scheme="ulysses")]
 
 
 def _prefill(config: ParallelConfig) -> torch.Tensor:
@@ -85,13 +89,20 @@ def _refusal(config: ParallelConfig) -> str:
     return ""
 
 
-def run_world(world: int, configs: list, prefill: list, refused: list) -> dict:
+def _peak(config: ParallelConfig):
+    w = config.workload()
+    return tracked_stack_peak(dataclasses.replace(w, settings=dataclasses.replace(w.settings, param_dtype="bf16")))
+
+
+def run_world(world: int, configs: list, prefill: list, refused: list, measured: list = ()) -> dict:
     """Spawned body: every configuration of this world size; rank 0 returns everything, the others
-    their losses and prefill hidden states; ``refused`` configurations return their ValueError text."""
+    their losses and prefill hidden states; ``refused`` configurations return their ValueError text,
+    ``measured`` ones the tracker's ``StackPeak``."""
     torch.set_num_threads(1)
     results = {c.name: _train(c) for c in configs if c.world == world}
     results |= {c.name: _prefill(c) for c in prefill if c.world == world}
     results |= {c.name: _refusal(c) for c in refused if c.world == world}
+    results |= {c.name: _peak(c) for c in measured if c.world == world}
     if dist.get_rank() != 0:
         return {name: (r["loss"], r["second_loss"]) if isinstance(r, dict) else r for name, r in results.items()}
     return results
@@ -122,7 +133,7 @@ def check_training(config, per_rank: list) -> None:
 def world_results(request):
     """(world size, per-rank results) of one spawned gloo group running that world's configurations."""
     return request.param, spawn(run_world, world_size=request.param, backend="gloo",
-                                args=(request.param, CONFIGS, PREFILL, [MQA]), timeout_s=SPAWN_TIMEOUT_S)
+                                args=(request.param, CONFIGS, PREFILL, [MQA], MEASURED), timeout_s=SPAWN_TIMEOUT_S)
 
 
 def test_tensor_parallel_training_matches_dense_reference(world_results):
@@ -157,6 +168,21 @@ def test_mqa_beyond_kv_heads_is_refused_on_every_rank(world_results):
         return
     assert "KV heads" in per_rank[0][MQA.name]
     assert all(results[MQA.name] == per_rank[0][MQA.name] for results in per_rank)
+
+
+def test_tracker_measures_tensor_parallel_stack(world_results):
+    """``tracked_stack_peak`` runs a T = 2 stack (alone and × CP = 2 Ulysses): a peak above the resident
+    bytes on every rank, and the logits it holds are vocabulary-parallel ``[rows, V/T]`` (loss_parallel),
+    never the full ``[rows, V]``."""
+    world, per_rank = world_results
+    for config in (c for c in MEASURED if c.world == world):
+        w = config.workload()
+        rows, vocab = w.batch * w.seq_len_tokens // w.layout.ring_size, w.model.vocab_size
+        for results in per_rank:
+            peak = results[config.name]
+            assert peak.peak_bytes > peak.resident_bytes > 0, config.name
+        shapes = {t.shape for t in per_rank[0][config.name].peak_tensors}
+        assert (rows, vocab // config.tp) in shapes and (rows, vocab) not in shapes, f"{config.name}: {shapes}"
 
 
 def test_placement_puts_tensor_parallel_ranks_innermost():
