@@ -71,6 +71,19 @@ def stack_shape(w: StackWorkload) -> StackShape:
                       n_sp=sequence_shard_tokens(w))
 
 
+def mlp_tile_rows(w: StackWorkload) -> int | None:
+    """Local tokens in one MLP tile, B·t (t = ``mlp_tile_tokens`` of each sequence), or None when
+    the MLP is not tiled."""
+    t = w.settings.mlp_tile_tokens
+    return None if t is None else w.batch * t
+
+
+def mlp_tiles(w: StackWorkload) -> int:
+    """MLP tiles per block, n / t (``StackWorkload`` checks that t divides n); 1 when not tiled."""
+    t = w.settings.mlp_tile_tokens
+    return 1 if t is None else tokens_per_rank(w) // t
+
+
 def block_param_shapes(w: StackWorkload) -> list[tuple[int, int]]:
     """(rows, columns) of every parameter of one block (vectors have 1 column), as FSDP2 shards
     them along rows: q/k/v/o (+ biases), qk norms, two RMSNorms, gate/up/down (+ biases). One TP rank's

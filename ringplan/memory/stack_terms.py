@@ -4,30 +4,26 @@ Notation (README, ``docs/STACK.md``): T = B·n local tokens (n = S / P), E width
 D head dim, F FFN width, V vocab, L layers, G sharding group, e bytes of the compute dtype
 (``param_dtype``), e_m of the master dtype (parameters, gradients and AdamW states; fp32).
 
-Each function below (and in ``ringplan.memory.model_states``: parameter shapes, model states, FSDP2
-units) is one tensor family with one formula; they mirror what the runtime
-(``ringplan_runtime.transformer`` + ``stack_parallel``: FSDP2 ``fully_shard`` per block, embedding
-and head, root; bf16 compute, fp32 master/grads/Adam; ``ring_attention``) keeps alive, and CI checks
-their sum against the live-tensor tracker on CPU (``tests/test_stack_measure_cpu.py``).
+Each function below (and in ``model_states``: parameter shapes, model states, FSDP2 units) is one tensor
+family with one formula; they mirror what the runtime (``ringplan_runtime.transformer`` + ``stack_parallel``)
+keeps alive, and CI checks their sum against the live-tensor tracker on CPU
+(``tests/runtime/test_stack_measure_cpu.py``; T > 1: ``tests/memory/test_tp_terms_tracker.py``).
 
 **Peak instants** (the peak is the largest; terms not alive at an instant are 0):
 
-* training: the loss backward (full logits, or the largest chunk; the loss forward holds less),
-  a chunk's head-gradient accumulation, the final norm's backward, the backward of the last block,
-  the one before it and the first (each at its MLP, its post-attention norm, its ring attention
-  (``ringplan.memory.attention_terms``) and its input norm: the blocks before it saved, its own tensors
-  recomputed under checkpointing, the gradients reduced so far), FSDP2's reduce-scatter of the
-  head, of those blocks and of the table, the embedding's backward, and the AdamW step;
-* forward only (prefill): inside the last block (input norm, RoPE, ring attention, output
-  projection and residual, MLP norm, MLP) and the final norm, with replicated weights and nothing
-  saved (``inference_mode``).
+* training: the loss backward (full logits, or the largest chunk; at T = 1 the loss forward holds
+  less), a chunk's head-gradient accumulation, the final norm's backward, the backward of the last
+  block, the one before it and the first (each at its MLP, its post-attention norm, (T > 1) its o_proj,
+  its attention and its input norm), FSDP2's reduce-scatter of the head, of those blocks and of the
+  table, the embedding's backward, and the AdamW step;
+* forward only (prefill): inside the last block (input norm, RoPE, attention, output projection and
+  residual, MLP norm, MLP) and the final norm, replicated weights, nothing saved (``inference_mode``).
 
-Not modelled: the forward of the blocks in training (the backward of the same block holds a
-superset), FSDP2's all-gather copy-in instants (they run before a unit's activations exist), RoPE
-and projection backward (after the ring buffers are freed), AdamW's ``step`` counters (CPU tensors)
-and scalar tensors; kernel workspaces, allocator rounding and memory outside the allocator are
-fitted per GPU (``ringplan.memory.stack_model``). CPU-only tensors (gloo's copy of a reduce-scatter input,
-the CPU kernel's strided LSE) are left out: they are not on a GPU.
+Not modelled: the forward of the blocks in training (the backward of the same block holds a superset),
+FSDP2's all-gather copy-in instants, RoPE and projection backward (after the ring buffers are freed),
+AdamW's ``step`` counters (CPU tensors) and scalars; kernel workspaces, allocator rounding and memory
+outside the allocator are fitted (``stack_model``); CPU-only tensors (gloo's copy of a reduce-scatter input,
+the CPU kernel's strided LSE).
 
 Tensor parallelism T > 1 and the context-parallel schemes: ``ringplan.memory.tp_terms`` (one TP rank's shapes,
 sequence-parallel B·⌈n/T⌉ vs all-gathered B·n rows, each block's attention under ``w.layout.cp_scheme``).
@@ -40,10 +36,13 @@ import functools
 from ringplan.units import FP32_BYTES
 from ringplan.memory import tp_terms
 from ringplan.memory.attention_terms import kv_bytes, output_bytes, q_bytes
-from ringplan.memory.tp_terms import attention_point, final_hidden_bytes, gathered_hidden_bytes
+from ringplan.memory.tp_terms import (attention_point, embedding_output_copies_bytes, gathered_hidden_bytes,
+                                     loss_parallel_forward_bytes)
 from ringplan.stack import StackWorkload
 from ringplan.memory.offload_terms import OFFLOAD_HOST_TERM_NAMES, device_instants, offload_host_terms
 from ringplan.memory.model_states import (
+    mlp_tile_rows,
+    mlp_tiles,
     fsdp_state_at,
     unit_shapes,
     unit_shapes_upto,
@@ -98,51 +97,32 @@ def qk_norm_bytes(w: StackWorkload) -> float:
     return float(s.T * (s.H + s.H_kv) * (s.D * s.e + FP32_BYTES))
 
 
-def attention_saved_bytes(w: StackWorkload) -> float:
-    """What one block's attention saves for backward (``tp_terms.attention_saved_bytes``; the ring: q, k
-    (after RoPE), v, the output and its fp32 LSE, B·n·(H + 2·H_kv)·D·e + B·n·H·D·e + B·H·n·4)."""
-    return tp_terms.attention_saved_bytes(attention_point(w))
-
-
 def ffn_bytes(w: StackWorkload) -> float:
     """One FFN-wide activation: T·F·e (gate, up, their product, or a gradient of one)."""
     s = stack_shape(w)
     return float(s.T * s.F * s.e)
 
 
-def mlp_tile_rows(w: StackWorkload) -> int | None:
-    """Local tokens in one MLP tile, B·t (t = ``mlp_tile_tokens`` of each sequence), or None when
-    the MLP is not tiled."""
-    t = w.settings.mlp_tile_tokens
-    return None if t is None else w.batch * t
-
-
-def mlp_tiles(w: StackWorkload) -> int:
-    """MLP tiles per block, n / t (``StackWorkload`` checks that t divides n); 1 when not tiled."""
-    t = w.settings.mlp_tile_tokens
-    return 1 if t is None else stack_shape(w).n // t
-
-
 def block_tensors(w: StackWorkload, *, upto: str, mode: str | None = None) -> float:
-    """Bytes a block holds for backward, beyond its input, once its forward has reached ``upto``:
-    ``attention`` (rstd, normed input, qk-norm inputs), ``mlp_input`` (+ ring attention's saved
-    q, k, v, output, LSE; h = x + attention; rstd and output of the MLP norm), ``mlp`` (+ gate and
-    up), ``all`` (+ their SwiGLU product). ``selective`` keeps only ring attention's tensors (the
-    rest is recomputed segment by segment in backward); ``full`` keeps nothing. A tiled MLP saves
-    only its input (the MLP norm's output): ``mlp`` and ``all`` hold what ``mlp_input`` holds. With T > 1
-    the norms' outputs the linears save are all-gathered (``gathered_hidden_bytes``), x, h and rstd are
-    sequence shards (Korthikanti et al. 2022, Sec. 4.2.2, without their re-gather in backward)."""
+    """Bytes a block holds for backward, beyond its input, once its forward has reached ``upto``: ``attention`` (rstd,
+    normed input, qk-norm inputs), ``mlp_input`` (+ ring attention's saved q, k, v, output, LSE; h = x + attention;
+    rstd and output of the MLP norm), ``mlp`` (+ gate and up), ``all`` (+ their SwiGLU product). ``selective`` keeps
+    only ring attention's tensors (the rest is recomputed segment by segment in backward); ``full`` keeps nothing. A
+    tiled MLP saves only its input (the MLP norm's output): ``mlp`` and ``all`` hold what ``mlp_input`` holds. With T >
+    1 the norms' outputs the linears save are all-gathered (``gathered_hidden_bytes``), x, h and rstd are sequence
+    shards (Korthikanti et al. 2022, Sec. 4.2.2, without their re-gather in backward)."""
     mode = mode or w.settings.checkpointing
     if mode == "full":
         return 0.0
     if mode == "selective":
-        return attention_saved_bytes(w) if upto != "attention" else 0.0
+        return tp_terms.attention_saved_bytes(attention_point(w)) if upto != "attention" else 0.0
     stages = ("attention", "mlp_input", "mlp", "all")
     if upto not in stages:
         raise ValueError(f"upto must be one of {list(stages)}, got {upto!r}")
     total = norm_statistics_bytes(w) + gathered_hidden_bytes(w) + qk_norm_bytes(w)
     if upto != "attention":
-        total += attention_saved_bytes(w) + (hidden_state_bytes(w) + gathered_hidden_bytes(w)) + norm_statistics_bytes(w)
+        h_and_normed = hidden_state_bytes(w) + gathered_hidden_bytes(w)
+        total += tp_terms.attention_saved_bytes(attention_point(w)) + h_and_normed + norm_statistics_bytes(w)
     if upto in ("mlp", "all") and mlp_tile_rows(w) is None:
         total += 2 * ffn_bytes(w)
     if upto == "all" and mlp_tile_rows(w) is None:
@@ -190,20 +170,19 @@ def norm_forward_bytes(w: StackWorkload) -> float:
     """RMSNorm forward temporaries at their peak (``_RMSNorm.forward``, at the cast back): x in
     fp32, x·rstd in fp32 and its cast, 2·T·E·4 + T·E·e (the saved rstd is counted apart)."""
     s = stack_shape(w)
-    return float(s.T * s.E * (2 * FP32_BYTES + s.e))
+    return float(s.T_sp * s.E * (2 * FP32_BYTES + s.e))
 
 
 def norm_backward_bytes(w: StackWorkload) -> float:
     """RMSNorm backward temporaries at their peak (``_RMSNorm.backward``, at ``g − x̂·mean``): x̂,
     the fp32 gradient, g = grad·w, x̂·mean(g·x̂) and the difference, 5·T·E·4, plus the mean, T·4."""
     s = stack_shape(w)
-    return float(5 * s.T * s.E * FP32_BYTES + s.T * FP32_BYTES)
+    return float(5 * s.T_sp * s.E * FP32_BYTES + s.T_sp * FP32_BYTES)
 
 
 def rope_forward_bytes(w: StackWorkload) -> float:
-    """RoPE forward (``_RoPE.forward``) at its peak, beyond q, k, v: for q, x·cos, −x half and the
-    rotated x, 2.5·T·H·D·e; for k (q's input and result still alive), T·H·D·e + 2.5·T·H_kv·D·e.
-    The larger of the two."""
+    """RoPE forward (``_RoPE.forward``) at its peak, beyond q, k, v: for q, x·cos, −x half and the rotated x,
+    2.5·T·H·D·e; for k (q's input and result still alive), T·H·D·e + 2.5·T·H_kv·D·e. The larger of the two."""
     s = stack_shape(w)
     q, k = s.T * s.H * s.D * s.e, s.T * s.H_kv * s.D * s.e
     return float(max(2.5 * q, q + 2.5 * k))
@@ -221,22 +200,20 @@ def mlp_backward_bytes(w: StackWorkload) -> float:
 
 
 def tiled_mlp_forward_bytes(w: StackWorkload) -> float:
-    """A tiled MLP's forward at its peak (``ringplan_runtime.tiling.swiglu_rows_into``): the output
-    T·E·e (all B·n rows with T > 1: the down projection's partial output), allocated once, and one tile's gate and up 2·B·t·F·e (silu and the product are computed
-    in place into the gate; the down projection writes into the output's rows)."""
+    """A tiled MLP's forward at its peak (``ringplan_runtime.tiling.swiglu_rows_into``): the output T·E·e (all B·n rows
+    with T > 1: the down projection's partial output), allocated once, and one tile's gate and up 2·B·t·F·e (silu and
+    the product are computed in place into the gate; the down projection writes into the output's rows)."""
     s = stack_shape(w)
     return float(s.T * s.E * s.e + 2 * mlp_tile_rows(w) * s.F * s.e)
 
 
 def tiled_mlp_backward_bytes(w: StackWorkload) -> float:
-    """A tiled MLP's backward at its peak, inside one tile of t_r = B·t rows (the input gradient
-    T·E·e is counted as a hidden state): the recomputed output t_r·E·e and the larger of
-    (a) SwiGLU's backward, 6·t_r·F·e (gate and up saved, ``mlp_backward_bytes`` on t_r rows) and
-    (b) the down projection's weight gradient, 4·t_r·F·e (gate, up, product, the product's
-    gradient) + E·F·e: from the second tile on autograd computes it apart and adds it in place to
-    the accumulated one (with one tile it becomes ``.grad``, counted with the unit's gradients).
-    Source: the live-tensor tracker on ``ringplan_runtime.tiling._TiledMLP.backward``. Ignores the
-    bias gradients' temporaries (E·e)."""
+    """A tiled MLP's backward at its peak, inside one tile of t_r = B·t rows (the input gradient T·E·e is counted as a
+    hidden state): the recomputed output t_r·E·e and the larger of (a) SwiGLU's backward, 6·t_r·F·e (gate and up saved,
+    ``mlp_backward_bytes`` on t_r rows) and (b) the down projection's weight gradient, 4·t_r·F·e (gate, up, product,
+    the product's gradient) + E·F·e: from the second tile on autograd computes it apart and adds it in place to the
+    accumulated one (with one tile it becomes ``.grad``, counted with the unit's gradients). Source: the live-tensor
+    tracker on ``ringplan_runtime.tiling._TiledMLP.backward``. Ignores the bias gradients' temporaries (E·e)."""
     s, rows = stack_shape(w), mlp_tile_rows(w)
     weight = s.E * s.F * s.e if mlp_tiles(w) > 1 else 0
     return float(rows * s.E * s.e + max(6 * rows * s.F * s.e, 4 * rows * s.F * s.e + weight))
@@ -258,10 +235,10 @@ def _plus(terms: dict[str, float], **extra: float) -> dict[str, float]:
 
 
 def _saved(w: StackWorkload, blocks: int, *, final_norm: bool) -> float:
-    """Saved activations of ``blocks`` finished blocks, plus (``final_norm``) what the final norm
-    keeps: its input, the last block's output T·E·e, and rstd T·4."""
+    """Saved activations of ``blocks`` finished blocks (with block 0's input copies at T > 1), plus
+    (``final_norm``) what the final norm keeps: its input, the last block's output T·E·e, and rstd T·4."""
     extra = hidden_state_bytes(w) + norm_statistics_bytes(w) if final_norm else 0.0
-    return blocks * saved_block_bytes(w) + extra
+    return blocks * saved_block_bytes(w) + extra + (embedding_output_copies_bytes(w) if blocks else 0.0)
 
 
 def _loss_rows(w: StackWorkload) -> tuple[int, bool]:
@@ -285,8 +262,10 @@ def log_probabilities_bytes(w: StackWorkload, rows: int) -> float:
 
 def loss_gradients_bytes(w: StackWorkload, rows: int) -> float:
     """The loss's backward at its peak (``_log_softmax_backward_data``): the NLL gradient and the
-    log-softmax gradient of t rows, 2·t·V·4."""
-    return float(2 * rows * stack_shape(w).V * FP32_BYTES)
+    log-softmax gradient of t rows, 2·t·V·4. Loss parallel (T > 1): DTensor's fused NLL + log-softmax
+    backward makes one fp32 gradient of t·V/T, then its cast to the compute dtype, t·V/T·(4 + e)."""
+    s = stack_shape(w)
+    return float(2 * rows * s.V * FP32_BYTES) if s.tp == 1 else float(rows * s.V * (FP32_BYTES + s.e))
 
 
 def loss_backward_instant(w: StackWorkload) -> dict[str, float]:
@@ -297,9 +276,27 @@ def loss_backward_instant(w: StackWorkload) -> dict[str, float]:
     rows, several = _loss_rows(w)
     terms = {**_model_states(w), **fsdp_state_at(w, "loss"), "rope_tables_bytes": rope_tables_bytes(w),
              "saved_activations_bytes": _saved(w, stack_shape(w).L, final_norm=True),
-             "hidden_bytes": final_hidden_bytes(w, 2 if several else 1),
+             "hidden_bytes": gathered_hidden_bytes(w) * (2 if several else 1),
              "logits_bytes": log_probabilities_bytes(w, rows), "loss_bytes": loss_gradients_bytes(w, rows)}
     return _plus(terms, unit_grads_bytes=head_grad_bytes(w) if several else 0.0)
+
+
+def loss_forward_instant(w: StackWorkload) -> dict[str, float]:
+    """T > 1 only: the loss forward of the largest chunk under loss parallel (``tp_terms.loss_parallel_forward_bytes``:
+    logits and their fp32 copy as ``logits_bytes``, the log-softmax as ``loss_bytes``), every block's activations, the
+    final norm's, the gathered head input and the final norm's sequence-parallel output (the caller's ``hidden``,
+    deleted before the backward, ``stack_parallel.StackRun.backward``)."""
+    if w.tp_degree == 1:
+        return {}
+    rows, fp32 = _loss_rows(w)[0], float(_loss_rows(w)[0] * stack_shape(w).V * FP32_BYTES)
+    state = fsdp_state_at(w, "loss")  # over G > 1 the head's all-gather output too (freed at the next all-gather)
+    state["gathered_params_bytes"] += gathered_unit_bytes(w, "embed" if w.model.tied_embeddings else "head") \
+        if stack_shape(w).G > 1 and runs_fsdp(w) else 0.0
+    return {**_model_states(w), **state, "rope_tables_bytes": rope_tables_bytes(w),
+            "saved_activations_bytes": _saved(w, stack_shape(w).L, final_norm=True),
+            "hidden_bytes": gathered_hidden_bytes(w) + hidden_state_bytes(w),
+            "logits_bytes": loss_parallel_forward_bytes(w, rows) - fp32,
+            "loss_bytes": fp32}
 
 
 def loss_head_grad_instant(w: StackWorkload) -> dict[str, float]:
@@ -311,7 +308,7 @@ def loss_head_grad_instant(w: StackWorkload) -> dict[str, float]:
     s = stack_shape(w)
     terms = {**_model_states(w), **fsdp_state_at(w, "loss"), "rope_tables_bytes": rope_tables_bytes(w),
              "saved_activations_bytes": _saved(w, s.L, final_norm=True),
-             "hidden_bytes": final_hidden_bytes(w, 2 + rows / s.T)}
+             "hidden_bytes": gathered_hidden_bytes(w) * (2 + rows / s.T)}
     return _plus(terms, unit_grads_bytes=3 * head_grad_bytes(w))
 
 
@@ -328,7 +325,9 @@ def _backward_block_tensors(w: StackWorkload, stage: str) -> float:
     mlp: all but the SwiGLU product; norm2: up to the MLP norm's rstd; attention: the input norm's
     (ring attention's saved tensors are in ``memory_terms``); norm1: the input norm's rstd.
     Selective recomputes the input norm and q/k/v only after the ring attention's backward."""
+    saved = tp_terms.attention_saved_bytes(attention_point(w))
     none = {"mlp": block_tensors(w, upto="mlp", mode="none"),
+            "o_proj": block_tensors(w, upto="attention", mode="none") + saved,  # T > 1 only
             "norm2": block_tensors(w, upto="mlp_input", mode="none") - gathered_hidden_bytes(w),
             "attention": block_tensors(w, upto="attention", mode="none"),
             "norm1": norm_statistics_bytes(w)}[stage]
@@ -344,7 +343,8 @@ def block_backward_terms(w: StackWorkload, index: int, stage: str) -> dict[str, 
     incoming gradient T·E·e), its unsharded gradients so far."""
     terms = {**_model_states(w), **fsdp_state_at(w, "block", index), "rope_tables_bytes": rope_tables_bytes(w),
              "saved_activations_bytes": _saved(w, index, final_norm=False),
-             "layer_activations_bytes": hidden_state_bytes(w) + _backward_block_tensors(w, stage),
+             "layer_activations_bytes": hidden_state_bytes(w) + _backward_block_tensors(w, stage)
+             + (embedding_output_copies_bytes(w, in_backward=True) if index == 0 else 0.0),
              "hidden_bytes": hidden_state_bytes(w)}
     tiled = stage == "mlp" and mlp_tile_rows(w) is not None
     if tiled:  # the input gradient, allocated once; every MLP weight's gradient from the second tile on
@@ -352,8 +352,12 @@ def block_backward_terms(w: StackWorkload, index: int, stage: str) -> dict[str, 
         terms["mlp_bytes"] = tiled_mlp_backward_bytes(w)
         if mlp_tiles(w) > 1:
             stage = "mlp_weights"
-    elif stage == "mlp":
-        terms["mlp_bytes"] = mlp_backward_bytes(w)
+    elif stage == "mlp":  # T > 1: down's backward (the product, the gathered gradient) may hold more
+        row = ffn_bytes(w) + tp_terms.row_parallel_backward_bytes(w) if w.tp_degree > 1 else 0.0
+        terms["mlp_bytes"] = max(mlp_backward_bytes(w), row)
+    elif stage == "o_proj":  # T > 1: o_proj's backward over the gathered gradient
+        terms["projection_bytes"] = tp_terms.row_parallel_backward_bytes(w)
+        stage = "attention"
     elif stage == "attention":
         terms["attention_bytes"] = sum(tp_terms.attention_backward_terms(attention_point(w)).values())
     else:
@@ -368,13 +372,13 @@ def block_backward_instants(w: StackWorkload) -> dict[str, dict[str, float]]:
     those three blocks hold the largest of every block's instants."""
     last = stack_shape(w).L - 1
     return {f"block{index}_backward_{stage}": block_backward_terms(w, index, stage)
-            for index in sorted({last, max(last - 1, 0), 0}) for stage in ("mlp", "norm2", "attention", "norm1")}
+            for index in sorted({last, max(last - 1, 0), 0})
+            for stage in ("mlp", "norm2") + (("o_proj",) if w.tp_degree > 1 else ()) + ("attention", "norm1")}
 
 
 def embedding_backward_instant(w: StackWorkload) -> dict[str, float]:
-    """The embedding's backward (the last): every other gradient reduced, block 0's reduce-scatter
-    input kept, the table gathered, its dense gradient V·E·e and the embedding output's gradient
-    T·E·e."""
+    """The embedding's backward (the last): every other gradient reduced, block 0's reduce-scatter input kept, the
+    table gathered, its dense gradient V·E·e and the embedding output's gradient T·E·e."""
     table = unit_grad_bytes(w, unit_shapes(w)["embed"])
     return _plus({**_model_states(w), **fsdp_state_at(w, "embed"), "hidden_bytes": gathered_hidden_bytes(w)},
                  unit_grads_bytes=table)
@@ -427,7 +431,8 @@ def optimizer_instant(w: StackWorkload) -> dict[str, float]:
 
 
 def training_instants(w: StackWorkload) -> dict[str, dict[str, float]]:
-    instants = {"loss_backward": loss_backward_instant(w), "loss_head_grad": loss_head_grad_instant(w),
+    instants = {"loss_forward": loss_forward_instant(w), "loss_backward": loss_backward_instant(w),
+                "loss_head_grad": loss_head_grad_instant(w),
                 "final_norm_backward": final_norm_backward_instant(w), **block_backward_instants(w),
                 "embedding_backward": embedding_backward_instant(w), "optimizer": optimizer_instant(w),
                 **reduce_scatter_instants(w, "head"), **reduce_scatter_instants(w, "embed")}
@@ -441,13 +446,12 @@ def training_instants(w: StackWorkload) -> dict[str, dict[str, float]]:
 
 
 def forward_instants(w: StackWorkload) -> dict[str, dict[str, float]]:
-    """Prefill: replicated weights, the batch, the RoPE tables and, inside the last block, its input
-    x with: the input norm's temporaries; RoPE (the normed input, the projected q, k, v); ring
-    attention (``memory_terms``: q, k, v, its buffers and output); the output projection and residual
-    (attention output, projection, h); the MLP norm; the MLP (h, its normed input, 4·T·F·e); then
-    the final norm. Nothing is saved (``inference_mode``). With T > 1: x, h and the norms in sequence
-    shards, the normed input gathered (B·n rows) for q/k/v and the MLP, the output projection's partial
-    B·n·E·e beside its reduce-scattered result; the attention part is the scheme's
+    """Prefill: replicated weights, the batch, the RoPE tables and, inside the last block, its input x with: the input
+    norm's temporaries; RoPE (the normed input, the projected q, k, v); ring attention (``memory_terms``: q, k, v, its
+    buffers and output); the output projection and residual (attention output, projection, h); the MLP norm; the MLP
+    (h, its normed input, 4·T·F·e); then the final norm. Nothing is saved (``inference_mode``). With T > 1: x, h and
+    the norms in sequence shards, the normed input gathered (B·n rows) for q/k/v and the MLP, the output projection's
+    partial B·n·E·e beside its reduce-scattered result; the attention part is the scheme's
     (``tp_terms.attention_forward_bytes``)."""
     s, x, g = stack_shape(w), hidden_state_bytes(w), gathered_hidden_bytes(w)
     base = {"param_copy_bytes": param_copy_bytes(w), "batch_bytes": batch_bytes(w),

@@ -103,12 +103,42 @@ def gathered_hidden_bytes(w: StackWorkload) -> float:
     return float(gathered_rows(w) * w.model.embed_dim * w.settings.param_dtype_bytes)
 
 
-def final_hidden_bytes(w: StackWorkload, copies: float) -> float:
-    """The LM head's input and what accumulates on it: ``copies`` × B·n·E·e (all-gathered with T > 1) plus,
-    with T > 1, the final norm's sequence-parallel output B·⌈n/T⌉·E·e the caller still holds (at T = 1 that
-    is the head's input itself)."""
-    caller = sequence_parallel_hidden_bytes(w) if w.tp_degree > 1 else 0.0
-    return gathered_hidden_bytes(w) * copies + caller
+#: Copies of block 0's input (the embedding's reduce-scattered output) a T > 1 step keeps beyond the input
+#: itself, by checkpointing mode: funcol's reduce-scatter output, its autograd wrapper and DTensor views of it
+#: (``ringplan_runtime.tensor_parallel``, FSDP2's hooks on the embedding's output). Measured with the
+#: live-tensor tracker on CPU/gloo (torch 2.13, T = 2): 5 under ``none``, 3 under ``full``; ``selective``
+#: assumed as ``full`` (not measured).
+EMBEDDING_OUTPUT_COPIES: dict[str, int] = {"none": 5, "selective": 3, "full": 3}
+
+
+def embedding_output_copies_bytes(w: StackWorkload, *, in_backward: bool = False) -> float:
+    """Extra copies of block 0's input alive until block 0's backward: ``EMBEDDING_OUTPUT_COPIES`` ×
+    B·⌈n/T⌉·E·e at T > 1, one more inside block 0's backward under full checkpointing (the recomputation's
+    detached input); 0 at T = 1 (the embedding's output is the block input itself)."""
+    if w.tp_degree == 1:
+        return 0.0
+    copies = EMBEDDING_OUTPUT_COPIES[w.settings.checkpointing] + (in_backward and w.settings.checkpointing == "full")
+    return copies * sequence_parallel_hidden_bytes(w)
+
+
+#: Copies of B·n·E·e alive in a ``RowwiseParallel`` backward (o_proj, down) at T > 1: the incoming sequence-parallel
+#: gradient's all-gather output, its autograd wrapper, its [B, n, E] and [B·n, E] views made contiguous and the
+#: transpose for the weight gradient (DTensor on CPU/gloo, torch 2.13; the live-tensor tracker).
+ROW_PARALLEL_GRAD_COPIES = 5
+
+
+def row_parallel_backward_bytes(w: StackWorkload) -> float:
+    """The gathered gradient of a row-parallel linear's backward: ``ROW_PARALLEL_GRAD_COPIES`` × B·n·E·e at
+    T > 1 (Korthikanti et al. 2022, Fig. 5: the backward's all-gather ḡ before the row-parallel GEMMs); 0 at T = 1."""
+    return 0.0 if w.tp_degree == 1 else ROW_PARALLEL_GRAD_COPIES * gathered_hidden_bytes(w)
+
+
+def loss_parallel_forward_bytes(w: StackWorkload, rows: int) -> float:
+    """The loss forward of ``rows`` rows under loss parallel (T > 1), at the NLL: the chunk's logits in the
+    compute dtype, their fp32 copy and the fp32 log-softmax, rows·⌈V/T⌉·(e + 2·4) (``transformer._token_loss_sum``
+    on ``Shard(-1)`` logits; DTensor's ``loss_parallel`` ``_log_softmax`` returns a new tensor). At T = 1 the
+    loss backward (3·rows·V·4) holds more; with T > 1 the backward's extra gathered tensors are not modelled."""
+    return float(rows * local_vocab(w) * (w.settings.param_dtype_bytes + 2 * 4))
 
 
 def tp_local_param_shapes(w: StackWorkload) -> dict[str, tuple[tuple[int, int], ...]]:
