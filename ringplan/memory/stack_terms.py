@@ -454,6 +454,7 @@ def forward_instants(w: StackWorkload) -> dict[str, dict[str, float]]:
     partial B·n·E·e beside its reduce-scattered result; the attention part is the scheme's
     (``tp_terms.attention_forward_bytes``)."""
     s, x, g = stack_shape(w), hidden_state_bytes(w), gathered_hidden_bytes(w)
+    x_in = x + embedding_output_copies_bytes(w)  # T > 1: block 0's input and its copy (block 0 holds the most)
     base = {"param_copy_bytes": param_copy_bytes(w), "batch_bytes": batch_bytes(w),
             "rope_tables_bytes": rope_tables_bytes(w)}
     p = attention_point(w)
@@ -461,14 +462,15 @@ def forward_instants(w: StackWorkload) -> dict[str, dict[str, float]]:
     qk_inputs = float(s.T * (s.H + s.H_kv) * s.D * s.e) if w.model.qk_norm else 0.0
     attn_out = output_bytes(p)
     ring = tp_terms.attention_forward_bytes(p)
+    norm1 = {"layer_activations_bytes": x_in + norm_statistics_bytes(w), "norm_bytes": norm_forward_bytes(w)}
     return {
-        "norm1": {**base, "layer_activations_bytes": x + norm_statistics_bytes(w), "norm_bytes": norm_forward_bytes(w)},
-        "rope": {**base, "layer_activations_bytes": (x + g) + qkv + qk_inputs, "rope_bytes": rope_forward_bytes(w)},
-        "attention": {**base, "layer_activations_bytes": x, "attention_bytes": ring},
-        "residual": {**base, "layer_activations_bytes": x + attn_out, "projection_bytes": g + x},
-        "norm2": {**base, "layer_activations_bytes": 2 * x + attn_out + norm_statistics_bytes(w),
+        "norm1": {**base, **norm1},
+        "rope": {**base, "layer_activations_bytes": (x_in + g) + qkv + qk_inputs, "rope_bytes": rope_forward_bytes(w)},
+        "attention": {**base, "layer_activations_bytes": x_in, "attention_bytes": ring},
+        "residual": {**base, "layer_activations_bytes": x_in + attn_out, "projection_bytes": g + x},
+        "norm2": {**base, "layer_activations_bytes": (x_in + x) + attn_out + norm_statistics_bytes(w),
                   "norm_bytes": norm_forward_bytes(w)},
-        "mlp": {**base, "layer_activations_bytes": (2 * x + g) + attn_out,
+        "mlp": {**base, "layer_activations_bytes": (x_in + x + g) + attn_out,
                 "mlp_bytes": mlp_forward_bytes(w) if mlp_tile_rows(w) is None else tiled_mlp_forward_bytes(w)},
         "final_norm": {**base, "hidden_bytes": x + norm_statistics_bytes(w), "norm_bytes": norm_forward_bytes(w)},
     }

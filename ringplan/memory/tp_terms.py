@@ -114,9 +114,12 @@ EMBEDDING_OUTPUT_COPIES: dict[str, int] = {"none": 5, "selective": 3, "full": 3}
 def embedding_output_copies_bytes(w: StackWorkload, *, in_backward: bool = False) -> float:
     """Extra copies of block 0's input alive until block 0's backward: ``EMBEDDING_OUTPUT_COPIES`` ×
     B·⌈n/T⌉·E·e at T > 1, one more inside block 0's backward under full checkpointing (the recomputation's
-    detached input); 0 at T = 1 (the embedding's output is the block input itself)."""
+    detached input), one in prefill (held through block 0, the largest block then); 0 at T = 1 (the embedding's
+    output is the block input itself)."""
     if w.tp_degree == 1:
         return 0.0
+    if not w.training:  # prefill: the reduce-scatter output and its wrapper, until block 0 ends
+        return sequence_parallel_hidden_bytes(w)
     copies = EMBEDDING_OUTPUT_COPIES[w.settings.checkpointing] + (in_backward and w.settings.checkpointing == "full")
     return copies * sequence_parallel_hidden_bytes(w)
 
