@@ -218,6 +218,10 @@ def stack_row(result: StackPointResult, *, gpu: str, series: str | None = None):
     """One ``ringplan.stack/1`` row from a point's result (OOM → ``oom=True``)."""
     from ringplan.profiles.stack import measurement_from_workload
 
+    w = result.workload
+    if w.tp_degree > 1 or w.layout.cp_scheme != "ring":
+        raise ValueError(f"a ringplan.stack/1 row has no tensor-parallel or CP-scheme fields: not written for "
+                         f"TP {w.tp_degree}, scheme {w.layout.cp_scheme}")
     f = result.figures
     names = ("peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes", "non_allocator_bytes",
              "tracked_peak_bytes", "resident_bytes", "host_bytes", "step_time_s")

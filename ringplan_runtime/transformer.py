@@ -58,7 +58,8 @@ from ringplan_runtime.allgather_attention import allgather_attention
 from ringplan_runtime.hybrid_attention import hybrid_attention
 from ringplan_runtime.layouts import token_positions
 from ringplan_runtime.ring_attention import ring_attention
-from ringplan_runtime.tensor_parallel import INIT_STD, init_parameters, initial_value, local_norm_call  # noqa: F401 (re-exported)
+# init_parameters, initial_value and INIT_STD are re-exported (they lived here before tensor parallelism).
+from ringplan_runtime.tensor_parallel import INIT_STD, init_parameters, initial_value, local_norm_call  # noqa: F401
 from ringplan_runtime.tiling import check_tile_rows, tiled_mlp
 from ringplan_runtime.ulysses_attention import ulysses_attention
 

@@ -15,6 +15,11 @@ whole-model planner; ``--write PATH`` keeps the measured row in a stack profile:
     ringplan validate --model llama-3-8b --layers 8 --gpu h100 --world-size 2 --tokens 64Ki --train \
         --checkpointing full --write profiles/measured/stack/h100x2.json
 
+with tensor parallelism and a context-parallel scheme (W = DP x CP x T; TP ranks innermost)::
+
+    ringplan validate --model qwen3-0.6b --layers 2 --world-size 8 --tp 2 --cp hybrid --ulysses-degree 2 \
+        --tokens 64Ki --train
+
 torch is imported inside the command (through ``ringplan_runtime``), never at module import.
 """
 
@@ -28,9 +33,9 @@ import click
 
 from ringplan.cli.common import (MAX_WORLD_SIZE, TOKENS, BoundedInt, FiniteFloat, InputFile, OneLineErrorCommand,
                                  OutputFile, bad_input_exits_2, bytes_text, format_option, render_rows, result_record)
-from ringplan.cli.options import (build_workload, catalog_from_options, explicit_options, gpu_from_options,
-                                  hardware_options, measure_settings, model_from_options, model_requested,
-                                  model_selection_options, runtime_options, settings_from_options,
+from ringplan.cli.options import (build_workload, catalog_from_options, cp_scheme_options, explicit_options,
+                                  gpu_from_options, hardware_options, measure_settings, model_from_options,
+                                  model_requested, model_selection_options, runtime_options, settings_from_options,
                                   stack_settings_options, workload_options)
 
 PERCENT = FiniteFloat(min=0.0, max=100.0)
@@ -147,11 +152,15 @@ def _model(profile_paths: tuple[str, ...]):
 @click.option("--record", "record_path", default=None, type=OutputFile(),
               help="Also merge every measured point (and bisect probe) into this profile file.")
 @click.option("--ring-size", type=BoundedInt(min=1, max=MAX_WORLD_SIZE), default=None,
-              help="With a whole model: context-parallel ring size P, the rest data-parallel (W = P x DP); "
-                   "default: every rank in one ring.")
+              help="With a whole model: context-parallel ring size P, the rest data-parallel (W = DP x P x T); "
+                   "default: every rank of a TP coordinate in one ring (W / T).")
+@click.option("--tp", "tp_degree", type=BoundedInt(min=1, max=MAX_WORLD_SIZE), default=None,
+              help="With a whole model: tensor-parallel degree T (Megatron TP with sequence parallelism, TP ranks "
+                   "innermost; T must divide the heads, KV heads, FFN width and the tokens per rank).")
 @click.option("--write", "write_path", default=None, type=OutputFile(),
               help="With a whole model: merge the measured row (or its OOM) into this stack profile "
                    "(ringplan.stack/1, e.g. profiles/measured/stack/NAME.json).")
+@cp_scheme_options
 @runtime_options
 @workload_options
 @model_selection_options
@@ -172,9 +181,10 @@ def validate(ctx: click.Context, gpu_name: str | None, world_size: int, tokens: 
     one, more ranks than visible GPUs) — checked before anything is launched.
 
     --model NAME, --config PATH or a custom shape (--layers, --heads, --ffn, --vocab, --embed-dim or
-    --head-dim) validates a whole model instead: --world-size W ranks in rings of --ring-size P, the
-    stack settings options, one training step (--train) or prefill (--forward); an out-of-memory
-    run passes only when it was predicted not to fit.
+    --head-dim) validates a whole model instead: --world-size W ranks in CP groups of --ring-size P
+    (scheme --cp, --ulysses-degree) and TP groups of --tp T, the stack settings options, one training
+    step (--train) or prefill (--forward); an out-of-memory run passes only when it was predicted not
+    to fit.
     """
     from ringplan_runtime.provenance import command_line
     from ringplan_runtime.validate import bisect_boundary, under_torchrun, validate_in_process, validate_plan
@@ -267,7 +277,8 @@ def _boundary_text(boundary) -> str:
 _MODEL_ONLY = {"ffn_dim": "--ffn", "vocab_size": "--vocab", "sharding": "--sharding", "shard_group_size": "--shard-group",
                "checkpointing": "--checkpointing", "offload_checkpoints": "--offload", "loss": "--loss",
                "loss_chunk_tokens": "--loss-chunk", "ring_size": "--ring-size", "write_path": "--write",
-               "offload_params": "--offload-params"}
+               "offload_params": "--offload-params", "tp_degree": "--tp", "cp_scheme": "--cp",
+               "ulysses_degree": "--ulysses-degree"}
 #: Attention-layer options (key → flag): an error for a whole model (its attention is dense and causal,
 #: its projections are in the stack terms; bisection, emulation and attention profiles are layer tools).
 _ATTENTION_ONLY = {"segment_lengths": "--segment-lengths", "dilation_rates": "--dilation-rates",
@@ -299,6 +310,7 @@ def _stack_plan(gpu_name: str | None, world_size: int, tokens: int, device: str,
     from ringplan.stack import StackWorkload
     from ringplan.workload import RingLayout
     from ringplan_runtime.stack_parallel import RUN_SHARDINGS
+    from ringplan_runtime.tensor_parallel import check_tensor_parallel
     from ringplan_runtime.transformer import check_runnable
     from ringplan_runtime.validate import StackPlan, check_launch
 
@@ -311,12 +323,20 @@ def _stack_plan(gpu_name: str | None, world_size: int, tokens: int, device: str,
         _local_gpu(catalog, device_type)
     if workload_args.get("write_path") and hardware["gpu_spec"]:
         raise ValueError("--write records a row for a catalog GPU, not one from --gpu-spec")
-    layout = RingLayout(ring_size=workload_args.get("ring_size") or world_size, layout=workload_args["layout"],
-                        backend=workload_args["backend"])
+    tp = workload_args.get("tp_degree") or 1
+    if world_size % tp:
+        raise ValueError(f"world size {world_size} is not a multiple of tensor parallel {tp} (W = DP x CP x TP)")
+    layout = RingLayout(ring_size=workload_args.get("ring_size") or world_size // tp, layout=workload_args["layout"],
+                        backend=workload_args["backend"], cp_scheme=workload_args.get("cp_scheme") or "ring",
+                        ulysses_degree=workload_args.get("ulysses_degree"))
     w = StackWorkload(model=model_from_options(**workload_args), seq_len_tokens=tokens, batch=workload_args["batch"],
                       training=workload_args["training"], world_size=world_size, layout=layout,
-                      settings=settings_from_options(**workload_args))
+                      settings=settings_from_options(**workload_args), tp_degree=tp)
     check_runnable(w.model)
+    check_tensor_parallel(w)
+    if workload_args.get("write_path") and (tp > 1 or layout.cp_scheme != "ring"):
+        raise ValueError("--write records a ringplan.stack/1 row, which has no tensor-parallel or CP-scheme "
+                         "fields: validate --tp / --cp without --write")
     if w.training and w.settings.sharding not in RUN_SHARDINGS:
         raise ValueError(f"sharding {w.settings.sharding!r} is planned, not run: the runtime runs "
                          f"{list(RUN_SHARDINGS)} (zero3 = FSDP2 fully_shard; none = every rank holds everything)")
@@ -357,7 +377,8 @@ def stack_result_record(result) -> dict[str, Any]:
     """One whole-model run (``StackPointResult``) as a flat record (bytes, seconds) for json/csv output."""
     w = result.workload
     return {"model": w.model.name, "seq_len_tokens": w.seq_len_tokens, "batch": w.batch, "world_size": w.world_size,
-            "ring_size": w.layout.ring_size, "mode": "training" if w.training else "prefill",
+            "ring_size": w.layout.ring_size, "cp_scheme": w.layout.cp_scheme, "ulysses_degree": w.layout.ulysses_degree,
+            "tp_degree": w.tp_degree, "mode": "training" if w.training else "prefill",
             "settings": {name: getattr(w.settings, name) for name in w.settings.__dataclass_fields__},
             "feasible": result.feasible, "failure": result.failure, **result.figures}
 
@@ -367,7 +388,10 @@ def _emit_stack(validation, output_format: str) -> None:
 
     w, r = validation.plan.workload, validation.result
     gpu = validation.plan.gpu.name if validation.plan.gpu and validation.plan.device_type == "cuda" else "CPU"
-    header = (f"{w.model.name}: {w.seq_len_tokens:,} tokens on {w.world_size} x {gpu} (ring {w.layout.ring_size}, "
+    scheme = w.layout.cp_scheme
+    parallel = "ring" if scheme == "ring" else scheme + (f" U {w.layout.ulysses_degree}" if scheme == "hybrid" else "")
+    parallel += f" {w.layout.ring_size}" + (f", TP {w.tp_degree}" if w.tp_degree > 1 else "")
+    header = (f"{w.model.name}: {w.seq_len_tokens:,} tokens on {w.world_size} x {gpu} ({parallel}, "
               f"{'training' if w.training else 'prefill'}, {settings_label(w.settings)}): "
               f"{'ran' if r.feasible else 'FAILED: ' + str(r.failure)}; prediction {validation.provenance}; "
               f"{'PASS' if validation.passed else 'FAIL'}")
