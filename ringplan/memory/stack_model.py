@@ -73,9 +73,15 @@ def gathered_block_feature_bytes(w: StackWorkload) -> float:
     ranks), else 0 — layer parameters × e_param.
 
     The unit FSDP2 all-gathers before a block runs and frees after (it prefetches the next one);
-    the caching allocator keeps such blocks per stream. Ignores the embedding / LM-head unit."""
+    the caching allocator keeps such blocks per stream. Ignores the embedding / LM-head unit. Tensor
+    parallel T > 1: one TP rank's block (``tp_terms.tp_local_param_shapes``)."""
     if not (w.training and w.settings.sharding == "zero3" and shard_group_size(w) > 1):
         return 0.0
+    if w.tp_degree > 1:
+        from ringplan.memory.tp_terms import tp_local_param_shapes
+
+        block = sum(rows * cols for rows, cols in tp_local_param_shapes(w)["block"])
+        return float(block * w.settings.param_dtype_bytes)
     return float(layer_parameter_count(w.model) * w.settings.param_dtype_bytes)
 
 
@@ -89,24 +95,26 @@ def stashed_q_bytes(w: StackWorkload) -> float:
     """One query-sized tensor per layer: L·B·n·H·D·e_param bytes. Under CPU run-ahead the ring's
     communication buffers of every layer are allocated before the first is freed on the compute
     stream, so the caching allocator keeps about one per layer (fitted coefficient ~1.3). Forward
-    and training alike."""
-    m = w.model
-    return float(m.n_layers * w.batch * tokens_per_rank(w) * m.n_heads * m.head_dim * w.settings.param_dtype_bytes)
+    and training alike. Tensor parallel T: the rank's H/T heads."""
+    m, heads = w.model, w.model.n_heads // w.tp_degree
+    return float(m.n_layers * w.batch * tokens_per_rank(w) * heads * m.head_dim * w.settings.param_dtype_bytes)
 
 
 def full_logits_bytes(w: StackWorkload) -> float:
     """The fp32 logits of a full (unchunked) training loss: B·n·V·4 bytes, else 0. After the loss
-    the block stays cached (nothing else of its size is allocated until the next step)."""
+    the block stays cached (nothing else of its size is allocated until the next step). Loss parallel
+    (T > 1): ⌈V/T⌉ columns."""
     if not (w.training and w.settings.loss == "full"):
         return 0.0
-    return float(w.batch * tokens_per_rank(w) * w.model.vocab_size * 4)
+    return float(w.batch * tokens_per_rank(w) * -(-w.model.vocab_size // w.tp_degree) * 4)
 
 
 def communicator_count(w: StackWorkload) -> int:
     """NCCL communicators of more than one rank a rank holds: FSDP's / the data-parallel world
-    (W > 1) and the ring when it is a smaller group (1 < P < W)."""
-    p = w.layout.ring_size
-    return int(w.world_size > 1) + int(1 < p < w.world_size)
+    (W > 1; the W/T ranks of one TP coordinate under tensor parallelism), the ring when it is a smaller
+    group (1 < P < W/T) and the tensor-parallel group (T > 1)."""
+    p, holders = w.layout.ring_size, w.world_size // w.tp_degree
+    return int(holders > 1) + int(1 < p < holders) + int(w.tp_degree > 1)
 
 
 def workspace_features(w: StackWorkload) -> dict[str, float]:
@@ -150,14 +158,17 @@ def analytic_terms(w: StackWorkload) -> dict[str, float]:
 
 def lower_bound_terms(w: StackWorkload) -> dict[str, float] | None:
     """The terms of one training instant, the loss backward (``stack_terms.loss_backward_instant``:
-    model states and every block's saved activations), ~1/50 of ``stack_terms``' cost: the peak is
-    the largest instant, so Σ of these never exceeds Σ ``stack_terms(w)`` (a test checks it).
+    model states and every block's saved activations; with T > 1 the loss-parallel forward,
+    ``loss_forward_instant``, which holds more), ~1/50 of ``stack_terms``' cost: the peak is the
+    largest instant, so Σ of these never exceeds Σ ``stack_terms(w)`` (a test checks it).
     None for a forward pass (few candidates, nothing to prune)."""
     if not w.training:
         return None
     from ringplan.memory.offload_terms import device_instant
-    from ringplan.memory.stack_terms import loss_backward_instant
+    from ringplan.memory.stack_terms import loss_backward_instant, loss_forward_instant
 
+    if w.tp_degree > 1:
+        return device_instant(w, "loss_forward", loss_forward_instant(w))
     return device_instant(w, "loss_backward", loss_backward_instant(w))
 
 
@@ -295,7 +306,7 @@ class StackMemoryModel:
         """The attention-level parts lent to ``w`` (memoised: they do not depend on the settings
         searched, only on one layer's attention, the ring and the number of communicators)."""
         key = ("attention", w.model, w.seq_len_tokens, w.batch, w.training, w.settings.param_dtype, w.layout,
-               communicator_count(w), gpu.name, gpu.runtime_overhead_bytes)
+               w.tp_degree, communicator_count(w), gpu.name, gpu.runtime_overhead_bytes)
         if key not in self._cache:
             self._cache[key] = _AttentionTransfer.of(self.attention, w, gpu)
         return self._cache[key]
@@ -393,10 +404,10 @@ class _AttentionTransfer:
     @classmethod
     def of(cls, model: MemoryModel | None, w: StackWorkload, gpu: GpuSpec) -> "_AttentionTransfer":
         from ringplan.memory.attention_model import default_memory_model
-        from ringplan.stack import attention_workload
+        from ringplan.memory.tp_terms import tp_attention_workload
 
         model = model if model is not None else default_memory_model()
-        attention = attention_workload(w)
+        attention = tp_attention_workload(w)  # the rank's H/T heads
         parts = model.parts_for(attention, w.layout, gpu)
         prediction = model.predict(attention, w.layout, gpu)
         outside = parts.overhead.bytes(attention_outside_features(w)) if parts.overhead \

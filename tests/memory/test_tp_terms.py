@@ -134,3 +134,17 @@ def test_every_instant_has_every_term():
     """The TP instants are keyed like the single-GPU ones (no term family is dropped at T = 2)."""
     for name, terms in stack_instants(workload()).items():
         assert set(terms) == set(stack_instants(workload(tp=1))["loss_backward"]), name
+
+
+@pytest.mark.parametrize("settings", [{}, {"checkpointing": "full"}, {"loss_chunk_tokens": 64}, {"loss": "full"}])
+def test_lower_bound_never_exceeds_the_prediction_at_t2(settings):
+    """The capacity search's cheap bound (``stack_model.lower_bound_terms``: the loss-parallel forward at
+    T > 1) never exceeds the terms, nor ``lower_bound_bytes`` the predicted need + bound."""
+    from ringplan.hardware import load_catalog
+    from ringplan.memory.stack_model import default_stack_memory_model, lower_bound_terms
+
+    w = workload(LLAMA, tp=2, ring=4, seq=65536, **settings)
+    assert sum(lower_bound_terms(w).values()) <= sum(stack_terms(w).values())
+    model, gpu = default_stack_memory_model(), load_catalog().gpu("h100")
+    bound = model.lower_bound_bytes(w, gpu)
+    assert 0 < bound <= model.predict(w, gpu).upper_bytes
