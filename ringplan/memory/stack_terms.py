@@ -290,8 +290,9 @@ def loss_forward_instant(w: StackWorkload) -> dict[str, float]:
         return {}
     rows, fp32 = _loss_rows(w)[0], float(_loss_rows(w)[0] * stack_shape(w).V * FP32_BYTES)
     state = fsdp_state_at(w, "loss")  # over G > 1 the head's all-gather output too (freed at the next all-gather)
-    state["gathered_params_bytes"] += gathered_unit_bytes(w, "embed" if w.model.tied_embeddings else "head") \
-        if stack_shape(w).G > 1 and runs_fsdp(w) else 0.0
+    state["gathered_params_bytes"] = state.get("gathered_params_bytes", 0.0) + (  # ZeRO-1/2: no FSDP state
+        gathered_unit_bytes(w, "embed" if w.model.tied_embeddings else "head") if stack_shape(w).G > 1 and runs_fsdp(w)
+        else 0.0)
     return {**_model_states(w), **state, "rope_tables_bytes": rope_tables_bytes(w),
             "saved_activations_bytes": _saved(w, stack_shape(w).L, final_norm=True),
             "hidden_bytes": gathered_hidden_bytes(w) + hidden_state_bytes(w),

@@ -148,3 +148,21 @@ def test_lower_bound_never_exceeds_the_prediction_at_t2(settings):
     model, gpu = default_stack_memory_model(), load_catalog().gpu("h100")
     bound = model.lower_bound_bytes(w, gpu)
     assert 0 < bound <= model.predict(w, gpu).upper_bytes
+
+
+def test_loss_parallel_bound_under_zero1_and_zero2():
+    """The loss-parallel lower bound at T > 1 holds for ZeRO-1/2 too (no FSDP state at the loss: no gathered
+    head), and never exceeds the prediction (regression: a KeyError stopped the whole-model search)."""
+    from ringplan.hardware import load_catalog
+    from ringplan.memory.stack_model import default_stack_memory_model, lower_bound_terms
+    from ringplan.models import load_model_catalog
+    from ringplan.stack import StackSettings, StackWorkload
+    from ringplan.workload import RingLayout
+
+    model, gpu = load_model_catalog().model("llama-3-70b"), load_catalog().gpu("h100")
+    for sharding in ("zero1", "zero2"):
+        w = StackWorkload(model=model, seq_len_tokens=131072, world_size=16, layout=RingLayout(ring_size=8),
+                          tp_degree=2, settings=StackSettings(sharding=sharding, checkpointing="full"))
+        assert lower_bound_terms(w)["gathered_params_bytes"] == 0.0
+        memory = default_stack_memory_model()
+        assert memory.lower_bound_bytes(w, gpu) <= memory.predict(w, gpu).upper_bytes
