@@ -10,9 +10,14 @@ and a reduce-scatter, of the same total volume):
   partial output, all-gather before gate/up, reduce-scatter of down's output — 4 collectives;
 * backward: the mirror — an all-gather of the incoming gradient before o_proj's and down's backward, a
   reduce-scatter of the q/k/v and gate/up input gradients — 4 collectives; checkpointing's recomputed
-  forward (selective or full: both re-run the projections and the MLP) runs the forward's 4 again;
+  forward (selective or full: both re-run the projections and the MLP) runs 3 of the forward's 4 again
+  (torch's non-reentrant checkpoint stops once every saved tensor is recomputed: down's reduce-scatter,
+  the block's last op, is not);
 * outside the blocks: the vocab-parallel embedding's reduce-scatter (forward) and all-gather (backward),
-  the LM head's all-gather of the final norm's output (forward) and reduce-scatter of its gradient.
+  the LM head's all-gather of the final norm's output (forward) and reduce-scatter of its gradient; a
+  prefill all-gathers its final hidden state back to the rank's whole sequence (``StackRun.forward_hidden``).
+
+The counts are the runtime's (``tests/time/test_tp_time.py`` counts its functional collectives at T = 2).
 
 Each collective moves (T − 1)/T of a B·n·E·e buffer through the rank's link, α + (T − 1)/T·B·n·E·e / β
 (``fsdp_schedule.collective_s``), over the intra-node link when the T ranks fit in a node (else the
@@ -32,6 +37,8 @@ from ringplan.time.fsdp_schedule import collective_s
 #: TP collectives of one block's forward (2 all-gathers, 2 reduce-scatters) and of its backward (the mirror).
 BLOCK_FORWARD_COLLECTIVES = 4
 BLOCK_BACKWARD_COLLECTIVES = 4
+#: Of a block's forward collectives, those a checkpointed block runs again in backward (all but the last).
+BLOCK_RECOMPUTED_COLLECTIVES = 3
 #: Outside the blocks, per pass: the embedding's and the LM head's (training: one each way).
 EDGE_COLLECTIVES = 2
 
@@ -49,24 +56,24 @@ def tp_sent_bytes(w: StackWorkload, collectives: int) -> float:
 
 
 def block_tp_collectives(w: StackWorkload, *, backward: bool) -> int:
-    """TP collectives of one block's forward (4) or backward (4, plus the forward's 4 again when
+    """TP collectives of one block's forward (4) or backward (4, plus 3 of the forward's again when
     checkpointing — selective or full — recomputes the projections and the MLP); 0 at T = 1."""
     if w.tp_degree == 1:
         return 0
     if not backward:
         return BLOCK_FORWARD_COLLECTIVES
-    again = BLOCK_FORWARD_COLLECTIVES if w.settings.checkpointing in ("selective", "full") else 0
+    again = BLOCK_RECOMPUTED_COLLECTIVES if w.settings.checkpointing in ("selective", "full") else 0
     return BLOCK_BACKWARD_COLLECTIVES + again
 
 
 def step_tp_collectives(w: StackWorkload) -> int:
     """Every TP collective of a step: L blocks' forward (and backward) plus the embedding's and (training)
-    the LM head's. Prefill: L·4 + 1 (the embedding's reduce-scatter; no LM head)."""
+    the LM head's. Prefill: L·4 + 2 (the embedding's reduce-scatter, the final hidden state's all-gather)."""
     if w.tp_degree == 1:
         return 0
     blocks = w.model.n_layers * block_tp_collectives(w, backward=False)
     if not w.training:
-        return blocks + 1
+        return blocks + 2
     return blocks + w.model.n_layers * block_tp_collectives(w, backward=True) + 2 * EDGE_COLLECTIVES
 
 
