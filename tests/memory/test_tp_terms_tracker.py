@@ -3,7 +3,9 @@ runtime (``ringplan_runtime.tensor_parallel``: DTensor TP + sequence parallelism
 every CP scheme; gloo) within 1%, as ``tests/runtime/test_stack_measure_cpu.py`` checks T = 1.
 
 Worlds: T = 2 alone (W = 2), T = 2 × CP = 2 (W = 4: ring, all-gather, Ulysses; FSDP2 over G = 2) and
-T = 2 × hybrid U = 2 × R = 2 (W = 8). Each world is one spawned gloo group measuring all its cases; the
+T = 2 × hybrid U = 2 × R = 2 (W = 8); plus, for the whole model's scheme terms (issue 14 b), full-checkpointing
+runs with a small vocabulary whose peak is (or is near) a block's attention backward: all-gather over
+CP = 4 at T = 1, all-gather and Ulysses over CP = 2 at T = 2. Each world is one spawned gloo group measuring all its cases; the
 largest peak over ranks is compared with the largest instant of ``stack_instants`` plus what only the CPU
 runtime holds (``cpu_only_bytes``). The tracker counts DTensors by their local tensors.
 """
@@ -26,33 +28,36 @@ from ringplan_runtime.measure import MeasureSettings  # noqa: E402
 TRACKER_REL_TOL = 0.01
 FAST = MeasureSettings(warmup_steps=1, timed_steps=1, count_sent_bytes=False)
 SPAWN_TIMEOUT_S = 600.0
-TP = 2
 TINY = {"name": "tiny", "n_layers": 2, "embed_dim": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16,
         "ffn_dim": 128, "ffn_type": "swiglu", "vocab_size": 256, "norm": "rmsnorm"}
 TOKENS_PER_RANK = 256
-#: name -> (ring size P, scheme, model overrides, settings overrides, training)
+SMALL_VOCAB, ATTENTION_PEAK = {"vocab_size": 64}, {"checkpointing": "full", "loss_chunk_tokens": 64}
+#: name -> (TP degree T, ring size P, scheme, model overrides, settings overrides, training)
 CASES = {
-    "t2": (1, "ring", {}, {}, True),
-    "t2_selective": (1, "ring", {}, {"checkpointing": "selective"}, True),
-    "t2_full": (1, "ring", {}, {"checkpointing": "full"}, True),
-    "t2_loss_full": (1, "ring", {}, {"loss": "full"}, True),
-    "t2_loss_chunks": (1, "ring", {}, {"loss_chunk_tokens": 64}, True),
-    "t2_tied": (1, "ring", {"tied_embeddings": True}, {}, True),
-    "t2_prefill": (1, "ring", {}, {}, False),
-    "t2_cp2_ring": (2, "ring", {}, {}, True),
-    "t2_cp2_allgather": (2, "allgather", {}, {}, True),
-    "t2_cp2_ulysses": (2, "ulysses", {}, {}, True),
-    "t2_cp2_full": (2, "ring", {}, {"checkpointing": "full"}, True),
-    "t2_cp2_prefill": (2, "ring", {}, {}, False),
-    "t2_hybrid_2x2": (4, "hybrid", {}, {}, True),
+    "t2": (2, 1, "ring", {}, {}, True),
+    "t2_selective": (2, 1, "ring", {}, {"checkpointing": "selective"}, True),
+    "t2_full": (2, 1, "ring", {}, {"checkpointing": "full"}, True),
+    "t2_loss_full": (2, 1, "ring", {}, {"loss": "full"}, True),
+    "t2_loss_chunks": (2, 1, "ring", {}, {"loss_chunk_tokens": 64}, True),
+    "t2_tied": (2, 1, "ring", {"tied_embeddings": True}, {}, True),
+    "t2_prefill": (2, 1, "ring", {}, {}, False),
+    "t2_cp2_ring": (2, 2, "ring", {}, {}, True),
+    "t2_cp2_allgather": (2, 2, "allgather", {}, {}, True),
+    "t2_cp2_ulysses": (2, 2, "ulysses", {}, {}, True),
+    "t2_cp2_full": (2, 2, "ring", {}, {"checkpointing": "full"}, True),
+    "t2_cp2_prefill": (2, 2, "ring", {}, {}, False),
+    "t2_cp2_allgather_attention": (2, 2, "allgather", SMALL_VOCAB, ATTENTION_PEAK, True),
+    "t2_cp2_ulysses_attention": (2, 2, "ulysses", SMALL_VOCAB, ATTENTION_PEAK, True),
+    "t1_cp4_allgather_attention": (1, 4, "allgather", SMALL_VOCAB, ATTENTION_PEAK, True),
+    "t2_hybrid_2x2": (2, 4, "hybrid", {}, {}, True),
 }
 
 
 def case_workload(name: str) -> StackWorkload:
-    ring, scheme, model, settings, training = CASES[name]
+    tp, ring, scheme, model, settings, training = CASES[name]
     layout = RingLayout(ring_size=ring, cp_scheme=scheme, ulysses_degree=2 if scheme == "hybrid" else None)
     return StackWorkload(model=ModelSpec(**{**TINY, **model}), seq_len_tokens=TOKENS_PER_RANK * ring,
-                         world_size=TP * ring, tp_degree=TP, layout=layout, training=training,
+                         world_size=tp * ring, tp_degree=tp, layout=layout, training=training,
                          settings=StackSettings(**settings))
 
 
@@ -130,7 +135,9 @@ def test_tp_terms_match_live_tensor_tracker(tracked, case):
 
 
 def test_cases_cover_what_the_brief_asks():
-    """T = 2 alone and T = 2 × CP = 2 with every scheme (hybrid over CP = 4) are measured, training and prefill."""
-    assert {CASES[name][1] for name in CASES if CASES[name][0] > 1} == {"ring", "allgather", "ulysses", "hybrid"}
-    assert all(case_workload(name).tp_degree == 2 for name in CASES)
-    assert any(not CASES[name][4] for name in CASES) and any(CASES[name][4] for name in CASES)
+    """T = 2 alone and T = 2 × CP > 1 with every scheme (hybrid over CP = 4) are measured, training and prefill,
+    and one case peaks at a block's attention backward (the scheme's attention part decides it)."""
+    tp_cp = [case_workload(name) for name in CASES if CASES[name][0] == 2 and CASES[name][1] > 1]
+    assert {w.layout.cp_scheme for w in tp_cp} == {"ring", "allgather", "ulysses", "hybrid"}
+    assert {w.training for w in tp_cp} == {True, False}
+    assert analytic_cpu_peak(case_workload("t1_cp4_allgather_attention"))[1].endswith("_backward_attention")
