@@ -121,6 +121,15 @@ class StackWorkload:
     layout: RingLayout
     settings: StackSettings = field(default_factory=StackSettings)
     tp_degree: int = 1
+    _hash: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __hash__(self) -> int:
+        """The fields' hash, computed once: the term functions' caches look a workload up thousands of
+        times per search, and hashing the model spec each time was a third of a ``plan``."""
+        if self._hash is None:
+            object.__setattr__(self, "_hash", hash((self.model, self.seq_len_tokens, self.batch, self.training,
+                                                    self.world_size, self.layout, self.settings, self.tp_degree)))
+        return self._hash
 
     def __post_init__(self) -> None:
         for name, kind in (("model", ModelSpec), ("layout", RingLayout), ("settings", StackSettings)):
@@ -137,6 +146,11 @@ class StackWorkload:
             raise ValueError(f"world size {w} is not a multiple of context parallel {p} x tensor parallel {t} "
                              f"(W = DP x CP x TP)")
         check_tp_degree(self.model, t)
+        n = self.seq_len_tokens // p
+        if t > 1 and n % t:
+            valid = " or ".join(f"{d:,}" for d in nearest_multiples(self.seq_len_tokens, p * t))
+            raise ValueError(f"tensor parallel {t} splits each rank's {n:,} tokens over its {t} GPUs (sequence "
+                             f"parallelism) and {t} does not divide {n:,}; nearest valid lengths: {valid}")
         g, holders = self.settings.shard_group_size, w // t
         where = f"the world size {w}" if t == 1 else f"the {holders} GPUs holding one tensor-parallel shard (W / TP)"
         if g is not None and g > holders:
@@ -195,6 +209,12 @@ def default_mlp_tile_tokens(model: ModelSpec) -> int:
     into ceil(S / E) tiles (Bekman et al. 2025, arXiv:2506.13996): a tile's FFN activations are then
     about one MLP weight matrix, E·F."""
     return 1 << max(0, (model.embed_dim - 1).bit_length())
+
+
+def nearest_multiples(value: int, unit: int) -> tuple[int, ...]:
+    """The multiples of ``unit`` just below and above ``value`` (positive ones only)."""
+    below = value // unit * unit
+    return tuple(m for m in (below, below + unit) if m > 0)
 
 
 def nearest_divisors(n: int, target: int, count: int = 2) -> list[int]:

@@ -56,6 +56,8 @@ class CapacityAnswer:
     longest_that_fits: attention.CapacityRow | stack.StackRow | None = None
     #: Whole model, ``best`` offloads its checkpoints: the same run without offload (what offload beat).
     without_offload: stack.StackRow | None = None
+    #: Whole model, fewest GPUs or most tokens: every plan that fits there, fastest first (``best`` first).
+    choices: tuple[stack.StackRow, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -116,11 +118,13 @@ def stack_capacity(query: stack.StackQuery, seq_len_tokens: int | None, world_si
         rounded, other = rounder_length(query, seq_len_tokens, result.minimum)
         return CapacityAnswer(kind="min_world_size", best=result.minimum, rows=tuple(result.rows),
                               feasible=result.minimum is not None, rounded_seq_len_tokens=rounded,
-                              rounded_minimum=other, without_offload=without_offload(query, result.minimum))
+                              rounded_minimum=other, without_offload=without_offload(query, result.minimum),
+                              choices=result.choices)
     result = stack.max_tokens(query, world_size)
     rows = (result.best,) if result.best else (result.next_infeasible,)
     return CapacityAnswer(kind="max_tokens", best=result.best, next_infeasible=result.next_infeasible, rows=rows,
-                          feasible=result.best is not None, without_offload=without_offload(query, result.best))
+                          feasible=result.best is not None, without_offload=without_offload(query, result.best),
+                          choices=result.choices)
 
 
 def _stack_check(query: stack.StackQuery, seq_len_tokens: int, world_size: int) -> CapacityAnswer:
@@ -161,13 +165,15 @@ def without_offload(query: stack.StackQuery, row: stack.StackRow | None) -> stac
     return stack.memory_row(query, replace(row.workload, settings=settings))
 
 
-def plan_answer(query: stack.StackQuery, seq_len_tokens: int, world_size: int | None) -> PlanAnswer:
-    """``ringplan plan``: every setting ranked (``stack.plan``); when none fits, what would; when the
-    fastest offloads, the same run without offload."""
+def plan_answer(query: stack.StackQuery, seq_len_tokens: int, world_size: int | None, *,
+                every_row: bool = True) -> PlanAnswer:
+    """``ringplan plan``: every setting ranked (``stack.plan``; ``every_row`` False: the infeasible ones
+    only counted where their lower bound says so); when none fits, what would; when the fastest
+    offloads, the same run without offload."""
     from ringplan.capacity import stack
 
     query.check_positions(seq_len_tokens)
-    result = stack.plan(query, seq_len_tokens, world_size)
+    result = stack.plan(query, seq_len_tokens, world_size, every_row=every_row)
     if not result.feasible:
         fewest, longest = what_would_fit(query, seq_len_tokens, result.world_size)
         return PlanAnswer(plan=result, fewest_that_fit=fewest, longest_that_fits=longest)

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ringplan.capacity import search
+from ringplan.capacity.parallelism import DEFAULT_PARALLELISM, Parallelism, check_placement, parallelism_key
 from ringplan.hardware import GpuSpec
 from ringplan.memory.attention_model import MemoryPrediction
 from ringplan.models import ModelSpec
@@ -127,7 +128,9 @@ class StackQuery:
     """What is asked: a model, a GPU, a mode, a layout, the candidate settings and the margin.
 
     ``ring_size`` P and ``data_parallel`` DP: None means searched (at most one of them; the
-    default searches P with DP = 1). ``host_memory_bytes_per_node``: the host RAM of one node
+    default searches P with DP = 1); W = DP × P × T. ``parallelisms``: the (T, context-parallel
+    scheme) choices tried (``ringplan.capacity.parallelism``), T and T × U inside one node unless
+    ``allow_cross_node``. ``host_memory_bytes_per_node``: the host RAM of one node
     (None: the catalog GPU's host system, ``ringplan.memory.host_memory.HOST_SYSTEMS``; no check for a
     GPU without one); a plan whose pinned host memory per node exceeds it is infeasible."""
 
@@ -145,6 +148,8 @@ class StackQuery:
     memory: StackMemoryModel = field(default_factory=default_stack_memory_model)
     step_time: StackStepTimeFn | None = None
     host_memory_bytes_per_node: float | None = None
+    parallelisms: tuple[Parallelism, ...] = (DEFAULT_PARALLELISM,)
+    allow_cross_node: bool = False
 
     def __post_init__(self) -> None:
         if self.host_memory_bytes_per_node is not None and not self.host_memory_bytes_per_node > 0:
@@ -192,20 +197,33 @@ class StackQuery:
             raise ValueError(f"{seq_len_tokens:,} tokens > {self.model.name}'s {self.model.max_positions:,} learned "
                              "positions: the model cannot run that length as it is (its position table ends there)")
 
-    def ring_for(self, world_size: int) -> int:
-        """P for W GPUs: the fixed ring size, else W / DP (``ValueError`` when it does not divide)."""
-        p = self.ring_size if self.ring_size is not None else world_size // self.data_parallel
-        if p <= 0 or world_size % p or (self.ring_size is None and world_size % self.data_parallel):
+    def ring_for(self, world_size: int, tp_degree: int = 1) -> int:
+        """P for W GPUs: the fixed ring size, else W / (DP·T) (``ValueError`` when it does not divide)."""
+        t = tp_degree
+        p = self.ring_size if self.ring_size is not None else world_size // (self.data_parallel * t)
+        if p <= 0 or world_size % (p * t) or (self.ring_size is None and world_size % (self.data_parallel * t)):
             fixed = f"ring size {self.ring_size}" if self.ring_size is not None else \
                 f"{self.data_parallel} data-parallel replicas"
-            raise ValueError(f"{world_size} GPUs cannot be split into {fixed}")
+            raise ValueError(f"{world_size} GPUs cannot be split into {fixed}" + (f" x tensor parallel {t}" if t > 1
+                                                                                  else ""))
         return p
 
-    def workload(self, seq_len_tokens: int, world_size: int, settings: StackSettings) -> StackWorkload:
+    def candidate_pairs(self) -> list[tuple[StackSettings, Parallelism]]:
+        """Every (settings, parallelism) candidate, in ``candidate_key`` order."""
+        pairs = [(s, par) for par in self.parallelisms for s in self.candidates]
+        return sorted(pairs, key=lambda pair: (parallelism_key(pair[1]), preference_key(pair[0])))
+
+    def workload(self, seq_len_tokens: int, world_size: int, settings: StackSettings,
+                 parallelism: Parallelism = DEFAULT_PARALLELISM) -> StackWorkload:
         """The ``StackWorkload`` of one candidate (``ValueError`` when it is not a valid run)."""
-        layout = RingLayout(ring_size=self.ring_for(world_size), layout=self.layout, backend=self.backend)
+        p = self.ring_for(world_size, parallelism.tp_degree)
+        check_placement(parallelism, ring_size=p, model=self.model, gpus_per_node=self.gpu.gpus_per_node,
+                        allow_cross_node=self.allow_cross_node)
+        layout = RingLayout(ring_size=p, layout=self.layout, backend=self.backend, cp_scheme=parallelism.cp_scheme,
+                            ulysses_degree=parallelism.ulysses_degree)
         return StackWorkload(model=self.model, seq_len_tokens=seq_len_tokens, batch=self.batch,
-                             training=self.training, world_size=world_size, layout=layout, settings=settings)
+                             training=self.training, world_size=world_size, layout=layout, settings=settings,
+                             tp_degree=parallelism.tp_degree)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -233,7 +251,15 @@ class StackRow:
 
     @property
     def data_parallel(self) -> int:
-        return self.workload.world_size // self.workload.layout.ring_size
+        return self.workload.world_size // (self.workload.layout.ring_size * self.workload.tp_degree)
+
+    @property
+    def tp_degree(self) -> int:
+        return self.workload.tp_degree
+
+    @property
+    def parallelism(self) -> Parallelism:
+        return parallelism_of(self.workload)
 
     @property
     def seq_len_tokens(self) -> int:
@@ -262,6 +288,18 @@ class Rejected:
     reason: str
 
 
+def parallelism_of(w: StackWorkload) -> Parallelism:
+    """The (T, scheme) of a workload."""
+    layout = w.layout
+    return Parallelism(tp_degree=w.tp_degree, cp_scheme=layout.cp_scheme,
+                       ulysses_degree=layout.ulysses_degree if layout.cp_scheme == "hybrid" else None)
+
+
+def candidate_key(w: StackWorkload) -> tuple:
+    """Order of candidates without a time model: ``parallelism_key``, then ``preference_key``."""
+    return parallelism_key(parallelism_of(w)), preference_key(w.settings)
+
+
 def memory_row(query: StackQuery, w: StackWorkload) -> StackRow:
     """Predict one candidate's memory (what the searches evaluate)."""
     prediction = query.memory.predict(w, query.gpu)
@@ -282,7 +320,7 @@ def timed(query: StackQuery, row: StackRow) -> StackRow:
 
 def ranked(rows: list[StackRow]) -> list[StackRow]:
     """Fastest predicted step first; rows without a step time after, in ``preference_key`` order."""
-    return sorted(rows, key=lambda r: (r.step_time_s is None, r.step_time_s or 0.0, preference_key(r.settings)))
+    return sorted(rows, key=lambda r: (r.step_time_s is None, r.step_time_s or 0.0, candidate_key(r.workload)))
 
 
 def candidate_workloads(query: StackQuery, seq_len_tokens: int, world_size: int
@@ -290,9 +328,9 @@ def candidate_workloads(query: StackQuery, seq_len_tokens: int, world_size: int
     """The workload of every candidate setting at one (S, W), in preference order, and the
     candidates that are not valid runs there (e.g. a shard group larger than W)."""
     workloads, rejected = [], []
-    for settings in query.candidates:
+    for settings, par in query.candidate_pairs():
         try:
-            workloads.append(query.workload(seq_len_tokens, world_size, settings))
+            workloads.append(query.workload(seq_len_tokens, world_size, settings, par))
         except ValueError as exc:
             rejected.append(Rejected(settings=settings, world_size=world_size, reason=str(exc)))
     return workloads, rejected
@@ -302,14 +340,18 @@ def candidate_rows(query: StackQuery, seq_len_tokens: int, world_size: int) -> t
     """Every candidate at one (S, W), each predicted (duplicates of a preferred candidate's
     prediction dropped), and the candidates that are not valid runs there."""
     workloads, rejected = candidate_workloads(query, seq_len_tokens, world_size)
-    rows, seen = [], set()
-    for w in workloads:
-        row = memory_row(query, w)
+    return distinct_rows([memory_row(query, w) for w in workloads]), rejected
+
+
+def distinct_rows(rows: list[StackRow]) -> list[StackRow]:
+    """``rows`` without those whose prediction repeats an earlier (preferred) row's."""
+    kept, seen = [], set()
+    for row in rows:
         key = tuple(sorted(row.prediction.terms_bytes.items()))
         if key not in seen:
             seen.add(key)
-            rows.append(row)
-    return rows, rejected
+            kept.append(row)
+    return kept
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -363,15 +405,15 @@ def frugal_row(query: StackQuery, found: Scan) -> StackRow | None:
 
 
 def lowest_memory_row(rows: list[StackRow]) -> StackRow:
-    return min(rows, key=lambda r: (r.prediction.upper_bytes, preference_key(r.settings)))
+    return min(rows, key=lambda r: (r.prediction.upper_bytes, candidate_key(r.workload)))
 
 
 # ----------------------------------------------------------------------------- fewest GPUs
 
 
 def valid_world_sizes(query: StackQuery, seq_len_tokens: int) -> list[int]:
-    """Every W ≤ ``max_world_size`` of the form P × DP (the open one varied) over whose ring S
-    splits, ascending. ``ValueError`` with the layout's reason when there is none."""
+    """Every W ≤ ``max_world_size`` of the form P × DP × T (the open one of P and DP varied, T of any
+    candidate parallelism) over whose ring S splits, ascending. ``ValueError`` with the layout's reason when there is none."""
     if query.ring_size is not None and query.data_parallel is not None:
         sizes = [query.ring_size * query.data_parallel]
     elif query.ring_size is not None:
@@ -379,8 +421,18 @@ def valid_world_sizes(query: StackQuery, seq_len_tokens: int) -> list[int]:
     else:
         sizes = list(range(query.data_parallel, query.max_world_size + 1, query.data_parallel))
     chunks = RingLayout(ring_size=1, layout=query.layout, backend=query.backend).chunks_per_rank
-    valid = [w for w in search.dividing_sizes(seq_len_tokens, sizes, lambda w: query.ring_for(w) * chunks)
-             if w <= query.max_world_size]
+    degrees = sorted({par.tp_degree for par in query.parallelisms})
+
+    def ring_units(w: int) -> list[int]:  # the ring unit P·chunks of every T that splits W
+        units = []
+        for t in degrees:
+            try:
+                units.append(query.ring_for(w, t) * chunks)
+            except ValueError:
+                continue
+        return units
+
+    valid = [w for w in sizes if w <= query.max_world_size and any(seq_len_tokens % u == 0 for u in ring_units(w))]
     if not valid:
         if sizes:
             query.workload(seq_len_tokens, sizes[0], query.candidates[0])  # raises the layout's own message
@@ -444,10 +496,11 @@ class StackMaxTokens:
     next_infeasible: StackRow | None
 
 
-def token_unit(query: StackQuery, world_size: int, settings: StackSettings) -> int:
+def token_unit(query: StackQuery, world_size: int, settings: StackSettings,
+               parallelism: Parallelism = DEFAULT_PARALLELISM) -> int:
     """S = m·unit is valid for ``settings`` for every m ≥ 1: P × chunks per rank (1 contiguous, 2
     zigzag), × the MLP tile (their least common multiple: a tile divides n = S / P)."""
-    p = query.ring_for(world_size)
+    p = query.ring_for(world_size, parallelism.tp_degree)
     chunks = RingLayout(ring_size=p, layout=query.layout, backend=query.backend).chunks_per_rank
     return p * math.lcm(chunks, settings.mlp_tile_tokens or 1)
 
@@ -459,18 +512,19 @@ def max_tokens(query: StackQuery, world_size: int) -> StackMaxTokens:
     chosen setting at that length follows ``scan``; ``next_infeasible`` is that setting's next
     valid length."""
     best_tokens, reasons, finest = 0, [], None
-    for settings in reversed(query.candidates):
-        unit = token_unit(query, world_size, settings)
+    pairs = query.candidate_pairs()
+    for settings, par in reversed(pairs):
         try:
-            query.workload(unit, world_size, settings)
+            unit = token_unit(query, world_size, settings, par)
+            query.workload(unit, world_size, settings, par)
         except ValueError as exc:
             reasons.append(str(exc))
             continue
         finest = unit if finest is None else min(finest, unit)
 
-        def needed(m: int, settings: StackSettings = settings, unit: int = unit) -> float:
+        def needed(m: int, settings: StackSettings = settings, unit: int = unit, par: Parallelism = par) -> float:
             """Memory + bound of S = m·unit (the lower bound where that already exceeds the budget)."""
-            w = query.workload(m * unit, world_size, settings)
+            w = query.workload(m * unit, world_size, settings, par)
             if not query.host_fits(w) or not query.positions_fit(w.seq_len_tokens):
                 return math.inf
             bound = query.memory.lower_bound_bytes(w, query.gpu)
@@ -481,15 +535,15 @@ def max_tokens(query: StackQuery, world_size: int) -> StackMaxTokens:
             start = above if best_tokens else 0
             found = search.largest_within(needed, query.budget_bytes, start, search.MAX_SEARCH_TOKENS // unit)
             best_tokens = max(best_tokens, found * unit)
-    if len(reasons) == len(query.candidates):
+    if len(reasons) == len(pairs):
         raise ValueError(reasons[0])
     if best_tokens == 0:
         frugal = frugal_row(query, scan(query, finest, world_size, first_only=False))
         return StackMaxTokens(world_size=world_size, best=None, choices=(), next_infeasible=frugal)
     choices = tuple(chosen_rows(query, scan(query, best_tokens, world_size, first_only=query.step_time is None)))
-    chosen = choices[0].settings
-    following = memory_row(query, query.workload(best_tokens + token_unit(query, world_size, chosen), world_size,
-                                                 chosen))
+    chosen, par = choices[0].settings, choices[0].parallelism
+    following = memory_row(query, query.workload(best_tokens + token_unit(query, world_size, chosen, par), world_size,
+                                                 chosen, par))
     return StackMaxTokens(world_size=world_size, best=choices[0], choices=choices, next_infeasible=following)
 
 
@@ -499,26 +553,48 @@ def max_tokens(query: StackQuery, world_size: int) -> StackMaxTokens:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StackPlan:
     """Every candidate at S tokens on W GPUs: feasible ones ranked by predicted step time,
-    infeasible ones by memory, and those that are no valid run there."""
+    infeasible ones by memory (all of them, or — ``pruned`` > 0 — those predicted in full and, when
+    nothing fits, the least-memory one), and those that are no valid run there."""
 
     seq_len_tokens: int
     world_size: int
     feasible: tuple[StackRow, ...]
     infeasible: tuple[StackRow, ...]
     rejected: tuple[Rejected, ...]
+    pruned: int = 0
+
+    @property
+    def infeasible_count(self) -> int:
+        """Candidates that do not fit: the rows in ``infeasible`` and those judged by their lower bound."""
+        return len(self.infeasible) + self.pruned
 
 
-def plan(query: StackQuery, seq_len_tokens: int, world_size: int | None = None) -> StackPlan:
+def plan(query: StackQuery, seq_len_tokens: int, world_size: int | None = None, *,
+         every_row: bool = True) -> StackPlan:
     """Rank the settings for S tokens on ``world_size`` GPUs (default: the fewest that hold S, or
-    the largest valid W when none does)."""
+    the largest valid W when none does). ``every_row`` False: candidates whose certified lower bound
+    exceeds the budget are counted, not predicted, and infeasible candidates are counted once each
+    (``every_row`` counts identical predictions once); the feasible ones are the same either way."""
     if world_size is None:
         answer = min_world_size(query, seq_len_tokens)
         world_size = answer.minimum.world_size if answer.minimum else valid_world_sizes(query, seq_len_tokens)[-1]
-    rows, rejected = candidate_rows(query, seq_len_tokens, world_size)
+    if every_row:
+        rows, rejected = candidate_rows(query, seq_len_tokens, world_size)
+        pruned = 0
+    else:
+        # which candidates the lower bound prunes depends on what was predicted before (the bound is then
+        # exact): feasible rows are always predicted, so only they are de-duplicated; the rest are counted
+        found = scan(query, seq_len_tokens, world_size, first_only=False)
+        rows = distinct_rows(list(found.feasible)) + [r for r in found.evaluated if not r.feasible]
+        rejected, pruned = list(found.rejected), len(found.pruned)
+        if not found.feasible and found.pruned:
+            frugal = frugal_row(query, found)
+            if frugal not in rows:
+                rows, pruned = [*rows, frugal], pruned - 1
     if not rows:
         raise ValueError(rejected[0].reason if rejected else "no candidate settings")
     feasible = ranked([timed(query, r) for r in rows if r.feasible])
     infeasible = sorted((r for r in rows if not r.feasible),
-                        key=lambda r: (r.prediction.upper_bytes, preference_key(r.settings)))
+                        key=lambda r: (r.prediction.upper_bytes, candidate_key(r.workload)))
     return StackPlan(seq_len_tokens=seq_len_tokens, world_size=world_size, feasible=tuple(feasible),
-                     infeasible=tuple(infeasible), rejected=tuple(rejected))
+                     infeasible=tuple(infeasible), rejected=tuple(rejected), pruned=pruned)

@@ -12,7 +12,8 @@ from ringplan.cli.common import (MAX_WORLD_SIZE, TOKENS, BoundedInt, InputFile, 
                                  OutputFile, QuietAliasOption, bad_input_exits_2, format_option, render_rows)
 from ringplan.cli.options import (build_workload, cp_scheme_options, explicit_options, explicit_setting_fields,
                                   gpu_from_options, hardware_options, host_memory_option, model_requested,
-                                  model_selection_options, stack_query, stack_settings_options, workload_options)
+                                  model_selection_options, stack_parallel_options, stack_query, stack_settings_options,
+                                  workload_options)
 from ringplan.units import GIB
 
 
@@ -69,6 +70,7 @@ def step_time_hook():
 @cp_scheme_options
 @model_selection_options
 @stack_settings_options
+@stack_parallel_options
 @host_memory_option
 @format_option
 @click.option("--plot", "plot_path", type=OutputFile(), default=None,
@@ -102,10 +104,11 @@ def capacity(ctx: click.Context, gpu_name: str | None, gpu_spec: str | None, cat
         raise ValueError("give --tokens N (fewest GPUs), --world-size K (most tokens), or both")
     scheme = {key: workload_args.pop(key) for key in ("cp_scheme", "ulysses_degree")}
     if model_requested(**workload_args):
-        refused = {"plot_path": plot_path, "profile_paths": profile_paths, "model_form": model_form, **scheme}
+        refused = {"plot_path": plot_path, "profile_paths": profile_paths, "model_form": model_form}
         ctx.exit(_whole_model(gpu_name=gpu_name, tokens=tokens, world_size=world_size, max_world_size=max_world_size,
                               safety_margin=safety_margin, step_time=step_time, output_format=output_format,
-                              workload_args={**workload_args, "gpu_spec": gpu_spec, "catalog_path": catalog_path},
+                              workload_args={**workload_args, **scheme, "gpu_spec": gpu_spec,
+                                             "catalog_path": catalog_path},
                               refused=refused, breakdown=breakdown))
     _refuse_whole_model_options(workload_args)
     from ringplan.capacity.answers import attention_capacity
@@ -134,13 +137,12 @@ _WHOLE_MODEL_ONLY = {"n_layers": "--layers", "ffn_dim": "--ffn", "vocab_size": "
                      "shard_group_size": "--shard-group", "checkpointing": "--checkpointing",
                      "offload_checkpoints": "--offload", "loss": "--loss", "loss_chunk_tokens": "--loss-chunk",
                      "offload_params": "--offload-params", "host_memory_bytes_per_node": "--host-memory",
-                     "ring_size": "--ring-size"}
+                     "ring_size": "--ring-size", "tp_degrees": "--tp", "allow_cross_node": "--allow-cross-node"}
 #: Attention-layer options (key → flag): an error with --model / --config (a model's attention is causal,
 #: dense, with its projections counted in the stack terms).
 _ATTENTION_ONLY = {"segment_lengths": "--segment-lengths", "dilation_rates": "--dilation-rates",
                    "projections": "--projections", "causal": "--causal/--no-causal", "plot_path": "--plot",
-                   "profile_paths": "--profile", "model_form": "--model-form", "cp_scheme": "--cp",
-                   "ulysses_degree": "--ulysses-degree"}
+                   "profile_paths": "--profile", "model_form": "--model-form"}
 
 
 def _refuse_whole_model_options(workload_args: dict[str, Any]) -> None:

@@ -37,7 +37,7 @@ import click
 
 from ringplan.cli.common import (BYTES, MAX_BATCH, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH,
                                  MAX_WORLD_SIZE, SEGMENT_LIST, TILE_TOKENS, TOKEN_LIST, TOKENS, BoundedInt, DtypeChoice, FiniteFloat,
-                                 InputFile, QuietAliasOption)
+                                 InputFile, IntListType, QuietAliasOption)
 from ringplan.models import FFN_TYPES, NORMS, ModelSpec
 from ringplan.stack import CHECKPOINTING, LOSS_MODES, SHARDINGS, StackSettings
 from ringplan.workload import BACKENDS, CP_SCHEMES, DTYPE_BYTES, LAYOUTS
@@ -326,6 +326,23 @@ def stack_settings_options(func):
     return _apply(_SETTINGS_OPTIONS, func)
 
 
+#: How a whole model's GPUs are split besides data parallelism (issue 14): ``capacity --model`` and ``plan``.
+_PARALLEL_OPTIONS = (
+    click.option("--tp", "tp_degrees", type=IntListType(min_value=1, max_value=MAX_WORLD_SIZE), default=None,
+                 help="With --model: tensor-parallel degrees T to consider (Megatron-style with sequence "
+                      "parallelism; W = DP x CP x TP), e.g. 8 or 1,2,4,8. Searched when not given: the powers "
+                      "of two up to one node's GPUs that divide the heads and FFN."),
+    click.option("--allow-cross-node", is_flag=True, default=False,
+                 help="With --model: let tensor parallelism (and Ulysses) span nodes; by default T and T x U "
+                      "stay inside one node."),
+)
+
+
+def stack_parallel_options(func):
+    """Decorate a whole-model planning command with --tp and --allow-cross-node."""
+    return _apply(_PARALLEL_OPTIONS, func)
+
+
 def host_memory_option(func):
     """Decorate a whole-model planning command with --host-memory (host RAM per node)."""
     return click.option(
@@ -449,14 +466,20 @@ _SETTING_KEYS = ("sharding", "shard_group_size", "checkpointing", "offload_check
 
 def stack_step_time_hook():
     """``fn(workload, gpu) -> step_time_s | None`` from ``ringplan.time.stack_time`` (imported on the
-    first call; None when the time model cannot time the workload)."""
+    first call; None when the time model cannot time the workload), each workload timed once (a plan
+    search asks again for the rows it shows)."""
+    seconds: dict[tuple, float | None] = {}
+
     def step_time(w, gpu):
         from ringplan.time.stack_time import step_time as predict_step_time
 
-        try:
-            return predict_step_time(w, gpu).step_time_s
-        except ValueError:
-            return None
+        key = (w, gpu.name)  # one hook serves one query, hence one GPU spec
+        if key not in seconds:
+            try:
+                seconds[key] = predict_step_time(w, gpu).step_time_s
+            except ValueError:
+                seconds[key] = None
+        return seconds[key]
 
     return step_time
 
@@ -479,6 +502,7 @@ def stack_query(*, gpu_name: str | None, training: bool, batch: int, layout: str
     Parameter + optimizer-state offload is searched only when the GPUs are given (``gpus_given``):
     asked for the fewest GPUs, the search would always trade GPUs for a step an order of magnitude
     slower (every weight over PCIe, AdamW on the CPU); ``--offload-params`` asks for it there."""
+    from ringplan.capacity.parallelism import parallelism_space
     from ringplan.capacity.stack import StackQuery, model_mlp_tiles, settings_space
 
     gpu = gpu_from_options(gpu_name, kw.get("gpu_spec"), kw.get("catalog_path"))
@@ -486,12 +510,17 @@ def stack_query(*, gpu_name: str | None, training: bool, batch: int, layout: str
     base, fixed = base_settings(kw)
     if not gpus_given:
         fixed = fixed | {"offload_params"}
+    given = explicit_options({k: kw.get(k) for k in ("tp_degrees", "cp_scheme", "ulysses_degree")})
+    parallelisms = parallelism_space(model, gpu.gpus_per_node, tp=given.get("tp_degrees"),
+                                     schemes=(given["cp_scheme"],) if "cp_scheme" in given else None,
+                                     ulysses_degree=given.get("ulysses_degree"))
     candidates = settings_space(training=training, base=base, fixed=fixed, mlp_tiles=model_mlp_tiles(model))
     return StackQuery(model=model, gpu=gpu, training=training, batch=batch, layout=layout, backend=backend,
                       candidates=candidates, ring_size=ring_size, data_parallel=None if ring_size else 1,
                       safety_margin=safety_margin, max_world_size=max_world_size,
                       step_time=stack_step_time_hook() if step_time else None,
-                      host_memory_bytes_per_node=kw.get("host_memory_bytes_per_node"))
+                      host_memory_bytes_per_node=kw.get("host_memory_bytes_per_node"),
+                      parallelisms=parallelisms, allow_cross_node=bool(kw.get("allow_cross_node")))
 
 
 # ----------------------------------------------------------------------------- measurement (profile, validate)

@@ -12,8 +12,9 @@ import click
 
 from ringplan.cli.common import (MAX_BATCH, MAX_WORLD_SIZE, TOKENS, BoundedInt, MarginType, OneLineErrorCommand,
                                  QuietAliasOption, bad_input_exits_2, format_option)
-from ringplan.cli.options import (explicit_setting_fields, hardware_options, host_memory_option, model_options,
-                                  stack_dtype_options, stack_query, stack_settings_options)
+from ringplan.cli.options import (cp_scheme_options, explicit_setting_fields, hardware_options, host_memory_option,
+                                  model_options, stack_dtype_options, stack_parallel_options, stack_query,
+                                  stack_settings_options)
 from ringplan.cli.stack_output import (emit_stack, readable_record, settings_label, stack_answer_lines,
                                        what_would_fit_notes)
 from ringplan.units import GIB
@@ -49,7 +50,9 @@ from ringplan.workload import BACKENDS, LAYOUTS
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="Local attention kernel.")
 @model_options
+@cp_scheme_options
 @stack_settings_options
+@stack_parallel_options
 @host_memory_option
 @stack_dtype_options
 @click.option("--all", "show_all", is_flag=True, help="Also list the settings that do not fit, and why.")
@@ -72,7 +75,7 @@ def plan(ctx: click.Context, tokens: int, world_size: int | None, show_all: bool
     from ringplan.capacity.answers import plan_answer
 
     query = stack_query(gpus_given=world_size is not None, **kw)
-    found = plan_answer(query, tokens, world_size)
+    found = plan_answer(query, tokens, world_size, every_row=show_all)
     result = found.plan
     rows = list(result.feasible) + (list(result.infeasible) if show_all else [])
     text = _plan_text(query, result)
@@ -99,7 +102,7 @@ def _headline(query, result, world_size: int | None) -> str:
     if not result.feasible:
         return f"no setting fits {where}{how}; below: the one needing least memory (--all lists all)"
     order = "fastest first" if result.feasible[0].step_time_s is not None else "documented order, no step time"
-    return f"{len(result.feasible)} setting(s) fit {where}{how}; {order}; {len(result.infeasible)} do not"
+    return f"{len(result.feasible)} setting(s) fit {where}{how}; {order}; {result.infeasible_count} do not"
 
 
 def _plan_text(query, result) -> str:
@@ -110,4 +113,4 @@ def _plan_text(query, result) -> str:
         return f"no setting fits {where}{need} (budget {query.budget_bytes / GIB:,.2f} GiB; --all lists them)"
     best = result.feasible[0]
     order = "predicted step time" if best.step_time_s is not None else "the documented order (no step time)"
-    return f"{len(result.feasible)} setting(s) fit {where}, ranked by {order}; {len(result.infeasible)} do not"
+    return f"{len(result.feasible)} setting(s) fit {where}, ranked by {order}; {result.infeasible_count} do not"

@@ -142,7 +142,8 @@ def markdown_table(rows: Sequence[dict[str, str]], keys: Sequence[str]) -> str:
 
 def fitted_table(rows: Sequence[dict[str, str]], width: int, droppable: Sequence[str] = ()) -> str:
     """A markdown table of ``rows`` within ``width``: columns in ``droppable`` are left out, last
-    first, until it fits; a cell still too wide is cut with ``…``."""
+    first, until it fits; a cell still too wide is cut with ``~`` (ASCII: a terminal and a byte count
+    agree on its width)."""
     keys = list(rows[0]) if rows else []
     drop = [k for k in droppable if k in keys]
     rows = [{k: str(v) for k, v in r.items()} for r in rows]
@@ -160,7 +161,7 @@ def fitted_table(rows: Sequence[dict[str, str]], width: int, droppable: Sequence
         limit = max(8, longest - too_wide)
         if limit >= longest:
             break
-        rows = [{**r, widest: r[widest] if len(r[widest]) <= limit else r[widest][:limit - 1] + "…"} for r in rows]
+        rows = [{**r, widest: r[widest] if len(r[widest]) <= limit else r[widest][:limit - 1] + "~"} for r in rows]
         table = markdown_table(rows, keys)
         too_wide = max(map(len, table.splitlines()), default=0) - width
     return table

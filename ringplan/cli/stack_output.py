@@ -39,6 +39,8 @@ def stack_row_record(row) -> dict[str, Any]:
     s, p = row.settings, row.prediction
     record: dict[str, Any] = {
         "world_size": row.world_size, "ring_size": row.ring_size, "data_parallel": row.data_parallel,
+        "tp_degree": row.tp_degree, "cp_scheme": row.workload.layout.cp_scheme,
+        "ulysses_degree": row.workload.layout.ulysses_degree,
         "seq_len_tokens": row.seq_len_tokens, "tokens_per_rank": row.tokens_per_rank, "sharding": s.sharding,
         "shard_group_size": s.shard_group_size, "checkpointing": s.checkpointing,
         "offload_checkpoints": s.offload_checkpoints, "loss": s.loss, "loss_chunk_tokens": s.loss_chunk_tokens}
@@ -139,8 +141,9 @@ def stack_warnings(query, row) -> list[str]:
         return []
     warnings = list(row.prediction.warnings)
     per_node = query.gpu.gpus_per_node
-    if row.ring_size > per_node:
-        warnings.append(f"the ring of {row.ring_size} GPUs spans {-(-row.ring_size // per_node)} nodes of "
+    spanned = row.ring_size * row.tp_degree  # TP ranks innermost: a ring's hops stride T GPUs
+    if spanned > per_node and row.ring_size > 1:
+        warnings.append(f"the ring of {row.ring_size} GPUs spans {-(-spanned // per_node)} nodes of "
                         f"{per_node}: some hops cross the inter-node link")
     model = query.model
     if model.max_positions and row.seq_len_tokens > model.max_positions:
@@ -184,7 +187,7 @@ def readable_stack(query, answer: dict[str, Any], rows, *, extra: list[dict[str,
         click.echo("")
         best = answer.get("best_row")
         click.echo(fitted_table(compact_stack_rows(rows, best), width,
-                                droppable=["settings", "step", "headroom GiB", "tokens/GPU", "ring x DP"]))
+                                droppable=["settings", "step", "TP x CP x DP", "headroom GiB", "tokens/GPU"]))
         if breakdown:
             click.echo("")
             columns = [(f"{r.world_size} GPUs #{i + 1}" if len(rows) > 1 else f"{r.world_size} GPUs",
@@ -196,8 +199,16 @@ def readable_stack(query, answer: dict[str, Any], rows, *, extra: list[dict[str,
     warn(answer.get("warnings", []))
 
 
+def split_cell(row) -> str:
+    """``8 x ring 8 x 1``, ``1 x ulysses 4 x 2``: T, the context-parallel scheme and size, DP."""
+    layout = row.workload.layout
+    scheme = {"allgather": "allgather", "ulysses": "ulysses", "hybrid": f"hybrid {layout.ulysses_size}x"}.get(
+        layout.cp_scheme, "ring")
+    return f"{row.tp_degree} x {scheme} {row.ring_size} x {row.data_parallel}"
+
+
 def compact_stack_rows(rows, best=None) -> list[dict[str, str]]:
-    """At most eight columns: GPUs, ring x DP, tokens/GPU, settings, GiB used (need + bound), headroom,
+    """At most eight columns: GPUs, TP x CP x DP, tokens/GPU, settings, GiB used (need + bound), headroom,
     fits, step time."""
     from ringplan.cli.readable import gib_number, time_text
 
@@ -205,7 +216,7 @@ def compact_stack_rows(rows, best=None) -> list[dict[str, str]]:
     for row in rows:
         p = row.prediction
         line = {"GPUs": str(row.world_size) + (" *" if row is best else ""),
-                "ring x DP": f"{row.ring_size}x{row.data_parallel}",
+                "TP x CP x DP": split_cell(row),
                 "tokens/GPU": f"{row.tokens_per_rank:,}", "settings": settings_label(row.settings),
                 "GiB used": gib_number(p.upper_bytes), "headroom GiB": gib_number(row.headroom_bytes),
                 "fits": "yes" if row.feasible else "no"}
@@ -231,10 +242,8 @@ def stack_answer_lines(query, headline: str, row, *, given: frozenset[str] | set
                                 f"{query.safety_margin:.0%} margin)"))
         return lines + list(notes)
     n_nodes = nodes(row.world_size, gpu.gpus_per_node)
-    ring_how = "(given)" if ring_given else "(every GPU in one ring unless --ring-size)"
-    lines.append(("layout", f"{row.world_size} x {gpu.name} on {n_nodes} node{'s' * (n_nodes > 1)}: ring "
-                            f"{row.ring_size} x data-parallel {row.data_parallel} {ring_how}; {query.layout} "
-                            f"sequence layout"))
+    lines.append(("layout", f"{row.world_size} x {gpu.name} on {n_nodes} node{'s' * (n_nodes > 1)}: "
+                            f"{split_text(query, row, ring_given)}; {query.layout} sequence layout"))
     lines.append(("tokens", f"{row.seq_len_tokens:,} per sequence, {row.tokens_per_rank:,} per GPU"))
     lines.append(("settings", ", ".join(setting_labels(query, row.settings, given))))
     p = row.prediction
@@ -258,6 +267,18 @@ def stack_answer_lines(query, headline: str, row, *, given: frozenset[str] | set
     return lines + list(notes)
 
 
+def split_text(query, row, ring_given: bool) -> str:
+    """``tensor parallel 2 x Ulysses CP 4 x data-parallel 1 (chosen)``: how the GPUs are split, and whether
+    the split was given, chosen among several, or the default (every GPU in one ring)."""
+    layout, p = row.workload.layout, row.ring_size
+    cp = {"ring": f"ring {p}", "allgather": f"all-gather CP {p}", "ulysses": f"Ulysses CP {p}",
+          "hybrid": f"hybrid CP {p} (Ulysses {layout.ulysses_size} x ring {layout.ring_degree})"}[layout.cp_scheme]
+    tp = f"tensor parallel {row.tp_degree} x " if row.tp_degree > 1 else ""
+    how = "(given)" if ring_given else "(chosen)" if len(query.parallelisms) > 1 else \
+        "(every GPU in one ring unless --ring-size)"
+    return f"{tp}{cp} x data-parallel {row.data_parallel} {how}"
+
+
 def _params(model) -> str:
     from ringplan.models import parameter_count
 
@@ -275,7 +296,10 @@ def _memory_text(row, query) -> str:
 
 
 def _gpus_text(row) -> str:
-    return f"{row.world_size} x (ring {row.ring_size} x data-parallel {row.data_parallel})"
+    tp = f"tensor parallel {row.tp_degree} x " if row.tp_degree > 1 else ""
+    scheme = row.workload.layout.cp_scheme
+    cp = "ring" if scheme == "ring" else f"{scheme} CP"
+    return f"{row.world_size} x ({tp}{cp} {row.ring_size} x data-parallel {row.data_parallel})"
 
 
 def capacity_answer_record(query, answer, seq_len_tokens: int | None, world_size: int | None, *,
@@ -301,7 +325,7 @@ def capacity_answer_record(query, answer, seq_len_tokens: int | None, world_size
         headline = (f"{world_size} x {gpu} hold at most {best.seq_len_tokens:,} tokens "
                     f"({answer.next_infeasible.seq_len_tokens:,} would not fit)" if best else
                     f"not even the shortest valid sequence fits on {world_size} x {gpu}")
-    notes += what_would_fit_notes(answer, gpu)
+    notes += what_would_fit_notes(answer, gpu) + why_notes(answer)
     alternative = getattr(answer, "without_offload", None)
     record["lines"] = stack_answer_lines(query, headline, best, given=given, ring_given=ring_given,
                                          offload_alternative=alternative, notes=tuple(notes))
@@ -312,6 +336,27 @@ def capacity_answer_record(query, answer, seq_len_tokens: int | None, world_size
         record["would_fit"] = {"world_size": fewest.world_size if fewest else None,
                                "seq_len_tokens": longest.seq_len_tokens if longest else None}
     return record
+
+
+def why_notes(answer) -> list[tuple[str, str]]:
+    """(``why``, ``the fewest GPUs; fastest of 6 plans that fit there; next: TP2 ring zero3 / full ... 26.3 s``)
+    for a fewest-GPUs or most-tokens answer chosen among several plans."""
+    choices = getattr(answer, "choices", ())
+    if answer.kind == "check" or not choices:
+        return []
+    first = "the fewest GPUs that hold it" if answer.kind == "min_world_size" else "the longest length that fits"
+    timed = choices[0].step_time_s is not None
+    if len(choices) == 1:
+        return [("why", f"{first}; the only plan that fits there")]
+    rank = "fastest" if timed else "first in the documented order"
+    text = f"{first}; {rank} of {len(choices)} plans that fit there"
+    runner_up = choices[1]
+    if timed and runner_up.step_time_s is not None:
+        from ringplan.cli.readable import time_text
+
+        text += (f"; next: {runner_up.parallelism.label}, {settings_label(runner_up.settings)}, "
+                 f"{time_text(runner_up.step_time_s)}")
+    return [("why", text)]
 
 
 def what_would_fit_notes(answer, gpu: str) -> list[tuple[str, str]]:

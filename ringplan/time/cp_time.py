@@ -104,7 +104,15 @@ def allgather_compute_s(c: rp.Costing, layout: RingLayout, n: int) -> float:
     """The busiest rank's block kernels, forward (+ backward in training)."""
     passes = ("forward", "backward") if c.workload.training else ("forward",)
     causal = c.workload.pattern.causal
-    return max(sum(rp.block_time_s(c, name, block_causal, q, k) for name in passes
+    seconds: dict[tuple, float] = {}  # one kernel time per distinct block (ranks repeat the same few)
+
+    def block_s(name: str, block_causal: bool, q: int, k: int) -> float:
+        key = (name, block_causal, q, k)
+        if key not in seconds:
+            seconds[key] = rp.block_time_s(c, name, block_causal, q, k)
+        return seconds[key]
+
+    return max(sum(block_s(name, block_causal, q, k) for name in passes
                    for q, k, block_causal in allgather_blocks_of_rank(rank, layout.ring_size, n, layout.layout, causal))
                for rank in range(layout.ring_size))
 

@@ -100,13 +100,19 @@ class GemmModel:
         key = (pass_name, shape.in_features, shape.out_features)
         label = self.source
         if key not in self.curves:
-            key = min(same, key=lambda k: _shape_distance(k[1], k[2], shape.in_features, shape.out_features))
+            key = _nearest_shape(tuple(same), shape.in_features, shape.out_features)
             label = f"{self.source} at {key[1]}x{key[2]} (nearest shape, transferred)"
         curve = self.curves[key]
         low, high = curve.measured_range or (flops, flops)
         if not low * (1 - 1e-9) <= flops <= high * (1 + 1e-9):
             label = f"extrapolated outside measured range ({label})"
         return shape.count * float(curve.time_s(flops)) * self.scale, label
+
+
+@functools.lru_cache(maxsize=4096)
+def _nearest_shape(keys: tuple[tuple[str, int, int], ...], in_features: int, out_features: int) -> tuple[str, int, int]:
+    """The measured (pass, in, out) nearest to (in, out) by ``_shape_distance``."""
+    return min(keys, key=lambda k: _shape_distance(k[1], k[2], in_features, out_features))
 
 
 def _shape_distance(in_a: int, out_a: int, in_b: int, out_b: int) -> float:

@@ -426,6 +426,7 @@ class ComputeModel:
     this_gpu: MeasuredKernels | None = None
     other_gpus: tuple[MeasuredKernels, ...] = ()
     step_overhead_s: float = DEFAULT_STEP_OVERHEAD_S
+    _models: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # key → KernelModel
 
     def __post_init__(self) -> None:
         for name in ("peak_flops_per_s", "hbm_bandwidth_bytes_per_s"):
@@ -441,7 +442,13 @@ class ComputeModel:
 
         Rate curves (``MeasuredKernels.rates``) come first, best first: this GPU at the same head dim
         and dtype (a GQA ratio between swept ones interpolated), the other half dtype here, another
-        GPU at the same head dim, then the nearest head dim here or there; else the fitted curves."""
+        GPU at the same head dim, then the nearest head dim here or there; else the fitted curves.
+        Looked up once per key (a whole-model search asks thousands of times)."""
+        if key not in self._models:
+            self._models[key] = self._kernel(key)
+        return self._models[key]
+
+    def _kernel(self, key: KernelKey) -> KernelModel:
         found = self._rate_model(key)
         if found is not None:
             return found

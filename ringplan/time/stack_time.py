@@ -348,32 +348,51 @@ def _attention_s(c: _Costs, spec, timing_dir) -> tuple[float, float]:
     (``tp_terms.tp_attention_workload``) from the attention time model of ``layout.cp_scheme`` (no host
     call overhead: inside a stack the host queues it behind earlier kernels). At P = 1 every scheme is
     one local kernel: the ring's model."""
+    work = tp_attention_workload(c.w)
+    key = (work, c.w.layout, id(spec), str(timing_dir))
+    if key not in _ATTENTION_SECONDS:  # the same layer recurs across a search's settings (sharding, loss, ...)
+        if len(_ATTENTION_SECONDS) > 4096:
+            _ATTENTION_SECONDS.clear()
+        notes: dict[str, str] = {}
+        seconds = _layer_attention_s(c.w, work, spec, timing_dir, notes)
+        _ATTENTION_SECONDS[key] = (seconds, notes, spec)  # the spec kept alive: its id is in the key
+    seconds, notes, _ = _ATTENTION_SECONDS[key]
+    for label in notes.values():
+        c.note("attention", label)
+    return seconds
+
+
+#: (attention workload, layout, GPU spec id, timing dir) → ((forward, backward) s, provenance notes, spec).
+_ATTENTION_SECONDS: dict[tuple, tuple[tuple[float, float], dict[str, str], Any]] = {}
+
+
+def _layer_attention_s(w: StackWorkload, work, spec, timing_dir, notes: dict[str, str]) -> tuple[float, float]:
+    """``_attention_s`` computed: the ring's time model, or ``_cp_attention_s`` for the other schemes."""
     from ringplan.time.attention_time import step_time_prediction
 
-    work = tp_attention_workload(c.w)
-    if c.w.layout.cp_scheme != "ring" and c.w.layout.ring_size > 1:
-        return _cp_attention_s(c, work, spec)
-    forward = step_time_prediction(replace(work, training=False), c.w.layout, spec, timing_dir=timing_dir,
+    if w.layout.cp_scheme != "ring" and w.layout.ring_size > 1:
+        return _cp_attention_s(w, work, spec, notes)
+    forward = step_time_prediction(replace(work, training=False), w.layout, spec, timing_dir=timing_dir,
                                    call_overhead_s=0.0)
-    c.note("attention", forward.provenance)
-    if not c.w.training:
+    note_weakest(notes, "attention", forward.provenance)
+    if not w.training:
         return forward.step_time_s, 0.0
-    both = step_time_prediction(work, c.w.layout, spec, timing_dir=timing_dir, call_overhead_s=0.0)
-    c.note("attention", both.provenance)
+    both = step_time_prediction(work, w.layout, spec, timing_dir=timing_dir, call_overhead_s=0.0)
+    note_weakest(notes, "attention", both.provenance)
     return forward.step_time_s, max(0.0, both.step_time_s - forward.step_time_s)
 
 
-def _cp_attention_s(c: _Costs, work, spec) -> tuple[float, float]:
+def _cp_attention_s(w: StackWorkload, work, spec, notes: dict[str, str]) -> tuple[float, float]:
     """(forward, backward) seconds of the all-gather / Ulysses / hybrid attention (``cp_time.cp_step_time``:
     compute + exposed collectives, without its call overhead)."""
     from ringplan.time.cp_time import cp_step_time
 
-    forward = cp_step_time(replace(work, training=False), c.w.layout, spec)
-    c.note("attention", forward.provenance)
-    if not c.w.training:
+    forward = cp_step_time(replace(work, training=False), w.layout, spec)
+    note_weakest(notes, "attention", forward.provenance)
+    if not w.training:
         return forward.compute_s + forward.exposed_comm_s, 0.0
-    both = cp_step_time(work, c.w.layout, spec)
-    c.note("attention", both.provenance)
+    both = cp_step_time(work, w.layout, spec)
+    note_weakest(notes, "attention", both.provenance)
     forward_s = forward.compute_s + forward.exposed_comm_s
     return forward_s, max(0.0, both.compute_s + both.exposed_comm_s - forward_s)
 

@@ -15,14 +15,15 @@ SEED = str(measured_dir() / "gtx1080-seed.json")
 
 # Golden option sets (torchtitan's test_no_new_cli_options): a new option is a decision, update here.
 EXPECTED_OPTIONS = {
-    "capacity": ["--backend", "--batch", "--breakdown", "--catalog", "--causal", "--checkpointing", "--config", "--cp",
+    "capacity": ["--allow-cross-node", "--backend", "--batch", "--breakdown", "--catalog", "--causal", "--checkpointing",
+                 "--config", "--cp",
                  "--dilation-rates", "--dtype", "--embed-dim", "--ffn", "--format", "--forward", "--forward-only",
                  "--gpu", "--gpu-spec", "--gpus", "--head-dim", "--heads", "--host-memory", "--kv-heads", "--layers",
                  "--layout",
                  "--loss", "--loss-chunk", "--max-world-size", "--mlp-tile", "--model", "--model-form", "--no-causal", "--no-offload",
                  "--no-offload-params", "--no-projections", "--no-step-time", "--offload", "--offload-params", "--plot",
                  "--profile", "--projections", "--ring-size", "--safety-margin", "--segment-lengths", "--shard-group", "--sharding", "--step-time",
-                 "--tokens", "--train", "--training", "--ulysses-degree", "--vocab",
+                 "--tokens", "--tp", "--train", "--training", "--ulysses-degree", "--vocab",
                  "--world-size"],
     "gpus": ["--catalog", "--format", "--gpu-spec", "--links", "--sources"],
     "fit": ["--form", "--format", "--include-estimated", "--prior-weight", "--residuals", "--series", "--target",

@@ -41,7 +41,7 @@ def test_step_time_for_a_scheme():
     (["--cp", "hybrid"], "U > 1"),
     (["--cp", "hybrid", "--ulysses-degree", "3"], "nearest valid degrees for 32 heads: [2, 4]"),
     (["--cp", "ulysses", "--ulysses-degree", "4"], "--cp hybrid"),
-    (["--cp", "ulysses", "--model", "llama-3-8b"], "--cp"),
+    (["--cp", "ulysses", "--model", "llama-3-8b", "--tp", "3"], "nearest valid degrees: 2 or 4"),
     (["--cp", "allgather", "--model-form", "seed"], "analytic"),
     (["--cp", "ulysses", "--projections"], "ring scheme only"),
     (["--tokens", "3M", "--cp", "ulysses", "--world-size", "3"], "nearest valid degrees for 32 heads: [2, 4]"),

@@ -14,7 +14,7 @@ from ringplan.cli import main
 
 HF_CONFIGS = Path(__file__).resolve().parents[1] / "data" / "hf_configs"
 # Golden option set (torchtitan's test_no_new_cli_options): a new option is a decision, update here.
-PLAN_OPTIONS = ["--all", "--backend", "--batch", "--breakdown", "--catalog", "--checkpointing", "--config", "--dtype",
+PLAN_OPTIONS = ["--all", "--allow-cross-node", "--backend", "--batch", "--breakdown", "--catalog", "--checkpointing", "--config", "--cp", "--dtype",
                 "--embed-dim", "--ffn", "--ffn-type", "--format", "--forward", "--forward-only", "--gpu", "--gpu-spec",
                 "--gpus",
                 "--head-dim", "--heads", "--hidden", "--host-memory", "--kv-heads",
@@ -22,7 +22,7 @@ PLAN_OPTIONS = ["--all", "--backend", "--batch", "--breakdown", "--catalog", "--
                 "--no-offload", "--no-offload-params", "--no-qk-norm", "--no-step-time", "--norm", "--offload",
                 "--offload-params", "--qk-norm", "--ring-size",
                 "--safety-margin", "--shard-group", "--sharding", "--step-time", "--tied-embeddings", "--tokens",
-                "--train", "--training", "--untied-embeddings", "--vocab", "--world-size"]
+                "--tp", "--train", "--training", "--ulysses-degree", "--untied-embeddings", "--vocab", "--world-size"]
 LLAMA_1M = ["capacity", "--model", "llama-3-8b", "--gpu", "h100", "--tokens", "1M", "--train"]
 
 

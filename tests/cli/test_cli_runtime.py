@@ -40,6 +40,8 @@ VALIDATE_OPTIONS = {
     # whole models (validate --model)
     "--model", "--config", "--layers", "--ffn", "--vocab", "--sharding", "--shard-group", "--checkpointing",
     "--offload", "--offload-params", "--loss", "--loss-chunk", "--mlp-tile", "--ring-size", "--write",
+    # tensor parallelism and the context-parallel schemes (issue 14)
+    "--tp", "--cp", "--ulysses-degree",
     # hardware outside the catalog (issue 17)
     "--gpu-spec", "--catalog"}
 

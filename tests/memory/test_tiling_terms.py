@@ -137,7 +137,8 @@ def test_max_tokens_with_a_fixed_tile():
     tiled = StackQuery(model=LLAMA, gpu=gpu, layout="zigzag",
                        candidates=(StackSettings(mlp_tile_tokens=4096, sharding="zero3"),))
     untiled = StackQuery(model=LLAMA, gpu=gpu, layout="zigzag", candidates=(StackSettings(sharding="zero3"),))
-    assert token_unit(tiled, 8) == 8 * 4096 and token_unit(untiled, 8) == 8 * 2
+    assert token_unit(tiled, 8, tiled.candidates[0]) == 8 * 4096
+    assert token_unit(untiled, 8, untiled.candidates[0]) == 8 * 2
     best = max_tokens(tiled, 8).best
     assert best.seq_len_tokens % (8 * 4096) == 0
     assert best.seq_len_tokens > max_tokens(untiled, 8).best.seq_len_tokens

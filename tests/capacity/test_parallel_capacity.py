@@ -1,0 +1,113 @@
+"""Tensor parallelism and the context-parallel schemes in the whole-model search (issue 14): the
+(T, scheme) space, node placement, W = DP x CP x TP, and the answers `capacity --model` and `plan` give."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from ringplan.capacity.parallelism import Parallelism, check_placement, parallelism_space, tp_degrees
+from ringplan.capacity.stack import StackQuery, max_tokens, min_world_size, settings_space
+from ringplan.cli import main
+from ringplan.hardware import load_catalog
+from ringplan.models import load_model_catalog
+from ringplan.stack import StackSettings
+
+MODELS = load_model_catalog()
+H100 = load_catalog().gpu("h100")
+LLAMA_70B, LLAMA_8B = MODELS.model("llama-3-70b"), MODELS.model("llama-3-8b")
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_parallelism_space_is_tp_inside_a_node_times_the_schemes():
+    """llama-3-70b (64 heads, 8 KV heads, F 28,672) on 8-GPU nodes: T in 1, 2, 4, 8, times ring, all-gather
+    and Ulysses, T = 1 ring first; given values are checked against the model."""
+    assert tp_degrees(LLAMA_70B, 8) == (1, 2, 4, 8)
+    space = parallelism_space(LLAMA_70B, 8)
+    assert len(space) == 12 and space[0] == Parallelism()
+    assert {p.cp_scheme for p in space} == {"ring", "allgather", "ulysses"}
+    with pytest.raises(ValueError, match="nearest valid degrees: 2 or 4"):
+        parallelism_space(LLAMA_70B, 8, tp=(3,))
+    hybrid = parallelism_space(LLAMA_70B, 8, tp=(2,), schemes=("hybrid",), ulysses_degree=2)
+    assert hybrid == (Parallelism(tp_degree=2, cp_scheme="hybrid", ulysses_degree=2),)
+
+
+def test_placement_keeps_tp_and_ulysses_inside_a_node():
+    """T = 16 spans two 8-GPU nodes: refused unless allowed; Ulysses over P needs P | H/T and T x P <= a node."""
+    with pytest.raises(ValueError, match="exceeds one node of 8"):
+        check_placement(Parallelism(tp_degree=16), ring_size=1, model=LLAMA_70B, gpus_per_node=8,
+                        allow_cross_node=False)
+    check_placement(Parallelism(tp_degree=16), ring_size=1, model=LLAMA_70B, gpus_per_node=8, allow_cross_node=True)
+    with pytest.raises(ValueError, match="exceeds one node"):
+        check_placement(Parallelism(tp_degree=4, cp_scheme="ulysses"), ring_size=4, model=LLAMA_70B,
+                        gpus_per_node=8, allow_cross_node=False)
+    with pytest.raises(ValueError, match="divide the 4 heads"):
+        check_placement(Parallelism(tp_degree=8, cp_scheme="ulysses"), ring_size=16, model=LLAMA_8B,
+                        gpus_per_node=8, allow_cross_node=True)
+
+
+def test_world_size_is_dp_times_cp_times_tp():
+    """A workload of the query on 16 GPUs with T = 4 has a ring of 4 (DP = 1); the sequence-parallel split
+    of each rank's tokens over T must be even."""
+    query = StackQuery(model=LLAMA_70B, gpu=H100, candidates=settings_space(training=True),
+                       parallelisms=(Parallelism(tp_degree=4),))
+    w = query.workload(131072, 16, query.candidates[0], query.parallelisms[0])
+    assert (w.tp_degree, w.layout.ring_size, w.world_size) == (4, 4, 16)
+    with pytest.raises(ValueError, match="does not divide"):
+        query.workload(4 * 1001, 16, query.candidates[0], query.parallelisms[0])
+
+
+def test_tensor_parallelism_lowers_the_fewest_gpus_and_raises_the_longest():
+    """Searching T and the schemes never needs more GPUs, nor holds fewer tokens, than the ring alone
+    (the ring alone is one of the candidates)."""
+    space = settings_space(training=True)
+    ring = StackQuery(model=LLAMA_70B, gpu=H100, candidates=space)
+    every = StackQuery(model=LLAMA_70B, gpu=H100, candidates=space, parallelisms=parallelism_space(LLAMA_70B, 8))
+    assert min_world_size(every, 131072).minimum.world_size <= min_world_size(ring, 131072).minimum.world_size
+    ring_best, every_best = max_tokens(ring, 16).best, max_tokens(every, 16).best
+    assert every_best.seq_len_tokens >= (ring_best.seq_len_tokens if ring_best else 0)
+
+
+def test_capacity_70b_answers_with_a_tp_cp_dp_choice_and_why():
+    """Issue 14's first question: `capacity --model llama-3-70b --gpu h100 --tokens 128K --train` names the
+    tensor-parallel x context-parallel x data-parallel split it chose, and why (fewest GPUs, then fastest)."""
+    result = run("capacity", "--model", "llama-3-70b", "--gpu", "h100", "--tokens", "128K", "--train",
+                 "--step-time")
+    assert result.exit_code == 0, result.output
+    assert "tensor parallel" in result.output and "x data-parallel" in result.output
+    assert "why: the fewest GPUs that hold it; fastest of" in result.output
+    record = json.loads(run("capacity", "--model", "llama-3-70b", "--gpu", "h100", "--tokens", "128K", "--train",
+                            "--step-time", "--format", "json").output)
+    assert all(r["tp_degree"] * r["ring_size"] * r["data_parallel"] == r["world_size"] for r in record["rows"])
+    assert max(r["tp_degree"] for r in record["rows"]) > 1
+
+
+def test_plan_ranks_tp_cp_and_scheme_alternatives():
+    """`plan --model llama-3-70b --gpu h100 --gpus 64 --tokens 1M` ranks plans of several T and schemes by
+    step time, fastest first."""
+    result = run("plan", "--model", "llama-3-70b", "--gpu", "h100", "--gpus", "64", "--tokens", "1M",
+                 "--format", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["rows"]
+    splits = {(r["tp_degree"], r["cp_scheme"]) for r in rows}
+    assert len({t for t, _ in splits}) >= 2 and len({s for _, s in splits}) >= 2
+    times = [r["step_time_s"] for r in rows]
+    assert times == sorted(times)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tp", "3"], "nearest valid degrees: 2 or 4"),
+    (["--tp", "16", "--gpus", "64"], "exceeds one node of 8"),
+    (["--tp", "16", "--gpus", "64", "--cp", "hybrid"], "Ulysses degree"),
+])
+def test_bad_parallel_input_is_one_error_line(args, message):
+    """Bad T or scheme input with --model: exit 2, one `Error:` line naming the problem."""
+    result = run("capacity", "--model", "llama-3-70b", "--gpu", "h100", "--tokens", "1M", "--train", *args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    assert message in lines[0]
