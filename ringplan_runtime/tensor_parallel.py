@@ -15,6 +15,8 @@ blocks sharded over the sequence (``Shard(1)``):
   and H_kv/T, local FFN width F/T, plain local tensors out); ``o_proj``, ``down_proj``:
   ``RowwiseParallel(output_layouts=Shard(1))`` (reduce-scatter to ``[B, n/T, E]``);
 * ``q_norm`` / ``k_norm`` (Qwen3): replicated weights used on the local heads;
+* T > H_kv (H_kv | T): ``k_proj`` / ``v_proj`` replicated whole, each rank computing the one KV head of
+  its query heads (``KVHeadLinear``, Megatron's KV-head replication);
 * ``norm``: ``SequenceParallel``; ``lm_head``: input all-gathered to ``[B, n, E]``, weight (or the tied
   embedding table) vocab-parallel ``Shard(0)``, so the logits are ``Shard(-1)`` ``[B·n, V/T]`` and the
   cross-entropy runs under ``loss_parallel`` (``loss_context``): vocabulary-parallel, no full logits.
@@ -22,9 +24,8 @@ blocks sharded over the sequence (``Shard(1)``):
 The attention core (RoPE and the context-parallel scheme) works on the local heads as plain tensors.
 A replicated weight's local gradient is a partial sum over the TP ranks (``Partial``); FSDP2
 redistributes it to ``Replicate`` (an all-reduce over TP) before its reduce-scatter.
-Not run under T > 1 (``check_tensor_parallel`` raises ``ValueError``): T > H_kv (the planner
-replicates KV heads; the runtime refuses), T not dividing the n tokens per rank (sequence
-parallelism), the tiled MLP and parameter offload.
+Not run under T > 1 (``check_tensor_parallel`` raises ``ValueError``): T and H_kv not dividing one
+another, T not dividing the n tokens per rank (sequence parallelism), the tiled MLP and parameter offload.
 """
 
 from __future__ import annotations
@@ -45,10 +46,8 @@ def check_tensor_parallel(w) -> None:
     t, m, s = w.tp_degree, w.model, w.settings
     if t == 1:
         return
-    if m.n_kv_heads % t:
-        raise ValueError(f"tensor parallel {t} does not divide {m.name}'s {m.n_kv_heads} KV heads: the runtime does "
-                         f"not replicate KV heads over TP ranks (the planner does); use a degree dividing "
-                         f"{m.n_kv_heads}")
+    if m.n_kv_heads % t and t % m.n_kv_heads:
+        raise ValueError(f"tensor parallel {t} and {m.name}'s {m.n_kv_heads} KV heads: one must divide the other")
     n = tokens_per_rank(w)
     if n % t:
         raise ValueError(f"sequence parallelism splits the {n:,} tokens per rank over tensor parallel {t}: "
@@ -83,12 +82,13 @@ def fsdp_mesh(root, w):
     return flat._unflatten(0, (holders // g, g), ("dp_replicate", "dp_shard"))
 
 
-def _block_plan() -> dict:
+def _block_plan(kv_colwise: bool) -> dict:
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
     plan = {name: SequenceParallel() for name in ("input_layernorm", "post_attention_layernorm")}
-    plan |= {f"self_attn.{name}": ColwiseParallel() for name in ("q_proj", "k_proj", "v_proj")}
+    projections = ("q_proj", "k_proj", "v_proj") if kv_colwise else ("q_proj",)
+    plan |= {f"self_attn.{name}": ColwiseParallel() for name in projections}
     plan |= {f"mlp.{name}": ColwiseParallel() for name in ("gate_proj", "up_proj")}
     plan |= {name: RowwiseParallel(output_layouts=Shard(1)) for name in ("self_attn.o_proj", "mlp.down_proj")}
     return plan
@@ -112,14 +112,19 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
                                                                         output_layouts=Shard(1)),
                                         "norm": SequenceParallel()})
     for block in model.layers:
-        parallelize_module(block, tp_mesh, _block_plan())
+        parallelize_module(block, tp_mesh, _block_plan(kv_colwise=block.self_attn.n_kv_heads >= t))
         for norm in (block.input_layernorm, block.post_attention_layernorm):
             parallelize_module(norm, tp_mesh, _gathered_output())
         attn = block.self_attn
         for norm in (attn.q_norm, attn.k_norm):
             if norm is not None:
                 distribute_module(norm, tp_mesh)  # replicated weight
-        attn.n_heads, attn.n_kv_heads = attn.n_heads // t, attn.n_kv_heads // t
+        if attn.n_kv_heads < t:  # each TP rank computes its one KV head from replicated k/v weights
+            head = tp_mesh.get_local_rank() // (t // attn.n_kv_heads)
+            for name in ("k_proj", "v_proj"):
+                setattr(attn, name, KVHeadLinear.replacing(getattr(attn, name), head=head, head_dim=attn.head_dim))
+                distribute_module(getattr(attn, name), tp_mesh)
+        attn.n_heads, attn.n_kv_heads = attn.n_heads // t, max(1, attn.n_kv_heads // t)
 
     def vocab_rows(name, module, mesh):
         if name == "" and module.weight is not None:  # untied head: its own table, vocab-parallel
@@ -130,15 +135,55 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
         input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None), use_local_output=False))
 
 
+class KVHeadLinear(nn.Linear):
+    """k or v projection when T > H_kv (Megatron's KV-head replication): the weight (and bias) stay whole
+    and replicated on every TP rank, each rank computes only KV head ``head`` (= TP index // (T / H_kv),
+    the group of its query heads). Input and weight are used as local tensors whose gradients are
+    partial sums over the TP ranks (each rank covers its own query heads): summed by the reduce-scatter
+    of the norm's input gradient and by FSDP2's redistribution of the weight gradient."""
+
+    head: int
+    head_dim: int
+
+    @classmethod
+    def replacing(cls, linear: nn.Linear, *, head: int, head_dim: int) -> "KVHeadLinear":
+        """A ``KVHeadLinear`` holding ``linear``'s own parameters (same names, same tensors)."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.in_features, module.out_features = linear.in_features, linear.out_features
+        module.weight, module.bias = linear.weight, linear.bias
+        module.head, module.head_dim = head, head_dim
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.nn import functional as F
+
+        rows = slice(self.head * self.head_dim, (self.head + 1) * self.head_dim)
+        bias = None if self.bias is None else partial_local(self.bias)[rows]
+        return F.linear(partial_local(x), partial_local(self.weight)[rows], bias)
+
+
+def partial_local(tensor: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor as its local tensor whose gradient is a partial sum over the mesh (``Partial``);
+    a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    if not isinstance(tensor, DTensor):
+        return tensor
+    if any(p != Replicate() for p in tensor.placements):
+        tensor = tensor.redistribute(placements=[Replicate()] * tensor.device_mesh.ndim)
+    return tensor.to_local(grad_placements=[Partial()] * tensor.device_mesh.ndim)
+
+
 def local_norm_call(norm_fn, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``norm_fn(x, weight, eps)``, on local tensors when ``weight`` is a replicated DTensor (tensor
     parallel): its local gradient is then a partial sum over the TP ranks (``Partial``), and a DTensor
     ``x`` (a sequence shard) gives a DTensor of the same placements. Otherwise the plain call."""
-    from torch.distributed.tensor import DTensor, Partial
+    from torch.distributed.tensor import DTensor
 
     if not isinstance(weight, DTensor):
         return norm_fn(x, weight, eps)
-    local_weight = weight.to_local(grad_placements=[Partial()] * weight.device_mesh.ndim)
+    local_weight = partial_local(weight)
     if not isinstance(x, DTensor):
         return norm_fn(x, local_weight, eps)
     out = norm_fn(x.to_local(), local_weight, eps)

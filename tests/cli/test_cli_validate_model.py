@@ -71,7 +71,6 @@ def tiny_workload(world: int = 2) -> StackWorkload:
     ([*TINY, "--world-size", "2", "--tokens", "256", "--gpu", "h1000"], "unknown GPU"),
     # tensor parallelism and CP schemes (issue 14)
     ([*TINY, "--world-size", "3", "--tp", "2", "--tokens", "256"], "not a multiple of tensor parallel 2"),
-    ([*TINY, "--world-size", "2", "--tp", "2", "--kv-heads", "1", "--tokens", "256"], "KV heads"),
     ([*TINY, "--world-size", "2", "--tp", "2", "--tokens", "255"], "sequence parallelism"),
     ([*TINY, "--world-size", "2", "--tp", "2", "--tokens", "256", "--mlp-tile", "64"], "tiled MLP"),
     ([*TINY, "--world-size", "8", "--tp", "2", "--cp", "ulysses", "--tokens", "256"], "Ulysses"),

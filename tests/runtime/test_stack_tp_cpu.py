@@ -3,8 +3,10 @@ against ``test_stack_cpu``'s dense float64 reference: loss, every gathered gradi
 (``DTensor.full_tensor()`` over the (dp·cp, tp) mesh), the AdamW update and the next loss.
 
 Ranks: W = DP × CP × T, TP innermost. One spawned group per world size (2, 4) runs every configuration
-of that size. T = 2 on TINY (H = 4, H_kv = 2: GQA with one KV head per TP rank); MQA (H_kv = 1 < T) is
-refused with a ``ValueError`` before any communication (the runtime does not replicate KV heads).
+of that size. T = 2 on TINY (H = 4, H_kv = 2: GQA with one KV head per TP rank); T > H_kv (MQA at T = 2,
+GQA H_kv = 2 at T = 4) replicates the KV heads (``tensor_parallel.KVHeadLinear``). A setting the runtime
+does not run with T > 1 (the tiled MLP) is refused with the same ``ValueError`` on every rank before any
+communication.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class ParallelConfig:
     scheme: str = "ring"
     ulysses: int | None = None
     kv_heads: int | None = None
+    mlp_tile: int | None = None
 
     @property
     def name(self) -> str:
@@ -52,23 +55,27 @@ class ParallelConfig:
         w = self.base.workload(training=training)
         layout = dataclasses.replace(w.layout, cp_scheme=self.scheme, ulysses_degree=self.ulysses)
         model = w.model if self.kv_heads is None else dataclasses.replace(w.model, n_kv_heads=self.kv_heads)
-        return dataclasses.replace(w, layout=layout, tp_degree=self.tp, model=model)
+        settings = dataclasses.replace(w.settings, mlp_tile_tokens=self.mlp_tile)
+        return dataclasses.replace(w, layout=layout, tp_degree=self.tp, model=model, settings=settings)
 
 
 CONFIGS = [
     ParallelConfig(base=Config(name="t2", world=2, ring=1), tp=2),
     ParallelConfig(base=Config(name="t2_tied_qknorm_selective_chunked", world=2, ring=1, tied=True, qk_norm=True,
                                checkpointing="selective", loss="chunked", chunk_tokens=20), tp=2),
-    ParallelConfig(base=Config(name="t2_full_biases", world=2, ring=1, checkpointing="full", qkv_bias=True), tp=2),
-    ParallelConfig(base=Config(name="t2_cp2_ring_zigzag", world=4, ring=2, layout="zigzag"), tp=2),
+    ParallelConfig(base=Config(name="t2_cp2_ring_zigzag_biases", world=4, ring=2, layout="zigzag", qkv_bias=True),
+                   tp=2),
     ParallelConfig(base=Config(name="t2_cp2_allgather_qknorm", world=4, ring=2, layout="zigzag", qk_norm=True), tp=2,
                    scheme="allgather"),
     ParallelConfig(base=Config(name="t2_cp2_ulysses_tied", world=4, ring=2, tied=True), tp=2, scheme="ulysses"),
-    ParallelConfig(base=Config(name="t2_dp2_chunked", world=4, ring=1, loss="chunked", batch=1), tp=2),
-    ParallelConfig(base=Config(name="t2_dp2_replicated", world=4, ring=1, sharding="none", batch=1), tp=2),
+    ParallelConfig(base=Config(name="t2_dp2_replicated_full_chunked", world=4, ring=1, sharding="none", batch=1,
+                               checkpointing="full", loss="chunked"), tp=2),
+    ParallelConfig(base=Config(name="t2_mqa_replicated_kv_biases", world=2, ring=1, qkv_bias=True), tp=2, kv_heads=1),
+    ParallelConfig(base=Config(name="t4_gqa_replicated_kv_qknorm_selective", world=4, ring=1, qk_norm=True,
+                               checkpointing="selective"), tp=4),
 ]
 PREFILL = [ParallelConfig(base=Config(name="prefill_t2_cp2_zigzag", world=4, ring=2, layout="zigzag"), tp=2)]
-MQA = ParallelConfig(base=Config(name="t2_mqa", world=2, ring=1), tp=2, kv_heads=1)
+TILED = ParallelConfig(base=Config(name="t2_tiled_mlp", world=2, ring=1), tp=2, mlp_tile=8)
 #: Tracker runs (bf16, the default settings: chunked loss in one chunk): the peak and what is live at it.
 MEASURED = [ParallelConfig(base=Config(name="peak_t2", world=2, ring=1), tp=2),
             ParallelConfig(base=Config(name="peak_t2_cp2_ulysses", world=4, ring=2), tp=2, scheme="ulysses")]
@@ -133,12 +140,14 @@ def check_training(config, per_rank: list) -> None:
 def world_results(request):
     """(world size, per-rank results) of one spawned gloo group running that world's configurations."""
     return request.param, spawn(run_world, world_size=request.param, backend="gloo",
-                                args=(request.param, CONFIGS, PREFILL, [MQA], MEASURED), timeout_s=SPAWN_TIMEOUT_S)
+                                args=(request.param, CONFIGS, PREFILL, [TILED], MEASURED), timeout_s=SPAWN_TIMEOUT_S)
 
 
 def test_tensor_parallel_training_matches_dense_reference(world_results):
-    """T = 2 alone, with CP = 2 (ring, all-gather, Ulysses) and with DP = 2 (FSDP2 and replicated): loss,
-    every gathered gradient, the AdamW update and the next loss equal the float64 dense model's (1e-5)."""
+    """T = 2 alone, with CP = 2 (ring, all-gather, Ulysses; FSDP2 over the CP ranks), with DP = 2 (replicated
+    weights: HSDP mesh of one shard), and
+    T > H_kv (MQA T = 2, GQA T = 4: replicated KV heads): loss, every gathered gradient, the AdamW update
+    and the next loss equal the float64 dense model's (1e-5)."""
     world, per_rank = world_results
     for config in (c for c in CONFIGS if c.world == world):
         check_training(config, per_rank)
@@ -160,14 +169,14 @@ def test_tensor_parallel_prefill_matches_reference(world_results):
             assert error <= REL_TOL_HIDDEN, f"{config.name}: rank {rank} hidden off by {error:.2e}"
 
 
-def test_mqa_beyond_kv_heads_is_refused_on_every_rank(world_results):
-    """T = 2 > H_kv = 1 (MQA): every rank raises the same ValueError before any collective (the spawned
-    group finished the other configurations afterwards, so no rank hung)."""
+def test_unrunnable_setting_is_refused_on_every_rank(world_results):
+    """The tiled MLP with T = 2: every rank raises the same ValueError before any collective (the spawned
+    group ran the tracker configurations afterwards, so no rank hung)."""
     world, per_rank = world_results
-    if world != MQA.world:
+    if world != TILED.world:
         return
-    assert "KV heads" in per_rank[0][MQA.name]
-    assert all(results[MQA.name] == per_rank[0][MQA.name] for results in per_rank)
+    assert "tiled MLP" in per_rank[0][TILED.name]
+    assert all(results[TILED.name] == per_rank[0][TILED.name] for results in per_rank)
 
 
 def test_tracker_measures_tensor_parallel_stack(world_results):
@@ -197,11 +206,14 @@ def test_placement_puts_tensor_parallel_ranks_innermost():
 
 
 def test_unrunnable_tensor_parallel_settings_raise():
-    """The runtime's own refusals, named: T > H_kv (MQA/GQA: KV heads not replicated over TP), T not
-    dividing the n tokens per rank (sequence parallelism), Ulysses degree not dividing H / T."""
-    assert kv_heads_per_tp_rank(MQA.workload()) == 1  # the planner replicates; the runtime refuses
-    with pytest.raises(ValueError, match="KV heads"):
-        check_tensor_parallel(MQA.workload())
+    """The runtime's own refusals, named: the tiled MLP with T > 1, T not dividing the n tokens per rank
+    (sequence parallelism), Ulysses degree not dividing H / T. MQA at T = 2 runs (one replicated KV head
+    per rank, as the planner's ``kv_heads_per_tp_rank``)."""
+    mqa = CONFIGS[-2].workload()
+    assert kv_heads_per_tp_rank(mqa) == 1
+    check_tensor_parallel(mqa)
+    with pytest.raises(ValueError, match="tiled MLP"):
+        check_tensor_parallel(TILED.workload())
     with pytest.raises(ValueError, match="sequence parallelism"):  # the core may refuse it first
         check_tensor_parallel(dataclasses.replace(CONFIGS[0].workload(), seq_len_tokens=31))
     wide = ParallelConfig(base=Config(name="u4", world=8, ring=4, batch=1), tp=2, scheme="ulysses").workload()
