@@ -3,7 +3,8 @@ against ``test_stack_cpu``'s dense float64 reference: loss, every gathered gradi
 (``DTensor.full_tensor()`` over the (dp·cp, tp) mesh), the AdamW update and the next loss.
 
 Ranks: W = DP × CP × T, TP innermost. One spawned group per world size (2, 4) runs every configuration
-of that size. T = 2 on TINY (H = 4, H_kv = 2: GQA with one KV head per TP rank); T > H_kv (MQA at T = 2,
+of that size (W = 8 — hybrid U = 2 × R = 2 × T = 2, DP 2 × CP 2 × T 2 with HSDP G = 2 — only with
+RINGPLAN_TEST_W8=1). T = 2 on TINY (H = 4, H_kv = 2: GQA with one KV head per TP rank); T > H_kv (MQA at T = 2,
 GQA H_kv = 2 at T = 4) replicates the KV heads (``tensor_parallel.KVHeadLinear``). A setting the runtime
 does not run with T > 1 (the tiled MLP) is refused with the same ``ValueError`` on every rank before any
 communication.
@@ -12,6 +13,7 @@ communication.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -29,6 +31,8 @@ from runtime.test_stack_cpu import (DATA_SEED, FP32_EPS, REL_TOL_GRAD, REL_TOL_H
                                     SEED, Config, _dense_initial, _train, _worst, dense_reference, reference_step)
 
 SPAWN_TIMEOUT_S = 240.0
+#: W = 8 (hybrid x TP, DP x CP x TP with HSDP) takes ~50 s on 2 cores: run with RINGPLAN_TEST_W8=1.
+WORLDS = (2, 4, 8) if os.environ.get("RINGPLAN_TEST_W8") else (2, 4)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,6 +77,10 @@ CONFIGS = [
     ParallelConfig(base=Config(name="t2_mqa_replicated_kv_biases", world=2, ring=1, qkv_bias=True), tp=2, kv_heads=1),
     ParallelConfig(base=Config(name="t4_gqa_replicated_kv_qknorm_selective", world=4, ring=1, qk_norm=True,
                                checkpointing="selective"), tp=4),
+    ParallelConfig(base=Config(name="t2_hybrid_u2_r2_zigzag_qknorm", world=8, ring=4, layout="zigzag", qk_norm=True),
+                   tp=2, scheme="hybrid", ulysses=2),
+    ParallelConfig(base=Config(name="t2_cp2_dp2_hsdp_g2", world=8, ring=2, layout="zigzag", batch=1,
+                               shard_group_size=2), tp=2),
 ]
 PREFILL = [ParallelConfig(base=Config(name="prefill_t2_cp2_zigzag", world=4, ring=2, layout="zigzag"), tp=2)]
 TILED = ParallelConfig(base=Config(name="t2_tiled_mlp", world=2, ring=1), tp=2, mlp_tile=8)
@@ -136,7 +144,7 @@ def check_training(config, per_rank: list) -> None:
         assert losses[config.name] == (got["loss"], got["second_loss"]), f"{config.name}: rank {rank} loss"
 
 
-@pytest.fixture(scope="module", params=(2, 4), ids=lambda w: f"W{w}")
+@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"W{w}")
 def world_results(request):
     """(world size, per-rank results) of one spawned gloo group running that world's configurations."""
     return request.param, spawn(run_world, world_size=request.param, backend="gloo",
