@@ -63,9 +63,11 @@ def step_time_hook():
               help="analytic: named byte terms x fitted coefficients; seed: the seed report's MB-per-token + overhead.")
 @click.option("--profile", "profile_paths", multiple=True, type=InputFile(),
               help="Fit on these profile files instead of every file in profiles/measured (repeatable).")
-@click.option("--step-time/--no-step-time", default=False, show_default=True,
-              help="Add each shown row's predicted step time and exposed communication (ringplan.time.attention_time; "
-                   "costs ~0.5 s more at start: numpy, and scipy while the time model fits its timing profiles).")
+@click.option("--step-time/--no-step-time", default=None,
+              help="Add each shown row's predicted step time (and, for one layer, the exposed communication), and "
+                   "pick the fastest plan among those with the fewest GPUs. Default: on with --model (a whole "
+                   "model's answer states step time, tokens/s and MFU), off for one layer (its cold start stays "
+                   "fast; the time model costs ~0.3 s: numpy).")
 @workload_options
 @cp_scheme_options
 @model_selection_options
@@ -106,7 +108,7 @@ def capacity(ctx: click.Context, gpu_name: str | None, gpu_spec: str | None, cat
     if model_requested(**workload_args):
         refused = {"plot_path": plot_path, "profile_paths": profile_paths, "model_form": model_form}
         ctx.exit(_whole_model(gpu_name=gpu_name, tokens=tokens, world_size=world_size, max_world_size=max_world_size,
-                              safety_margin=safety_margin, step_time=step_time, output_format=output_format,
+                              safety_margin=safety_margin, step_time=step_time is not False, output_format=output_format,
                               workload_args={**workload_args, **scheme, "gpu_spec": gpu_spec,
                                              "catalog_path": catalog_path},
                               refused=refused, breakdown=breakdown))

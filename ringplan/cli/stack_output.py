@@ -153,6 +153,17 @@ def stack_warnings(query, row) -> list[str]:
     return warnings
 
 
+def row_mfu(query, row) -> float | None:
+    """Model FLOPs utilisation of the row's predicted step (``ringplan.time.mfu``), None without a step
+    time or a catalog peak for the compute dtype."""
+    peak = query.gpu.peak_flops_per_s.get(row.settings.param_dtype)
+    if row.step_time_s is None or not peak:
+        return None
+    from ringplan.time.mfu import mfu
+
+    return mfu(row.workload, row.step_time_s, peak)
+
+
 def readable_record(query, row, *, given: frozenset[str] | set[str] = frozenset(), ring_given: bool = False,
                     offload_alternative=None) -> dict:
     """The fields issue 16 adds to a whole-model JSON answer: settings chosen vs given, causal, layout,
@@ -169,7 +180,7 @@ def readable_record(query, row, *, given: frozenset[str] | set[str] = frozenset(
                          "gpus_per_node": query.gpu.gpus_per_node, "sequence_layout": query.layout},
               "host_ram_per_node_bytes": round(host_ram_per_node_bytes(query, row)),
               "tokens_per_s": tokens_per_s(row.seq_len_tokens, query.batch, row.data_parallel, row.step_time_s),
-              "warnings": stack_warnings(query, row)}
+              "mfu": row_mfu(query, row), "warnings": stack_warnings(query, row)}
     if offload_alternative is not None:
         record["without_offload_bytes"] = round(offload_alternative.prediction.upper_bytes)
     return record
@@ -254,7 +265,9 @@ def stack_answer_lines(query, headline: str, row, *, given: frozenset[str] | set
     lines.append(("uncertainty", uncertainty_text(p, p.residual_bound_bytes)))
     if row.step_time_s is not None:
         rate = tokens_per_s(row.seq_len_tokens, query.batch, row.data_parallel, row.step_time_s)
-        lines.append(("step", f"{time_text(row.step_time_s)} per step, {rate_text(rate)}"))
+        utilisation = row_mfu(query, row)
+        lines.append(("step", f"{time_text(row.step_time_s)} per step, {rate_text(rate)}"
+                              + (f", MFU {utilisation:.0%}" if utilisation is not None else "")))
     host = host_ram_per_node_bytes(query, row)
     if host:
         budget = row.host_budget_bytes_per_node

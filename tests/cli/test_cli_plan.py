@@ -170,9 +170,11 @@ def test_bad_input_is_one_line_exit_2(args, fragment):
 
 
 def test_capacity_model_needs_no_numpy():
-    """`capacity --model ... --train` never imports numpy, scipy or torch (memory from the committed
-    fits, settings by the documented order; --step-time would load the time model)."""
-    code = ("import sys; from click.testing import CliRunner; from ringplan.cli import main; "
-            f"r = CliRunner().invoke(main, {LLAMA_1M!r}); assert r.exit_code == 0, r.output; "
-            "bad = [m for m in ('torch', 'scipy', 'numpy') if m in sys.modules]; assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    """`capacity --model ... --train --no-step-time` never imports numpy, scipy or torch (memory from the
+    committed fits, settings by the documented order); by default the step time loads the time model
+    (numpy), never scipy (its fits are solved with numpy) nor torch."""
+    for args, refused in ((LLAMA_1M + ["--no-step-time"], ("torch", "scipy", "numpy")), (LLAMA_1M, ("torch", "scipy"))):
+        code = ("import sys; from click.testing import CliRunner; from ringplan.cli import main; "
+                f"r = CliRunner().invoke(main, {args!r}); assert r.exit_code == 0, r.output; "
+                f"bad = [m for m in {refused!r} if m in sys.modules]; assert not bad, bad")
+        subprocess.run([sys.executable, "-c", code], check=True)

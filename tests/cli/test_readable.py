@@ -189,8 +189,10 @@ def test_safety_margin_as_percent_is_explained():
 def test_warnings_on_stderr_and_in_json():
     """A ring spanning nodes and a length beyond the model's positions warn on stderr (one line
     each) and in the JSON answer's warnings."""
-    result = run("capacity --model llama-3-8b --gpu h100 --tokens 1M --gpus 16 --train")
+    result = run("capacity --model llama-3-8b --gpu h100 --tokens 1M --gpus 16 --train --tp 1")
     assert "warning: the ring of 16 GPUs spans 2 nodes" in result.stderr
+    tp = run("capacity --model llama-3-8b --gpu h100 --tokens 1M --gpus 16 --train --tp 8")
+    assert "warning: the ring of 2 GPUs spans 2 nodes" in tp.stderr  # TP innermost: each hop strides 8 GPUs
     assert "warning: 1,000,000 tokens > llama-3-8b's 8,192 positions" in result.stderr
     data = json.loads(run("capacity --model llama-3-8b --gpu h100 --tokens 1M --gpus 16 --train "
                           "--format json").stdout)
