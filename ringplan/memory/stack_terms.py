@@ -1,29 +1,27 @@
 """Named per-rank byte terms φ_j of a whole transformer stack at its memory peak (θ = 1).
 
-Notation (README, ``docs/STACK.md``): T = B·n local tokens (n = S / P), E width, H / H_kv heads,
-D head dim, F FFN width, V vocab, L layers, G sharding group, e bytes of the compute dtype
-(``param_dtype``), e_m of the master dtype (parameters, gradients and AdamW states; fp32).
+Notation (README, ``docs/STACK.md``): T = B·n local tokens (n = S / P), E width, H / H_kv heads, D head dim,
+F FFN width, V vocab, L layers, G sharding group, e bytes of the compute dtype (``param_dtype``), e_m of the
+master dtype (parameters, gradients and AdamW states; fp32).
 
-Each function below (and in ``model_states``: parameter shapes, model states, FSDP2 units) is one tensor
-family with one formula; they mirror what the runtime (``ringplan_runtime.transformer`` + ``stack_parallel``)
-keeps alive, and CI checks their sum against the live-tensor tracker on CPU
-(``tests/runtime/test_stack_measure_cpu.py``; T > 1: ``tests/memory/test_tp_terms_tracker.py``).
+Each function below (and in ``model_states``: parameter shapes, model states, FSDP2 units) is one tensor family
+with one formula; they mirror what the runtime (``ringplan_runtime.transformer`` + ``stack_parallel``) keeps alive,
+checked against the live-tensor tracker on CPU (``tests/runtime/test_stack_measure_cpu.py``; T > 1: ``tests/memory/
+test_tp_terms_tracker.py``).
 
 **Peak instants** (the peak is the largest; terms not alive at an instant are 0):
 
-* training: the loss backward (full logits, or the largest chunk; at T = 1 the loss forward holds
-  less), a chunk's head-gradient accumulation, the final norm's backward, the backward of the last
-  block, the one before it and the first (each at its MLP, its post-attention norm, (T > 1) its o_proj,
-  its attention and its input norm), FSDP2's reduce-scatter of the head, of those blocks and of the
-  table, the embedding's backward, and the AdamW step;
-* forward only (prefill): inside the last block (input norm, RoPE, attention, output projection and
-  residual, MLP norm, MLP) and the final norm, replicated weights, nothing saved (``inference_mode``).
+* training: the loss backward (full logits, or the largest chunk; T > 1: the loss forward too), a chunk's
+  head-gradient accumulation, the final norm's backward, the backward of the last block, the one before it and
+  the first (each at its MLP, its post-attention norm, (T > 1) its o_proj, its attention and its input norm),
+  FSDP2's reduce-scatter of the head, of those blocks and of the table, the embedding's backward, the AdamW step;
+* forward only (prefill): inside the last block (input norm, RoPE, attention, output projection and residual,
+  MLP norm, MLP; T > 1: down's reduce-scatter) and the final norm, replicated weights, nothing saved.
 
-Not modelled: the forward of the blocks in training (the backward of the same block holds a superset),
-FSDP2's all-gather copy-in instants, RoPE and projection backward (after the ring buffers are freed),
-AdamW's ``step`` counters (CPU tensors) and scalars; kernel workspaces, allocator rounding and memory
-outside the allocator are fitted (``stack_model``); CPU-only tensors (gloo's copy of a reduce-scatter input,
-the CPU kernel's strided LSE).
+Not modelled: the forward of the blocks in training (the backward of the same block holds a superset), FSDP2's
+all-gather copy-in instants, RoPE and projection backward (after the ring buffers are freed), AdamW's ``step``
+counters (CPU tensors) and scalars; kernel workspaces, allocator rounding and memory outside the allocator are
+fitted (``stack_model``); CPU-only tensors (gloo's copy of a reduce-scatter input, the CPU kernel's strided LSE).
 
 Tensor parallelism T > 1 and the context-parallel schemes: ``ringplan.memory.tp_terms`` (one TP rank's shapes,
 sequence-parallel B·⌈n/T⌉ vs all-gathered B·n rows, each block's attention under ``w.layout.cp_scheme``).
@@ -144,8 +142,7 @@ def rope_tables_bytes(w: StackWorkload) -> float:
 
 
 def batch_bytes(w: StackWorkload) -> float:
-    """The rank's token ids (and labels in training) [B, n] and RoPE positions [n], int64:
-    (B·(1 + training) + 1)·n·8."""
+    """The rank's token ids (and labels in training) [B, n], RoPE positions [n], int64: (B·(1 + training) + 1)·n·8."""
     s = stack_shape(w)
     return float((s.batch * (2 if w.training else 1) + 1) * s.n * INDEX_BYTES)
 
@@ -283,9 +280,8 @@ def loss_backward_instant(w: StackWorkload) -> dict[str, float]:
 
 def loss_forward_instant(w: StackWorkload) -> dict[str, float]:
     """T > 1 only: the loss forward of the largest chunk under loss parallel (``tp_terms.loss_parallel_forward_bytes``:
-    logits and their fp32 copy as ``logits_bytes``, the log-softmax as ``loss_bytes``), every block's activations, the
-    final norm's, the gathered head input and the final norm's sequence-parallel output (the caller's ``hidden``,
-    deleted before the backward, ``stack_parallel.StackRun.backward``)."""
+    logits and fp32 copy as ``logits_bytes``, the log-softmax as ``loss_bytes``), every block's activations, the final
+    norm's, the gathered head input and the caller's sequence-parallel ``hidden`` (deleted before the backward)."""
     if w.tp_degree == 1:
         return {}
     rows, fp32 = _loss_rows(w)[0], float(_loss_rows(w)[0] * stack_shape(w).V * FP32_BYTES)
@@ -322,10 +318,10 @@ def final_norm_backward_instant(w: StackWorkload) -> dict[str, float]:
 
 
 def _backward_block_tensors(w: StackWorkload, stage: str) -> float:
-    """A block's own tensors during its backward at ``stage`` (recomputed under checkpointing):
-    mlp: all but the SwiGLU product; norm2: up to the MLP norm's rstd; attention: the input norm's
-    (ring attention's saved tensors are in ``memory_terms``); norm1: the input norm's rstd.
-    Selective recomputes the input norm and q/k/v only after the ring attention's backward."""
+    """A block's own tensors during its backward at ``stage`` (recomputed under checkpointing): mlp: all but the
+    SwiGLU product; norm2: up to the MLP norm's rstd; o_proj (T > 1): up to the attention's saved tensors; attention:
+    the input norm's (the attention's own are its part); norm1: its rstd. Selective recomputes the input norm and
+    q/k/v only after the attention's backward."""
     saved = tp_terms.attention_saved_bytes(attention_point(w))
     none = {"mlp": block_tensors(w, upto="mlp", mode="none"),
             "o_proj": block_tensors(w, upto="attention", mode="none") + saved,  # T > 1 only
@@ -386,12 +382,11 @@ def embedding_backward_instant(w: StackWorkload) -> dict[str, float]:
 
 
 def reduce_scatter_instants(w: StackWorkload, unit: str, index: int = 0) -> dict[str, dict[str, float]]:
-    """FSDP2's reduce-scatter of ``unit`` (``head``, ``block`` ``index``, ``embed``) once its backward
-    is done (``foreach_reduce``): the unit resharded, the previous reduce-scatter's input released;
-    its unsharded gradients (compute dtype) copied into the padded flat input in the reduce dtype
-    (``copy_in``), then the output shard allocated (``output``; it becomes the unit's reduced
-    gradients). Alive meanwhile: the activations of the blocks not yet back-propagated and the
-    gradient flowing back (T·E·e). A tied table is reduced once, after the embedding's backward."""
+    """FSDP2's reduce-scatter of ``unit`` (``head``, ``block`` ``index``, ``embed``) once its backward is done
+    (``foreach_reduce``): the unit resharded, the previous reduce-scatter's input released; its unsharded gradients
+    (compute dtype) copied into the padded flat input in the reduce dtype (``copy_in``), then the output shard
+    allocated (``output``; the unit's reduced gradients). Alive meanwhile: the activations of the blocks not yet
+    back-propagated, the gradient flowing back (T·E·e). A tied table is reduced once, after the embedding's backward."""
     if not runs_fsdp(w) or (unit == "head" and w.model.tied_embeddings):
         return {}
     s, units = stack_shape(w), unit_shapes(w)
@@ -463,18 +458,22 @@ def forward_instants(w: StackWorkload) -> dict[str, dict[str, float]]:
     qk_inputs = float(s.T * (s.H + s.H_kv) * s.D * s.e) if w.model.qk_norm else 0.0
     attn_out = output_bytes(p)
     ring = tp_terms.attention_forward_bytes(p)
-    norm1 = {"layer_activations_bytes": x_in + norm_statistics_bytes(w), "norm_bytes": norm_forward_bytes(w)}
-    return {
-        "norm1": {**base, **norm1},
+    row = g + x if s.tp == 1 else tp_terms.row_parallel_forward_bytes(w)  # projection output (+ its reduce-scatter)
+    norm = norm_forward_bytes(w)
+    instants = {
+        "norm1": {**base, "layer_activations_bytes": x_in + norm_statistics_bytes(w), "norm_bytes": norm},
         "rope": {**base, "layer_activations_bytes": (x_in + g) + qkv + qk_inputs, "rope_bytes": rope_forward_bytes(w)},
         "attention": {**base, "layer_activations_bytes": x_in, "attention_bytes": ring},
-        "residual": {**base, "layer_activations_bytes": x_in + attn_out, "projection_bytes": g + x},
+        "residual": {**base, "layer_activations_bytes": x_in + attn_out, "projection_bytes": row},
         "norm2": {**base, "layer_activations_bytes": (x_in + x) + attn_out + norm_statistics_bytes(w),
                   "norm_bytes": norm_forward_bytes(w)},
         "mlp": {**base, "layer_activations_bytes": (x_in + x + g) + attn_out,
                 "mlp_bytes": mlp_forward_bytes(w) if mlp_tile_rows(w) is None else tiled_mlp_forward_bytes(w)},
         "final_norm": {**base, "hidden_bytes": x + norm_statistics_bytes(w), "norm_bytes": norm_forward_bytes(w)},
     }
+    if s.tp > 1 and mlp_tile_rows(w) is None:  # down's reduce-scatter: the product, the partial and scattered outputs
+        instants["mlp_reduce_scatter"] = {**instants["mlp"], "mlp_bytes": ffn_bytes(w), "projection_bytes": row}
+    return instants
 
 
 def stack_instants(w: StackWorkload) -> dict[str, dict[str, float]]:

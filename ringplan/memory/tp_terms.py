@@ -148,6 +148,15 @@ def row_parallel_backward_bytes(w: StackWorkload) -> float:
     return 0.0 if w.tp_degree == 1 else ROW_PARALLEL_GRAD_COPIES * gathered_hidden_bytes(w)
 
 
+def row_parallel_forward_bytes(w: StackWorkload) -> float:
+    """A row-parallel linear's forward (o_proj, down) at its reduce-scatter, T > 1: the partial output B·n·E·e,
+    its copy chunked along the sequence for the collective (funcol's scatter along dim 1), the reduce-scattered
+    output and its autograd wrapper, 2·B·n·E·e + 2·B·⌈n/T⌉·E·e (the tracker on CPU/gloo); 0 at T = 1."""
+    if w.tp_degree == 1:
+        return 0.0
+    return 2 * gathered_hidden_bytes(w) + 2 * sequence_parallel_hidden_bytes(w)
+
+
 def loss_parallel_forward_bytes(w: StackWorkload, rows: int) -> float:
     """The loss forward of ``rows`` rows under loss parallel (T > 1), at the NLL: the chunk's logits in the
     compute dtype, their fp32 copy and the fp32 log-softmax, rows·⌈V/T⌉·(e + 2·4) (``transformer._token_loss_sum``
@@ -158,13 +167,16 @@ def loss_parallel_forward_bytes(w: StackWorkload, rows: int) -> float:
 
 def tp_local_param_shapes(w: StackWorkload) -> dict[str, tuple[tuple[int, int], ...]]:
     """(rows, columns) of one TP rank's parameters per FSDP2 unit (``block``, ``embed``, ``head``, ``root``),
-    in the runtime's order (``model_states.block_param_shapes``): q (H/T·D, E), k, v (H_kv'·D, E),
+    in the runtime's order (``model_states.block_param_shapes``): q (H/T·D, E), k, v (H_kv/T·D, E) — or, when
+    T > H_kv, the whole (H_kv·D, E), replicated over the TP group as the runtime does (``tensor_parallel.
+    KVHeadLinear``: each rank computes only its KV head from a view of the whole weight) —,
     o (E, H/T·D), the two norms (E, 1) replicated, gate/up (F/T, E), down (E, F/T); biases of colwise
     layers split, of rowwise layers (o, down) replicated; qk norms (D, 1) replicated; the table and the
     untied head (⌈V/T⌉, E); learned positions (P_max, E) replicated; the final norm replicated."""
     m = w.model
     e, d, f = m.embed_dim, m.head_dim, local_ffn_dim(w)
-    q, kv = local_heads(w) * d, local_kv_heads(w) * d
+    q = local_heads(w) * d
+    kv = m.n_kv_heads * d if w.tp_degree > m.n_kv_heads else local_kv_heads(w) * d  # replicated whole beyond H_kv
     n_in = 2 if m.ffn_type == "swiglu" else 1
     block = [(q, e), (kv, e), (kv, e), (e, q), (e, 1), (e, 1)] + [(f, e)] * n_in + [(e, f)]
     block += [(q, 1), (kv, 1), (kv, 1)] if m.qkv_bias else []

@@ -72,10 +72,12 @@ def test_loss_parallel_logits_hold_a_vocabulary_shard():
 
 
 def test_kv_heads_are_replicated_beyond_h_kv():
-    """T = 4 > H_kv = 2: one KV head per rank (each replicated T/H_kv = 2 times), H/4 query heads."""
+    """T = 4 > H_kv = 2: one KV head per rank's activations (each head used by T/H_kv = 2 ranks), H/4 query
+    heads; the k and v weights stay whole on every rank, (H_kv·D, E), as the runtime replicates them."""
     w = workload(tp=4)
     assert (stack_shape(w).H, stack_shape(w).H_kv) == (1, 1)
-    assert block_param_shapes(w)[1] == (D, E)
+    assert block_param_shapes(w)[1] == block_param_shapes(w)[2] == (H_KV * D, E)
+    assert block_param_shapes(workload(tp=2))[1] == (H_KV // 2 * D, E)
 
 
 # ----------------------------------------------------------------------------- reductions at T = 1

@@ -3,7 +3,8 @@ runtime (``ringplan_runtime.tensor_parallel``: DTensor TP + sequence parallelism
 every CP scheme; gloo) within 1%, as ``tests/runtime/test_stack_measure_cpu.py`` checks T = 1.
 
 Worlds: T = 2 alone (W = 2), T = 2 × CP = 2 (W = 4: ring, all-gather, Ulysses; FSDP2 over G = 2) and
-T = 2 × hybrid U = 2 × R = 2 (W = 8); plus, for the whole model's scheme terms (issue 14 b), full-checkpointing
+T = 2 × hybrid U = 2 × R = 2 (W = 8), T = 4 > H_kv = 2 (W = 4: KV heads replicated, whole k/v weights on every
+rank; a prefill whose peak is down's reduce-scatter); plus, for the whole model's scheme terms (issue 14 b), full-checkpointing
 runs with a small vocabulary whose peak is (or is near) a block's attention backward: all-gather over
 CP = 4 at T = 1, all-gather and Ulysses over CP = 2 at T = 2. Each world is one spawned gloo group measuring all its cases; the
 largest peak over ranks is compared with the largest instant of ``stack_instants`` plus what only the CPU
@@ -50,6 +51,9 @@ CASES = {
     "t2_cp2_ulysses_attention": (2, 2, "ulysses", SMALL_VOCAB, ATTENTION_PEAK, True),
     "t1_cp4_allgather_attention": (1, 4, "allgather", SMALL_VOCAB, ATTENTION_PEAK, True),
     "t2_hybrid_2x2": (2, 4, "hybrid", {}, {}, True),
+    "t4_kv_replicated": (4, 1, "ring", {}, {}, True),
+    "t4_kv_replicated_full": (4, 1, "ring", {}, {"checkpointing": "full"}, True),
+    "t4_prefill": (4, 1, "ring", {}, {}, False),
 }
 
 
