@@ -113,9 +113,11 @@ TP_SETTINGS = st.fixed_dictionaries({
 @given(settings=TP_SETTINGS, ring=st.sampled_from([1, 2, 4]), dp=st.sampled_from([1, 2]),
        training=st.booleans(), tied=st.booleans())
 def test_more_tensor_parallel_never_more_memory_per_rank(settings, ring, dp, training, tied):
-    """At a fixed ring P, data-parallel DP and sequence, T = 1 → 2 → 4 (each a multiple of the last, the FSDP
-    group G = P·DP fixed) never adds per-rank bytes: every term is a TP shard (non-increasing in T), a
-    replicated norm, or a gathered input (constant in T)."""
+    """At a fixed ring P, data-parallel DP and sequence, T = 2 → 4 (the FSDP group G = P·DP fixed) never adds
+    per-rank bytes: every term is a TP shard (non-increasing in T), a replicated norm or weight, a gathered input
+    or one of DTensor's copies (constant for T ≥ 2). T = 1 → 2 trades those copies (absent at T = 1) for halved
+    states and activations: no more memory for these tiny models (not a theorem: a model whose activations
+    are all in gathered inputs could need more at T = 2)."""
     model = replace(TINY, n_kv_heads=4, tied_embeddings=tied)
     totals = [sum(stack_terms(workload(model, tp=t, ring=ring, dp=dp, training=training, **settings)).values())
               for t in (1, 2, 4)]
