@@ -22,6 +22,16 @@ blocks sharded over the sequence (``Shard(1)``):
   cross-entropy runs under ``loss_parallel`` (``loss_context``): vocabulary-parallel, no full logits.
 
 The attention core (RoPE and the context-parallel scheme) works on the local heads as plain tensors.
+
+Memory per rank (checked with ``stack_measure.tracked_stack_peak``; n = S/P tokens of the CP chunk,
+the same on every rank of a TP group; e = activation bytes), checkpointing ``none``, per block: the
+block input x and h = x + attn ``[B, n/T, E]`` and both norms' rstd ``[B, n/T]`` fp32; ONE all-gathered
+attention-norm output ``[B, n, E]`` saved by q, k and v together, and one MLP-norm output ``[B, n, E]``
+saved by gate and up; q, k, v, out and LSE of the scheme with H/T and H_kv/T heads; gate, up and their
+product ``[B·n, F/T]``. Transients: the o_proj / down_proj partial sums ``[B·n, E]`` before their
+reduce-scatter, and the embedding's ``[B, n, E]``. Outside the blocks: token ids ``[B, n]``, the final
+norm's input ``[B, n/T, E]``, its all-gathered output ``[B, n, E]`` (the LM head's input) and
+vocab-parallel logits ``[B·n, V/T]`` (fp32 copy and log-softmax ``[B·n, V/T]``).
 A replicated weight's local gradient is a partial sum over the TP ranks (``Partial``); FSDP2
 redistributes it to ``Replicate`` (an all-reduce over TP) before its reduce-scatter.
 Not run under T > 1 (``check_tensor_parallel`` raises ``ValueError``): T and H_kv not dividing one

@@ -41,7 +41,8 @@ Loss ``full``: logits T·V·e, cast to fp32 (a T·V·4 copy when e < 4; the para
   ``chunk_tokens`` tokens runs the LM head and fp32 cross-entropy under ``checkpoint``; only the
   (shared) hidden rows are saved, one chunk's logits live at a time (forward and backward).
 Transients not listed: the fp32 copies inside RMSNorm, RoPE's rotate-half temporary, and the
-attention plan's buffers (``docs/runtime.md``, "Memory plan").
+attention plan's buffers (``docs/runtime.md``, "Memory plan"). Under tensor parallelism (T > 1) the
+same model runs on DTensors: what each rank keeps is in ``ringplan_runtime.tensor_parallel``.
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ class ParallelConfig:
 
 
 CONFIGS = [
-    ParallelConfig(base=Config(name="t2", world=2, ring=1), tp=2),
+    ParallelConfig(base=Config(name="t2_full_offloaded_checkpoints", world=2, ring=1, checkpointing="full",
+                               offload=True), tp=2),
     ParallelConfig(base=Config(name="t2_tied_qknorm_selective_chunked", world=2, ring=1, tied=True, qk_norm=True,
                                checkpointing="selective", loss="chunked", chunk_tokens=20), tp=2),
     ParallelConfig(base=Config(name="t2_cp2_ring_zigzag_biases", world=4, ring=2, layout="zigzag", qkv_bias=True),
@@ -152,7 +153,7 @@ def world_results(request):
 
 
 def test_tensor_parallel_training_matches_dense_reference(world_results):
-    """T = 2 alone, with CP = 2 (ring, all-gather, Ulysses; FSDP2 over the CP ranks), with DP = 2 (replicated
+    """T = 2 alone (also with offloaded checkpoints), with CP = 2 (ring, all-gather, Ulysses; FSDP2 over the CP ranks), with DP = 2 (replicated
     weights: HSDP mesh of one shard), and
     T > H_kv (MQA T = 2, GQA T = 4: replicated KV heads): loss, every gathered gradient, the AdamW update
     and the next loss equal the float64 dense model's (1e-5)."""
@@ -217,7 +218,7 @@ def test_unrunnable_tensor_parallel_settings_raise():
     """The runtime's own refusals, named: the tiled MLP with T > 1, T not dividing the n tokens per rank
     (sequence parallelism), Ulysses degree not dividing H / T. MQA at T = 2 runs (one replicated KV head
     per rank, as the planner's ``kv_heads_per_tp_rank``)."""
-    mqa = CONFIGS[-2].workload()
+    mqa = next(c for c in CONFIGS if c.kv_heads == 1).workload()
     assert kv_heads_per_tp_rank(mqa) == 1
     check_tensor_parallel(mqa)
     with pytest.raises(ValueError, match="tiled MLP"):
