@@ -146,6 +146,10 @@ class StackWorkload:
             raise ValueError(f"world size {w} is not a multiple of context parallel {p} x tensor parallel {t} "
                              f"(W = DP x CP x TP)")
         check_tp_degree(self.model, t)
+        if t > 1 and (self.settings.mlp_tile_tokens is not None or self.settings.offload_params):
+            what = "a tiled MLP" if self.settings.mlp_tile_tokens is not None else "parameter offload"
+            raise ValueError(f"{what} with tensor parallelism is not run (ringplan_runtime refuses it: its terms "
+                             f"are not validated); use tensor parallel 1 or drop it")
         n = self.seq_len_tokens // p
         if t > 1 and n % t:
             valid = " or ".join(f"{d:,}" for d in nearest_multiples(self.seq_len_tokens, p * t))

@@ -82,7 +82,7 @@ _WORKLOAD_OPTIONS = (
 )
 
 
-#: The context-parallel scheme of one attention layer (issue 14): ``capacity`` only (profile and validate run the ring).
+#: The context-parallel scheme (issue 14): ``capacity`` (one layer or a whole model), ``plan`` and ``validate``.
 _CP_SCHEME_OPTIONS = (
     click.option("--cp", "cp_scheme", type=click.Choice(CP_SCHEMES), default="ring", show_default=True,
                  help="Context-parallel scheme: p2p ring, all-gather K/V, Ulysses all-to-all over heads (over all "

@@ -111,3 +111,19 @@ def test_bad_parallel_input_is_one_error_line(args, message):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error:"), result.output
     assert message in lines[0]
+
+
+def test_tiles_and_parameter_offload_with_tp_are_not_planned():
+    """The runtime refuses a tiled MLP or parameter offload at T > 1, so the planner does too (a named error,
+    and the search never answers with one)."""
+    from ringplan.stack import StackWorkload
+    from ringplan.workload import RingLayout
+
+    for settings in (StackSettings(mlp_tile_tokens=4096), StackSettings(offload_params=True)):
+        with pytest.raises(ValueError, match="with tensor parallelism is not run"):
+            StackWorkload(model=LLAMA_8B, seq_len_tokens=65536, world_size=2, layout=RingLayout(ring_size=1),
+                          tp_degree=2, settings=settings)
+    query = StackQuery(model=LLAMA_8B, gpu=H100, candidates=settings_space(training=True, mlp_tiles=(None, 4096)),
+                       parallelisms=parallelism_space(LLAMA_8B, 8))
+    best = max_tokens(query, 8).best
+    assert best.tp_degree == 1 or not (best.settings.mlp_tile_tokens or best.settings.offload_params)
