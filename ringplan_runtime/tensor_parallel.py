@@ -89,6 +89,9 @@ def fsdp_mesh(root, w):
     flat = root[DP_DIM, CP_DIM]._flatten("dp_shard_cp")
     if g == holders:
         return flat
+    if not hasattr(flat, "_unflatten"):  # torch's DeviceMesh._unflatten (2.13 has it)
+        raise ValueError(f"a sharding group of {g} < W / T = {holders} with tensor parallelism needs "
+                         f"DeviceMesh._unflatten, which torch {torch.__version__} lacks")
     return flat._unflatten(0, (holders // g, g), ("dp_replicate", "dp_shard"))
 
 
