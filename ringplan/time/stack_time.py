@@ -347,9 +347,10 @@ def _attention_s(c: _Costs, spec, timing_dir) -> tuple[float, float]:
     """(forward, backward) seconds of one layer's attention on the rank's H/T heads
     (``tp_terms.tp_attention_workload``) from the attention time model of ``layout.cp_scheme`` (no host
     call overhead: inside a stack the host queues it behind earlier kernels). At P = 1 every scheme is
-    one local kernel: the ring's model."""
+    one local kernel: the ring's model. With T > 1 the CP group's ranks are T apart (TP innermost): a node
+    holds GPUs per node / T of them."""
     work = tp_attention_workload(c.w)
-    key = (work, c.w.layout, id(spec), str(timing_dir))
+    key = (work, c.w.layout, c.w.tp_degree, id(spec), str(timing_dir))
     if key not in _ATTENTION_SECONDS:  # the same layer recurs across a search's settings (sharding, loss, ...)
         if len(_ATTENTION_SECONDS) > 4096:
             _ATTENTION_SECONDS.clear()
@@ -362,7 +363,17 @@ def _attention_s(c: _Costs, spec, timing_dir) -> tuple[float, float]:
     return seconds
 
 
-#: (attention workload, layout, GPU spec id, timing dir) → ((forward, backward) s, provenance notes, spec).
+def ranks_per_node(ring_size: int, slots_per_node: int) -> int:
+    """CP ranks placed on each node: all of them when the ring fits one node's ``slots_per_node`` (GPUs per
+    node / T: TP ranks are innermost), else the largest divisor of P that fits, the ring spread evenly over
+    P / that many nodes (20 ranks on nodes of 8: 5 on each of 4 nodes). A ring that does not fill whole nodes
+    still crosses the inter-node link, and its time is that of an even placement."""
+    if ring_size <= slots_per_node:
+        return slots_per_node
+    return max(d for d in range(1, slots_per_node + 1) if ring_size % d == 0)
+
+
+#: (attention workload, layout, T, GPU spec id, timing dir) → ((forward, backward) s, provenance notes, spec).
 _ATTENTION_SECONDS: dict[tuple, tuple[tuple[float, float], dict[str, str], Any]] = {}
 
 
@@ -370,28 +381,30 @@ def _layer_attention_s(w: StackWorkload, work, spec, timing_dir, notes: dict[str
     """``_attention_s`` computed: the ring's time model, or ``_cp_attention_s`` for the other schemes."""
     from ringplan.time.attention_time import step_time_prediction
 
+    per_node = ranks_per_node(w.layout.ring_size, max(1, spec.gpus_per_node // w.tp_degree))
     if w.layout.cp_scheme != "ring" and w.layout.ring_size > 1:
-        return _cp_attention_s(w, work, spec, notes)
+        return _cp_attention_s(w, work, spec, notes, per_node)
     forward = step_time_prediction(replace(work, training=False), w.layout, spec, timing_dir=timing_dir,
-                                   call_overhead_s=0.0)
+                                   call_overhead_s=0.0, gpus_per_node=per_node)
     note_weakest(notes, "attention", forward.provenance)
     if not w.training:
         return forward.step_time_s, 0.0
-    both = step_time_prediction(work, w.layout, spec, timing_dir=timing_dir, call_overhead_s=0.0)
+    both = step_time_prediction(work, w.layout, spec, timing_dir=timing_dir, call_overhead_s=0.0,
+                                gpus_per_node=per_node)
     note_weakest(notes, "attention", both.provenance)
     return forward.step_time_s, max(0.0, both.step_time_s - forward.step_time_s)
 
 
-def _cp_attention_s(w: StackWorkload, work, spec, notes: dict[str, str]) -> tuple[float, float]:
+def _cp_attention_s(w: StackWorkload, work, spec, notes: dict[str, str], per_node: int) -> tuple[float, float]:
     """(forward, backward) seconds of the all-gather / Ulysses / hybrid attention (``cp_time.cp_step_time``:
     compute + exposed collectives, without its call overhead)."""
     from ringplan.time.cp_time import cp_step_time
 
-    forward = cp_step_time(replace(work, training=False), w.layout, spec)
+    forward = cp_step_time(replace(work, training=False), w.layout, spec, gpus_per_node=per_node)
     note_weakest(notes, "attention", forward.provenance)
     if not w.training:
         return forward.compute_s + forward.exposed_comm_s, 0.0
-    both = cp_step_time(work, w.layout, spec)
+    both = cp_step_time(work, w.layout, spec, gpus_per_node=per_node)
     note_weakest(notes, "attention", both.provenance)
     forward_s = forward.compute_s + forward.exposed_comm_s
     return forward_s, max(0.0, both.compute_s + both.exposed_comm_s - forward_s)

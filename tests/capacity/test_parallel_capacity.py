@@ -75,16 +75,17 @@ def test_tensor_parallelism_lowers_the_fewest_gpus_and_raises_the_longest():
 
 def test_capacity_70b_answers_with_a_tp_cp_dp_choice_and_why():
     """Issue 14's first question: `capacity --model llama-3-70b --gpu h100 --tokens 128K --train` names the
-    tensor-parallel x context-parallel x data-parallel split it chose, and why (fewest GPUs, then fastest)."""
-    result = run("capacity", "--model", "llama-3-70b", "--gpu", "h100", "--tokens", "128K", "--train",
-                 "--step-time")
+    tensor-parallel x context-parallel x data-parallel split it chose among several, and why (fewest GPUs,
+    then fastest, with the runner-up); --tp pins T."""
+    result = run("capacity", "--model", "llama-3-70b", "--gpu", "h100", "--tokens", "128K", "--train")
     assert result.exit_code == 0, result.output
-    assert "tensor parallel" in result.output and "x data-parallel" in result.output
-    assert "why: the fewest GPUs that hold it; fastest of" in result.output
+    assert "x data-parallel" in result.output and "(chosen)" in result.output
+    assert "why: the fewest GPUs that hold it; fastest of" in result.output and "; next: " in result.output
     record = json.loads(run("capacity", "--model", "llama-3-70b", "--gpu", "h100", "--tokens", "128K", "--train",
-                            "--step-time", "--format", "json").output)
+                            "--format", "json").output)
     assert all(r["tp_degree"] * r["ring_size"] * r["data_parallel"] == r["world_size"] for r in record["rows"])
-    assert max(r["tp_degree"] for r in record["rows"]) > 1
+    pinned = run("capacity", "--model", "llama-3-70b", "--gpu", "h100", "--tokens", "128K", "--train", "--tp", "4")
+    assert pinned.exit_code == 0 and "tensor parallel 4 x" in pinned.output, pinned.output
 
 
 def test_plan_ranks_tp_cp_and_scheme_alternatives():

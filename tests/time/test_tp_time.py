@@ -151,3 +151,44 @@ def test_collective_count_is_the_runtimes(training, checkpointing, collectives):
                          timeout_s=300)[0]
     assert count == collectives == step_tp_collectives(workload(training=training, checkpointing=checkpointing))
     assert sizes == {256 * 64 * 2}
+
+
+def test_tp_places_the_cp_ring_across_nodes():
+    """TP ranks are innermost, so a CP ring's neighbours are T GPUs apart: at T = 8 on 8-GPU nodes every
+    ring hop crosses nodes and the attention is slower than on one big node (same workload, 64 GPUs a node);
+    at T = 1 with a ring inside one node the two agree."""
+    from dataclasses import replace as replaced
+
+    from ringplan.hardware import load_catalog
+    from ringplan.models import load_model_catalog
+    from ringplan.stack import StackSettings, StackWorkload
+    from ringplan.time.stack_time import step_time
+    from ringplan.workload import RingLayout
+
+    h100 = load_catalog().gpu("h100")
+    big_node = replaced(h100, gpus_per_node=64)
+    model = load_model_catalog().model("llama-3-8b").with_layers(2)
+    settings = StackSettings(checkpointing="full")
+    tp8 = StackWorkload(model=model, seq_len_tokens=262144, world_size=16, layout=RingLayout(ring_size=2),
+                        tp_degree=8, settings=settings)
+    assert step_time(tp8, h100).attention_s > step_time(tp8, big_node).attention_s
+    tp1 = StackWorkload(model=model, seq_len_tokens=262144, world_size=8, layout=RingLayout(ring_size=8),
+                        settings=settings)
+    assert step_time(tp1, h100).attention_s == step_time(tp1, big_node).attention_s
+
+
+def test_a_ring_that_does_not_fill_nodes_is_spread_evenly_and_timed():
+    """20 ranks on nodes of 8 sit 5 on each of 4 nodes (the largest divisor of P that fits), 5 ranks on
+    nodes of 2 (T = 4 on 8-GPU nodes) one per node; a ring inside a node keeps the node; every such
+    whole-model plan gets a step time."""
+    from ringplan.hardware import load_catalog
+    from ringplan.models import load_model_catalog
+    from ringplan.stack import StackSettings, StackWorkload
+    from ringplan.time.stack_time import ranks_per_node, step_time
+    from ringplan.workload import RingLayout
+
+    assert (ranks_per_node(20, 8), ranks_per_node(5, 2), ranks_per_node(4, 8), ranks_per_node(16, 8)) == (5, 1, 8, 8)
+    model = load_model_catalog().model("llama-3-8b").with_layers(2)
+    w = StackWorkload(model=model, seq_len_tokens=20 * 4096, world_size=20, layout=RingLayout(ring_size=20),
+                      settings=StackSettings(checkpointing="full"))
+    assert step_time(w, load_catalog().gpu("h100")).step_time_s > 0
