@@ -352,8 +352,9 @@ def capacity_answer_record(query, answer, seq_len_tokens: int | None, world_size
 
 
 def why_notes(answer) -> list[tuple[str, str]]:
-    """(``why``, ``the fewest GPUs; fastest of 6 plans that fit there; next: TP2 ring zero3 / full ... 26.3 s``)
-    for a fewest-GPUs or most-tokens answer chosen among several plans."""
+    """(``why``, ``the fewest GPUs; fastest of 6 plans that fit there; next split: 1 x ring 20 x 1, zero3 / full
+    / full, 26.3 s``) for a fewest-GPUs or most-tokens answer chosen among several plans: the runner-up is
+    the fastest plan of another TP x CP split (else the next setting of the same split)."""
     choices = getattr(answer, "choices", ())
     if answer.kind == "check" or not choices:
         return []
@@ -363,11 +364,13 @@ def why_notes(answer) -> list[tuple[str, str]]:
         return [("why", f"{first}; the only plan that fits there")]
     rank = "fastest" if timed else "first in the documented order"
     text = f"{first}; {rank} of {len(choices)} plans that fit there"
-    runner_up = choices[1]
+    other_split = [c for c in choices[1:] if c.parallelism != choices[0].parallelism]
+    runner_up = (other_split or choices[1:])[0]  # the fastest other split says more than a setting's variant
     if timed and runner_up.step_time_s is not None:
         from ringplan.cli.readable import time_text
 
-        text += (f"; next: {runner_up.parallelism.label}, {settings_label(runner_up.settings)}, "
+        label = "next split" if other_split else "next"
+        text += (f"; {label}: {split_cell(runner_up)}, {settings_label(runner_up.settings)}, "
                  f"{time_text(runner_up.step_time_s)}")
     return [("why", text)]
 

@@ -80,7 +80,7 @@ def test_capacity_70b_answers_with_a_tp_cp_dp_choice_and_why():
     result = run("capacity", "--model", "llama-3-70b", "--gpu", "h100", "--tokens", "128K", "--train")
     assert result.exit_code == 0, result.output
     assert "x data-parallel" in result.output and "(chosen)" in result.output
-    assert "why: the fewest GPUs that hold it; fastest of" in result.output and "; next: " in result.output
+    assert "why: the fewest GPUs that hold it; fastest of" in result.output and "; next split: " in result.output
     record = json.loads(run("capacity", "--model", "llama-3-70b", "--gpu", "h100", "--tokens", "128K", "--train",
                             "--format", "json").output)
     assert all(r["tp_degree"] * r["ring_size"] * r["data_parallel"] == r["world_size"] for r in record["rows"])
