@@ -217,6 +217,9 @@ class StackQuery:
                  parallelism: Parallelism = DEFAULT_PARALLELISM) -> StackWorkload:
         """The ``StackWorkload`` of one candidate (``ValueError`` when it is not a valid run)."""
         p = self.ring_for(world_size, parallelism.tp_degree)
+        if p == 1 and parallelism.cp_scheme != "ring" and Parallelism(tp_degree=parallelism.tp_degree) in self.parallelisms:
+            raise ValueError(f"with one context-parallel rank the {parallelism.cp_scheme} scheme is the ring's single "
+                             f"kernel: planned once, as the ring")
         check_placement(parallelism, ring_size=p, model=self.model, gpus_per_node=self.gpu.gpus_per_node,
                         allow_cross_node=self.allow_cross_node)
         layout = RingLayout(ring_size=p, layout=self.layout, backend=self.backend, cp_scheme=parallelism.cp_scheme,

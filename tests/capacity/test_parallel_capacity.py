@@ -128,3 +128,14 @@ def test_tiles_and_parameter_offload_with_tp_are_not_planned():
                        parallelisms=parallelism_space(LLAMA_8B, 8))
     best = max_tokens(query, 8).best
     assert best.tp_degree == 1 or not (best.settings.mlp_tile_tokens or best.settings.offload_params)
+
+
+def test_one_cp_rank_plans_every_scheme_once_as_the_ring():
+    """With P = 1 every scheme is the ring's single kernel: searched once (as the ring); pinned, it still answers."""
+    query = StackQuery(model=LLAMA_8B, gpu=H100, candidates=(StackSettings(checkpointing="full"),),
+                       parallelisms=parallelism_space(LLAMA_8B, 8))
+    with pytest.raises(ValueError, match="planned once, as the ring"):
+        query.workload(65536, 2, query.candidates[0], Parallelism(tp_degree=2, cp_scheme="ulysses"))
+    pinned = StackQuery(model=LLAMA_8B, gpu=H100, candidates=(StackSettings(checkpointing="full"),),
+                        parallelisms=(Parallelism(cp_scheme="ulysses"),))
+    assert pinned.workload(65536, 1, pinned.candidates[0], pinned.parallelisms[0]).layout.ring_size == 1
