@@ -1,15 +1,13 @@
 """Whole-model capacity: the fewest GPUs and the settings that hold S tokens, the most tokens K
 GPUs hold, and every setting at one world size ranked (``ringplan plan``).
 
-W = P × DP GPUs: rings of P ranks (context parallelism) times DP data-parallel replicas. The
-minimum search varies whichever of P and DP the query leaves open (by default DP = 1, W = P).
+W = DP × P × T GPUs: context-parallel groups of P ranks, tensor-parallel groups of T, DP data-parallel
+replicas. The minimum search varies whichever of P and DP the query leaves open (by default DP = 1).
 
-Settings searched (``settings_space``): sharding {none, zero1, zero2, zero3} × checkpointing {none,
-selective, full} × checkpoint offload (full only) × loss {full, chunked} × parameter + optimizer-state
-offload (training, zero3 or none) × MLP tile {none, the model's tile: ``stack.default_mlp_tile_tokens``};
-options the user fixed stay fixed. Forward (prefill) runs hold bf16 weights replicated on every rank with nothing saved
-for a backward pass, so only the loss varies. Candidates whose predictions are identical at a
-world size (e.g. every sharding on one GPU) count once, as the preferred one.
+Candidates are (settings, parallelism) pairs: the settings of ``ringplan.capacity.candidates``
+(sharding, checkpointing, offload, loss, MLP tile, parameter offload) times the splits of
+``ringplan.capacity.parallelism`` (tensor-parallel degree T, context-parallel scheme). Candidates whose
+predictions are identical at a world size (e.g. every sharding on one GPU) count once, as the preferred one.
 
 A setting is feasible when ``total + residual bound <= usable memory × (1 − safety margin)``
 (``ringplan.memory.stack_model``): capacity is never over-predicted by more than the fits' worst residual.
@@ -33,7 +31,6 @@ candidate whose bound exceeds the budget is infeasible without its full predicti
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -43,8 +40,8 @@ from ringplan.capacity.parallelism import DEFAULT_PARALLELISM, Parallelism, chec
 from ringplan.hardware import GpuSpec
 from ringplan.memory.attention_model import MemoryPrediction
 from ringplan.models import ModelSpec
-from ringplan.stack import (CHECKPOINTING, LOSS_MODES, SHARDINGS, StackSettings, StackWorkload,
-                            default_mlp_tile_tokens)
+from ringplan.capacity.candidates import model_mlp_tiles, preference_key, settings_space
+from ringplan.stack import StackSettings, StackWorkload
 from ringplan.memory.stack_model import StackMemoryModel, default_stack_memory_model
 from ringplan.memory.host_memory import (default_host_memory_bytes_per_node, host_memory_bytes_per_gpu,
                                          host_memory_bytes_per_node, host_memory_fits)
@@ -52,74 +49,6 @@ from ringplan.workload import RingLayout
 
 #: (workload, gpu) → predicted step time in seconds, or None when the time model cannot say.
 StackStepTimeFn = Callable[[StackWorkload, GpuSpec], "float | None"]
-SEARCHED_FIELDS: tuple[str, ...] = ("sharding", "checkpointing", "offload_checkpoints", "loss", "offload_params",
-                                    "mlp_tile_tokens")
-
-
-# ----------------------------------------------------------------------------- settings
-
-
-#: Shardings in the order ``capacity`` prefers them without a time model (measured ones first).
-SHARDING_PREFERENCE: tuple[str, ...] = ("none", "zero3", "zero1", "zero2")
-
-
-def preference_key(settings: StackSettings) -> tuple[int, int, int, int, int]:
-    """Order without a time model: parameter offload last (PCIe traffic and a CPU optimizer step),
-    then an MLP tile (its recomputation), then recomputation (none, selective, full, full + offload),
-    then sharding — what the runtime runs and was measured with (none, zero3) before the ZeRO-1/2
-    stages planned from the paper's formulas — then loss (full before chunked)."""
-    recompute = CHECKPOINTING.index(settings.checkpointing) + int(settings.offload_checkpoints)
-    return (int(settings.offload_params), int(settings.mlp_tile_tokens is not None), recompute,
-            SHARDING_PREFERENCE.index(settings.sharding), LOSS_MODES.index(settings.loss))
-
-
-def settings_space(*, training: bool, base: StackSettings | None = None,
-                   fixed: frozenset[str] | set[str] = frozenset(),
-                   mlp_tiles: tuple[int | None, ...] = (None,)) -> tuple[StackSettings, ...]:
-    """Every valid combination of the searched fields not in ``fixed`` (those keep ``base``'s
-    values, as do the dtypes, loss chunk and shard group), in ``preference_key`` order.
-    ``mlp_tiles``: the MLP tiles tried (None = untiled; ``model_mlp_tiles`` for a model).
-    Forward: sharding none (a shard group only where fixed), no checkpointing, no offload unless
-    fixed (nothing is sharded or saved for a backward pass)."""
-    base = base if base is not None else StackSettings()
-    forward = {"sharding": ("none",), "checkpointing": ("none",), "offload_checkpoints": (False,),
-               "offload_params": (False,)}
-    if not training and "shard_group_size" in fixed:
-        forward["sharding"] = (base.sharding,)
-    elif not training and "sharding" not in fixed:
-        base = replace(base, shard_group_size=None)
-    choices = {"sharding": SHARDINGS, "checkpointing": CHECKPOINTING, "offload_checkpoints": (False, True),
-               "loss": LOSS_MODES, "offload_params": (False, True), "mlp_tile_tokens": mlp_tiles}
-    if not training:
-        choices.update(forward)
-    axes = [(getattr(base, name),) if name in fixed else choices[name] for name in SEARCHED_FIELDS]
-    space = []
-    for values in itertools.product(*axes):
-        try:
-            space.append(replace(base, **dict(zip(SEARCHED_FIELDS, values))))
-        except ValueError:  # offload without full checkpointing, a shard group without sharding, offload + zero1/2
-            continue
-    if not space:
-        raise ValueError(f"no valid settings with {', '.join(f'{n}={getattr(base, n)!r}' for n in sorted(fixed))}")
-    return tuple(sorted(dict.fromkeys(space), key=preference_key))
-
-
-def model_mlp_tiles(model: ModelSpec) -> tuple[int | None, ...]:
-    """The MLP tiles searched for ``model``: untiled, and ``stack.default_mlp_tile_tokens``."""
-    return None, default_mlp_tile_tokens(model)
-
-
-def describe_settings(settings: StackSettings) -> str:
-    """``zero3 sharding, full checkpointing + CPU offload, chunked loss (4,096 tokens)`` (+ parameter offload
-    and the MLP tile when used)."""
-    sharding = settings.sharding + (f" over {settings.shard_group_size} GPUs" if settings.shard_group_size else "")
-    ckpt = f"{settings.checkpointing} checkpointing" + (" + CPU offload" if settings.offload_checkpoints else "")
-    loss = "chunked loss" + f" ({settings.loss_chunk_tokens:,} tokens)" if settings.loss == "chunked" else "full loss"
-    extra = (", parameters + optimizer states on the host" if settings.offload_params else "") + \
-        (f", MLP tile {settings.mlp_tile_tokens:,} tokens" if settings.mlp_tile_tokens else "")
-    return f"{sharding} sharding, {ckpt}, {loss}{extra}"
-
-
 # ----------------------------------------------------------------------------- query and rows
 
 

@@ -503,7 +503,8 @@ def stack_query(*, gpu_name: str | None, training: bool, batch: int, layout: str
     asked for the fewest GPUs, the search would always trade GPUs for a step an order of magnitude
     slower (every weight over PCIe, AdamW on the CPU); ``--offload-params`` asks for it there."""
     from ringplan.capacity.parallelism import parallelism_space
-    from ringplan.capacity.stack import StackQuery, model_mlp_tiles, settings_space
+    from ringplan.capacity.candidates import model_mlp_tiles, settings_space
+    from ringplan.capacity.stack import StackQuery
 
     gpu = gpu_from_options(gpu_name, kw.get("gpu_spec"), kw.get("catalog_path"))
     model = model_from_options(**kw)

@@ -388,7 +388,7 @@ def what_would_fit_notes(answer, gpu: str) -> list[tuple[str, str]]:
 
 
 def _capacity_answer_core(query, answer, seq_len_tokens: int | None, world_size: int | None) -> dict[str, Any]:
-    from ringplan.capacity.stack import describe_settings
+    from ringplan.capacity.candidates import describe_settings
 
     gpu, best = query.gpu.name, answer.best
     if answer.kind == "check":

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ringplan.capacity.stack import SEARCHED_FIELDS, StackQuery, max_tokens, memory_row, settings_space
+from ringplan.capacity.candidates import SEARCHED_FIELDS, settings_space
+from ringplan.capacity.stack import StackQuery, max_tokens, memory_row
 from ringplan.cli.stack_output import stack_row_record
 from ringplan.hardware import load_catalog
 from ringplan.memory.host_memory import host_memory_bytes_per_gpu
@@ -43,7 +44,7 @@ def test_one_h100_trains_llama_3_8b_longer_with_tiles_and_offload():
     """Issue 15's question: the longest llama-3-8b training sequence on one H100, searched over tiles and
     offload, is longer than without them, and the answer uses them (the same search with both pinned off
     is the baseline)."""
-    from ringplan.capacity.stack import model_mlp_tiles
+    from ringplan.capacity.candidates import model_mlp_tiles
 
     searched = StackQuery(model=LLAMA, gpu=H100, candidates=settings_space(training=True,
                                                                            mlp_tiles=model_mlp_tiles(LLAMA)))

@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from ringplan.capacity.parallelism import Parallelism, check_placement, parallelism_space, tp_degrees
-from ringplan.capacity.stack import StackQuery, max_tokens, min_world_size, settings_space
+from ringplan.capacity.candidates import settings_space
+from ringplan.capacity.stack import StackQuery, max_tokens, min_world_size
 from ringplan.cli import main
 from ringplan.hardware import load_catalog
 from ringplan.models import load_model_catalog

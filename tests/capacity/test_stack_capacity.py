@@ -10,9 +10,9 @@ from ringplan.memory.attention_model import MemoryModel
 from ringplan.models import ModelSpec
 from ringplan.stack import StackSettings
 from ringplan.capacity.search import largest_within
-from ringplan.capacity.stack import (StackQuery, candidate_rows, max_tokens, memory_row,
-                                     min_world_size, plan, preference_key, settings_space, token_unit,
-                                     valid_world_sizes)
+from ringplan.capacity.candidates import preference_key, settings_space
+from ringplan.capacity.stack import (StackQuery, candidate_rows, max_tokens, memory_row, min_world_size, plan,
+                                     token_unit, valid_world_sizes)
 from ringplan.memory.stack_model import StackMemoryModel
 
 MIB = 2**20
