@@ -61,7 +61,7 @@ class StackQuery:
     scheme) choices tried (``ringplan.capacity.parallelism``), T and T × U inside one node unless
     ``allow_cross_node``. ``host_memory_bytes_per_node``: the host RAM of one node
     (None: the catalog GPU's host system, ``ringplan.memory.host_memory.HOST_SYSTEMS``; no check for a
-    GPU without one); a plan whose pinned host memory per node exceeds it is infeasible."""
+    GPU without one); a plan whose host memory per node for what it offloads exceeds it is infeasible."""
 
     model: ModelSpec
     gpu: GpuSpec
@@ -109,7 +109,7 @@ class StackQuery:
         return default_host_memory_bytes_per_node(self.gpu.name)
 
     def host_fits(self, w: StackWorkload) -> bool:
-        """Whether ``w``'s pinned host memory per node fits ``host_budget_bytes_per_node``."""
+        """Whether ``w``'s host memory per node (what it offloads) fits ``host_budget_bytes_per_node``."""
         budget = self.host_budget_bytes_per_node
         return budget is None or host_memory_fits(w, gpus_per_node=self.gpu.gpus_per_node,
                                                   host_memory_bytes_per_node_available=budget)

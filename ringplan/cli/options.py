@@ -347,7 +347,7 @@ def host_memory_option(func):
     """Decorate a whole-model planning command with --host-memory (host RAM per node)."""
     return click.option(
         "--host-memory", "host_memory_bytes_per_node", type=BYTES, default=None,
-        help="Host RAM of one node (2TB, 512GiB, ...); a plan whose pinned host memory per node (offloaded "
+        help="Host RAM of one node (2TB, 512GiB, ...); a plan whose host memory per node (offloaded "
              "checkpoints and states) exceeds it is infeasible. Default: the GPU's host system "
              "(DGX H100/H200/B200: 2 TB; ringplan.memory.host_memory).")(func)
 

@@ -62,7 +62,7 @@ def _why(row) -> str:
     p = row.prediction
     host = row.host_budget_bytes_per_node
     if p.upper_bytes <= row.budget_bytes and host is not None and row.host_memory_bytes_per_node > host:
-        return (f"needs {row.host_memory_bytes_per_node / GIB:,.1f} GiB of pinned host memory per node > "
+        return (f"needs {row.host_memory_bytes_per_node / GIB:,.1f} GiB of host memory per node > "
                 f"{host / GIB:,.1f} GiB host memory")
     return (f"needs {p.total_bytes / GIB:,.2f} + {p.residual_bound_bytes / GIB:,.2f} GiB bound > "
             f"{row.budget_bytes / GIB:,.2f} GiB budget")
@@ -271,9 +271,12 @@ def stack_answer_lines(query, headline: str, row, *, given: frozenset[str] | set
     host = host_ram_per_node_bytes(query, row)
     if host:
         budget = row.host_budget_bytes_per_node
-        lines.append(("host RAM", f"{gib(host)} pinned per node for what is offloaded ({gib(row.host_memory_bytes_per_gpu)} "
-                                  f"per GPU)" + (f" of the node's {gib(budget)}" if budget else "")
-                                  + (" — over the node's host RAM (--host-memory)" if budget and host > budget else "")))
+        from ringplan.memory.host_memory import pinned_host_bytes_per_gpu
+
+        pinned = pinned_host_bytes_per_gpu(row.workload)
+        lines.append(("host RAM", f"{gib(host)} per node for what is offloaded ({gib(row.host_memory_bytes_per_gpu)} "
+                                  f"per GPU, {gib(pinned)} of it pinned)" + (f" of the node's {gib(budget)}" if budget else "")
+                                  + (" - over the node's host RAM (--host-memory)" if budget and host > budget else "")))
     if offload_alternative is not None:
         lines.append(("offload chosen", f"without it the same plan needs "
                                         f"{gib(offload_alternative.prediction.upper_bytes)} per GPU"))

@@ -111,14 +111,32 @@ def default_host_memory_bytes_per_node(gpu_name: str) -> int | None:
     return None if host is None else host.host_memory_bytes_per_node
 
 
+#: The host terms that live in page-locked (pinned) memory: ``save_on_cpu``'s checkpoints and FSDP2
+#: ``CPUOffloadPolicy(pin_memory=True)``'s master parameters and the gradients copied to them. AdamW's m and
+#: v (``zeros_like`` of the parameters) and its step temporaries are pageable. Measured on one H200
+#: (``benchmarks/pinned_host_check.sh``, 2026-12-06): the pinned parameter and gradient storages and the
+#: (unpinned) m + v equal these terms exactly, the checkpoints the runtime's host tracker.
+PINNED_HOST_TERMS: tuple[str, ...] = ("offloaded_checkpoints_bytes", "offloaded_params_bytes",
+                                      "offloaded_gradients_bytes")
+
+
 def host_memory_bytes_per_gpu(w: StackWorkload) -> float:
-    """Pinned host memory one GPU's process needs at the host's peak: Σ ``stack_terms.host_terms``
-    (offloaded checkpoints L·T·E·e; offloaded master, gradients, m, v and the CPU step's sqrt(v)).
-    The two peaks are taken together (conservative: the checkpoints are freed in backward, before the
-    step). 0 for a plan that offloads nothing. Ignores the process's own, unpinned host memory."""
+    """Host memory (pinned and pageable) one GPU's process needs at the host's peak for what the plan
+    offloads: Σ ``stack_terms.host_terms`` (offloaded checkpoints L·T·E·e; offloaded master, gradients,
+    m, v and the CPU step's sqrt(v)). The two peaks are taken together (conservative: the checkpoints
+    are freed in backward, before the step). 0 for a plan that offloads nothing. Ignores the process's
+    own host memory (CUDA context, libraries, Python: ~3 GiB measured on H200)."""
     from ringplan.memory.stack_terms import host_terms
 
     return float(sum(host_terms(w).values()))
+
+
+def pinned_host_bytes_per_gpu(w: StackWorkload) -> float:
+    """The page-locked part of ``host_memory_bytes_per_gpu``: the ``PINNED_HOST_TERMS``."""
+    from ringplan.memory.stack_terms import host_terms
+
+    terms = host_terms(w)
+    return float(sum(terms.get(name, 0.0) for name in PINNED_HOST_TERMS))
 
 
 def gpus_on_a_node(w: StackWorkload, gpus_per_node: int) -> int:

@@ -77,7 +77,7 @@ def test_host_memory_too_small_makes_offload_infeasible():
     small = replace(q, host_memory_bytes_per_node=need / 2)
     row = memory_row(small, w)
     assert memory_row(q, w).feasible and not row.feasible
-    assert "pinned host memory per node" in stack_row_record(row)["why"]
+    assert "of host memory per node" in stack_row_record(row)["why"]
     states_only = 8 * min(host_memory_bytes_per_gpu(q.workload(8, 8, c)) for c in q.candidates)  # 20·Ψ_G, zero3
     assert max_tokens(replace(q, host_memory_bytes_per_node=states_only * 0.9), 8).best is None
     best = max_tokens(small, 8).best

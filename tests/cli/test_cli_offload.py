@@ -35,7 +35,7 @@ def test_host_memory_over_the_node_is_infeasible():
     result = run(*BASE, "--gpus", "8", "--offload-params", "--host-memory", "100GB", "--format", "json")
     assert result.exit_code == 1
     row = json.loads(result.output)["rows"][0]
-    assert not row["feasible"] and "pinned host memory per node" in row["why"]
+    assert not row["feasible"] and "of host memory per node" in row["why"]
     assert row["host_memory_bytes_per_node"] == 8 * row["host_memory_bytes_per_gpu"] > 100 * 10**9
     text = run(*BASE, "--gpus", "8", "--offload-params", "--host-memory", "100GB").output
     assert "over the node's host RAM" in text and "short by" not in text  # the GPU memory itself fits
