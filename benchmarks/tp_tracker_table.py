@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests" / "memory"), str(REPO)]
+sys.path[:0] = [str(REPO / "tests" / "memory"), str(REPO / "tests"), str(REPO)]
 
 import test_tp_terms_tracker as t  # noqa: E402  (the test's cases, workloads and spawned measurement)
 

@@ -17,17 +17,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ringplan.memory.model_states import padded_elements, stack_shape, unit_param_shapes  # noqa: E402
-from ringplan.memory.stack_terms import stack_instants  # noqa: E402
 from ringplan.models import ModelSpec  # noqa: E402
 from ringplan.stack import StackSettings, StackWorkload  # noqa: E402
 from ringplan.workload import RingLayout  # noqa: E402
 from ringplan_runtime import spawn  # noqa: E402
-from ringplan_runtime.measure import MeasureSettings  # noqa: E402
+# Issue 14 (as issue 9 for T = 1): "the byte terms at T = 2 and T = 2 × CP = 2 vs the tracker peak within 1%";
+# the CPU-only bytes and the tolerance are T = 1's.
+from runtime.test_stack_measure_cpu import FAST, TRACKER_REL_TOL, analytic_cpu_peak  # noqa: E402
 
-#: Issue 14 (as issue 9 for T = 1): "the byte terms at T = 2 and T = 2 × CP = 2 vs the tracker peak within 1%".
-TRACKER_REL_TOL = 0.01
-FAST = MeasureSettings(warmup_steps=1, timed_steps=1, count_sent_bytes=False)
 SPAWN_TIMEOUT_S = 600.0
 TINY = {"name": "tiny", "n_layers": 2, "embed_dim": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16,
         "ffn_dim": 128, "ffn_type": "swiglu", "vocab_size": 256, "norm": "rmsnorm"}
@@ -67,29 +64,6 @@ def case_workload(name: str) -> StackWorkload:
 
 def world_of(name: str) -> int:
     return case_workload(name).world_size
-
-
-def cpu_only_bytes(w: StackWorkload, instant: str) -> float:
-    """Bytes the CPU runtime holds at ``instant`` that a CUDA run does not (so not in the terms), as for
-    T = 1: AdamW's ``step`` counters (4 bytes per parameter tensor); at P = 1 the attention backward's LSE
-    copy (B·H/T·n·4: the CPU kernel returns it strided); gloo's copy of a reduce-scatter input (G > 1)."""
-    s, units = stack_shape(w), unit_param_shapes(w)
-    extra = 0.0
-    if w.training:
-        extra += 4 * (s.L * len(units["block"]) + len(units["embed"]) + len(units["head"]) + len(units["root"]))
-    if s.P == 1 and instant.endswith("_backward_attention"):
-        extra += s.batch * s.H * s.n * 4
-    if instant.endswith("_reduce_output") and s.G > 1:
-        unit = "block" if instant.startswith("block") else instant.split("_")[0]
-        extra += padded_elements(units[unit], s.G) * s.e_m
-    return extra
-
-
-def analytic_cpu_peak(w: StackWorkload) -> tuple[float, str]:
-    """The largest instant with the CPU-only bytes added."""
-    totals = {name: sum(terms.values()) + cpu_only_bytes(w, name) for name, terms in stack_instants(w).items()}
-    best = max(totals, key=totals.get)
-    return totals[best], best
 
 
 def _measure_cases(names: list[str]) -> list[dict]:

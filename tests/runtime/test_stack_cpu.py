@@ -226,27 +226,35 @@ def _worst(actual: dict, expected: dict, skip=()) -> tuple[float, str]:
     return errors[name], name
 
 
+def check_training(config, per_rank: list, *, init: bool = True, ranks: bool = True) -> None:
+    """Rank 0's loss, every gathered gradient, the AdamW update and the next loss against the float64
+    dense model (``reference_step``); ``init``: the sharded init equals the dense seeded init; ``ranks``:
+    every other rank reports rank 0's two losses."""
+    got = per_rank[0][config.name]
+    initial = _dense_initial(config)
+    if init:
+        assert set(got["initial"]) == set(initial), config.name
+        assert all(torch.equal(got["initial"][n], initial[n]) for n in initial), f"{config.name}: init differs"
+    loss, grads, after, second = reference_step(initial, config)
+    assert abs(got["loss"] - loss) <= REL_TOL_LOSS * loss, f"{config.name}: loss {got['loss']} vs {loss}"
+    error, name = _worst(got["grads"], grads)
+    assert error <= REL_TOL_GRAD, f"{config.name}: gradient of {name} off by {error:.2e}"
+    for name in initial:
+        update = got["after"][name].double() - initial[name].double()
+        reference_update = after[name] - initial[name].double()
+        allowed = REL_TOL_UPDATE * reference_update.norm() + FP32_EPS * after[name].norm()
+        assert (update - reference_update).norm() <= allowed, f"{config.name}: AdamW update of {name}"
+    assert abs(got["second_loss"] - second) <= REL_TOL_LOSS * second, f"{config.name}: loss after the step"
+    for rank, losses in enumerate(per_rank[1:] if ranks else (), start=1):
+        assert losses[config.name] == (got["loss"], got["second_loss"]), f"{config.name}: rank {rank} loss"
+
+
 def test_training_matches_dense_reference(world_results):
     """Loss, every gathered gradient, the AdamW update and the next loss equal the float64 dense model's,
     for every configuration of this world size; the sharded init equals the dense seeded init."""
     world, per_rank = world_results
     for config in (c for c in CONFIGS if c.world == world):
-        got = per_rank[0][config.name]
-        initial = _dense_initial(config)
-        assert set(got["initial"]) == set(initial), config.name
-        assert all(torch.equal(got["initial"][n], initial[n]) for n in initial), f"{config.name}: init differs"
-        loss, grads, after, second = reference_step(initial, config)
-        assert abs(got["loss"] - loss) <= REL_TOL_LOSS * loss, f"{config.name}: loss {got['loss']} vs {loss}"
-        error, name = _worst(got["grads"], grads)
-        assert error <= REL_TOL_GRAD, f"{config.name}: gradient of {name} off by {error:.2e}"
-        for name in initial:
-            update = got["after"][name].double() - initial[name].double()
-            reference_update = after[name] - initial[name].double()
-            allowed = REL_TOL_UPDATE * reference_update.norm() + FP32_EPS * after[name].norm()
-            assert (update - reference_update).norm() <= allowed, f"{config.name}: AdamW update of {name}"
-        assert abs(got["second_loss"] - second) <= REL_TOL_LOSS * second, f"{config.name}: loss after the step"
-        for rank, losses in enumerate(per_rank[1:], start=1):
-            assert losses[config.name] == (got["loss"], got["second_loss"]), f"{config.name}: rank {rank} loss"
+        check_training(config, per_rank)
 
 
 def test_prefill_hidden_matches_reference(world_results):

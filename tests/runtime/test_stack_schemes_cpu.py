@@ -15,8 +15,8 @@ torch = pytest.importorskip("torch")
 
 from ringplan_runtime import spawn
 from ringplan_runtime.stack_parallel import cp_chunk
-from runtime.test_stack_cpu import Config
-from runtime.test_stack_tp_cpu import ParallelConfig, check_training, run_world
+from runtime.test_stack_cpu import Config, check_training
+from runtime.test_stack_tp_cpu import ParallelConfig, run_world
 
 SPAWN_TIMEOUT_S = 240.0
 CONFIGS = [

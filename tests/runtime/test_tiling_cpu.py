@@ -31,20 +31,15 @@ from ringplan_runtime.tiling import tiled_mlp
 from ringplan_runtime.transformer import MLP
 from tests.runtime.test_stack_measure_cpu import FAST, TRACKER_REL_TOL, analytic_cpu_peak
 from tests.runtime.test_stack_cpu import (
-    DATA_SEED,
-    FP32_EPS,
-    REL_TOL_GRAD,
-    REL_TOL_HIDDEN,
-    REL_TOL_LOSS,
-    REL_TOL_UPDATE,
-    SPAWN_TIMEOUT_S,
     Config,
+    DATA_SEED,
+    REL_TOL_HIDDEN,
+    SPAWN_TIMEOUT_S,
     _dense_initial,
     _prefill,
     _train,
-    _worst,
+    check_training,
     dense_reference,
-    reference_step,
 )
 from ringplan_runtime.stack_parallel import global_batch
 
@@ -148,20 +143,7 @@ def test_tiled_training_matches_dense_reference(world_results):
     the float64 dense model's within the untiled stack's tolerances."""
     world, per_rank = world_results
     for config in (c for c in CONFIGS if c.world == world):
-        got = per_rank[0][config.name]
-        initial = _dense_initial(config)
-        loss, grads, after, second = reference_step(initial, config)
-        assert abs(got["loss"] - loss) <= REL_TOL_LOSS * loss, f"{config.name}: loss {got['loss']} vs {loss}"
-        error, name = _worst(got["grads"], grads)
-        assert error <= REL_TOL_GRAD, f"{config.name}: gradient of {name} off by {error:.2e}"
-        for name in initial:
-            update = got["after"][name].double() - initial[name].double()
-            reference_update = after[name] - initial[name].double()
-            allowed = REL_TOL_UPDATE * reference_update.norm() + FP32_EPS * after[name].norm()
-            assert (update - reference_update).norm() <= allowed, f"{config.name}: AdamW update of {name}"
-        assert abs(got["second_loss"] - second) <= REL_TOL_LOSS * second, f"{config.name}: loss after the step"
-        for rank, losses in enumerate(per_rank[1:], start=1):
-            assert losses[config.name] == (got["loss"], got["second_loss"]), f"{config.name}: rank {rank} loss"
+        check_training(config, per_rank, init=False)
 
 
 @pytest.mark.slow
