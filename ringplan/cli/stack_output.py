@@ -286,13 +286,18 @@ def stack_answer_lines(query, headline: str, row, *, given: frozenset[str] | set
 def split_text(query, row, ring_given: bool) -> str:
     """``tensor parallel 2 x Ulysses CP 4 x data-parallel 1 (chosen)``: how the GPUs are split, and whether
     the split was given, chosen among several, or the default (every GPU in one ring)."""
+    how = "(given)" if ring_given else "(chosen)" if len(query.parallelisms) > 1 else \
+        "(every GPU in one ring unless --ring-size)"
+    return f"{split_words(row)} {how}"
+
+
+def split_words(row) -> str:
+    """``tensor parallel 2 x Ulysses CP 4 x data-parallel 1``: T (when > 1), the CP scheme and size, DP."""
     layout, p = row.workload.layout, row.ring_size
     cp = {"ring": f"ring {p}", "allgather": f"all-gather CP {p}", "ulysses": f"Ulysses CP {p}",
           "hybrid": f"hybrid CP {p} (Ulysses {layout.ulysses_size} x ring {layout.ring_degree})"}[layout.cp_scheme]
     tp = f"tensor parallel {row.tp_degree} x " if row.tp_degree > 1 else ""
-    how = "(given)" if ring_given else "(chosen)" if len(query.parallelisms) > 1 else \
-        "(every GPU in one ring unless --ring-size)"
-    return f"{tp}{cp} x data-parallel {row.data_parallel} {how}"
+    return f"{tp}{cp} x data-parallel {row.data_parallel}"
 
 
 def _params(model) -> str:
@@ -312,10 +317,7 @@ def _memory_text(row, query) -> str:
 
 
 def _gpus_text(row) -> str:
-    tp = f"tensor parallel {row.tp_degree} x " if row.tp_degree > 1 else ""
-    scheme = row.workload.layout.cp_scheme
-    cp = "ring" if scheme == "ring" else f"{scheme} CP"
-    return f"{row.world_size} x ({tp}{cp} {row.ring_size} x data-parallel {row.data_parallel})"
+    return f"{row.world_size} x ({split_words(row)})"
 
 
 def capacity_answer_record(query, answer, seq_len_tokens: int | None, world_size: int | None, *,
